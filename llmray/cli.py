@@ -1,0 +1,96 @@
+"""The ``llmray`` command: one subcommand per stage that exists, plus ``pipeline``.
+
+Every stage subcommand takes the same shape::
+
+    llmray <stage> --config configs/<kind>/<name>.yaml [key.path=value ...] [--run NAME] [--force]
+
+and ``llmray <stage> --help`` lists every config key with its type, default and meaning.
+``jobs/<stage>.py`` calls :func:`main` with the stage name, so ``ray job submit`` runs the very
+same code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from llmray import config as config_lib
+from llmray import stages as stages_lib
+
+DEFAULT_RUNS_DIR = "runs"
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", type=Path, help="YAML config file (keys below)")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
+                        help="override any config key, e.g. optim.lr=3e-4")
+    parser.add_argument("--run", default=None,
+                        help="run name: outputs go to <runs-dir>/<run>/<stage>/ (default: the config "
+                             "file's name)")
+    parser.add_argument("--runs-dir", default=os.environ.get("LLMRAY_RUNS_DIR", DEFAULT_RUNS_DIR),
+                        help="root of run directories (env LLMRAY_RUNS_DIR; default: %(default)s)")
+    parser.add_argument("--force", action="store_true",
+                        help="run even if inputs and config are unchanged since the last complete run")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of an embedded local Ray")
+
+
+def _config_epilog(cls: type) -> str:
+    rows = config_lib.describe(cls)
+    width = max((len(key) for key, _, _ in rows), default=0)
+    lines = ["config keys (YAML or key.path=value overrides):"]
+    lines += [f"  {key:<{width}}  {kind}\n  {'':<{width}}  {doc}" for key, kind, doc in rows]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmray",
+        description="Build a language model from raw text on Ray: curate, tokenize, pretrain, "
+                    "align, evaluate, report. Runs on an embedded local Ray or any Ray cluster.")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    sub.required = True
+    for stage in stages_lib.STAGES.values():
+        stage_parser = sub.add_parser(
+            stage.name, help=stage.summary, description=stage.summary,
+            epilog=_config_epilog(stage.config_cls),
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_common(stage_parser)
+    from llmray.pipeline import PipelineConfig
+
+    pipe = sub.add_parser(
+        "pipeline", help="run every configured stage in order, skipping those whose lineage is unchanged",
+        description="Run the stages listed in a pipeline config in order; a stage whose inputs and "
+                    "resolved config are unchanged since its last complete run is skipped.",
+        epilog=_config_epilog(PipelineConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(pipe)
+    return parser
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("LLMRAY_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    from llmray import pipeline
+
+    try:
+        if args.command == "pipeline":
+            pipeline.run_pipeline_command(args)
+        else:
+            pipeline.run_stage_command(stages_lib.STAGES[args.command], args)
+    except config_lib.ConfigError as exc:
+        print(f"llmray {args.command}: config error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The stage registry and the one function that runs a stage inside its run directory.
+
+A stage is ``run_<stage>(cfg, ctx) -> summary``: ``cfg`` is the stage's own config dataclass,
+``ctx`` a :class:`StageContext` giving it a fresh output directory, a persistent work directory,
+a metrics log and a logger. Everything around that is here, once, for every stage:
+
+* the resolved config is written to ``runs/<name>/<stage>/config.yaml``;
+* inputs (``cfg.inputs()``) are fingerprinted; if the manifest of a complete earlier run has the
+  same config hash and input fingerprints, the stage is skipped and says so (lineage cache);
+* the output directory is built under a temporary name and swapped in only on success;
+* the manifest records inputs and outputs with sha256, timings and the stage's summary.
+
+Registering a stage is one entry in :data:`STAGES`; modules are imported lazily so that
+``llmray --help`` does not import torch or Ray.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from llmray import cluster
+from llmray import config as config_lib
+from llmray import runs
+
+RUN_DIR_PLACEHOLDER = "{run_dir}"
+log = logging.getLogger("llmray")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    summary: str
+    config_ref: str  # "module:ConfigClass"
+    run_ref: str  # "module:function"
+
+    @property
+    def config_cls(self) -> type:
+        return _resolve(self.config_ref)
+
+    @property
+    def run_fn(self) -> Callable[[Any, "StageContext"], dict]:
+        return _resolve(self.run_ref)
+
+
+def _resolve(ref: str) -> Any:
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+# One entry per stage that exists, in pipeline order. A stage appears here when its issue lands.
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (
+)}
+
+
+@dataclass
+class StageContext:
+    """What a running stage may touch."""
+
+    stage: str
+    run_name: str
+    run_root: Path  # runs/<name>
+    dir: runs.StageDir
+    output: Path  # the (temporary) output directory; becomes dir.output on success
+    logger: logging.Logger
+    ray: cluster.RayConfig
+
+    def log_metrics(self, **metrics: Any) -> None:
+        self.dir.log_metrics(**metrics)
+
+    def connect_ray(self) -> cluster.Connection:
+        """Connect to Ray (only stages that use it call this, so skipped stages start nothing)."""
+        connection = cluster.connect(self.ray)
+        self.logger.info(cluster.describe(connection))
+        return connection
+
+
+@dataclass
+class StageResult:
+    stage: str
+    skipped: bool
+    output: Path
+    manifest: dict
+    reason: str = ""
+
+
+def substitute_run_dir(data: Any, run_root: Path) -> Any:
+    """Replace ``{run_dir}`` in every string of raw config data with the run's root directory.
+
+    This is how a stage's config points at an earlier stage's output in the same run, e.g.
+    ``documents: "{run_dir}/curate/output/documents"``.
+    """
+    if isinstance(data, str):
+        return data.replace(RUN_DIR_PLACEHOLDER, str(run_root))
+    if isinstance(data, dict):
+        return {k: substitute_run_dir(v, run_root) for k, v in data.items()}
+    if isinstance(data, list):
+        return [substitute_run_dir(v, run_root) for v in data]
+    return data
+
+
+def build_config(stage: Stage, raw: dict, run_root: Path) -> Any:
+    return config_lib.from_dict(stage.config_cls, substitute_run_dir(raw, run_root))
+
+
+def _stage_logger(stage_dir: runs.StageDir) -> tuple[logging.Logger, logging.Handler]:
+    logger = logging.getLogger(f"llmray.{stage_dir.stage}")
+    stage_dir.root.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(stage_dir.log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    return logger, handler
+
+
+def run_stage(stage: Stage, cfg: Any, run_root: Path, ray_cfg: cluster.RayConfig | None = None,
+              force: bool = False) -> StageResult:
+    """Run one stage (or skip it when its lineage is unchanged) and return what it produced."""
+    run_root = Path(run_root)
+    stage_dir = runs.StageDir(run_root / stage.name, stage.name)
+    config_sha = config_lib.config_hash(cfg)
+    inputs = runs.fingerprint_inputs(cfg.inputs() if hasattr(cfg, "inputs") else {})
+    previous = stage_dir.read_manifest()
+    reason = None if force else runs.cache_hit(previous, config_sha, inputs, stage_dir.output)
+    if reason:
+        log.info("[%s] skipped: %s; outputs in %s", stage.name, reason, stage_dir.output)
+        return StageResult(stage.name, True, stage_dir.output, previous, reason)
+
+    runs.write_text(stage_dir.root / "config.yaml", config_lib.dump_yaml(cfg))
+    started = time.time()
+    manifest = {"stage": stage.name, "status": "running", "config_sha256": config_sha,
+                "inputs": inputs, "started_at": _iso(started)}
+    stage_dir.write_manifest(manifest)
+    logger, handler = _stage_logger(stage_dir)
+    try:
+        with runs.atomic_dir(stage_dir.output) as partial:
+            ctx = StageContext(stage.name, run_root.name, run_root, stage_dir, partial, logger,
+                               ray_cfg or cluster.RayConfig())
+            logger.info("running stage %s in %s", stage.name, stage_dir.root)
+            summary = stage.run_fn(cfg, ctx) or {}
+    except BaseException as exc:
+        manifest.update(status="failed", error=f"{type(exc).__name__}: {exc}", finished_at=_iso(time.time()))
+        stage_dir.write_manifest(manifest)
+        raise
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    finished = time.time()
+    manifest.update(status="complete", outputs=runs.fingerprint_outputs(stage_dir.output),
+                    summary=summary, finished_at=_iso(finished), seconds=round(finished - started, 3))
+    stage_dir.write_manifest(manifest)
+    log.info("[%s] done in %.1fs; outputs in %s", stage.name, finished - started, stage_dir.output)
+    return StageResult(stage.name, False, stage_dir.output, manifest)
+
+
+def _iso(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))

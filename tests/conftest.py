@@ -1,0 +1,51 @@
+"""Shared test fixtures.
+
+One local Ray per test session (``ray_session``): starting Ray costs ~10 s on 2 cores, so every
+test under tests/ray and tests/e2e shares it. It is small (2 CPUs, capped object store) and is
+shut down with ``ray.shutdown()`` only: never ``ray stop``, which would kill every Ray on the
+machine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LLMRAY_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real public datasets beside the checkout; tests that need them skip, saying why."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared datasets not found at {SHARED_DATA} (set LLMRAY_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The session's embedded local Ray (2 CPUs, 512 MiB object store, no dashboard)."""
+    import ray
+
+    from llmray import cluster
+
+    connection = cluster.connect(cluster.RayConfig(num_cpus=2, object_store_memory_mb=512,
+                                                   dashboard=False))
+    yield connection
+    ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    import importlib.util
+
+    cuda = False
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    for item in items:
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)"))
