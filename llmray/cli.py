@@ -22,6 +22,11 @@ from llmray import stages as stages_lib
 
 DEFAULT_RUNS_DIR = "runs"
 
+# Commands that are not pipeline stages (they make no run directory), e.g. generate or chat.
+# Each maps to "module:add_parser"; add_parser(subparsers) adds its parser and sets
+# `handler=fn(args) -> int` with parser.set_defaults. Imported lazily, like the stages.
+TOOLS: dict[str, str] = {}
+
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", type=Path, help="YAML config file (keys below)")
@@ -55,11 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
     for stage in stages_lib.STAGES.values():
-        stage_parser = sub.add_parser(
-            stage.name, help=stage.summary, description=stage.summary,
+        holder = sub
+        if stage.verb:
+            holder = sub.add_parser(stage.name, help=stage.summary).add_subparsers(
+                dest="verb", metavar="<verb>", required=True)
+        stage_parser = holder.add_parser(
+            stage.verb or stage.name, help=stage.summary, description=stage.summary,
             epilog=_config_epilog(stage.config_cls),
             formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_common(stage_parser)
+        stage_parser.set_defaults(stage=stage.name)
+    for add_parser in TOOLS.values():
+        stages_lib.resolve(add_parser)(sub)
     from llmray.pipeline import PipelineConfig
 
     pipe = sub.add_parser(
@@ -84,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "pipeline":
             pipeline.run_pipeline_command(args)
+        elif getattr(args, "stage", None):
+            pipeline.run_stage_command(stages_lib.STAGES[args.stage], args)
         else:
-            pipeline.run_stage_command(stages_lib.STAGES[args.command], args)
+            return args.handler(args)
     except config_lib.ConfigError as exc:
         print(f"llmray {args.command}: config error: {exc}", file=sys.stderr)
         return 2

@@ -37,17 +37,19 @@ class Stage:
     summary: str
     config_ref: str  # "module:ConfigClass"
     run_ref: str  # "module:function"
+    verb: str | None = None  # CLI spelling `llmray <name> <verb>` (e.g. `llmray tokenizer train`)
 
     @property
     def config_cls(self) -> type:
-        return _resolve(self.config_ref)
+        return resolve(self.config_ref)
 
     @property
     def run_fn(self) -> Callable[[Any, "StageContext"], dict]:
-        return _resolve(self.run_ref)
+        return resolve(self.run_ref)
 
 
-def _resolve(ref: str) -> Any:
+def resolve(ref: str) -> Any:
+    """Import ``"module:attr"`` lazily."""
     module, attr = ref.split(":")
     return getattr(importlib.import_module(module), attr)
 
