@@ -1,0 +1,174 @@
+"""Read "documents": any parquet or JSONL(.gz) file with a ``text`` column, in stable order.
+
+The tokenizer trainer and the tokens stage both consume documents this way, so the curated
+parquet of the curate stage (the Document contract in DESIGN.md: ``id``, ``text``, ``source``,
+...) and a raw JSONL dump are read by the same code:
+
+* :func:`list_files` turns a path (file, directory, or glob) into a **sorted** list of files,
+  so everything derived from the order (shard contents, document sampling) is reproducible.
+* :func:`read_batches` yields column batches ``{"id", "text", "source", "error", "message",
+  "offset"}`` from one file. A record that cannot become a document (malformed JSON, missing
+  or non-string ``text``, text that is not valid Unicode) is *not* raised: it comes out with
+  ``error`` set so the caller can quarantine it and carry on.
+* A missing ``id`` is derived from the file's path relative to the input root and the record
+  offset (stable when the corpus moves); a missing ``source`` is the file's name without its
+  suffixes, so a folder of raw dumps (``c4.jsonl``, ``wiki.parquet``) is a source mixture.
+* :func:`split_of` assigns a document to ``train`` or ``val`` from a hash of its id alone, so a
+  document's split never changes when others are added or removed. The tokenizer trainer holds
+  the same ``val`` documents out that the tokens stage puts in the validation split.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.parquet as pq
+
+SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json", ".json.gz")
+COLUMNS = ("id", "text", "source", "error", "message", "offset")
+_GLOB_CHARS = set("*?[")
+
+
+def list_files(spec: str | Path) -> list[Path]:
+    """The document files named by ``spec`` (a file, a directory searched recursively, or a glob)."""
+    spec = str(spec)
+    if _GLOB_CHARS & set(spec):
+        matches = [Path(p) for p in glob.glob(spec, recursive=True)]
+    else:
+        matches = [Path(spec)]
+    files: set[Path] = set()
+    for match in matches:
+        if match.is_dir():
+            files.update(p for p in match.rglob("*") if p.is_file() and _is_document_file(p))
+        elif match.is_file():
+            if not _is_document_file(match):
+                raise ValueError(f"{match} is not a document file: expected one of {', '.join(SUFFIXES)}")
+            files.add(match)
+    if not files:
+        raise FileNotFoundError(f"no document files ({', '.join(SUFFIXES)}) found at {spec!r}")
+    return sorted(files)
+
+
+def input_root(spec: str | Path) -> Path:
+    """The directory that document ids are made relative to: the non-glob prefix of ``spec``."""
+    parts = Path(spec).parts
+    fixed = []
+    for part in parts:
+        if _GLOB_CHARS & set(part):
+            break
+        fixed.append(part)
+    root = Path(*fixed) if fixed else Path(".")
+    return root if root.is_dir() else root.parent
+
+
+def _is_document_file(path: Path) -> bool:
+    name = path.name
+    return not name.startswith((".", "_")) and name.endswith(SUFFIXES)
+
+
+def source_name(path: Path) -> str:
+    """Default source of a file without a ``source`` column: its name without document suffixes."""
+    name = path.name
+    for suffix in sorted(SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def derived_id(relative_path: str, offset: int) -> str:
+    """A stable id for a record without one: hash of its path (relative to the input root) + offset."""
+    return hashlib.sha1(f"{relative_path}#{offset}".encode()).hexdigest()[:20]
+
+
+def split_of(doc_id: str, val_fraction: float) -> str:
+    """``"val"`` for a fraction ``val_fraction`` of ids (by hash of the id alone), else ``"train"``."""
+    if val_fraction <= 0:
+        return "train"
+    bucket = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2**64
+    return "val" if bucket < val_fraction else "train"
+
+
+def read_batches(path: str | Path, root: str | Path, batch_docs: int = 1024,
+                 batch_chars: int = 8 << 20) -> Iterator[dict[str, list]]:
+    """Yield column batches (see :data:`COLUMNS`) of at most ``batch_docs`` records / ~``batch_chars``."""
+    path = Path(path)
+    relative = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+    records = _parquet_records(path) if path.name.endswith(".parquet") else _jsonl_records(path)
+    batch = _empty_batch()
+    chars = 0
+    for offset, record in records:
+        row = _document_row(record, relative, offset, source_name(path))
+        for column in COLUMNS:
+            batch[column].append(row[column])
+        chars += len(row["text"])
+        if len(batch["id"]) >= batch_docs or chars >= batch_chars:
+            yield batch
+            batch, chars = _empty_batch(), 0
+    if batch["id"]:
+        yield batch
+
+
+def iter_documents(spec: str | Path, batch_docs: int = 1024) -> Iterator[dict[str, list]]:
+    """Every batch of every file named by ``spec``, in sorted file order."""
+    root = input_root(spec)
+    for path in list_files(spec):
+        yield from read_batches(path, root, batch_docs)
+
+
+def _empty_batch() -> dict[str, list]:
+    return {column: [] for column in COLUMNS}
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, dict | Exception]]:
+    parquet = pq.ParquetFile(path)
+    names = set(parquet.schema_arrow.names)
+    if "text" not in names:
+        raise ValueError(f"{path}: parquet file has no 'text' column (columns: {sorted(names)})")
+    columns = [c for c in ("id", "text", "source") if c in names]
+    offset = 0
+    for batch in parquet.iter_batches(batch_size=1024, columns=columns):
+        for record in batch.to_pylist():
+            yield offset, record
+            offset += 1
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict | Exception]]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        for offset, line in enumerate(handle):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                yield offset, exc
+                continue
+            yield offset, record if isinstance(record, dict) else TypeError(
+                f"line is a JSON {type(record).__name__}, expected an object with a 'text' field")
+
+
+def _document_row(record: dict | Exception, relative: str, offset: int, default_source: str) -> dict:
+    row = {"id": derived_id(relative, offset), "text": "", "source": default_source,
+           "error": None, "message": None, "offset": offset}
+    if isinstance(record, Exception):
+        return {**row, "error": type(record).__name__, "message": f"{relative}:{offset}: {record}"}
+    if isinstance(record.get("id"), (str, int)) and str(record["id"]):
+        row["id"] = str(record["id"])
+    if isinstance(record.get("source"), str) and record["source"]:
+        row["source"] = record["source"]
+    text = record.get("text")
+    if not isinstance(text, str):
+        found = "missing" if "text" not in record else f"a {type(text).__name__}"
+        return {**row, "error": "BadText", "message": f"{relative}:{offset}: 'text' is {found}, expected a string"}
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return {**row, "error": "BadUnicode",
+                "message": f"{relative}:{offset}: text is not valid Unicode ({exc.reason} at {exc.start})"}
+    row["text"] = text
+    return row
