@@ -1,0 +1,193 @@
+"""MinHash signatures and LSH band keys, computed with numpy over whole batches of documents.
+
+Design choices (why it looks like this):
+
+* **Words from bytes, not a regex per document.** A batch is lower-cased, UTF-8 encoded and
+  joined into one byte array. A word is a maximal run of ASCII letters/digits/underscore or
+  non-ASCII bytes (so any non-ASCII letter is a word character), the same segmentation as the
+  reference regex :data:`WORD_PATTERN`. Each word's 64-bit hash is a position-keyed linear hash
+  ``sum_k T[k mod 64] * (byte_k + 1)`` reduced with ``np.add.reduceat`` and then mixed with the
+  splitmix64 finalizer: no Python call per word.
+* **Shingles** are word n-grams (``ngram``, default 5) hashed as ``mix(sum_j C[j] * w_{i+j})``
+  over the flat word-hash array; windows crossing a document boundary are masked out. A
+  document shorter than ``ngram`` words gets one shingle made of all its words (so short
+  documents can still be duplicates); a document with no word gets no shingle and no band key.
+* **Permutations** are multiply-shift universal hashes ``((a * x + b) mod 2^64) >> 32`` with odd
+  ``a``: uint64 arithmetic wraps in numpy, so one (shingles x permutations) product per chunk and
+  ``np.minimum.reduceat`` over document boundaries gives every signature at once. The product
+  is laid out (permutations x shingles) in a reused buffer of ~4k shingles, which measured ~7x
+  faster than (shingles x permutations) with fresh temporaries (cache-resident, contiguous
+  reductions).
+* **Band keys** hash each band's ``rows`` signature values together with the band index, so equal
+  keys mean "equal band b" and keys of different bands never meet in one bucket.
+
+Everything is seeded: the same ``seed`` gives the same permutations on every worker and run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+WORD_PATTERN = r"[0-9a-z_\u0080-\U0010FFFF]+"  # the reference segmentation (on lower-cased text)
+_MAX_HASH_POSITION = 64
+_CHUNK_SHINGLES = 4096
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_WORD_BYTE = np.zeros(256, dtype=bool)
+for _ranges in (range(ord("0"), ord("9") + 1), range(ord("a"), ord("z") + 1),
+                range(ord("A"), ord("Z") + 1), (ord("_"),), range(0x80, 0x100)):
+    _WORD_BYTE[list(_ranges)] = True
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, elementwise over uint64 (a bijection with good avalanche)."""
+    x = np.asarray(x, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _random_uint64(rng: np.random.Generator, size: int, odd: bool = False) -> np.ndarray:
+    values = rng.integers(0, 2**64, size=size, dtype=np.uint64, endpoint=False)
+    return values | np.uint64(1) if odd else values
+
+
+@dataclass(frozen=True)
+class MinHasher:
+    """Computes signatures and band keys; every array it holds derives from ``seed``."""
+
+    ngram: int = 5
+    num_perm: int = 112
+    bands: int = 14
+    rows: int = 8
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        if self.bands * self.rows > self.num_perm:
+            raise ValueError(f"bands*rows = {self.bands * self.rows} exceeds num_perm = {self.num_perm}")
+        rng = np.random.default_rng(self.seed)
+        object.__setattr__(self, "_position_keys", _random_uint64(rng, _MAX_HASH_POSITION, odd=True))
+        object.__setattr__(self, "_ngram_keys", _random_uint64(rng, self.ngram, odd=True))
+        object.__setattr__(self, "_perm_a", _random_uint64(rng, self.num_perm, odd=True))
+        object.__setattr__(self, "_perm_b", _random_uint64(rng, self.num_perm))
+        object.__setattr__(self, "_row_keys", _random_uint64(rng, self.rows, odd=True))
+
+    # -- words -----------------------------------------------------------------------------
+
+    def word_hashes(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Hash every word of every text. Returns ``(hashes uint64[W], offsets int64[N+1])``:
+        the words of text ``i`` are ``hashes[offsets[i]:offsets[i+1]]``, in order."""
+        encoded = [t.lower().encode("utf-8", errors="replace") for t in texts]
+        lengths = np.fromiter((len(e) + 1 for e in encoded), dtype=np.int64, count=len(encoded))
+        doc_starts = np.concatenate([[0], np.cumsum(lengths)])  # a separator byte after each doc
+        data = np.frombuffer(b" ".join(encoded) + b" ", dtype=np.uint8)
+        is_word = np.concatenate([[False], _WORD_BYTE[data]])  # a non-word byte before the first
+        transitions = np.flatnonzero(np.diff(is_word.view(np.int8)))  # word starts and ends alternate
+        word_starts, word_ends = transitions[0::2], transitions[1::2]
+        word_lengths = word_ends - word_starts
+        if word_starts.size == 0:
+            return np.zeros(0, np.uint64), np.zeros(len(texts) + 1, np.int64)
+        word_bytes = np.flatnonzero(is_word) - 1
+        position = word_bytes - np.repeat(word_starts, word_lengths)  # byte index inside its word
+        keys = np.take(self._position_keys, position & (_MAX_HASH_POSITION - 1))
+        with np.errstate(over="ignore"):
+            contributions = keys * (data[word_bytes].astype(np.uint64) + np.uint64(1))
+            segment_starts = np.cumsum(word_lengths) - word_lengths
+            hashes = mix64(np.add.reduceat(contributions, segment_starts)
+                           + word_lengths.astype(np.uint64) * _GOLDEN)
+        doc_of_word = np.searchsorted(doc_starts, word_starts, side="right") - 1
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(doc_of_word, minlength=len(texts)), out=offsets[1:])
+        return hashes, offsets
+
+    # -- shingles --------------------------------------------------------------------------
+
+    def shingle_hashes(self, words: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Word n-gram hashes per document (see module docstring for short documents).
+
+        Returns ``(shingles uint64[S], offsets int64[N+1])``, shingles of each document in order.
+        """
+        n = self.ngram
+        counts = np.diff(offsets)
+        doc_of_word = np.repeat(np.arange(counts.size), counts)
+        num_windows = max(words.size - n + 1, 0)
+        window_hash = np.zeros(num_windows, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(n):
+                window_hash += words[j:j + num_windows] * self._ngram_keys[j]
+        full = doc_of_word[:num_windows] == doc_of_word[n - 1:n - 1 + num_windows] if n > 1 \
+            else np.ones(num_windows, dtype=bool)
+        full_docs = doc_of_word[:num_windows][full]
+        full_hashes = window_hash[full]
+
+        short_docs = np.flatnonzero((counts > 0) & (counts < n))
+        short_hashes = np.zeros(short_docs.size, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(n - 1):
+                has_word = counts[short_docs] > j
+                short_hashes[has_word] += words[offsets[short_docs[has_word]] + j] * self._ngram_keys[j]
+
+        docs = np.concatenate([full_docs, short_docs])
+        order = np.argsort(docs, kind="stable")  # full windows are already in document order
+        shingles = mix64(np.concatenate([full_hashes, short_hashes])[order])
+        shingle_offsets = np.zeros(counts.size + 1, dtype=np.int64)
+        np.cumsum(np.bincount(docs, minlength=counts.size), out=shingle_offsets[1:])
+        return shingles, shingle_offsets
+
+    def shingles(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return self.shingle_hashes(*self.word_hashes(texts))
+
+    # -- signatures and bands --------------------------------------------------------------
+
+    def signatures(self, shingles: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """MinHash signatures ``uint32[N, num_perm]``; rows of documents without shingles are
+        all ``0xFFFFFFFF`` (callers give such documents no band keys)."""
+        num_docs = offsets.size - 1
+        out = np.full((num_docs, self.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+        nonempty = np.flatnonzero(np.diff(offsets) > 0)
+        buffer = np.empty((self.num_perm, _CHUNK_SHINGLES), dtype=np.uint64)
+        start = 0
+        while start < nonempty.size:
+            # Take documents until the chunk holds about _CHUNK_SHINGLES shingles (at least one doc).
+            first = offsets[nonempty[start]]
+            stop = int(np.searchsorted(offsets[nonempty + 1], first + _CHUNK_SHINGLES, side="right"))
+            stop = max(stop, start + 1)
+            docs = nonempty[start:stop]
+            chunk = shingles[first:offsets[docs[-1] + 1]]
+            if chunk.size > buffer.shape[1]:
+                buffer = np.empty((self.num_perm, chunk.size), dtype=np.uint64)
+            permuted = buffer[:, :chunk.size]  # (num_perm, shingles): reductions run along rows
+            with np.errstate(over="ignore"):
+                np.multiply(self._perm_a[:, None], chunk[None, :], out=permuted)
+                permuted += self._perm_b[:, None]
+            permuted >>= np.uint64(32)
+            out[docs] = np.minimum.reduceat(permuted, offsets[docs] - first, axis=1).T
+            start = stop
+        return out
+
+    def band_keys(self, signatures: np.ndarray) -> np.ndarray:
+        """``uint64[N, bands]``: a hash of each band's ``rows`` values, salted by band index."""
+        used = signatures[:, :self.bands * self.rows].astype(np.uint64)
+        banded = used.reshape(used.shape[0], self.bands, self.rows)
+        with np.errstate(over="ignore"):
+            combined = (banded * self._row_keys[None, None, :]).sum(axis=2, dtype=np.uint64)
+            salted = combined + np.arange(self.bands, dtype=np.uint64)[None, :] * _GOLDEN
+        return mix64(salted)
+
+    def document_band_keys(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Band keys for a batch of texts and a mask of documents that have any shingle."""
+        shingles, offsets = self.shingles(texts)
+        keys = self.band_keys(self.signatures(shingles, offsets))
+        return keys, np.diff(offsets) > 0
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact Jaccard similarity of two shingle-hash sets (arrays may hold repeats)."""
+    a, b = np.unique(a), np.unique(b)
+    union = a.size + b.size
+    if union == 0:
+        return 0.0
+    inter = np.intersect1d(a, b, assume_unique=True).size
+    return inter / (union - inter)
