@@ -25,7 +25,10 @@ DEFAULT_RUNS_DIR = "runs"
 # Commands that are not pipeline stages (they make no run directory), e.g. generate or chat.
 # Each maps to "module:add_parser"; add_parser(subparsers) adds its parser and sets
 # `handler=fn(args) -> int` with parser.set_defaults. Imported lazily, like the stages.
-TOOLS: dict[str, str] = {}
+TOOLS: dict[str, str] = {
+    "generate": "llmray.model.generate_cli:add_generate_parser",
+    "chat": "llmray.model.generate_cli:add_chat_parser",
+}
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,367 @@
+"""Export to and import from the Hugging Face checkpoint layout (config.json + model.safetensors).
+
+Why this shape:
+
+* The model uses HF's rotate-half RoPE layout (see ``llama.py``), so the weight mapping is a pure
+  rename, table-driven below, and exact: an exported model's logits equal ``transformers``'
+  within float rounding, both ways (tested).
+* The architecture written is the plainest one that expresses the config: ``LlamaForCausalLM``;
+  ``MistralForCausalLM`` when a sliding window is set; ``Qwen3ForCausalLM`` when QK-norm is on
+  (Qwen3 is the Llama layout plus per-head q/k RMSNorm, exactly our QK-norm). Import accepts
+  those three and refuses, naming the field, anything this model cannot represent (biases,
+  other activations, other RoPE types, mixed sliding/full layers).
+* RoPE settings are written both as ``rope_parameters`` (transformers 5) and as the legacy
+  ``rope_theta``/``rope_scaling`` pair (transformers 4, vLLM, llama.cpp converters).
+* Tied embeddings: ``lm_head.weight`` is not stored and ``tie_word_embeddings`` is true, which
+  is what HF expects (safetensors also refuses to store one tensor under two names).
+* Safetensors only, nothing unpickled; written through :func:`llmray.runs.atomic_dir` so a killed
+  export never leaves a half-written directory at the final path.
+* :func:`load` is the one loader for anything in this layout: an export, or the
+  ``model.safetensors`` + ``config.json`` that a training checkpoint's export writes.
+* ``transformers`` is never imported here: it is only a test-time dependency.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmray import runs
+from llmray.model.config import ModelConfig, RopeScaling
+from llmray.model.llama import Transformer, build
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+
+# llmray name → HF name (global tensors, then the part after "layers.<i>.")
+_GLOBAL_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attention_norm.weight": "input_layernorm.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "attention.q_norm.weight": "self_attn.q_norm.weight",
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+}
+_LAYER_NAMES_FROM_HF = {hf: ours for ours, hf in _LAYER_NAMES.items()}
+_GLOBAL_NAMES_FROM_HF = {hf: ours for ours, hf in _GLOBAL_NAMES.items()}
+_OUR_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
+_HF_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+class HFFormatError(ValueError):
+    """A Hugging Face directory this model cannot load; the message names the file and field."""
+
+
+@dataclass
+class SpecialTokens:
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+
+
+@dataclass
+class Pretrained:
+    """A loaded model with what generation needs to know about its tokens."""
+
+    model: Transformer
+    config: ModelConfig
+    special_tokens: SpecialTokens
+    path: Path
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+# ---------------------------------------------------------------------------------------------
+
+def to_hf_name(name: str) -> str:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    match = _OUR_LAYER_KEY.fullmatch(name)
+    if match is None or match.group(2) not in _LAYER_NAMES:
+        raise KeyError(f"no Hugging Face name for parameter {name!r}")
+    return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+
+
+def from_hf_name(name: str) -> str:
+    if name in _GLOBAL_NAMES_FROM_HF:
+        return _GLOBAL_NAMES_FROM_HF[name]
+    match = _HF_LAYER_KEY.fullmatch(name)
+    if match is None or match.group(2) not in _LAYER_NAMES_FROM_HF:
+        raise KeyError(f"unsupported Hugging Face tensor {name!r}")
+    return f"layers.{match.group(1)}.{_LAYER_NAMES_FROM_HF[match.group(2)]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+def model_type(cfg: ModelConfig) -> str:
+    if cfg.qk_norm:
+        return "qwen3"
+    return "mistral" if cfg.sliding_window else "llama"
+
+
+def hf_config(cfg: ModelConfig, special: SpecialTokens, dtype: torch.dtype) -> dict:
+    """config.json contents for ``cfg``."""
+    kind = model_type(cfg)
+    scaling = None
+    if cfg.rope_scaling is not None:
+        scaling = {"rope_type": "llama3", "factor": cfg.rope_scaling.factor,
+                   "low_freq_factor": cfg.rope_scaling.low_freq_factor,
+                   "high_freq_factor": cfg.rope_scaling.high_freq_factor,
+                   "original_max_position_embeddings": cfg.rope_scaling.original_max_seq_len}
+    config = {
+        "architectures": [_ARCHITECTURES[kind]],
+        "model_type": kind,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_hidden_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "initializer_range": cfg.init_std,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": scaling,
+        "rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": cfg.rope_theta},
+        "bos_token_id": special.bos_token_id,
+        "eos_token_id": _eos_value(special.eos_token_ids),
+        "pad_token_id": special.pad_token_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+    }
+    if kind == "llama":
+        config["mlp_bias"] = False
+    if kind == "mistral":
+        config["sliding_window"] = cfg.sliding_window
+    if kind == "qwen3":
+        layer_type = "sliding_attention" if cfg.sliding_window else "full_attention"
+        config.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
+                      max_window_layers=0, layer_types=[layer_type] * cfg.n_layers)
+    return config
+
+
+def config_from_hf(config: dict, where: str = CONFIG_FILE) -> ModelConfig:
+    """ModelConfig for an HF config.json mapping; refuses options this model does not have."""
+    def need(key: str):
+        if key not in config:
+            raise HFFormatError(f"{where}: required field '{key}' is missing")
+        return config[key]
+
+    def refuse(key: str, allowed, default) -> None:
+        value = config.get(key, default)
+        if value not in allowed:
+            raise HFFormatError(f"{where}: {key}={value!r} is not supported (expected one of {allowed})")
+
+    kind = need("model_type")
+    if kind not in _ARCHITECTURES:
+        raise HFFormatError(f"{where}: model_type {kind!r} is not supported "
+                            f"(expected one of {sorted(_ARCHITECTURES)})")
+    refuse("hidden_act", ["silu"], "silu")
+    refuse("attention_bias", [False], False)
+    refuse("mlp_bias", [False], False)
+    rope, rope_theta = _rope_from_hf(config, where)
+    sliding_window = None
+    if kind == "mistral":
+        sliding_window = config.get("sliding_window")
+    elif kind == "qwen3" and config.get("use_sliding_window"):
+        layer_types = set(config.get("layer_types") or [])
+        if layer_types != {"sliding_attention"}:
+            raise HFFormatError(f"{where}: layer_types {sorted(layer_types)} mixes sliding and full "
+                                "attention; only all-sliding or all-full models are supported")
+        sliding_window = config.get("sliding_window")
+    n_heads = need("num_attention_heads")
+    return ModelConfig(
+        vocab_size=need("vocab_size"), dim=need("hidden_size"), n_layers=need("num_hidden_layers"),
+        n_heads=n_heads, n_kv_heads=config.get("num_key_value_heads") or n_heads,
+        head_dim=config.get("head_dim"), ffn_hidden_dim=need("intermediate_size"),
+        norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=rope_theta, rope_scaling=rope,
+        max_seq_len=need("max_position_embeddings"), qk_norm=kind == "qwen3",
+        tie_embeddings=config.get("tie_word_embeddings", False), sliding_window=sliding_window,
+        init_std=config.get("initializer_range", 0.02))
+
+
+def _rope_from_hf(config: dict, where: str) -> tuple[RopeScaling | None, float]:
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise HFFormatError(f"{where}: partial_rotary_factor is not supported")
+    if kind == "default":
+        return None, theta
+    if kind != "llama3":
+        raise HFFormatError(f"{where}: rope_type {kind!r} is not supported (expected 'default' or 'llama3')")
+    return RopeScaling(factor=params["factor"], low_freq_factor=params["low_freq_factor"],
+                       high_freq_factor=params["high_freq_factor"],
+                       original_max_seq_len=params.get("original_max_position_embeddings",
+                                                       config.get("max_position_embeddings"))), theta
+
+
+def _eos_value(ids: list[int]) -> int | list[int] | None:
+    if not ids:
+        return None
+    return ids[0] if len(ids) == 1 else list(ids)
+
+
+def special_tokens_from(config: dict) -> SpecialTokens:
+    eos = config.get("eos_token_id")
+    return SpecialTokens(bos_token_id=config.get("bos_token_id"),
+                         eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
+                         pad_token_id=config.get("pad_token_id"))
+
+
+def special_tokens_from_tokenizer(tokenizer_dir: str | Path) -> SpecialTokens:
+    """bos/eos/pad ids named by tokenizer_config.json (strings), looked up in tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    tokenizer_dir = Path(tokenizer_dir)
+    config_path = tokenizer_dir / "tokenizer_config.json"
+    names = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+
+    def token_id(key: str) -> int | None:
+        value = names.get(key)
+        if isinstance(value, dict):  # {"content": "<|eos|>", ...}
+            value = value.get("content")
+        if value is None:
+            return None
+        token = tokenizer.token_to_id(value)
+        if token is None:
+            raise HFFormatError(f"{config_path}: {key} {value!r} is not in {tokenizer_dir / 'tokenizer.json'}")
+        return token
+
+    eos = token_id("eos_token")
+    return SpecialTokens(bos_token_id=token_id("bos_token"), eos_token_ids=[] if eos is None else [eos],
+                         pad_token_id=token_id("pad_token"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+
+def export(out_dir: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *,
+           tokenizer_dir: str | Path | None = None, special_tokens: SpecialTokens | None = None,
+           dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``out_dir`` in HF layout from a full (unsharded) llmray state dict.
+
+    Special token ids come from ``special_tokens``, else from the tokenizer's own config.
+    """
+    if special_tokens is None:
+        special_tokens = special_tokens_from_tokenizer(tokenizer_dir) if tokenizer_dir else SpecialTokens()
+    tensors = {}
+    for name, tensor in state_dict.items():
+        if name == "output.weight" and cfg.tie_embeddings:
+            continue  # stored once, as the embedding
+        tensors[to_hf_name(name)] = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+    expected = {to_hf_name(n) for n in _expected_names(cfg)}
+    if set(tensors) != expected:
+        raise ValueError(f"state dict does not hold a full model: missing {sorted(expected - set(tensors))[:5]}, "
+                         f"unexpected {sorted(set(tensors) - expected)[:5]}")
+    out_dir = Path(out_dir)
+    with runs.atomic_dir(out_dir) as partial:
+        save_file(tensors, str(partial / WEIGHTS_FILE), metadata={"format": "pt"})
+        runs.write_json(partial / CONFIG_FILE, hf_config(cfg, special_tokens, dtype))
+        generation = {"bos_token_id": special_tokens.bos_token_id,
+                      "eos_token_id": _eos_value(special_tokens.eos_token_ids),
+                      "pad_token_id": special_tokens.pad_token_id}
+        runs.write_json(partial / GENERATION_CONFIG_FILE, {k: v for k, v in generation.items() if v is not None})
+        if tokenizer_dir is not None:
+            _copy_tokenizer(Path(tokenizer_dir), partial)
+    return out_dir
+
+
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    if not (source / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"tokenizer directory {source} has no tokenizer.json")
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            with runs.atomic_write(target / name, "wb") as handle, open(source / name, "rb") as src:
+                shutil.copyfileobj(src, handle)
+
+
+def _expected_names(cfg: ModelConfig) -> list[str]:
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    names = list(model.state_dict().keys())
+    return [n for n in names if not (n == "output.weight" and cfg.tie_embeddings)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Import
+# ---------------------------------------------------------------------------------------------
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``."""
+    if (path / WEIGHTS_FILE).is_file():
+        return load_file(str(path / WEIGHTS_FILE))
+    index = path / WEIGHTS_INDEX_FILE
+    if not index.is_file():
+        raise FileNotFoundError(f"{path} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        tensors.update(load_file(str(path / shard)))
+    return tensors
+
+
+def load(path: str | Path, device: torch.device | str = "cpu",
+         dtype: torch.dtype = torch.float32) -> Pretrained:
+    """Load a directory in HF layout (an export, or a checkpoint's exported weights)."""
+    path = Path(path)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: not a model directory")
+    raw = json.loads(config_path.read_text())
+    cfg = config_from_hf(raw, str(config_path))
+    special = special_tokens_from(raw)
+    generation_path = path / GENERATION_CONFIG_FILE
+    if generation_path.is_file():  # generation_config.json wins for generation settings, as in HF
+        generation = special_tokens_from(json.loads(generation_path.read_text()))
+        special = SpecialTokens(generation.bos_token_id if generation.bos_token_id is not None else special.bos_token_id,
+                                generation.eos_token_ids or special.eos_token_ids,
+                                generation.pad_token_id if generation.pad_token_id is not None else special.pad_token_id)
+    state = {}
+    for name, tensor in read_state_dict(path).items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # some exporters store the tied head too; the embedding is the one weight
+        try:
+            state[from_hf_name(name)] = tensor
+        except KeyError as exc:
+            raise HFFormatError(f"{path}: {exc.args[0]}") from None
+    expected = set(_expected_names(cfg))
+    if set(state) != expected:
+        raise HFFormatError(f"{path}: weights do not match {CONFIG_FILE}: missing "
+                            f"{[to_hf_name(n) for n in sorted(expected - set(state))][:5]}")
+    if cfg.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model = build(cfg, device, init=False, dtype=dtype)
+    model.load_state_dict(state, strict=True)
+    model.tie_weights()
+    return Pretrained(model=model.eval(), config=cfg, special_tokens=special, path=path)

@@ -1,0 +1,331 @@
+"""The Transformer: a decoder-only Llama-3 / Mistral-style language model in plain PyTorch.
+
+Design choices, all of them in this one file:
+
+* Pre-norm residual blocks: ``h = x + attention(norm(x))``, ``out = h + feed_forward(norm(h))``,
+  a final norm, then the output head. RMSNorm computed in fp32 and cast back. No biases.
+* Rotary position embeddings in the *rotate-half* layout: the first and the second half of a
+  head are the two coordinates of each rotated pair. That is the layout of Hugging Face Llama
+  checkpoints, so export/import are pure renames (no permutation of ``wq``/``wk``). cos/sin are
+  computed in fp32 from the positions at each forward (a few thousand trig ops, no buffer: nothing
+  to materialize after ``meta``, nothing that ``model.to(bfloat16)`` could round).
+  Optional Llama-3.1 frequency scaling (long wavelengths stretched, short ones kept).
+* Grouped-query attention: ``n_kv_heads`` key/value heads, kv head ``g`` serving query heads
+  ``g·r … g·r+r−1`` (``r = n_heads / n_kv_heads``), through
+  ``F.scaled_dot_product_attention(enable_gqa=True)`` (no copies of k/v).
+* Training attention uses ``is_causal=True`` (flash / memory-efficient kernels on GPU). An explicit
+  boolean mask is built only for sliding-window attention longer than the window, and for
+  KV-cache decoding (queries at an offset, left-padded rows).
+* Optional QK-norm: an RMSNorm over each query and key head (one weight vector of ``head_dim``
+  shared by all heads) before RoPE, as in Qwen3.
+* SwiGLU feed-forward: ``w2(silu(w1·x) * w3·x)``.
+* Optional tied embeddings: ``output.weight`` *is* ``tok_embeddings.weight``.
+* Layers live in an ``nn.ModuleDict`` keyed ``"0"``, ``"1"``, …: parameter names such as
+  ``layers.3.attention.wq.weight`` stay the same when a pipeline stage deletes the layers it does
+  not own (``del model.layers["3"]``) and sets ``tok_embeddings`` / ``norm`` / ``output`` to
+  ``None``; such a stage takes hidden states ``(B, T, dim)`` in and/or gives them out.
+* Build on the ``meta`` device, then ``to_empty`` and :meth:`Transformer.init_weights` (see
+  :func:`build`): normal(0, init_std) everywhere, residual output projections (``wo``, ``w2``) at
+  ``init_std / sqrt(2·n_layers)`` (GPT-2 / Megatron scaled residual init), norm weights 1.
+* No distributed code here: parallelism is applied from outside to this plain module.
+
+Shapes: B batch, T new tokens, S attended slots (T, or everything in the KV cache),
+H query heads, KV key/value heads, D head_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmray.model.config import ModelConfig, RopeScaling
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) of the rotated pairs, with optional Llama-3.1 scaling."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / theta ** exponents
+    if scaling is None:
+        return inv_freq
+    wavelength = 2 * math.pi / inv_freq
+    long_wavelength = scaling.original_max_seq_len / scaling.low_freq_factor
+    short_wavelength = scaling.original_max_seq_len / scaling.high_freq_factor
+    # 0 for wavelengths past long_wavelength (fully scaled) ... 1 below short_wavelength (unchanged)
+    smooth = ((scaling.original_max_seq_len / wavelength - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor))
+    interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelength > long_wavelength, inv_freq / scaling.factor, inv_freq)
+    middle = (wavelength >= short_wavelength) & (wavelength <= long_wavelength)
+    return torch.where(middle, interpolated, scaled)
+
+
+def rope_rotation(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (*positions.shape, head_dim/2) fp32, of position × frequency."""
+    inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, positions.device)
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, heads, T, D) by cos/sin (B or 1, 1, T, D/2) in the rotate-half layout, in fp32."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # each (B, heads, T, D/2): the two coordinates of a pair
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+def sliding_window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """(T, T) bool, True where query i may attend key j: j <= i and i - j < window."""
+    i = torch.arange(length, device=device)[:, None]
+    j = torch.arange(length, device=device)[None, :]
+    return (j <= i) & (i - j < window)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None, cache: "LayerCache | None") -> torch.Tensor:
+        B, T, _ = x.shape
+        # view with -1 heads, so a tensor-parallel shard uses its local head count
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, D)
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, KV, D)
+        v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, KV, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, KV, S, D): every filled slot, these T included
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=q.shape[1] != k.shape[1])  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H·D)
+        return self.wo(y)
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        for linear in (self.wq, self.wk, self.wv):
+            nn.init.normal_(linear.weight, mean=0.0, std=std)
+        nn.init.normal_(self.wo.weight, mean=0.0, std=residual_std)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1·x) * w3·x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(cfg.ffn_hidden_dim, cfg.dim, bias=False)  # down (residual output)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        nn.init.normal_(self.w1.weight, mean=0.0, std=std)
+        nn.init.normal_(self.w3.weight, mean=0.0, std=std)
+        nn.init.normal_(self.w2.weight, mean=0.0, std=residual_std)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None, cache: "LayerCache | None" = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.init_weights(std, residual_std)
+        self.feed_forward.init_weights(std, residual_std)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------------------------
+
+class KVCache:
+    """Keys and values of every layer for a batch being decoded, in slots filled left to right.
+
+    Row ``b`` of a batch of unequal prompts is left-padded by ``pad[b]`` slots. Padding slots are
+    never attended to and RoPE positions count from a row's first real token, so every row
+    computes what it would compute alone. The sliding window is applied to slot distances, which
+    equal position distances because padding only ever sits on the left.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, layer_names: list[str],
+                 device: torch.device | str, dtype: torch.dtype, pad: torch.Tensor | None = None):
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"KV cache of {max_len} slots exceeds max_seq_len ({cfg.max_seq_len})")
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.layers = {name: LayerCache(self, torch.zeros(shape, device=device, dtype=dtype),
+                                        torch.zeros(shape, device=device, dtype=dtype))
+                       for name in layer_names}
+        self.pad = (torch.zeros(batch_size, dtype=torch.long) if pad is None else pad).to(device)
+        self.max_len = max_len
+        self.length = 0  # slots filled so far, the same for every row
+
+    def positions(self, new: int) -> torch.Tensor:
+        """(B, T) RoPE positions of the next ``new`` slots."""
+        slots = torch.arange(self.length, self.length + new, device=self.pad.device)
+        return (slots[None, :] - self.pad[:, None]).clamp(min=0)
+
+    def mask(self, new: int, window: int | None) -> torch.Tensor:
+        """(B, 1, T, S) bool: which filled slots each of the next ``new`` queries may attend to."""
+        q = torch.arange(self.length, self.length + new, device=self.pad.device)[None, :, None]
+        k = torch.arange(self.length + new, device=self.pad.device)[None, None, :]
+        allowed = (k <= q) & (k >= self.pad[:, None, None])  # (B, T, S)
+        if window is not None:
+            allowed &= q - k < window
+        allowed |= k == q  # a padding query sees itself, so its (unused) output stays finite
+        return allowed[:, None]
+
+    def advance(self, new: int) -> None:
+        self.length += new
+
+
+class LayerCache:
+    def __init__(self, owner: KVCache, keys: torch.Tensor, values: torch.Tensor):
+        self.owner, self.keys, self.values = owner, keys, values  # (B, KV, max_len, D)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.owner.length
+        end = start + k.shape[2]
+        if end > self.owner.max_len:
+            raise ValueError(f"KV cache full: {end} slots needed, {self.owner.max_len} allocated")
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
+        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Make ``output.weight`` the embedding matrix when tied and both live here.
+
+        Called again after ``to_empty``, which gives each module its own new parameter.
+        """
+        if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The model's initialization, in one place (see the module docstring)."""
+        self.tie_weights()
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
+        for layer in self.layers.values():
+            layer.init_weights(std, residual_std)
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None and not self.cfg.tie_embeddings:
+            nn.init.normal_(self.output.weight, mean=0.0, std=std)
+
+    def new_cache(self, batch_size: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
+        """An empty KV cache for this model's layers, on its device and in its dtype."""
+        weight = next(self.parameters())
+        return KVCache(self.cfg, batch_size, max_len, list(self.layers.keys()), weight.device,
+                       weight.dtype, pad)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """tokens (B, T) ids → logits (B, T, V).
+
+        A pipeline stage without ``tok_embeddings`` takes hidden states (B, T, dim) instead, and
+        one without ``output`` returns hidden states. ``return_hidden`` returns the final-normed
+        hidden states (B, T, dim) instead of logits (for chunked losses or value heads).
+        With ``cache`` the tokens continue the cached sequence and their keys/values are
+        appended to it.
+        """
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, dim)
+        B, T = h.shape[:2]
+        if cache is None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds max_seq_len ({self.cfg.max_seq_len})")
+            positions = torch.arange(T, device=h.device)[None]  # (1, T)
+            window = self.cfg.sliding_window
+            mask = sliding_window_mask(T, window, h.device) if window and T > window else None
+        else:
+            positions = cache.positions(T)  # (B, T)
+            mask = cache.mask(T, self.cfg.sliding_window)  # (B, 1, T, S)
+        cos, sin = rope_rotation(self.cfg, positions)  # each (B or 1, T, D/2)
+        rope = (cos[:, None], sin[:, None])  # broadcast over heads
+        for name, layer in self.layers.items():
+            h = layer(h, rope, mask, cache.layers[name] if cache is not None else None)
+        if cache is not None:
+            cache.advance(T)
+        if self.norm is not None:
+            h = self.norm(h)
+        if return_hidden or self.output is None:
+            return h
+        return self.output(h)  # (B, T, V)
+
+
+def build(cfg: ModelConfig, device: torch.device | str = "cpu", *, init: bool = True,
+          dtype: torch.dtype | None = None) -> Transformer:
+    """Construct on ``meta`` (no allocation), materialize on ``device``, then initialize.
+
+    ``init=False`` leaves the weights uninitialized memory (RoPE table and ties are set up) for a
+    caller that loads a state dict next (ties are set up). ``device="meta"`` returns the bare meta
+    model (parameter shapes and counts, no memory).
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if torch.device(device).type == "meta":
+        return model
+    model.to_empty(device=device)
+    if init:
+        model.init_weights()
+    else:
+        model.tie_weights()
+    return model.to(dtype) if dtype is not None else model
