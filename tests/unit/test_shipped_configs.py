@@ -1,0 +1,45 @@
+"""Every YAML shipped under configs/ loads and validates against its typed config.
+
+A config folder maps to the config class that reads it; a new folder must be added here, so no
+shipped file can drift out of sync with its code unnoticed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llmray import config as config_lib
+from llmray import stages
+from llmray.pipeline import PipelineConfig, typed_stage_configs
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+FOLDER_TO_STAGE = {"data": "curate", "tokenizer": "tokenizer", "tokens": "tokens", "train": "pretrain",
+                   "sft": "sft", "dpo": "dpo", "eval": "eval", "tune": "tune"}
+
+
+def _shipped() -> list[Path]:
+    return sorted(CONFIGS.rglob("*.yaml"))
+
+
+def test_configs_folder_is_not_empty():
+    assert _shipped(), f"no YAML files under {CONFIGS}"
+
+
+@pytest.mark.parametrize("path", _shipped(), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_shipped_config_validates(path, tmp_path):
+    folder = path.relative_to(CONFIGS).parts[0]
+    raw = config_lib.read_yaml(path)
+    if folder == "pipeline":
+        cfg = config_lib.from_dict(PipelineConfig, raw)
+        assert typed_stage_configs(cfg, tmp_path / cfg.name)
+    elif folder == "model":
+        from llmray.model.config import ModelConfig
+
+        config_lib.from_dict(ModelConfig, raw)
+    else:
+        assert folder in FOLDER_TO_STAGE, f"configs/{folder}/ has no known config class; add it to this test"
+        stage = stages.STAGES.get(FOLDER_TO_STAGE[folder])
+        assert stage is not None, f"{path} configures stage '{FOLDER_TO_STAGE[folder]}', which is not registered"
+        stages.build_config(stage, raw, tmp_path)
