@@ -55,7 +55,9 @@ def _config_epilog(cls: type) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser. Only ``command``'s config class is imported (for its ``--help`` key list),
+    so ``llmray --help`` and every other command start without importing each stage's libraries."""
     parser = argparse.ArgumentParser(
         prog="llmray",
         description="Build a language model from raw text on Ray: curate, tokenize, pretrain, "
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                 dest="verb", metavar="<verb>", required=True)
         stage_parser = holder.add_parser(
             stage.verb or stage.name, help=stage.summary, description=stage.summary,
-            epilog=_config_epilog(stage.config_cls),
+            epilog=_config_epilog(stage.config_cls) if stage.name == command else None,
             formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_common(stage_parser)
         stage_parser.set_defaults(stage=stage.name)
@@ -92,7 +94,8 @@ def _setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     _setup_logging()
     from llmray import pipeline
 
