@@ -56,6 +56,10 @@ def resolve(ref: str) -> Any:
 
 # One entry per stage that exists, in pipeline order. A stage appears here when its issue lands.
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
+    Stage("tokenizer", "train a byte-level BPE tokenizer (and its chat template) on the documents",
+          "llmray.tokenizer.train:TokenizerConfig", "llmray.tokenizer.train:run_tokenizer", verb="train"),
+    Stage("tokens", "tokenize the documents on Ray Data into train/val token shards",
+          "llmray.tokens.tokenize:TokensConfig", "llmray.tokens.tokenize:run_tokens"),
 )}
 
 
@@ -110,12 +114,15 @@ def build_config(stage: Stage, raw: dict, run_root: Path) -> Any:
 
 
 def _stage_logger(stage_dir: runs.StageDir) -> tuple[logging.Logger, logging.Handler]:
-    logger = logging.getLogger(f"llmray.{stage_dir.stage}")
+    """The stage's logger; while it runs, every ``llmray.*`` log record also goes to stage.log."""
     stage_dir.root.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(stage_dir.log_file, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(handler)
-    return logger, handler
+    package_logger = logging.getLogger("llmray")
+    package_logger.addHandler(handler)
+    if package_logger.getEffectiveLevel() > logging.INFO:  # used as a library without logging set up
+        package_logger.setLevel(logging.INFO)
+    return logging.getLogger(f"llmray.stage.{stage_dir.stage}"), handler
 
 
 def run_stage(stage: Stage, cfg: Any, run_root: Path, ray_cfg: cluster.RayConfig | None = None,
@@ -148,7 +155,7 @@ def run_stage(stage: Stage, cfg: Any, run_root: Path, ray_cfg: cluster.RayConfig
         stage_dir.write_manifest(manifest)
         raise
     finally:
-        logger.removeHandler(handler)
+        logging.getLogger("llmray").removeHandler(handler)
         handler.close()
     finished = time.time()
     manifest.update(status="complete", outputs=runs.fingerprint_outputs(stage_dir.output),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def run_upper(cfg: UpperConfig, ctx: stages.StageContext) -> dict:
     if cfg.fail:
         raise RuntimeError("stage failed on purpose")
     ctx.log_metrics(chars=len(text))
+    logging.getLogger("llmray.data.example").info("upper-cased %d chars", len(text))
     return {"chars": len(text)}
 
 
@@ -57,6 +59,8 @@ def test_unchanged_inputs_and_config_skip(tmp_path, source):
     assert manifest["status"] == "complete" and manifest["summary"] == {"chars": 5}
     assert manifest["outputs"]["upper.txt"]["bytes"] == 5
     assert (tmp_path / "run" / "upper" / "config.yaml").read_text().startswith("source:")
+    log_text = (tmp_path / "run" / "upper" / "stage.log").read_text()
+    assert "running stage upper" in log_text and "upper-cased 5 chars" in log_text
 
 
 def test_changing_one_config_value_reruns(tmp_path, source):
