@@ -28,6 +28,7 @@ DEFAULT_RUNS_DIR = "runs"
 TOOLS: dict[str, str] = {
     "generate": "llmray.model.generate_cli:add_generate_parser",
     "chat": "llmray.model.generate_cli:add_chat_parser",
+    "report": "llmray.report:add_parser",
 }
 
 

@@ -15,6 +15,7 @@ Ray is imported inside the functions: the rest of the library must import withou
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,18 @@ def _connect(cfg: RayConfig) -> Connection:
     _restrict_token_file()
     return Connection(address=info.address_info["gcs_address"], embedded=True,
                       dashboard_url=_url(info.dashboard_url) if cfg.dashboard else None)
+
+
+def resources_in_use() -> dict[str, float]:
+    """CPUs and GPUs of the Ray cluster this process is connected to, else of this machine.
+
+    Recorded in each stage's manifest for the run report's cost accounting.
+    """
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        total = ray.cluster_resources()
+        return {"cpus": float(total.get("CPU", 0)), "gpus": float(total.get("GPU", 0))}
+    return {"cpus": float(os.cpu_count() or 1), "gpus": 0.0}
 
 
 def _restrict_token_file() -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmray import cluster
+from llmray import cluster, report
 from llmray import config as config_lib
 from llmray import stages as stages_lib
 from llmray.config import param
@@ -100,7 +100,9 @@ def run_pipeline_command(args: argparse.Namespace) -> list[stages_lib.StageResul
         cfg.name = args.run
     cfg.ray = _ray_config(args, cfg.ray)
     results = run_pipeline(cfg, Path(args.runs_dir), force=args.force)
-    _print_results(results, Path(args.runs_dir) / cfg.name)
+    run_root = Path(args.runs_dir) / cfg.name
+    _print_results(results, run_root)
+    print(f"report: {report.build_report(run_root).resolve()}")
     return results
 
 

@@ -159,7 +159,8 @@ def run_stage(stage: Stage, cfg: Any, run_root: Path, ray_cfg: cluster.RayConfig
         handler.close()
     finished = time.time()
     manifest.update(status="complete", outputs=runs.fingerprint_outputs(stage_dir.output),
-                    summary=summary, finished_at=_iso(finished), seconds=round(finished - started, 3))
+                    summary=summary, finished_at=_iso(finished), seconds=round(finished - started, 3),
+                    resources=cluster.resources_in_use())
     stage_dir.write_manifest(manifest)
     log.info("[%s] done in %.1fs; outputs in %s", stage.name, finished - started, stage_dir.output)
     return StageResult(stage.name, False, stage_dir.output, manifest)

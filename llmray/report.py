@@ -1,0 +1,179 @@
+"""The run report: one ``report.md`` with PNG plots for a whole run directory.
+
+Built only from what the stages already wrote, so it can be regenerated at any time
+(``llmray report --run NAME``) and never needs a stage to know about it:
+
+* ``manifest.json`` of each stage: status, wall time, resources, summary → the stage table and the
+  cost accounting (CPU-hours and GPU-hours = wall time × the resources the stage had);
+* ``metrics.jsonl`` of each stage: every numeric series is plotted against ``step`` (or record
+  order) into ``<stage>_metrics.png``;
+* ``output/report.md`` of a stage, when it writes one (curation funnel, tokenizer stats, eval
+  table, sample completions): included as that stage's section, with its images re-linked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from llmray import runs
+
+REPORT_DIR = "report"
+_MAX_SERIES_PER_PLOT = 6
+_IGNORED_SERIES = {"time", "step", "epoch"}
+_IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)]+)\)")
+
+
+def stage_dirs(run_root: Path) -> list[runs.StageDir]:
+    """Stage directories of a run, in the order their stages started."""
+    found = []
+    for path in sorted(p for p in Path(run_root).iterdir() if p.is_dir() and p.name != REPORT_DIR):
+        stage_dir = runs.StageDir(path, path.name)
+        manifest = stage_dir.read_manifest()
+        if manifest:
+            found.append((manifest.get("started_at", ""), stage_dir))
+    return [stage_dir for _, stage_dir in sorted(found, key=lambda item: item[0])]
+
+
+def _numeric_series(metrics: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for index, record in enumerate(metrics):
+        x = record.get("step", index)
+        for key, value in record.items():
+            if key in _IGNORED_SERIES or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value):
+                continue
+            xs, ys = series.setdefault(key, ([], []))
+            xs.append(x)
+            ys.append(value)
+    return {k: v for k, v in series.items() if len(v[0]) >= 2}
+
+
+def plot_metrics(metrics: list[dict], title: str, path: Path) -> list[str]:
+    """One figure with a panel per numeric series; returns the names of the series plotted."""
+    series = _numeric_series(metrics)
+    names = sorted(series, key=lambda k: (k != "loss", k))[:_MAX_SERIES_PER_PLOT]
+    if not names:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        xs, ys = series[name]
+        ax.plot(xs, ys, linewidth=1.2)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step" if "step" in metrics[0] else "record")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    with runs.atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110)
+    plt.close(fig)
+    return names
+
+
+def _cost(manifest: dict) -> tuple[float, float]:
+    seconds = manifest.get("seconds") or 0.0
+    resources = manifest.get("resources", {})
+    return seconds / 3600 * resources.get("cpus", 0), seconds / 3600 * resources.get("gpus", 0)
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return "`" + json.dumps(value, default=str)[:120] + "`"
+    return str(value)
+
+
+def _stage_fragment(stage_dir: runs.StageDir, report_dir: Path) -> str:
+    fragment = stage_dir.output / "report.md"
+    if not fragment.is_file():
+        return ""
+    text = fragment.read_text(encoding="utf-8")
+
+    def relink(match: re.Match) -> str:
+        target = match.group(2)
+        if re.match(r"^[a-z]+://", target):
+            return match.group(0)
+        copied = f"{stage_dir.stage}_{Path(target).name}"
+        source = stage_dir.output / target
+        if source.is_file():
+            shutil.copyfile(source, report_dir / copied)
+        return f"![{match.group(1)}]({copied})"
+
+    # Demote the fragment's headings so they nest under the stage heading.
+    text = re.sub(r"^(#+)", r"\1##", text, flags=re.MULTILINE)
+    return _IMAGE_LINK.sub(relink, text)
+
+
+def build_report(run_root: Path) -> Path:
+    """Write ``<run_root>/report/report.md`` (and its PNGs) atomically; returns the report path."""
+    run_root = Path(run_root)
+    dirs = stage_dirs(run_root)
+    if not dirs:
+        raise FileNotFoundError(f"{run_root} holds no stage with a manifest; nothing to report")
+    with runs.atomic_dir(run_root / REPORT_DIR) as out:
+        lines = [f"# Run report: {run_root.name}", "",
+                 "| stage | status | started | wall time | CPU-hours | GPU-hours | summary |",
+                 "|---|---|---|---|---|---|---|"]
+        total_seconds = total_cpu = total_gpu = 0.0
+        sections = []
+        for stage_dir in dirs:
+            manifest = stage_dir.read_manifest()
+            cpu_hours, gpu_hours = _cost(manifest)
+            seconds = manifest.get("seconds") or 0.0
+            total_seconds, total_cpu, total_gpu = total_seconds + seconds, total_cpu + cpu_hours, total_gpu + gpu_hours
+            summary = ", ".join(f"{k}={_format(v)}" for k, v in list(manifest.get("summary", {}).items())[:6])
+            lines.append(f"| {stage_dir.stage} | {manifest.get('status')} | {manifest.get('started_at', '')} | "
+                         f"{seconds:.1f} s | {cpu_hours:.3f} | {gpu_hours:.3f} | {summary} |")
+            sections.append(_stage_section(stage_dir, manifest, out))
+        lines.append(f"| **total** | | | {total_seconds:.1f} s | {total_cpu:.3f} | {total_gpu:.3f} | |")
+        lines += ["", "CPU-/GPU-hours are wall time × the CPUs/GPUs the stage's Ray cluster had; multiply by "
+                      "your hourly prices for cost.", ""]
+        runs.write_text(out / "report.md", "\n".join(lines + sections) + "\n")
+    return run_root / REPORT_DIR / "report.md"
+
+
+def _stage_section(stage_dir: runs.StageDir, manifest: dict, out: Path) -> str:
+    parts = [f"## {stage_dir.stage}", ""]
+    summary = manifest.get("summary", {})
+    if summary:
+        parts += ["| key | value |", "|---|---|"]
+        parts += [f"| {key} | {_format(value)} |" for key, value in summary.items()]
+        parts.append("")
+    image = f"{stage_dir.stage}_metrics.png"
+    plotted = plot_metrics(stage_dir.read_metrics(), f"{stage_dir.stage} metrics", out / image)
+    if plotted:
+        parts += [f"![{stage_dir.stage}: {', '.join(plotted)}]({image})", ""]
+    fragment = _stage_fragment(stage_dir, out)
+    if fragment:
+        parts += [fragment, ""]
+    return "\n".join(parts)
+
+
+def add_parser(subparsers) -> None:
+    """``llmray report``: (re)build the report of a run directory."""
+    parser = subparsers.add_parser("report", help="build report.md and plots for a run directory",
+                                   description=build_report.__doc__)
+    parser.add_argument("--run", required=True, help="run name (or a path to the run directory)")
+    parser.add_argument("--runs-dir", default="runs", help="root of run directories (default: %(default)s)")
+    parser.set_defaults(handler=_report_command)
+
+
+def _report_command(args) -> int:
+    run_root = Path(args.run) if Path(args.run).is_dir() else Path(args.runs_dir) / args.run
+    print(f"report: {build_report(run_root).resolve()}")
+    return 0

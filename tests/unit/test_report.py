@@ -1,0 +1,58 @@
+"""The run report: stage table with cost accounting, metric plots, stage fragments re-linked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from llmray import report, stages
+from llmray.config import param
+
+
+@dataclass
+class CurveConfig:
+    steps: int = param(20, doc="steps to log", min=2)
+
+
+def run_curve(cfg: CurveConfig, ctx: stages.StageContext) -> dict:
+    """Logs a falling loss and writes a report fragment with its own image."""
+    for step in range(cfg.steps):
+        ctx.log_metrics(step=step, loss=4.0 / (1 + step), lr=1e-3)
+    (ctx.output / "hist.png").write_bytes(b"\x89PNG fake but present")
+    (ctx.output / "report.md").write_text("# Funnel\n\n| in | out |\n|---|---|\n| 10 | 7 |\n\n![hist](hist.png)\n")
+    return {"final_loss": 4.0 / cfg.steps}
+
+
+CURVE = stages.Stage("curve", "log a curve", f"{__name__}:CurveConfig", f"{__name__}:run_curve")
+
+
+def test_report_has_table_plots_and_fragments(tmp_path):
+    run_root = tmp_path / "run1"
+    stages.run_stage(CURVE, CurveConfig(), run_root)
+    path = report.build_report(run_root)
+    text = path.read_text()
+    assert "| curve | complete |" in text and "**total**" in text
+    assert "final_loss" in text and "0.2" in text
+    assert "![curve: loss, lr](curve_metrics.png)" in text
+    png = path.parent / "curve_metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert "### Funnel" in text and "![hist](curve_hist.png)" in text
+    assert (path.parent / "curve_hist.png").is_file()
+
+
+def test_cost_accounting_uses_recorded_resources(tmp_path):
+    run_root = tmp_path / "run2"
+    result = stages.run_stage(CURVE, CurveConfig(steps=3), run_root)
+    manifest = result.manifest
+    assert manifest["resources"]["cpus"] >= 1
+    manifest.update(seconds=3600.0, resources={"cpus": 2.0, "gpus": 1.0})
+    stages.runs.StageDir(run_root / "curve", "curve").write_manifest(manifest)
+    text = report.build_report(run_root).read_text()
+    assert "| 3600.0 s | 2.000 | 1.000 |" in text
+
+
+def test_empty_run_dir_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no stage with a manifest"):
+        report.build_report(tmp_path)
