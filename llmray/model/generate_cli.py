@@ -68,15 +68,20 @@ class TextStream:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self._tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith(INCOMPLETE_CHARACTER):
-            return ""
-        new, self._shown = text[self._shown:], len(text)
-        return new
+        text = self.text
+        return "" if text.endswith(INCOMPLETE_CHARACTER) else self._advance(text)
+
+    def finish(self) -> str:
+        """Whatever is still held back (an incomplete character the model never completed)."""
+        return self._advance(self.text)
 
     @property
     def text(self) -> str:
         return self._tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def _advance(self, text: str) -> str:
+        new, self._shown = text[self._shown:], len(text)
+        return new
 
 
 def _load(args):
@@ -111,6 +116,7 @@ def _stream_text(model, prompt_ids: list[int], cfg, tokenizer, out) -> str:
             break
         out.write(text.push(token))
         out.flush()
+    out.write(text.finish())
     return text.text
 
 

@@ -1,0 +1,104 @@
+"""ModelConfig: validation, presets, shipped YAMLs, exact parameter counts, FLOPs per token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from llmray import config as config_lib
+from llmray.model.config import PRESETS, ModelConfig, preset
+from llmray.model.llama import build
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
+
+
+def _counted(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_closed_form_parameter_count_equals_built_model(name):
+    cfg = preset(name)
+    model = build(cfg, "meta")
+    assert all(p.is_meta for p in model.parameters())
+    assert cfg.num_params() == _counted(model)
+    embedding = model.tok_embeddings.weight.numel()
+    expected_non_embedding = _counted(model) - (0 if cfg.tie_embeddings else embedding)
+    assert cfg.num_params(include_embedding=False) == expected_non_embedding
+
+
+@pytest.mark.parametrize("overrides", [dict(qk_norm=True), dict(tie_embeddings=False), dict(n_kv_heads=1),
+                                       dict(head_dim=24), dict(ffn_hidden_dim=None)])
+def test_closed_form_count_for_every_option(overrides):
+    cfg = preset("tiny", **overrides)
+    assert cfg.num_params() == _counted(build(cfg, "meta"))
+
+
+@pytest.mark.parametrize("name, published", [("llama3-8b", 8.03e9), ("llama3-70b", 70.55e9), ("1b", 1.24e9)])
+def test_llama3_shapes_match_published_counts(name, published):
+    assert abs(preset(name).num_params() / published - 1) < 0.005
+
+
+def test_small_presets_are_the_advertised_sizes():
+    assert preset("tiny").num_params() < 1_000_000
+    assert 10e6 <= preset("cpu-small").num_params() <= 20e6
+    assert abs(preset("gpt2-124m").num_params() / 124e6 - 1) < 0.01
+
+
+@pytest.mark.parametrize("name, seq_len", [("tiny", 64), ("tiny", 8), ("llama3-8b", 32)])
+def test_flops_per_token_matches_counted_matmul_flops(name, seq_len):
+    """torch's FLOP counter over a real forward+backward (on meta) agrees with 6N + 12·L·H·Q·T.
+
+    The only difference is norm weights, which are in N but are elementwise, not matmuls.
+    """
+    cfg = preset(name)
+    model = build(cfg, "meta")
+    batch = 2
+    tokens = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        model(tokens).sum().backward()
+    measured = counter.get_total_flops() / (batch * seq_len)
+    norm_params = cfg.dim * (2 * cfg.n_layers + 1)
+    assert measured == cfg.flops_per_token(seq_len) - 6 * norm_params
+
+
+def test_sliding_window_caps_the_attention_term():
+    full, windowed = preset("tiny"), preset("tiny", sliding_window=16)
+    attention = 12 * full.n_layers * full.n_heads * full.head_dim
+    assert full.flops_per_token(128) - windowed.flops_per_token(128) == attention * (128 - 16)
+    assert full.flops_per_token(8) == windowed.flops_per_token(8)
+
+
+def test_derived_fields_resolve_and_rederive_on_override():
+    cfg = ModelConfig(dim=512, n_heads=8)
+    assert (cfg.n_kv_heads, cfg.head_dim, cfg.ffn_hidden_dim) == (8, 64, 1536)
+    wider = preset("gpt2-124m", dim=1024, n_heads=16, ffn_hidden_dim=None)
+    assert wider.head_dim == 64 and wider.ffn_hidden_dim == 2816
+
+
+@pytest.mark.parametrize("data, message", [
+    (dict(n_heads=6, n_kv_heads=4, dim=384), "divisible by n_kv_heads"),
+    (dict(dim=100, n_heads=8), "divisible by n_heads"),
+    (dict(dim=96, n_heads=4, head_dim=25), "must be even"),
+    (dict(n_head=4), "did you mean 'n_heads'"),
+    (dict(n_layers=0), "out of range"),
+    (dict(rope_scaling=dict(low_freq_factor=4.0, high_freq_factor=1.0)), "high_freq_factor"),
+])
+def test_invalid_configs_are_refused_with_a_reason(data, message):
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.from_dict(ModelConfig, data)
+
+
+def test_unknown_preset_names_the_known_ones():
+    with pytest.raises(KeyError, match="tiny"):
+        preset("huge")
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_ships_a_yaml_with_the_same_values(name):
+    cfg = config_lib.load(ModelConfig, CONFIGS / f"{name}.yaml")
+    assert cfg == preset(name)
+    assert config_lib.from_dict(ModelConfig, config_lib.to_dict(cfg)) == cfg  # saved configs round-trip

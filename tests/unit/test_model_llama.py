@@ -1,0 +1,143 @@
+"""The Transformer: causality, sliding window, KV-cache prefill, init, meta build, pipeline split."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmray.model.config import RopeScaling, preset
+from llmray.model.llama import build, rope_frequencies
+
+VARIANTS = {
+    "gqa-tied": dict(),
+    "mha-untied": dict(n_kv_heads=4, tie_embeddings=False),
+    "qk-norm": dict(qk_norm=True),
+    "sliding-window": dict(sliding_window=5),
+}
+
+
+def _model(seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return build(preset("tiny", vocab_size=128, **overrides)).eval()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_changing_token_t_never_changes_earlier_logits(variant):
+    model = _model(**VARIANTS[variant])
+    tokens = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(tokens)
+        for t in (0, 7, 23):
+            changed = tokens.clone()
+            changed[:, t] = (changed[:, t] + 1) % 128
+            after = model(changed)
+            torch.testing.assert_close(after[:, :t], before[:, :t], rtol=0, atol=1e-6)
+            assert not torch.allclose(after[:, t], before[:, t])  # the test can see a change
+
+
+def test_one_layer_sliding_window_sees_exactly_the_window():
+    """With one layer, token t reaches positions t .. t+W-1 and nothing after."""
+    window = 4
+    model = _model(n_layers=1, sliding_window=window)
+    tokens = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(2))
+    changed = tokens.clone()
+    changed[0, 6] = (changed[0, 6] + 1) % 128
+    with torch.no_grad():
+        diff = (model(tokens) - model(changed)).abs().amax(dim=-1)[0]  # (T,)
+    assert torch.all(diff[:6] == 0)
+    assert torch.all(diff[6:6 + window] > 0)
+    assert torch.all(diff[6 + window:] == 0)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kv_cache_prefill_in_chunks_equals_one_forward(variant):
+    model = _model(**VARIANTS[variant])
+    tokens = torch.randint(0, 128, (2, 21), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.new_cache(batch_size=2, max_len=32)
+        pieces = [model(tokens[:, a:b], cache=cache) for a, b in ((0, 9), (9, 10), (10, 21))]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_row_in_cache_equals_the_row_alone():
+    model = _model()
+    row = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(4))
+    other = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(5))
+    padded = torch.cat([torch.full((1, 4), 77), row], dim=1)
+    with torch.no_grad():
+        alone = model(row)
+        cache = model.new_cache(batch_size=2, max_len=10, pad=torch.tensor([4, 0]))
+        batched = model(torch.cat([padded, other]), cache=cache)
+    torch.testing.assert_close(batched[0, 4:], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_return_hidden_gives_the_head_input():
+    model = _model(tie_embeddings=False)
+    tokens = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        hidden = model(tokens, return_hidden=True)
+        assert hidden.shape == (2, 8, 64)
+        torch.testing.assert_close(hidden @ model.output.weight.T, model(tokens))
+
+
+def test_pipeline_stages_hold_subsets_under_unchanged_names():
+    full = _model(n_layers=4, tie_embeddings=False)
+    first, second = _model(n_layers=4, tie_embeddings=False), _model(n_layers=4, tie_embeddings=False)
+    for stage in (first, second):
+        stage.load_state_dict(full.state_dict())
+    for name in ("2", "3"):
+        del first.layers[name]
+    first.norm = first.output = None
+    for name in ("0", "1"):
+        del second.layers[name]
+    second.tok_embeddings = None
+    full_keys = set(full.state_dict())
+    assert set(first.state_dict()) | set(second.state_dict()) == full_keys
+    assert not set(first.state_dict()) & set(second.state_dict())
+    tokens = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        hidden = first(tokens)
+        assert hidden.shape == (2, 12, 64)
+        torch.testing.assert_close(second(hidden), full(tokens))
+
+
+def test_meta_build_then_init_scales_residual_projections():
+    cfg = preset("tiny", dim=256, n_heads=4, n_kv_heads=4, n_layers=8, ffn_hidden_dim=512, qk_norm=True)
+    torch.manual_seed(0)
+    model = build(cfg)
+    assert not any(p.is_meta for p in model.parameters())
+    assert model.output.weight is model.tok_embeddings.weight
+    layer = model.layers["5"]
+    residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    assert layer.attention.wq.weight.std().item() == pytest.approx(cfg.init_std, rel=0.05)
+    assert layer.feed_forward.w1.weight.std().item() == pytest.approx(cfg.init_std, rel=0.05)
+    assert layer.attention.wo.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert layer.feed_forward.w2.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    for norm in (layer.attention_norm, layer.ffn_norm, layer.attention.q_norm, model.norm):
+        assert torch.all(norm.weight == 1)
+
+
+def test_bfloat16_model_keeps_ties_and_runs():
+    model = build(preset("tiny", vocab_size=128), dtype=torch.bfloat16)
+    assert model.output.weight is model.tok_embeddings.weight
+    assert model(torch.randint(0, 128, (1, 8))).dtype == torch.bfloat16
+
+
+def test_sequence_longer_than_max_seq_len_is_refused():
+    model = _model(max_seq_len=16)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_llama3_rope_scaling_stretches_only_long_wavelengths():
+    base = rope_frequencies(128, 500000.0, None)
+    scaled = rope_frequencies(128, 500000.0, RopeScaling(factor=8.0))
+    wavelength = 2 * math.pi / base
+    short, long = wavelength < 8192 / 4, wavelength > 8192
+    torch.testing.assert_close(scaled[short], base[short])
+    torch.testing.assert_close(scaled[long], base[long] / 8)
+    middle = ~short & ~long
+    assert middle.any() and torch.all((scaled[middle] < base[middle]) & (scaled[middle] > base[middle] / 8))
