@@ -1,0 +1,95 @@
+"""Training metrics: the measured FLOP/s peak, MFU, memory, and where rank 0 writes each step's figures.
+
+* :func:`measure_peak_flops` times a square GEMM on the training device and dtype: on CPU there
+  is no datasheet peak to quote, so MFU is reported against what this machine's BLAS reaches
+  (``bench/mfu.py`` prints both). A configured ``peak_flops`` overrides it (GPU datasheets).
+* MFU = model FLOPs per token (PaLM's 6N + 12·L·H·Q·T, from ``ModelConfig.flops_per_token``)
+  × tokens per second / (peak per worker × workers).
+* :class:`MetricsWriter` appends one JSON line per logged step to ``metrics.jsonl`` (the run
+  directory's format), mirrors scalars to TensorBoard and prints a console progress line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                       size: int = 2048, seconds: float = 1.0) -> float:
+    """FLOP/s of ``size``×``size`` GEMMs on ``device`` in ``dtype`` (best of repeated timings)."""
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    flops = 2 * size ** 3
+    best = math.inf
+    a @ b  # warm-up
+    _sync(device)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == math.inf:
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return flops / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak memory of this worker: CUDA max allocated on GPU, max resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def mfu(flops_per_token: int, tokens_per_s: float, peak_flops_per_worker: float, world_size: int) -> float:
+    return flops_per_token * tokens_per_s / (peak_flops_per_worker * world_size)
+
+
+class MetricsWriter:
+    """Rank 0's sink: metrics.jsonl lines, TensorBoard scalars and a console line every ``console_every`` steps."""
+
+    def __init__(self, jsonl: Path | None, tensorboard_dir: Path | None, console_every: int = 10):
+        self.jsonl = Path(jsonl) if jsonl else None
+        self.console_every = console_every
+        self.tb = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(tensorboard_dir))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if self.jsonl is not None:
+            self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.jsonl, "a", encoding="utf-8") as handle:  # one write per line: never half a line
+                handle.write(json.dumps({"time": time.time(), "step": step, **metrics}, default=float) + "\n")
+        if self.tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(key, value, step)
+        if self.console_every and (step % self.console_every == 0 or "val_loss" in metrics):
+            print(format_progress(step, metrics), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def format_progress(step: int, m: dict) -> str:
+    parts = [f"step {step}"]
+    for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("val_bpb", "bpb {:.3f}"),
+                     ("lr", "lr {:.2e}"), ("grad_norm", "|g| {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
+                     ("mfu", "mfu {:.1%}"), ("step_time_s", "{:.3f} s/step"), ("memory_mb", "{:,.0f} MiB")):
+        if key in m:
+            parts.append(fmt.format(m[key]))
+    return " | ".join(parts)

@@ -1,0 +1,382 @@
+"""The one training core: pretraining, SFT and DPO are this loop with a different objective and data.
+
+``Trainer(cfg, model, objective, data, ...)`` owns the loop; everything that varies is a parameter:
+
+* ``objective`` (``objectives.py``): turns a micro-batch into a summed loss and its weight;
+* ``data``: any iterator of micro-batches with ``state_dict()`` / ``load_state_dict()`` (the
+  token loader for pretraining; the SFT/DPO loaders later);
+* ``parallel`` (``llmray.parallel``): one process, FSDP2 or DeepSpeed ZeRO, behind one engine API;
+* ``store`` (``checkpoint.py`` / ``ray_train.py``): where checkpoints go and come from;
+* ``hooks``: callables ``hook(step, record)`` run on every rank after each step.
+
+One optimizer step:
+
+1. take ``grad_accum`` micro-batches; the step's weight (target tokens) is summed over them and
+   all-reduced over ranks *before* the forward passes;
+2. forward/backward each micro-batch with its summed loss × world_size / global weight (the
+   engines average gradients over ranks), so the step's gradient is the mean over the global
+   batch however it is split: the equivalence tests rely on this;
+3. the global gradient norm is measured (and clipped to ``grad_clip``), the step's global loss
+   all-reduced, and the :class:`~llmray.train.guards.StabilityGuard` decides: step, skip (weights
+   and optimizer state untouched) or roll back to the last checkpoint (data position kept, so
+   the offending batches are skipped);
+4. the LR schedule advances (it is a function of the step count, skipped steps included).
+
+Every ``log_every`` steps rank 0 writes metrics (loss, lr, grad norm, tokens/s, MFU, step time,
+memory) and all ranks report them to the store; every ``eval_every`` steps a fixed validation
+slice gives ``val_loss`` and, when token byte lengths are known, ``val_bpb``; every
+``checkpoint_every`` steps the full state is checkpointed. A run resumes from the store's latest
+complete checkpoint (or ``resume_from``) with the step count, LR schedule, data position, RNG
+and guard history of that checkpoint, so a resumed run computes bit-identical losses on CPU.
+
+Precision: fp32 on CPU; on GPU bf16 (FSDP2 mixed-precision policy with fp32 gradient reduction,
+autocast for a single process, DeepSpeed's bf16 mode) with fp32 master weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llmray.config import param
+from llmray.parallel import ParallelConfig, build_engine
+from llmray.train import checkpoint as ckpt
+from llmray.train import metrics as metrics_lib
+from llmray.train.guards import GuardConfig, StabilityGuard, Verdict
+from llmray.train.objectives import Objective, bits_per_byte
+from llmray.train.schedule import ScheduleConfig, build_scheduler
+
+log = logging.getLogger("llmray.train")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with decoupled weight decay on matrices only."""
+
+    lr: float = param(3e-4, doc="peak learning rate", min=0.0)
+    beta1: float = param(0.9, doc="AdamW beta1", min=0.0, max=1.0)
+    beta2: float = param(0.95, doc="AdamW beta2", min=0.0, max=1.0)
+    eps: float = param(1e-8, doc="AdamW epsilon", min=0.0)
+    weight_decay: float = param(0.1, doc="decoupled weight decay of the decayed group", min=0.0)
+    no_decay: list[str] = param(default_factory=lambda: ["norm", "tok_embeddings", "bias"],
+                                doc="parameters whose name contains any of these get no weight decay")
+    fused: bool | None = param(None, doc="fused AdamW kernel; null = on GPU only (foreach on CPU)")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop's own settings (model, data and parallelism are configured beside it)."""
+
+    steps: int = param(1000, doc="optimizer steps to train for", min=1)
+    grad_accum: int = param(1, doc="micro-batches per optimizer step on each worker", min=1)
+    grad_clip: float = param(1.0, doc="clip the global gradient L2 norm to this (0 = no clipping)", min=0.0)
+    optimizer: OptimizerConfig = param(default_factory=OptimizerConfig, doc="AdamW settings")
+    schedule: ScheduleConfig = param(default_factory=ScheduleConfig, doc="learning-rate schedule")
+    guards: GuardConfig = param(default_factory=GuardConfig, doc="non-finite / spike handling")
+    precision: Literal["auto", "fp32", "bf16"] = param(
+        "auto", doc="auto: bf16 compute on GPU, fp32 on CPU; fp32; bf16 (GPU only)")
+    log_every: int = param(10, doc="write and report metrics every this many steps", min=1)
+    eval_every: int = param(0, doc="validation every this many steps (0 = only at the end)", min=0)
+    eval_batches: int = param(8, doc="validation micro-batches per worker", min=1)
+    checkpoint_every: int = param(0, doc="checkpoint every this many steps (0 = only at the end)", min=0)
+    seed: int = param(0, doc="seed of the weight init and the torch RNG", min=0)
+    peak_flops: float | None = param(None, doc="peak FLOP/s of one worker for MFU; null = measure "
+                                                "a GEMM on the device at start", min=1.0)
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    grad_norm: float | None
+    lr: float
+    verdict: str
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    records: list[StepRecord] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    guard_counts: dict = field(default_factory=dict)
+    resumed_from: str | None = None
+
+    @property
+    def losses(self) -> dict[int, float]:
+        """Loss of every step computed in this process (the last computation wins after a rollback)."""
+        return {r.step: r.loss for r in self.records}
+
+
+def device_for_worker() -> torch.device:
+    if torch.cuda.is_available():
+        index = dist.get_rank() % torch.cuda.device_count() if dist.is_initialized() else 0
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 when asked for (or auto on GPU); None means plain fp32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        if device.type != "cuda":
+            raise ValueError("precision=bf16 is for GPUs; on CPU train in fp32 (bf16 attention is slower "
+                             "there and fp16 matmul unusable)")
+        return torch.bfloat16
+    return None
+
+
+def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
+    """Two AdamW groups: decayed matrices, and undecayed parameters named in ``cfg.no_decay``."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # tied weights appear once, under their first name
+        if not p.requires_grad:
+            continue
+        (no_decay if any(pattern in name for pattern in cfg.no_decay) else decay).append(p)
+    return [{"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def optimizer_factory(cfg: OptimizerConfig, device: torch.device) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
+
+    def make(model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                 eps=cfg.eps, fused=fused or None, foreach=None if fused else True)
+    return make
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model: nn.Module, objective: Objective, data: Any, *,
+                 parallel: ParallelConfig | None = None,
+                 store: ckpt.CheckpointStore | None = None,
+                 val_data: Callable[[], Iterable[Any]] | None = None,
+                 token_bytes: torch.Tensor | None = None,
+                 flops_per_token: int | None = None,
+                 writer: metrics_lib.MetricsWriter | None = None,
+                 hooks: Iterable[Callable[[int, dict], None]] = ()):
+        self.cfg = cfg
+        self.objective = objective
+        self.data = data
+        self.store = store
+        self.val_data = val_data
+        self.flops_per_token = flops_per_token
+        self.writer = writer
+        self.hooks = list(hooks)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.device = next(model.parameters()).device
+        self.dtype = compute_dtype(cfg.precision, self.device)
+        parallel = parallel or ParallelConfig(strategy="none" if self.world_size == 1 else "fsdp2")
+        self.engine = build_engine(model, optimizer_factory(cfg.optimizer, self.device), parallel,
+                                   world_size=self.world_size, param_dtype=self.dtype)
+        # FSDP2 and DeepSpeed apply bf16 themselves; a plain single process needs autocast.
+        self.autocast = self.dtype is not None and parallel.strategy == "none"
+        self.scheduler = build_scheduler(self.engine.base_optimizer, cfg.schedule, cfg.steps)
+        self.guard = StabilityGuard(cfg.guards)
+        self.token_bytes = token_bytes.to(self.device) if token_bytes is not None else None
+        self.step = 0
+        self.peak_flops = cfg.peak_flops
+        self.result = TrainResult(steps=0)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def fit(self, resume_from: str | Path | None = None) -> TrainResult:
+        """Train to ``cfg.steps``, resuming from the store's latest checkpoint or ``resume_from``."""
+        self.resume(resume_from)
+        if self.peak_flops is None and self.flops_per_token:
+            self.peak_flops = metrics_lib.measure_peak_flops(self.device, self.dtype or torch.float32,
+                                                             seconds=0.5)
+        last_checkpoint = self.step
+        while self.step < self.cfg.steps:
+            record = self.train_step()
+            metrics = self._metrics(record)
+            evaluate = self.cfg.eval_every and self.step % self.cfg.eval_every == 0
+            if evaluate or self.step == self.cfg.steps:
+                metrics.update(self.evaluate())
+            checkpoint = (self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0) \
+                or self.step == self.cfg.steps
+            if checkpoint and self.store is not None and self.step != last_checkpoint:
+                self.save_checkpoint(metrics)
+                last_checkpoint = self.step
+            elif self.step % self.cfg.log_every == 0 and self.store is not None:
+                self.store.report(metrics)
+            if self.rank == 0 and self.writer is not None and (self.step % self.cfg.log_every == 0
+                                                               or "val_loss" in metrics or checkpoint):
+                self.writer.write(self.step, metrics)
+            for hook in self.hooks:
+                hook(self.step, metrics)
+        self.result.steps = self.step
+        self.result.guard_counts = dict(self.guard.counts)
+        return self.result
+
+    def train_step(self) -> StepRecord:
+        start = time.perf_counter()
+        batches = [next(self.data) for _ in range(self.cfg.grad_accum)]
+        weight = self._all_reduce(float(sum(self.objective.weight(b) for b in batches)))
+        tokens = int(self._all_reduce(float(sum(_tokens(self.objective, b) for b in batches))))
+        scale = self.world_size / weight
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        for i, batch in enumerate(batches):
+            with self._autocast():
+                out = self.objective.loss(self.engine.model, _to_device(batch, self.device))
+            self.engine.backward(out.loss_sum * scale, last_micro_batch=i == len(batches) - 1)
+            loss_sum += out.loss_sum.detach().double()
+        loss = self._all_reduce(loss_sum) / weight
+        grad_norm = self.engine.clip_grad_norm(self.cfg.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]
+        verdict = self.guard.check(self.step + 1, loss, grad_norm if grad_norm is not None else 0.0)
+        if verdict is Verdict.STEP:
+            self.engine.step()
+            grad_norm = grad_norm if grad_norm is not None else self.engine.last_grad_norm()
+        else:
+            self.engine.discard_step()
+        record = StepRecord(self.step + 1, loss, grad_norm, lr, verdict.value, tokens,
+                            time.perf_counter() - start)
+        self.result.records.append(record)
+        if verdict is Verdict.ROLLBACK:
+            self.rollback()
+        else:
+            self.scheduler.step()
+            self.step += 1
+        if verdict is not Verdict.STEP:
+            log.warning("step %d: %s (loss %.4g, grad norm %s)", record.step, verdict.value, loss, grad_norm)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss (and bits per byte) on the first ``eval_batches`` micro-batches of ``val_data``."""
+        if self.val_data is None:
+            return {}
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # nats, weight, bits, bytes
+        for batch, _ in zip(self.val_data(), range(self.cfg.eval_batches)):
+            batch = _to_device(batch, self.device)
+            with self._autocast():
+                if self.token_bytes is not None and hasattr(self.objective, "token_losses"):
+                    nats, targets = self.objective.token_losses(self.engine.model, batch)
+                    bits, nbytes = bits_per_byte(nats, targets, self.token_bytes)
+                    totals += torch.tensor([float(nats.sum()), self.objective.weight(batch), bits, nbytes],
+                                           dtype=torch.float64, device=self.device)
+                else:
+                    out = self.objective.loss(self.engine.model, batch)
+                    totals[0] += float(out.loss_sum)
+                    totals[1] += out.weight
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        if totals[1] == 0:
+            return {}
+        result = {"val_loss": float(totals[0] / totals[1])}
+        if totals[3] > 0:
+            result["val_bpb"] = float(totals[2] / totals[3])
+        self.result.evals.append({"step": self.step, **result})
+        return result
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def trainer_state(self) -> dict:
+        scheduler = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"step": self.step, "world_size": self.world_size, "rank": self.rank,
+                "data": self.data.state_dict(), "scheduler": scheduler, "rng": rng,
+                "guard": self.guard.state_dict()}
+
+    def save_checkpoint(self, metrics: dict) -> None:
+        directory = self.store.staging_dir(self.step)
+        ckpt.write_trainer_state(directory, self.rank, self.trainer_state())
+        self.engine.save(directory)
+        self.store.commit(self.step, directory, {**metrics, "step": self.step})
+
+    def resume(self, resume_from: str | Path | None = None) -> None:
+        """Restore the newest complete checkpoint of the store, else ``resume_from``, else start fresh."""
+        found = self.store.latest() if self.store is not None else None
+        if found is None and resume_from is not None:
+            ok, why = ckpt.is_complete(Path(resume_from))
+            if not ok:
+                raise ValueError(f"resume_from={resume_from} is not a complete checkpoint: {why}")
+            found = Path(resume_from)
+        if found is None:
+            return
+        self.restore(found)
+        self.result.resumed_from = str(found)
+        if self.rank == 0:
+            log.info("resumed from %s at step %d", found, self.step)
+
+    def restore(self, directory: Path, *, data: bool = True, guard: bool = True) -> None:
+        """Load a checkpoint; ``data=False``/``guard=False`` keep the current data position / guard history."""
+        directory = Path(directory)
+        saved_rank = self.rank if ckpt.trainer_state_path(directory, self.rank).is_file() else 0
+        state = ckpt.read_trainer_state(directory, saved_rank)
+        self.engine.load(directory)
+        self.step = int(state["step"])
+        self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(self.scheduler.lr_lambdas)})
+        if data:  # the loader's position is global, so any rank's state restores any world size
+            self.data.load_state_dict(state["data"])
+        if guard:
+            self.guard.load_state_dict(state["guard"])
+        if state["world_size"] == self.world_size:
+            torch.set_rng_state(state["rng"]["torch"])
+            if "cuda" in state["rng"] and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+    def rollback(self) -> None:
+        found = self.store.latest() if self.store is not None else None
+        if found is None:
+            raise RuntimeError(f"step {self.step + 1}: the guard asked for a rollback but there is no "
+                               "checkpoint yet; set train.checkpoint_every or guards.rollback_after=0")
+        self.restore(found, data=False, guard=False)
+        if self.rank == 0:
+            log.warning("rolled back to %s (step %d); data continues past the spiking batches", found, self.step)
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """Full fp32 weights on CPU (collective; complete on rank 0)."""
+        return self.engine.full_model_state()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast:
+            return torch.autocast(self.device.type, dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def _all_reduce(self, value: float | torch.Tensor) -> float:
+        tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float64)
+        tensor = tensor.to(self.device, torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(tensor)
+        return float(tensor)
+
+    def _metrics(self, r: StepRecord) -> dict:
+        tokens_per_s = r.tokens / r.seconds
+        m = {"loss": r.loss, "lr": r.lr, "tokens_per_s": tokens_per_s, "step_time_s": r.seconds,
+             "memory_mb": metrics_lib.memory_mb(self.device), **{k: float(v) for k, v in self.guard.counts.items()}}
+        if r.grad_norm is not None:
+            m["grad_norm"] = r.grad_norm
+        if self.flops_per_token and self.peak_flops:
+            m["mfu"] = metrics_lib.mfu(self.flops_per_token, tokens_per_s, self.peak_flops, self.world_size)
+        if not math.isfinite(r.loss):
+            m["loss"] = float("nan")
+        return m
+
+
+def _tokens(objective: Objective, batch: Any) -> int:
+    counter = getattr(objective, "tokens", None)
+    return counter(batch) if counter is not None else objective.weight(batch)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch

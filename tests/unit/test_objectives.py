@@ -1,0 +1,41 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from llmray.train.objectives import IGNORE_INDEX, CausalLM, bits_per_byte, token_cross_entropy
+
+
+class Bigram(torch.nn.Module):
+    def __init__(self, vocab=11):
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, tokens):
+        return self.table(tokens)
+
+
+def test_causal_lm_sums_next_token_loss_over_every_target():
+    torch.manual_seed(0)
+    model, batch = Bigram(), torch.randint(0, 11, (3, 9))
+    out = CausalLM().loss(model, batch)
+    assert out.weight == 3 * 8
+    logits = model(batch[:, :-1])
+    expected = F.cross_entropy(logits.reshape(-1, 11), batch[:, 1:].reshape(-1), reduction="sum")
+    torch.testing.assert_close(out.loss_sum, expected)
+
+
+def test_ignored_targets_cost_nothing():
+    logits = torch.randn(1, 3, 5)
+    targets = torch.tensor([[1, IGNORE_INDEX, 2]])
+    nats = token_cross_entropy(logits, targets)
+    assert nats[0, 1] == 0 and nats[0, 0] > 0
+
+
+def test_bits_per_byte_leaves_out_zero_byte_tokens():
+    nats = torch.tensor([[math.log(2), 5.0, 2 * math.log(2)]])
+    targets = torch.tensor([[1, 0, 2]])  # token 0 is a special token of 0 bytes
+    token_bytes = torch.tensor([0, 1, 3])
+    bits, nbytes = bits_per_byte(nats, targets, token_bytes)
+    assert nbytes == 4
+    assert math.isclose(bits, 3.0, rel_tol=1e-6)  # 1 bit + 2 bits; the special token's 5 nats are not counted

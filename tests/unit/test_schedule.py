@@ -1,0 +1,51 @@
+import math
+
+import pytest
+import torch
+
+from llmray.train.schedule import Schedule, ScheduleConfig, build_scheduler
+
+
+def test_cosine_warms_up_linearly_then_decays_to_the_floor():
+    s = Schedule(ScheduleConfig(kind="cosine", warmup_steps=10, min_lr_ratio=0.1), total_steps=110)
+    assert [s(i) for i in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert s(9) == pytest.approx(1.0)
+    assert s(10) == pytest.approx(1.0)
+    assert s(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
+    assert s(110) == pytest.approx(0.1)
+    assert s(500) == pytest.approx(0.1)  # past the end: stays at the floor
+    values = [s(i) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_wsd_is_flat_then_decays_linearly_over_the_last_fraction():
+    s = Schedule(ScheduleConfig(kind="wsd", warmup_steps=5, min_lr_ratio=0.0, decay_fraction=0.2), total_steps=100)
+    assert s(4) == pytest.approx(1.0)
+    assert all(s(i) == 1.0 for i in range(5, 80))
+    assert s(90) == pytest.approx(0.5)
+    assert s(100) == pytest.approx(0.0)
+
+
+def test_constant_and_zero_warmup():
+    s = Schedule(ScheduleConfig(kind="constant", warmup_steps=0), total_steps=10)
+    assert [s(i) for i in range(12)] == [1.0] * 12
+
+
+def test_scheduler_state_restores_the_curve_exactly():
+    def make():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        return opt, build_scheduler(opt, ScheduleConfig(kind="cosine", warmup_steps=3), total_steps=20)
+
+    opt, sched = make()
+    for _ in range(7):
+        opt.step()
+        sched.step()
+    state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+    opt2, sched2 = make()
+    sched2.load_state_dict({**state, "lr_lambdas": [None]})
+    for _ in range(5):
+        for o, s in ((opt, sched), (opt2, sched2)):
+            o.step()
+            s.step()
+        assert sched.get_last_lr() == sched2.get_last_lr()
+    assert math.isclose(opt.param_groups[0]["lr"], opt2.param_groups[0]["lr"])

@@ -1,0 +1,189 @@
+"""The training core in one process: learning, accumulation, exact resume, checkpoint integrity, guards."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from llmray.train.checkpoint import LocalCheckpointStore, is_complete, step_dir_name
+from llmray.train.guards import GuardConfig, TrainingDiverged
+from llmray.train.metrics import MetricsWriter
+from llmray.train.objectives import CausalLM
+from llmray.train.schedule import ScheduleConfig
+from llmray.train.trainer import OptimizerConfig, TrainConfig, Trainer, parameter_groups
+from llmray.tokens.loader import TokenLoader
+from tests.train_support import byte_token_lengths, stdlib_texts, tiny_model, write_byte_shards
+
+T = 32
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_byte_shards(tmp_path_factory.mktemp("shards"), stdlib_texts(12))
+
+
+class Faulty(CausalLM):
+    """Causal LM whose loss is multiplied by ``factor`` (nan, 20, ...) on the given 1-based calls."""
+
+    def __init__(self, calls: set[int], factor: float):
+        self.calls, self.factor, self.n = calls, factor, 0
+
+    def loss(self, model, batch):
+        out = super().loss(model, batch)
+        self.n += 1
+        if self.n in self.calls:
+            out.loss_sum = out.loss_sum * self.factor
+        return out
+
+
+def make_trainer(shards, *, steps, batch=4, accum=1, seed=0, store=None, objective=None, hooks=(),
+                 guards=None, checkpoint_every=0, writer=None, init_seed=0):
+    cfg = TrainConfig(steps=steps, grad_accum=accum, optimizer=OptimizerConfig(lr=3e-3),
+                      schedule=ScheduleConfig(warmup_steps=2), log_every=5, eval_batches=2,
+                      checkpoint_every=checkpoint_every, guards=guards or GuardConfig(), seed=seed,
+                      peak_flops=1e11)
+    data = TokenLoader(shards, seq_len=T, batch_size=batch, seed=seed)
+
+    def val():
+        return TokenLoader(shards, split="val", seq_len=T, batch_size=batch, shuffle=False)
+    return Trainer(cfg, tiny_model(init_seed), objective or CausalLM(), data, store=store, val_data=val,
+                   token_bytes=byte_token_lengths(), flops_per_token=1000, writer=writer, hooks=hooks)
+
+
+def snapshot(trainer):
+    return [p.detach().clone() for p in trainer.engine.model.parameters()]
+
+
+def test_loss_falls_and_metrics_are_written(shards, tmp_path):
+    writer = MetricsWriter(tmp_path / "metrics.jsonl", tmp_path / "tb", console_every=10)
+    result = make_trainer(shards, steps=30, writer=writer).fit()
+    writer.close()
+    losses = result.losses
+    assert losses[1] > math.log(257) - 0.5  # starts near uniform over the vocabulary
+    assert sum(losses[i] for i in range(26, 31)) / 5 < losses[1] - 1.0
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [5, 10, 15, 20, 25, 30]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s", "memory_mb"):
+        assert key in lines[-1], key
+    assert 0 < lines[-1]["val_bpb"] < 8 and lines[-1]["val_loss"] > 0
+    assert any((tmp_path / "tb").iterdir())
+
+
+def test_weight_decay_groups_exclude_norms_and_embeddings():
+    model = tiny_model()
+    decay, no_decay = parameter_groups(model, OptimizerConfig())
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("norm" in names[id(p)] or "tok_embeddings" in names[id(p)] for p in no_decay["params"])
+    assert all(p.ndim == 2 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_gradient_accumulation_equals_one_big_batch(shards):
+    big = make_trainer(shards, steps=6, batch=4).fit().losses
+    accumulated = make_trainer(shards, steps=6, batch=2, accum=2).fit().losses
+    for step in big:
+        assert accumulated[step] == pytest.approx(big[step], rel=1e-5)
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_at(step_to_stop):
+    def hook(step, metrics):
+        if step == step_to_stop:
+            raise Stop
+    return hook
+
+
+def test_exact_resume_is_bitwise_and_incomplete_checkpoints_are_ignored(shards, tmp_path):
+    straight = make_trainer(shards, steps=20).fit().losses
+
+    store = LocalCheckpointStore(tmp_path / "ckpt", num_to_keep=2)
+    with pytest.raises(Stop):
+        make_trainer(shards, steps=20, store=store, checkpoint_every=10, hooks=[stop_at(10)]).fit()
+    assert store.latest().name == step_dir_name(10)
+    # A fresh process-like start: different init seed, fresh loader; everything comes from the checkpoint.
+    resumed = make_trainer(shards, steps=20, store=store, checkpoint_every=10, init_seed=123)
+    result = resumed.fit()
+    assert result.resumed_from.endswith(step_dir_name(10))
+    assert sorted(result.losses) == list(range(11, 21))
+    for step in range(11, 21):
+        assert result.losses[step] == straight[step], step  # bitwise
+
+    # Checkpoint integrity: interrupt the write of step 20 in two ways; step 10 is used instead.
+    latest = tmp_path / "ckpt" / step_dir_name(20)
+    assert is_complete(latest)[0]
+    shard = next(latest.glob("*.distcp"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    ok, why = is_complete(latest)
+    assert not ok and "truncated" in why
+    shard.write_bytes(data)
+    (latest / ".metadata").unlink()
+    assert not is_complete(latest)[0]
+    assert store.latest().name == step_dir_name(10)
+    again = make_trainer(shards, steps=12, store=store).fit()
+    assert again.resumed_from.endswith(step_dir_name(10)) and sorted(again.losses) == [11, 12]
+    assert again.losses[11] == straight[11]
+
+
+def test_num_to_keep_prunes_old_checkpoints(shards, tmp_path):
+    store = LocalCheckpointStore(tmp_path / "ckpt", num_to_keep=2)
+    make_trainer(shards, steps=8, store=store, checkpoint_every=2).fit()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [step_dir_name(6), step_dir_name(8)]
+
+
+def test_resume_from_explicit_checkpoint_refuses_an_incomplete_one(shards, tmp_path):
+    store = LocalCheckpointStore(tmp_path / "a")
+    make_trainer(shards, steps=4, store=store, checkpoint_every=4).fit()
+    source = tmp_path / "a" / step_dir_name(4)
+    result = make_trainer(shards, steps=6).fit(resume_from=source)
+    assert sorted(result.losses) == [5, 6]
+    (source / "trainer_rank0.pt").unlink()
+    with pytest.raises(ValueError, match="not a complete checkpoint: trainer_rank0.pt is missing"):
+        make_trainer(shards, steps=6).fit(resume_from=source)
+
+
+def test_injected_nan_leaves_weights_bit_unchanged_and_training_continues(shards):
+    weights = {}
+    trainer = make_trainer(shards, steps=8, objective=Faulty({4}, math.nan),
+                           hooks=[lambda step, m: weights.__setitem__(step, snapshot(trainer))])
+    result = trainer.fit()
+    assert result.guard_counts["nonfinite_skips"] == 1
+    assert [r.verdict for r in result.records].count("skip_nonfinite") == 1
+    assert all(torch.equal(a, b) for a, b in zip(weights[3], weights[4]))  # step 4 changed nothing
+    assert not all(torch.equal(a, b) for a, b in zip(weights[4], weights[5]))  # step 5 trained
+    assert result.steps == 8 and math.isfinite(result.losses[8])
+
+
+def test_persistent_nan_aborts_with_a_clear_error(shards):
+    with pytest.raises(TrainingDiverged, match="3 non-finite steps in a row"):
+        make_trainer(shards, steps=10, objective=Faulty({2, 3, 4, 5}, math.nan),
+                     guards=GuardConfig(max_consecutive_nonfinite=3)).fit()
+
+
+def test_loss_spike_is_skipped(shards):
+    weights = {}
+    trainer = make_trainer(shards, steps=9, objective=Faulty({8}, 20.0),
+                           guards=GuardConfig(min_history=5, spike_ratio=3.0),
+                           hooks=[lambda step, m: weights.__setitem__(step, snapshot(trainer))])
+    result = trainer.fit()
+    assert result.guard_counts["spike_skips"] == 1 and result.records[7].verdict == "skip_spike"
+    assert all(torch.equal(a, b) for a, b in zip(weights[7], weights[8]))
+
+
+def test_repeated_spikes_roll_back_to_the_checkpoint_and_skip_the_batches(shards, tmp_path):
+    store = LocalCheckpointStore(tmp_path / "ckpt")
+    guards = GuardConfig(min_history=4, spike_ratio=3.0, rollback_after=2)
+    trainer = make_trainer(shards, steps=10, store=store, checkpoint_every=6, objective=Faulty({8, 9}, 20.0),
+                           guards=guards)
+    result = trainer.fit()
+    assert [r.verdict for r in result.records][6:9] == ["step", "skip_spike", "rollback"]
+    assert [r.step for r in result.records][9:] == [7, 8, 9, 10]  # back to step 6, then on to the end
+    assert result.guard_counts["rollbacks"] == 1 and result.steps == 10
+    # 13 batches were drawn for 10 steps: the data moved on past the spiking batches.
+    assert trainer.data.consumed == 13 * 4
