@@ -163,7 +163,7 @@ def _document_row(record: dict | Exception, relative: str, offset: int, default_
         row["source"] = record["source"]
     text = record.get("text")
     if not isinstance(text, str):
-        found = "missing" if "text" not in record else f"a {type(text).__name__}"
+        found = "missing" if "text" not in record else f"of type {type(text).__name__}"
         return {**row, "error": "BadText", "message": f"{relative}:{offset}: 'text' is {found}, expected a string"}
     try:
         text.encode("utf-8")

@@ -1,0 +1,162 @@
+"""Packed ``(B, T+1)`` training batches from token shards, per data-parallel rank, exactly resumable.
+
+Usage (one loader per data-parallel rank)::
+
+    loader = TokenLoader("runs/x/tokens/output", split="train", seq_len=T, batch_size=B,
+                         rank=dp_rank, world_size=dp_size, seed=0)
+    for step, batch in zip(range(steps), loader):   # batch: torch.int64 (B, T+1)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        ...
+        checkpoint["loader"] = loader.state_dict()       # small JSON-able dict
+    loader.load_state_dict(checkpoint["loader"])         # the next batch is the one that followed
+
+How sequences are made and ordered:
+
+* **Windows**: shard ``s`` holding ``n_s`` tokens is cut into ``(n_s - 1) // T`` windows of
+  ``T + 1`` tokens with stride ``T`` (window ``w`` = tokens ``[wT, wT + T + 1)``), so consecutive
+  windows share one token and every next-token transition inside a shard is a target exactly
+  once. Windows never cross shards; the < T tokens left at a shard's end are unused. Windows
+  pack across documents (each starts with BOS), as in GPT-style pretraining.
+* **Shuffle**: windows are numbered globally (shard by shard, in manifest order); epoch ``e``
+  visits them in the order of a permutation drawn from ``numpy.random.default_rng([seed, e])``.
+  The permutation (8 bytes per window) is the only per-epoch state; shards are memory-mapped,
+  so a batch reads ``B`` windows and no shard is loaded into RAM.
+* **Ranks**: batch ``k`` of rank ``r`` takes permutation entries
+  ``k*B*W + r, k*B*W + r + W, ..., k*B*W + r + (B-1)*W`` (``W`` = world size). After ``k``
+  batches the ranks together have consumed exactly the first ``k*B*W`` entries, each once.
+  An epoch has ``N // (B*W)`` batches per rank (all ranks step in lockstep); the fewer than
+  ``B*W`` windows left over are skipped that epoch (they come up elsewhere in the next one).
+* **Resume**: the position is ``(epoch, consumed)`` with ``consumed`` the number of windows all
+  ranks have used this epoch; everything else is recomputed from the seed. Because the
+  consumed windows are a prefix of the permutation, a state saved with one ``(B, W)`` restores
+  exactly under another as long as ``consumed`` is a multiple of the new ``B*W``.
+* **Integrity**: every shard's size is checked against the manifest; with ``verify=True`` (the
+  default) its sha256 too, and a mismatch raises :class:`~llmray.tokens.shards.ShardError`
+  naming the shard. ``state_dict()`` records a fingerprint of the shard list, and
+  ``load_state_dict`` refuses a state from different shards, seed, sequence length or split.
+
+``state_dict()`` format (version 1)::
+
+    {"format": "llmray-loader/1", "epoch": int, "consumed": int, "seed": int, "seq_len": int,
+     "split": str, "shuffle": bool, "data_sha256": str, "batch_size": int, "world_size": int}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from llmray.tokens import shards as shards_lib
+
+STATE_FORMAT = "llmray-loader/1"
+# Keys whose values must match for a saved state to describe this loader's sequence of batches.
+_IDENTITY_KEYS = ("seed", "seq_len", "split", "shuffle", "data_sha256")
+
+
+class TokenLoader:
+    """Iterator of packed ``torch.int64`` batches of shape ``(batch_size, seq_len + 1)`` for one rank."""
+
+    def __init__(self, directory: str | Path, *, seq_len: int, batch_size: int, split: str = "train",
+                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 verify: bool = True) -> None:
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size); got rank {rank}, world_size {world_size}")
+        self.directory = Path(directory)
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.split, self.seed, self.shuffle = split, seed, shuffle
+        manifest = shards_lib.read_manifest(self.directory)
+        self.dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+        self.vocab_size = manifest["vocab_size"]
+        self.bos_id = manifest["bos_id"]
+        entries = shards_lib.split_shards(manifest, split, self.directory)
+        self._paths = [shards_lib.check_shard(self.directory, e, self.dtype, verify) for e in entries]
+        self._maps: list[np.memmap | None] = [None] * len(entries)
+        windows = [max(0, (e["tokens"] - 1) // seq_len) for e in entries]
+        self._first_window = np.concatenate([[0], np.cumsum(windows)]).astype(np.int64)
+        self.num_windows = int(self._first_window[-1])
+        self.batches_per_epoch = self.num_windows // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"split {split!r} of {self.directory} has {self.num_windows} windows of "
+                             f"{seq_len + 1} tokens, fewer than one step needs "
+                             f"(batch_size {batch_size} x world_size {world_size})")
+        self.data_sha256 = hashlib.sha256(json.dumps(
+            [[e["path"], e["tokens"], e["sha256"]] for e in entries]).encode()).hexdigest()
+        self.epoch = 0
+        self.consumed = 0
+        self._order_epoch: int | None = None
+        self._order: np.ndarray | None = None
+
+    # -- iteration ---------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        step = self.batch_size * self.world_size
+        if self.consumed + step > self.batches_per_epoch * step:
+            self.epoch += 1
+            self.consumed = 0
+        order = self._epoch_order(self.epoch)
+        start = self.consumed + self.rank
+        windows = order[start: self.consumed + step: self.world_size]
+        self.consumed += step
+        return torch.from_numpy(self._gather(windows))
+
+    def windows_of_next_batch(self) -> np.ndarray:
+        """Global window numbers the next batch of this rank will hold (for tests and debugging)."""
+        step = self.batch_size * self.world_size
+        epoch, consumed = self.epoch, self.consumed
+        if consumed + step > self.batches_per_epoch * step:
+            epoch, consumed = epoch + 1, 0
+        return self._epoch_order(epoch)[consumed + self.rank: consumed + step: self.world_size].copy()
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            if self.shuffle:
+                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            else:
+                self._order = np.arange(self.num_windows, dtype=np.int64)
+            self._order_epoch = epoch
+        return self._order
+
+    def _gather(self, windows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(windows), self.seq_len + 1), dtype=np.int64)  # (B, T+1)
+        shard_of = np.searchsorted(self._first_window, windows, side="right") - 1
+        for row, (window, shard) in enumerate(zip(windows, shard_of)):
+            start = (int(window) - int(self._first_window[shard])) * self.seq_len
+            out[row] = self._shard(int(shard))[start: start + self.seq_len + 1]
+        return out
+
+    def _shard(self, index: int) -> np.memmap:
+        if self._maps[index] is None:
+            self._maps[index] = shards_lib.open_shard(self._paths[index], self.dtype)
+        return self._maps[index]
+
+    # -- exact resume ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
+                "seq_len": self.seq_len, "split": self.split, "shuffle": self.shuffle,
+                "data_sha256": self.data_sha256, "batch_size": self.batch_size, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"loader state has format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+        mine = self.state_dict()
+        different = [f"{k}: saved {state.get(k)!r}, this loader {mine[k]!r}"
+                     for k in _IDENTITY_KEYS if state.get(k) != mine[k]]
+        if different:
+            raise ValueError("loader state belongs to a different data order; " + "; ".join(different))
+        step = self.batch_size * self.world_size
+        if state["consumed"] % step:
+            raise ValueError(f"loader state consumed {state['consumed']} windows this epoch, not a multiple "
+                             f"of batch_size x world_size = {step}; resume with a batch shape that divides it")
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])

@@ -1,0 +1,235 @@
+"""``llmray tokens``: tokenize documents on Ray Data into train/val token shards.
+
+The pipeline::
+
+    input files (sorted)  ──read_files──►  document blocks  ──Encoder actor pool──►  token rows
+      one read task per file, yielding       (streaming repartition to          tokenizer loaded once per
+      ~read_batch_chars batches              encode_batch_docs rows/block)      actor; encode_batch_fast
+                                                                                                │
+    manifest.json, train/*.bin, val/*.bin, quarantine.jsonl  ◄── driver: ShardWriter per split ◄┘
+
+Design choices:
+
+* **Determinism across runs and ``num_cpus``**: the input files are sorted, every file is read
+  in record order, and Ray Data runs with ``preserve_order=True``, so the driver receives the
+  documents in input order whatever the parallelism. Shards are then cut by token count in that
+  order, so their bytes (and sha256s) depend only on the documents and the tokenizer.
+* **Writing on the driver**: shards are written by one sequential writer that streams over
+  ordered results (bounded memory: blocks arrive as they finish). Tokens are ~4x smaller than
+  the text they come from, so the driver moves far less data than the readers, and one writer
+  is what makes cutting shards by size deterministic without a global sort.
+* **Actors** hold the tokenizer (loaded once each), encode with special-token matching off
+  (document text never produces control tokens), and get ``BOS`` from the tokenizer's
+  post-processor. Each actor's tokenizer uses ``threads_per_actor`` Rayon threads
+  (``RAYON_NUM_THREADS`` in the actor's runtime env), so actors x threads ~ cores.
+* **Train/val split** by a hash of the document id (:func:`llmray.data.documents.split_of`):
+  a document's split never changes when others are added.
+* **Bad documents are quarantined, not fatal**: unreadable records come out of the reader with
+  an error; if a batch fails to encode, its documents are encoded one by one and those that
+  still fail are recorded. ``quarantine.jsonl`` lists ``path``, ``offset``, ``id``, ``error``,
+  ``message`` for each; empty documents are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from llmray import runs
+from llmray.config import param
+from llmray.data import documents
+from llmray.tokenizer import chat
+from llmray.tokenizer import train as tokenizer_train
+from llmray.tokens import shards as shards_lib
+
+READ_CPUS = 0.25  # read tasks are light (parse + slice); leave the cores to the encoders
+DEFAULT_VAL_FRACTION = 0.005
+_ROW_COLUMNS = ("id", "source", "split", "tokens", "error", "message", "path", "offset")
+
+
+@dataclass
+class TokensConfig:
+    """Tokenize documents into token shards with a Ray Data actor pool."""
+
+    documents: str = param("{run_dir}/curate/output/documents",
+                           doc="parquet/JSONL(.gz) documents with a 'text' column: file, directory or glob")
+    tokenizer: str = param("{run_dir}/tokenizer/output", doc="directory holding tokenizer.json")
+    val_fraction: float | None = param(None, doc="fraction of document ids in the val split (empty: the "
+                                                 "tokenizer's held-out fraction, so the tokenizer never "
+                                                 "saw val text)", min=0.0, max=0.5)
+    shard_tokens: int = param(100_000_000, doc="a shard is closed once it holds this many tokens", min=1)
+    encode_batch_docs: int = param(256, doc="documents per block sent to an encoder actor", min=1)
+    read_batch_chars: int = param(8 << 20, doc="characters per batch a read task yields", min=1024)
+    actors: int | None = param(None, doc="encoder actors (empty: one per CPU of the cluster)", min=1)
+    actor_cpus: float = param(0.5, doc="logical CPUs each encoder actor reserves (fractional so read "
+                                       "tasks still get scheduled on small machines)", min=0.01)
+    threads_per_actor: int = param(1, doc="Rayon threads each actor's tokenizer uses", min=1)
+
+    def inputs(self) -> dict[str, str]:
+        return {**tokenizer_train.document_inputs(self.documents), "tokenizer": self.tokenizer}
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data stages (plain callables: unit-testable without Ray)
+# ---------------------------------------------------------------------------------------------
+
+def read_files(batch: dict[str, np.ndarray], root: str, batch_chars: int):
+    """map_batches UDF over rows ``{"path"}``: yields the documents of each file in record order."""
+    for path in batch["path"]:
+        for docs in documents.read_batches(str(path), Path(root), batch_docs=1 << 30, batch_chars=batch_chars):
+            yield {**docs, "path": [str(path)] * len(docs["id"])}
+
+
+class Encoder:
+    """Actor UDF: documents in, one row per document out with its tokens (BOS first) as bytes."""
+
+    def __init__(self, tokenizer_dir: str, val_fraction: float) -> None:
+        self.tokenizer = tokenizer_train.load(tokenizer_dir)
+        self.tokenizer.encode_special_tokens = True
+        self.dtype = shards_lib.token_dtype(self.tokenizer.get_vocab_size())
+        self.val_fraction = val_fraction
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        columns = {c: batch.column(c).to_pylist() for c in ("id", "text", "source", "error", "message",
+                                                              "path", "offset")}
+        rows = {c: [] for c in _ROW_COLUMNS}
+        readable = [i for i, error in enumerate(columns["error"]) if error is None and columns["text"][i]]
+        encoded = self.encode([columns["text"][i] for i in readable])
+        results: dict[int, tuple] = dict(zip(readable, encoded))
+        for i, doc_id in enumerate(columns["id"]):
+            # An empty document keeps tokens and error None: the driver skips and counts it.
+            tokens, error, message = results.get(i, (None, columns["error"][i], columns["message"][i]))
+            rows["id"].append(doc_id)
+            rows["source"].append(columns["source"][i])
+            rows["split"].append(documents.split_of(doc_id, self.val_fraction))
+            rows["tokens"].append(tokens)
+            rows["error"].append(error)
+            rows["message"].append(message)
+            rows["path"].append(columns["path"][i])
+            rows["offset"].append(columns["offset"][i])
+        return pa.table({**rows, "tokens": pa.array(rows["tokens"], type=pa.binary())})
+
+    def encode(self, texts: list[str]) -> list[tuple[bytes | None, str | None, str | None]]:
+        """``(token bytes, error, message)`` per text; a failing batch is retried one text at a time."""
+        try:
+            encodings = self.tokenizer.encode_batch_fast(texts)
+            return [(np.asarray(e.ids, dtype=self.dtype).tobytes(), None, None) for e in encodings]
+        except Exception:  # noqa: BLE001 - isolate the bad document below
+            results = []
+            for text in texts:
+                try:
+                    ids = self.tokenizer.encode(text).ids
+                    results.append((np.asarray(ids, dtype=self.dtype).tobytes(), None, None))
+                except Exception as exc:  # noqa: BLE001 - quarantined with its message
+                    results.append((None, type(exc).__name__, f"{exc}"))
+            return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+def resolve_val_fraction(cfg: TokensConfig) -> float:
+    if cfg.val_fraction is not None:
+        return cfg.val_fraction
+    try:
+        return float(tokenizer_train.read_training(cfg.tokenizer)["val_fraction"])
+    except (FileNotFoundError, KeyError):
+        return DEFAULT_VAL_FRACTION
+
+
+def build_dataset(cfg: TokensConfig, files: list[Path], root: Path, val_fraction: float, actors: int):
+    """The lazy Ray Data pipeline from document files to ordered token rows."""
+    import ray
+
+    ds = ray.data.from_items([{"path": str(p)} for p in files], override_num_blocks=len(files))
+    ds = ds.map_batches(read_files, fn_kwargs={"root": str(root), "batch_chars": cfg.read_batch_chars},
+                        batch_size=1, num_cpus=READ_CPUS)
+    ds = ds.repartition(target_num_rows_per_block=cfg.encode_batch_docs)
+    return ds.map_batches(
+        Encoder, fn_constructor_args=(cfg.tokenizer, val_fraction), batch_size=None, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cfg.actor_cpus,
+        runtime_env={"env_vars": {"RAYON_NUM_THREADS": str(cfg.threads_per_actor),
+                                  "TOKENIZERS_PARALLELISM": "true"}})
+
+
+def default_actors(cfg: TokensConfig) -> int:
+    import ray
+
+    return cfg.actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def write_shards(rows, output: Path, dtype: np.dtype, shard_tokens: int) -> dict:
+    """Consume ordered token rows (pyarrow batches); write shards and quarantine; return counts."""
+    writers = {split: shards_lib.ShardWriter(output, split, dtype, shard_tokens) for split in shards_lib.SPLITS}
+    quarantine: list[dict] = []
+    skipped_empty = 0
+    try:
+        for batch in rows:
+            columns = {c: batch.column(c).to_pylist() for c in _ROW_COLUMNS}
+            for i, tokens in enumerate(columns["tokens"]):
+                if columns["error"][i] is not None:
+                    quarantine.append({k: columns[k][i] for k in ("path", "offset", "id", "error", "message")})
+                    continue
+                if tokens is None:
+                    skipped_empty += 1
+                    continue
+                writers[columns["split"][i]].add(np.frombuffer(tokens, dtype=dtype), columns["source"][i])
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    runs.write_text(output / shards_lib.QUARANTINE, "".join(json.dumps(q) + "\n" for q in quarantine))
+    return {"splits": {split: writer.finish() for split, writer in writers.items()},
+            "quarantined": len(quarantine), "skipped_empty": skipped_empty}
+
+
+def run_tokens(cfg: TokensConfig, ctx) -> dict:
+    """Tokenize ``cfg.documents`` into ``ctx.output``; return a summary of tokens per split."""
+    import ray
+
+    tokenizer = tokenizer_train.load(cfg.tokenizer)
+    tokenizer_file = Path(cfg.tokenizer) / tokenizer_train.TOKENIZER_FILE
+    vocab_size = tokenizer.get_vocab_size()
+    dtype = shards_lib.token_dtype(vocab_size)
+    val_fraction = resolve_val_fraction(cfg)
+    files = documents.list_files(cfg.documents)
+    root = documents.input_root(cfg.documents)
+    ctx.connect_ray()
+    actors = default_actors(cfg)
+    ctx.logger.info("tokenizing %d files with %d actors (%s CPU each, %d threads)", len(files), actors,
+                    cfg.actor_cpus, cfg.threads_per_actor)
+    data_context = ray.data.DataContext.get_current()
+    preserve_order = data_context.execution_options.preserve_order
+    data_context.execution_options.preserve_order = True
+    started = time.perf_counter()
+    try:
+        dataset = build_dataset(cfg, files, root, val_fraction, actors)
+        counts = write_shards(dataset.iter_batches(batch_size=None, batch_format="pyarrow"),
+                              ctx.output, dtype, cfg.shard_tokens)
+    finally:
+        data_context.execution_options.preserve_order = preserve_order
+    seconds = time.perf_counter() - started
+    manifest = {
+        "format": shards_lib.FORMAT, "dtype": dtype.name, "byte_order": "little", "vocab_size": vocab_size,
+        "bos_id": tokenizer.token_to_id(chat.BOS), "eos_id": tokenizer.token_to_id(chat.EOS),
+        "pad_id": tokenizer.token_to_id(chat.PAD),
+        "tokenizer": {"path": str(tokenizer_file), "sha256": runs.sha256_file(tokenizer_file)},
+        "documents": cfg.documents, "val_fraction": val_fraction,
+        "split_rule": "val when int(sha256(id)[:8 bytes]) / 2**64 < val_fraction, else train",
+        "order": "input files sorted by path, records in file order; shards cut at shard_tokens",
+        **counts, "source_mixture": shards_lib.source_mixture(counts["splits"]),
+    }
+    runs.write_json(ctx.output / shards_lib.MANIFEST, manifest)
+    tokens = {split: entry["tokens"] for split, entry in counts["splits"].items()}
+    ctx.log_metrics(seconds=seconds, tokens=sum(tokens.values()),
+                    tokens_per_s=sum(tokens.values()) / max(seconds, 1e-9))
+    return {"tokens": tokens, "documents": {s: e["documents"] for s, e in counts["splits"].items()},
+            "shards": {s: len(e["shards"]) for s, e in counts["splits"].items()},
+            "quarantined": counts["quarantined"], "skipped_empty": counts["skipped_empty"],
+            "seconds": round(seconds, 3), "tokens_per_s": round(sum(tokens.values()) / max(seconds, 1e-9))}
