@@ -15,6 +15,7 @@ Ray is imported inside the functions: the rest of the library must import withou
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,15 +94,31 @@ def _connect(cfg: RayConfig) -> Connection:
     if cfg.object_store_memory_mb:
         kwargs["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
     info = ray.init(
+        # "local" forces a new cluster: with no address Ray would join whatever `ray start` head
+        # it finds recorded in /tmp/ray, which is not what an embedded run asked for.
+        address="local",
         num_cpus=cfg.num_cpus,
         include_dashboard=cfg.dashboard,
         dashboard_host=LOCALHOST,
-        dashboard_port=cfg.dashboard_port,
+        dashboard_port=_free_port_from(cfg.dashboard_port),
         **kwargs,
     )
     _restrict_token_file()
     return Connection(address=info.address_info["gcs_address"], embedded=True,
                       dashboard_url=_url(info.dashboard_url) if cfg.dashboard else None)
+
+
+def _free_port_from(port: int) -> int:
+    """``port`` if nothing listens on it, else a free port (another Ray may hold 8265)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((LOCALHOST, port))
+            return port
+        except OSError:
+            pass
+    with socket.socket() as probe:
+        probe.bind((LOCALHOST, 0))
+        return probe.getsockname()[1]
 
 
 def resources_in_use() -> dict[str, float]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from llmray import cluster
+from llmray import cluster, dashboard_metrics
 from llmray import config as config_lib
 from llmray import runs
 
@@ -76,7 +76,9 @@ class StageContext:
     ray: cluster.RayConfig
 
     def log_metrics(self, **metrics: Any) -> None:
+        """Append to metrics.jsonl and publish the values live to the Ray dashboard."""
         self.dir.log_metrics(**metrics)
+        dashboard_metrics.publish(self.run_name, self.stage, metrics)
 
     def connect_ray(self) -> cluster.Connection:
         """Connect to Ray (only stages that use it call this, so skipped stages start nothing)."""
