@@ -155,7 +155,8 @@ def hf_config(cfg: ModelConfig, special: SpecialTokens, dtype: torch.dtype) -> d
         "bos_token_id": special.bos_token_id,
         "eos_token_id": _eos_value(special.eos_token_ids),
         "pad_token_id": special.pad_token_id,
-        "torch_dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),  # transformers 5
+        "torch_dtype": str(dtype).removeprefix("torch."),  # transformers 4
         "use_cache": True,
     }
     if kind == "llama":
@@ -238,6 +239,14 @@ def special_tokens_from(config: dict) -> SpecialTokens:
                          pad_token_id=config.get("pad_token_id"))
 
 
+def _prefer(first: SpecialTokens, second: SpecialTokens) -> SpecialTokens:
+    """Each id from ``first`` where it has one, else from ``second``."""
+    return SpecialTokens(
+        bos_token_id=second.bos_token_id if first.bos_token_id is None else first.bos_token_id,
+        eos_token_ids=first.eos_token_ids or second.eos_token_ids,
+        pad_token_id=second.pad_token_id if first.pad_token_id is None else first.pad_token_id)
+
+
 def special_tokens_from_tokenizer(tokenizer_dir: str | Path) -> SpecialTokens:
     """bos/eos/pad ids named by tokenizer_config.json (strings), looked up in tokenizer.json."""
     from tokenizers import Tokenizer
@@ -255,7 +264,8 @@ def special_tokens_from_tokenizer(tokenizer_dir: str | Path) -> SpecialTokens:
             return None
         token = tokenizer.token_to_id(value)
         if token is None:
-            raise HFFormatError(f"{config_path}: {key} {value!r} is not in {tokenizer_dir / 'tokenizer.json'}")
+            raise HFFormatError(f"{config_path}: {key} {value!r} is not a token of "
+                                f"{tokenizer_dir / 'tokenizer.json'}")
         return token
 
     eos = token_id("eos_token")
@@ -282,9 +292,10 @@ def export(out_dir: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.Te
             continue  # stored once, as the embedding
         tensors[to_hf_name(name)] = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
     expected = {to_hf_name(n) for n in _expected_names(cfg)}
-    if set(tensors) != expected:
-        raise ValueError(f"state dict does not hold a full model: missing {sorted(expected - set(tensors))[:5]}, "
-                         f"unexpected {sorted(set(tensors) - expected)[:5]}")
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise ValueError(f"state dict does not hold a full model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
     out_dir = Path(out_dir)
     with runs.atomic_dir(out_dir) as partial:
         save_file(tensors, str(partial / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -292,7 +303,8 @@ def export(out_dir: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.Te
         generation = {"bos_token_id": special_tokens.bos_token_id,
                       "eos_token_id": _eos_value(special_tokens.eos_token_ids),
                       "pad_token_id": special_tokens.pad_token_id}
-        runs.write_json(partial / GENERATION_CONFIG_FILE, {k: v for k, v in generation.items() if v is not None})
+        runs.write_json(partial / GENERATION_CONFIG_FILE,
+                        {key: value for key, value in generation.items() if value is not None})
         if tokenizer_dir is not None:
             _copy_tokenizer(Path(tokenizer_dir), partial)
     return out_dir
@@ -343,10 +355,7 @@ def load(path: str | Path, device: torch.device | str = "cpu",
     special = special_tokens_from(raw)
     generation_path = path / GENERATION_CONFIG_FILE
     if generation_path.is_file():  # generation_config.json wins for generation settings, as in HF
-        generation = special_tokens_from(json.loads(generation_path.read_text()))
-        special = SpecialTokens(generation.bos_token_id if generation.bos_token_id is not None else special.bos_token_id,
-                                generation.eos_token_ids or special.eos_token_ids,
-                                generation.pad_token_id if generation.pad_token_id is not None else special.pad_token_id)
+        special = _prefer(special_tokens_from(json.loads(generation_path.read_text())), special)
     state = {}
     for name, tensor in read_state_dict(path).items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
@@ -362,6 +371,8 @@ def load(path: str | Path, device: torch.device | str = "cpu",
     if cfg.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model = build(cfg, device, init=False, dtype=dtype)
-    model.load_state_dict(state, strict=True)
-    model.tie_weights()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # shape mismatches, each named by parameter
+        raise HFFormatError(f"{path}: weights do not match {CONFIG_FILE}: {exc}") from None
     return Pretrained(model=model.eval(), config=cfg, special_tokens=special, path=path)

@@ -288,7 +288,7 @@ class Transformer(nn.Module):
         appended to it.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, dim)
-        B, T = h.shape[:2]
+        T = h.shape[1]
         if cache is None:
             if T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len ({self.cfg.max_seq_len})")
@@ -315,9 +315,8 @@ def build(cfg: ModelConfig, device: torch.device | str = "cpu", *, init: bool = 
           dtype: torch.dtype | None = None) -> Transformer:
     """Construct on ``meta`` (no allocation), materialize on ``device``, then initialize.
 
-    ``init=False`` leaves the weights uninitialized memory (RoPE table and ties are set up) for a
-    caller that loads a state dict next (ties are set up). ``device="meta"`` returns the bare meta
-    model (parameter shapes and counts, no memory).
+    ``init=False`` leaves the weights uninitialized memory (ties set up) for a caller that loads a
+    state dict next. ``device="meta"`` returns the bare meta model (shapes and counts, no memory).
     """
     with torch.device("meta"):
         model = Transformer(cfg)

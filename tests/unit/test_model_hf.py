@@ -130,7 +130,8 @@ def test_import_refuses_what_the_model_cannot_represent(tmp_path):
     for change, message in [({"attention_bias": True}, "attention_bias=True is not supported"),
                             ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
                             ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
-                            ({"num_hidden_layers": 3}, "missing .*model.layers.2")]:
+                            ({"num_hidden_layers": 3}, "missing .*model.layers.2"),
+                            ({"intermediate_size": 128}, "size mismatch for layers.0.feed_forward.w1.weight")]:
         config_path.write_text(json.dumps({**original, **change}))
         with pytest.raises(hf.HFFormatError, match=message):
             hf.load(tmp_path / "hf")
@@ -196,7 +197,7 @@ def test_special_tokens_in_added_token_form_and_unknown_ones(tokenizer_dir, tmp_
     config.write_text(json.dumps({"eos_token": {"__type": "AddedToken", "content": "<|end|>"}}))
     assert hf.special_tokens_from_tokenizer(tmp_path) == hf.SpecialTokens(eos_token_ids=[6])
     config.write_text(json.dumps({"bos_token": "<s>"}))
-    with pytest.raises(hf.HFFormatError, match="bos_token '<s>' is not in"):
+    with pytest.raises(hf.HFFormatError, match="bos_token '<s>' is not a token of"):
         hf.special_tokens_from_tokenizer(tmp_path)
 
 
