@@ -10,10 +10,17 @@ set -euo pipefail
 VENV="${1:-.venv}"
 EXTRAS="${2:-dev}"
 TORCH_VERSION="${LLMRAY_TORCH_VERSION:-2.13.0}"
-PYTHON="${PYTHON:-python3.11}"
-
-if ! command -v "$PYTHON" >/dev/null 2>&1; then
-  echo "install: $PYTHON not found; llmray needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2
+PYTHON="${PYTHON:-}"
+if [ -z "$PYTHON" ]; then
+  for candidate in python3.11 python3 python; do
+    if command -v "$candidate" >/dev/null 2>&1 && \
+       [ "$("$candidate" -c 'import sys; print(sys.version_info[:2] == (3, 11))')" = True ]; then
+      PYTHON="$candidate"; break
+    fi
+  done
+fi
+if [ -z "$PYTHON" ]; then
+  echo "install: no Python 3.11 found (tried python3.11, python3, python); set PYTHON=/path/to/python3.11" >&2
   exit 1
 fi
 if [ ! -x "$VENV/bin/python" ]; then
