@@ -67,8 +67,11 @@ class MinHasher:
     def __post_init__(self) -> None:
         if self.bands * self.rows > self.num_perm:
             raise ValueError(f"bands*rows = {self.bands * self.rows} exceeds num_perm = {self.num_perm}")
-        rng = np.random.default_rng(self.seed)
-        object.__setattr__(self, "_position_keys", _random_uint64(rng, _MAX_HASH_POSITION, odd=True))
+        # Word hashing depends on the seed only, so hashers with other n-gram or permutation
+        # settings (decontamination's 13-grams) can share one word-hashing pass.
+        words = np.random.default_rng((self.seed, 0))
+        rng = np.random.default_rng((self.seed, 1))
+        object.__setattr__(self, "_position_keys", _random_uint64(words, _MAX_HASH_POSITION, odd=True))
         object.__setattr__(self, "_ngram_keys", _random_uint64(rng, self.ngram, odd=True))
         object.__setattr__(self, "_perm_a", _random_uint64(rng, self.num_perm, odd=True))
         object.__setattr__(self, "_perm_b", _random_uint64(rng, self.num_perm))
@@ -176,9 +179,11 @@ class MinHasher:
             salted = combined + np.arange(self.bands, dtype=np.uint64)[None, :] * _GOLDEN
         return mix64(salted)
 
-    def document_band_keys(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Band keys for a batch of texts and a mask of documents that have any shingle."""
-        shingles, offsets = self.shingles(texts)
+    def document_band_keys(self, texts: list[str],
+                           words: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Band keys for a batch of texts and a mask of documents that have any shingle
+        (``words``: this batch's :meth:`word_hashes`, when already computed)."""
+        shingles, offsets = self.shingle_hashes(*(words or self.word_hashes(texts)))
         keys = self.band_keys(self.signatures(shingles, offsets))
         return keys, np.diff(offsets) > 0
 

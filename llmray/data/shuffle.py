@@ -2,7 +2,8 @@
 
 A shuffle takes a list of tables ("parts"), optionally rewrites each part (``map_fn``), splits
 every part by ``partition_of(table[key])`` into ``num_partitions`` pieces, and hands each
-reducer all pieces of one partition, concatenated (``reduce_fn``). Rows with equal keys always
+reducer all pieces of one partition, concatenated (``reduce_fn``), plus that partition's
+``side_inputs`` (e.g. a broadcast array, or the same partition of an earlier shuffle: a join). Rows with equal keys always
 meet in the same reducer, which is all that grouping (exact-duplicate groups, LSH buckets,
 connected-component stars, keep-one-per-cluster) needs; inside a reducer the grouping is a numpy
 sort, not a Python loop over groups.
@@ -63,8 +64,9 @@ def _split_task(table: pa.Table, key: str, num_partitions: int, map_fn: MapFn | 
     return pieces[0] if num_partitions == 1 else tuple(pieces)
 
 
-def _reduce_task(reduce_fn: ReduceFn, *pieces: pa.Table):
-    return reduce_fn(concat(pieces))
+def _reduce_task(reduce_fn: ReduceFn, num_side_inputs: int, *args: Any):
+    side, pieces = args[:num_side_inputs], args[num_side_inputs:]
+    return reduce_fn(concat(pieces), *side)
 
 
 class LocalShuffler:
@@ -76,10 +78,12 @@ class LocalShuffler:
     def get(self, value: Any) -> Any:
         return value
 
-    def shuffle(self, parts: Sequence[pa.Table], key: str, num_partitions: int,
-                reduce_fn: ReduceFn, map_fn: MapFn | None = None, num_returns: int = 1) -> list:
+    def shuffle(self, parts: Sequence[pa.Table], key: str, num_partitions: int, reduce_fn: ReduceFn,
+                map_fn: MapFn | None = None, num_returns: int = 1,
+                side_inputs: Sequence[tuple] | None = None) -> list:
         pieces = [split_table(part, key, num_partitions, map_fn) for part in parts]
-        return [reduce_fn(concat([p[i] for p in pieces])) for i in range(num_partitions)]
+        side_inputs = side_inputs or [()] * num_partitions
+        return [reduce_fn(concat([p[i] for p in pieces]), *side_inputs[i]) for i in range(num_partitions)]
 
     def run(self, fn: Callable, *args: Any, num_returns: int = 1) -> Any:
         return fn(*args)
@@ -103,14 +107,17 @@ class RayShuffler:
     def get(self, value: Any) -> Any:
         return self._ray.get(value)
 
-    def shuffle(self, parts: Sequence[Any], key: str, num_partitions: int,
-                reduce_fn: ReduceFn, map_fn: MapFn | None = None, num_returns: int = 1) -> list:
+    def shuffle(self, parts: Sequence[Any], key: str, num_partitions: int, reduce_fn: ReduceFn,
+                map_fn: MapFn | None = None, num_returns: int = 1,
+                side_inputs: Sequence[tuple] | None = None) -> list:
         split = self._split.options(num_returns=num_partitions)
         pieces = [split.remote(part, key, num_partitions, map_fn) for part in parts]
         if num_partitions == 1:
             pieces = [[p] for p in pieces]
+        side_inputs = side_inputs or [()] * num_partitions
         reduce = self._reduce.options(num_returns=num_returns)
-        return [reduce.remote(reduce_fn, *[p[i] for p in pieces]) for i in range(num_partitions)]
+        return [reduce.remote(reduce_fn, len(side_inputs[i]), *side_inputs[i], *[p[i] for p in pieces])
+                for i in range(num_partitions)]
 
     def run(self, fn: Callable, *args: Any, num_returns: int = 1) -> Any:
         """Run ``fn(*args)`` as a task (refs among ``args`` are resolved on the worker)."""

@@ -1,0 +1,494 @@
+"""Deduplication and decontamination of a Ray Dataset of documents.
+
+``deduplicate(documents, cfg)`` returns the kept documents, a rejected dataset (``id, source,
+stage, reason, value``; for duplicates ``value`` is the id of the document kept instead) and
+funnel statistics. The stages, in the order they claim a document:
+
+1. **boilerplate**: lines repeated in more than ``boilerplate.max_documents`` documents are
+   removed (``boilerplate.py``); a document left empty is rejected.
+2. **exact_dedup**: xxh3-128 of the lower-cased, whitespace-collapsed text; hash-partitioned
+   on the hash, one document kept per hash by the keep rule.
+3. **near_dedup**: MinHash LSH (``minhash.py``): band keys are shuffled by key, each bucket
+   becomes a star of candidate edges, connected components (``components.py``) turn edges into
+   clusters, and the keep rule keeps one document per cluster. Exact duplicates already removed
+   take no part.
+4. **decontamination**: documents sharing a word n-gram with an evaluation item
+   (``decontam.py``) are dropped, or kept with their ``meta`` flagged.
+
+Data flow (why it scales): the documents are read twice (three times with boilerplate removal):
+one ``map_batches`` pass computes a small key row per document (a 64-bit node id hashed from the
+document id, the text hash, band keys, the decontamination mask, length and quality), and a
+last pass filters the documents. Everything in between is shuffles of key rows and edges
+between Ray tasks (``shuffle.py``), held in the object store and spilled to disk under memory
+pressure; the driver only sees references and counters. The one broadcast is the sorted uint64
+array of removed node ids (8 bytes per removed document) that the final filter reads.
+
+Node ids are xxh3-64 hashes of document ids: they make cluster labels independent of block
+layout and partition count (so results are deterministic), at the cost of a ~n²/2^65 chance of
+two ids colliding (about 3e-8 for a million documents).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import xxhash
+
+from llmray.config import param
+from llmray.data import boilerplate as boilerplate_lib
+from llmray.data import duplicates
+from llmray.data.components import connected_components
+from llmray.data.decontam import EvalIndex
+from llmray.data.minhash import MinHasher
+from llmray.data.shuffle import RayShuffler, column
+
+REJECTED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("stage", pa.string()),
+                             ("reason", pa.string()), ("value", pa.string())])
+STAGES = ("boilerplate", "exact_dedup", "near_dedup", "decontamination")
+
+DEFAULT_EVAL_TASKS = {
+    "arc": ["arc/ARC-Easy-Dev.jsonl", "arc/ARC-Challenge-Dev.jsonl"],
+    "boolq": ["boolq/boolq.jsonl"],
+    "piqa": ["piqa/valid.jsonl"],
+    "commonsense_qa": ["commonsense_qa/commonsense_qa.jsonl"],
+    "copa": ["copa/copa.jsonl"],
+    "openbookqa": ["openbookqa/test.jsonl"],
+    "winogrande": ["winogrande/winogrande.jsonl"],
+    "lambada": ["lambada/lambada_test.jsonl"],
+    "gsm8k": ["gsm8k/test.jsonl"],
+    "humaneval": ["humaneval/HumanEval.jsonl.gz"],
+    "mbpp": ["mbpp/mbpp.jsonl"],
+}
+
+
+@dataclass
+class MinHashConfig:
+    """MinHash LSH near-duplicate detection (defaults: FineWeb's 14 bands x 8 rows, word 5-grams)."""
+
+    enabled: bool = param(True, doc="remove near-duplicates with MinHash LSH")
+    ngram: int = param(5, doc="words per shingle", min=1, max=64)
+    num_perm: int = param(112, doc="MinHash permutations (signature length)", min=1, max=1024)
+    bands: int = param(14, doc="LSH bands; documents sharing any band become candidates", min=1)
+    rows: int = param(8, doc="signature values per band (bands*rows <= num_perm)", min=1)
+    threshold: float = param(0.8, doc="Jaccard similarity a candidate pair must reach when verify "
+                                      "is on (the bands/rows S-curve sets it otherwise)", min=0.0, max=1.0)
+    verify: bool = param(False, doc="check each candidate pair's exact Jaccard on shingles "
+                                    "(not implemented yet; must stay false)")
+
+    def __post_init__(self) -> None:
+        if self.bands * self.rows > self.num_perm:
+            raise ValueError(f"minhash.bands * minhash.rows = {self.bands * self.rows} exceeds "
+                             f"minhash.num_perm = {self.num_perm}")
+        if self.verify:
+            raise ValueError("minhash.verify=true is not implemented yet: candidate pairs are "
+                             "accepted by the LSH band match alone")
+
+
+@dataclass
+class BoilerplateConfig:
+    """Removal of lines that repeat across many documents (cookie banners, menus, footers)."""
+
+    enabled: bool = param(False, doc="remove lines repeated in more than max_documents documents")
+    max_documents: int = param(100, doc="a line found in more documents than this is boilerplate", min=1)
+    min_chars: int = param(20, doc="lines shorter than this (after whitespace collapse) are never "
+                                   "counted or removed", min=1)
+
+
+@dataclass
+class DecontamConfig:
+    """Drop or flag training documents that share an n-gram with an evaluation item."""
+
+    enabled: bool = param(True, doc="check documents against the evaluation tasks")
+    ngram: int = param(13, doc="words per n-gram (GPT-3 used 13)", min=5, max=64)
+    min_words: int = param(8, doc="evaluation texts shorter than ngram words but at least this long "
+                                  "are matched whole; shorter ones are skipped", min=3, max=64)
+    action: Literal["drop", "flag"] = param("drop", doc="drop contaminated documents, or keep them "
+                                                        "with meta.contamination listing the tasks")
+    data_dir: str = param("../shared/data", doc="directory relative task paths are resolved against")
+    tasks: dict[str, list[str]] = param(default_factory=lambda: dict(DEFAULT_EVAL_TASKS),
+                                        doc="task name -> JSONL(.gz) files of its evaluation items "
+                                            "(every string in a record is indexed)")
+
+    def task_files(self) -> dict[str, list[Path]]:
+        """Resolved task files; a missing one is an error naming the task and the path."""
+        files = {}
+        for task, paths in self.tasks.items():
+            resolved = [p if p.is_absolute() else Path(self.data_dir) / p for p in map(Path, paths)]
+            for path in resolved:
+                if not path.is_file():
+                    raise FileNotFoundError(f"decontam.tasks.{task}: evaluation file {path} does not "
+                                            f"exist (set decontam.data_dir or the task's paths)")
+            files[task] = resolved
+        return files
+
+
+@dataclass
+class DedupConfig:
+    """Exact and near-duplicate removal, boilerplate lines, evaluation decontamination."""
+
+    exact: bool = param(True, doc="remove exact duplicates (xxh3-128 of lower-cased, "
+                                  "whitespace-collapsed text)")
+    minhash: MinHashConfig = param(default_factory=MinHashConfig, doc="near-duplicate detection")
+    keep: duplicates.KeepRule = param("first_id", doc="which duplicate survives: smallest id, "
+                                                      "longest text, or highest quality_score "
+                                                      "(ties: longer, then smallest id)")
+    boilerplate: BoilerplateConfig = param(default_factory=BoilerplateConfig, doc="boilerplate lines")
+    decontam: DecontamConfig = param(default_factory=DecontamConfig, doc="evaluation decontamination")
+    seed: int = param(1, doc="seed of every hash function (same seed, same result)", min=0)
+    num_partitions: int = param(8, doc="hash partitions of every shuffle (more for larger corpora: "
+                                       "each reducer holds one partition)", min=1, max=4096)
+    batch_size: int = param(512, doc="documents per batch in the key and filter passes", min=1)
+
+    def inputs(self) -> dict[str, str]:
+        """Evaluation files, for the lineage fingerprint of the stage that runs dedup."""
+        if not self.decontam.enabled:
+            return {}
+        return {f"decontam.{task}.{i}": str(path) for task, paths in self.decontam.task_files().items()
+                for i, path in enumerate(paths)}
+
+
+@dataclass
+class DedupResult:
+    documents: Any  # ray.data.Dataset, same schema as the input
+    rejected: Any  # ray.data.Dataset with REJECTED_SCHEMA
+    stats: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Passes over the documents (Ray Data map_batches)
+# ---------------------------------------------------------------------------------------------
+
+def node_ids(ids: list[str]) -> np.ndarray:
+    return np.fromiter((xxhash.xxh3_64_intdigest(i.encode("utf-8")) for i in ids), dtype=np.uint64,
+                       count=len(ids))
+
+
+def text_hash(text: str) -> tuple[int, int]:
+    digest = xxhash.xxh3_128_intdigest(" ".join(text.lower().split()).encode("utf-8"))
+    return digest >> 64, digest & 0xFFFFFFFFFFFFFFFF
+
+
+_fetched: dict[str, Any] = {}
+
+
+def _fetch(ref: Any) -> Any:
+    """A broadcast value, fetched once per worker process (zero-copy for numpy arrays)."""
+    import ray
+
+    if not isinstance(ref, ray.ObjectRef):
+        return ref
+    key = ref.hex()
+    if key not in _fetched:
+        _fetched.clear()
+        _fetched[key] = ray.get(ref)
+    return _fetched[key]
+
+
+def _clean_texts(batch: pa.Table, cfg: DedupConfig, boilerplate_ref: Any) -> tuple[list[str], np.ndarray]:
+    texts = batch.column("text").to_pylist()
+    if not cfg.boilerplate.enabled:
+        return texts, np.zeros(len(texts), dtype=np.int64)
+    lines = _fetch(boilerplate_ref)
+    cleaned = [boilerplate_lib.remove_lines(t, lines, cfg.boilerplate.min_chars) for t in texts]
+    return [t for t, _ in cleaned], np.array([n for _, n in cleaned], dtype=np.int64)
+
+
+def _line_counts_batch(batch: pa.Table, min_chars: int) -> pa.Table:
+    hashes, counts = boilerplate_lib.document_line_hashes(batch.column("text").to_pylist(), min_chars)
+    return pa.table({"line": hashes, "count": counts})
+
+
+def _keys_batch(batch: pa.Table, cfg: DedupConfig, boilerplate_ref: Any, index_ref: Any) -> pa.Table:
+    texts, lines_removed = _clean_texts(batch, cfg, boilerplate_ref)
+    ids = batch.column("id").to_pylist()
+    n = len(texts)
+    mh = cfg.minhash
+    hasher = MinHasher(ngram=mh.ngram, num_perm=mh.num_perm, bands=mh.bands, rows=mh.rows, seed=cfg.seed)
+    words = hasher.word_hashes(texts) if (mh.enabled or cfg.decontam.enabled) else None
+    if mh.enabled:
+        bands, has_shingles = hasher.document_band_keys(texts, words)
+    else:
+        bands, has_shingles = np.zeros((n, 0), dtype=np.uint64), np.zeros(n, dtype=bool)
+    contaminated = _fetch(index_ref).match(*words) if cfg.decontam.enabled else np.zeros(n, np.uint64)
+    exact = np.array([text_hash(t) for t in texts], dtype=np.uint64).reshape(n, 2)
+    original_bytes = pc.binary_length(pc.cast(batch.column("text"), pa.binary())).to_numpy(zero_copy_only=False)
+    clean_bytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=n)
+    quality = (batch.column("quality_score").cast(pa.float64()) if "quality_score" in batch.column_names
+               else pa.nulls(n, pa.float64()))
+    return pa.table({
+        "node": node_ids(ids), "id": ids, "source": batch.column("source").cast(pa.string()),
+        "chars": np.fromiter(map(len, texts), dtype=np.int64, count=n), "bytes": original_bytes.astype(np.int64),
+        "boilerplate_bytes": original_bytes.astype(np.int64) - clean_bytes, "lines_removed": lines_removed,
+        "quality": quality, "exact_hi": exact[:, 0], "exact_lo": exact[:, 1],
+        "bands": pa.FixedSizeListArray.from_arrays(pa.array(bands.reshape(-1), pa.uint64()), bands.shape[1])
+        if bands.shape[1] else pa.nulls(n, pa.list_(pa.uint64())),
+        "has_shingles": has_shingles, "contaminated": contaminated,
+        "empty": (lines_removed > 0) & np.array([not t.strip() for t in texts], dtype=bool),
+    })
+
+
+def _filter_batch(batch: pa.Table, cfg: DedupConfig, removed_ref: Any, boilerplate_ref: Any,
+                  flags_ref: Any, task_names: list[str]) -> pa.Table:
+    nodes = node_ids(batch.column("id").to_pylist())
+    batch = batch.filter(pa.array(~duplicates.contains(_fetch(removed_ref), nodes)))
+    if cfg.boilerplate.enabled:
+        texts, _ = _clean_texts(batch, cfg, boilerplate_ref)
+        batch = batch.set_column(batch.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
+    if cfg.decontam.enabled and cfg.decontam.action == "flag":
+        batch = _flag_contaminated(batch, _fetch(flags_ref), task_names)
+    return batch
+
+
+def _flag_contaminated(batch: pa.Table, flags: tuple[np.ndarray, np.ndarray], task_names: list[str]) -> pa.Table:
+    flagged_nodes, masks = flags
+    nodes = node_ids(batch.column("id").to_pylist())
+    hit = duplicates.contains(flagged_nodes, nodes)
+    if not hit.any():
+        return batch
+    meta = batch.column("meta").to_pylist() if "meta" in batch.column_names else [None] * batch.num_rows
+    for i in np.flatnonzero(hit):
+        mask = int(masks[np.searchsorted(flagged_nodes, nodes[i])])
+        record = json.loads(meta[i]) if meta[i] else {}
+        record["contamination"] = [t for bit, t in enumerate(task_names) if mask >> bit & 1]
+        meta[i] = json.dumps(record, sort_keys=True)
+    column_ = pa.array(meta, pa.string())
+    if "meta" in batch.column_names:
+        return batch.set_column(batch.schema.get_field_index("meta"), "meta", column_)
+    return batch.append_column("meta", column_)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shuffle-side helpers (run inside Ray tasks)
+# ---------------------------------------------------------------------------------------------
+
+def _exact_rows(keys: pa.Table) -> pa.Table:
+    keys = keys.filter(pc.invert(keys["empty"]))
+    return keys.select(duplicates.INFO_COLUMNS + ["exact_hi", "exact_lo"])
+
+
+def _band_rows(keys: pa.Table) -> pa.Table:
+    keys = keys.filter(pc.and_(keys["has_shingles"], pc.invert(keys["empty"])))
+    bands = keys["bands"].combine_chunks()
+    width = bands.type.list_size if keys.num_rows else 0
+    return pa.table({"band_key": bands.flatten() if keys.num_rows else pa.array([], pa.uint64()),
+                     "node": np.repeat(column(keys, "node"), width)})
+
+
+def _info_rows(keys: pa.Table) -> pa.Table:
+    return keys.select(duplicates.INFO_COLUMNS)
+
+
+def _sorted_nodes(*tables: pa.Table) -> np.ndarray:
+    nodes = [column(t, "node") for t in tables if t.num_rows]
+    return np.unique(np.concatenate(nodes)) if nodes else np.zeros(0, np.uint64)
+
+
+def _removed_summary(table: pa.Table) -> tuple[int, int]:
+    return table.num_rows, int(pc.sum(table["bytes"]).as_py() or 0)
+
+
+def _to_rejected(table: pa.Table, stage: str, reason: str) -> pa.Table:
+    return pa.table({"id": table["id"], "source": table["source"], "stage": [stage] * table.num_rows,
+                     "reason": [reason] * table.num_rows, "value": table["kept_id"]}, schema=REJECTED_SCHEMA)
+
+
+def _keys_summary(keys: pa.Table) -> dict:
+    contaminated = column(keys, "contaminated")
+    return {"documents": keys.num_rows, "bytes": int(pc.sum(keys["bytes"]).as_py() or 0),
+            "emptied": int(pc.sum(pc.cast(keys["empty"], pa.int64())).as_py() or 0),
+            "emptied_bytes": int(pc.sum(pc.if_else(keys["empty"], keys["bytes"], 0)).as_py() or 0),
+            "boilerplate_bytes": int(pc.sum(pc.if_else(keys["empty"], 0, keys["boilerplate_bytes"])).as_py() or 0),
+            "lines_removed": int(pc.sum(keys["lines_removed"]).as_py() or 0),
+            "task_hits": [int(((contaminated >> np.uint64(b)) & np.uint64(1)).sum()) for b in range(64)]}
+
+
+def _contaminated_rows(keys: pa.Table, duplicates_removed: np.ndarray, task_names: list[str]) -> pa.Table:
+    """Documents that survive dedup and overlap an evaluation task: id, source, tasks, bytes."""
+    contaminated = column(keys, "contaminated")
+    mask = (contaminated != 0) & ~column(keys, "empty") & ~duplicates.contains(duplicates_removed, column(keys, "node"))
+    rows = keys.filter(pa.array(mask))
+    tasks = [",".join(t for bit, t in enumerate(task_names) if int(m) >> bit & 1)
+             for m in column(rows, "contaminated")]
+    return pa.table({"node": rows["node"], "id": rows["id"], "source": rows["source"], "bytes": rows["bytes"],
+                     "mask": rows["contaminated"], "kept_id": pa.array(tasks, pa.string())})
+
+
+def _empty_rows(keys: pa.Table) -> pa.Table:
+    rows = keys.filter(keys["empty"])
+    return pa.table({"node": rows["node"], "id": rows["id"], "source": rows["source"], "bytes": rows["bytes"],
+                     "kept_id": pa.array([""] * rows.num_rows, pa.string())})
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+
+def deduplicate(documents: Any, cfg: DedupConfig) -> DedupResult:
+    """Run boilerplate removal, exact and near dedup and decontamination on a Ray Dataset of
+    documents (``id``, ``text``, ``source``, optionally ``quality_score`` and ``meta``)."""
+    import ray
+
+    shuffler = RayShuffler()
+    parts = cfg.num_partitions
+    stats: dict[str, Any] = {}
+    map_args = dict(batch_format="pyarrow", batch_size=cfg.batch_size, zero_copy_batch=True)
+
+    boilerplate_ref = None
+    if cfg.boilerplate.enabled:
+        counts = documents.map_batches(_line_counts_batch, fn_kwargs={"min_chars": cfg.boilerplate.min_chars},
+                                       **map_args).to_arrow_refs()
+        frequent = shuffler.shuffle(counts, "line", parts, _frequent_lines(cfg.boilerplate.max_documents)) \
+            if counts else []
+        boilerplate_ref = shuffler.run(_concat_sorted, *frequent)
+        stats["boilerplate_lines"] = int(ray.get(shuffler.run(len, boilerplate_ref)))
+
+    index = EvalIndex.build(cfg.decontam.task_files(), cfg.decontam.ngram, cfg.decontam.min_words,
+                                cfg.seed) if cfg.decontam.enabled else None
+    index_ref = ray.put(index) if index is not None else None
+    keys = documents.map_batches(_keys_batch, fn_kwargs={"cfg": cfg, "boilerplate_ref": boilerplate_ref,
+                                                         "index_ref": index_ref}, **map_args).to_arrow_refs()
+    if not keys:
+        empty = ray.data.from_arrow(REJECTED_SCHEMA.empty_table())
+        return DedupResult(documents, empty, {"input": {"documents": 0, "bytes": 0}})
+    summaries = ray.get([shuffler.run(_keys_summary, k) for k in keys])
+    stats["input"] = {"documents": sum(s["documents"] for s in summaries), "bytes": sum(s["bytes"] for s in summaries)}
+    stats["boilerplate"] = {"enabled": cfg.boilerplate.enabled, "lines_flagged": stats.pop("boilerplate_lines", 0),
+                            "lines_removed": sum(s["lines_removed"] for s in summaries),
+                            "documents_removed": sum(s["emptied"] for s in summaries),
+                            "bytes_removed": sum(s["emptied_bytes"] + s["boilerplate_bytes"] for s in summaries)}
+    rejected_parts = [shuffler.run(_to_rejected, shuffler.run(_empty_rows, k), "boilerplate",
+                                   "empty_after_boilerplate") for k in keys]
+
+    exact_removed: list = []
+    if cfg.exact:
+        results = shuffler.shuffle(keys, "exact_hi", parts, _keep_exact(cfg.keep), map_fn=_exact_rows, num_returns=2)
+        exact_removed = [r for r, _ in results]
+        sizes = np.concatenate(ray.get([s for _, s in results]))
+        stats["exact_dedup"] = _stage_stats(ray, shuffler, exact_removed, duplicate_groups=int(sizes.size))
+        rejected_parts += [shuffler.run(_to_rejected, r, "exact_dedup", "exact_duplicate") for r in exact_removed]
+    exact_set = shuffler.run(_sorted_nodes, *exact_removed)
+
+    near_removed: list = []
+    if cfg.minhash.enabled:
+        near_removed, near_stats = _near_duplicates(ray, shuffler, keys, exact_set, cfg)
+        stats["near_dedup"] = {**_stage_stats(ray, shuffler, near_removed), **near_stats}
+        rejected_parts += [shuffler.run(_to_rejected, r, "near_dedup", "near_duplicate") for r in near_removed]
+
+    dropped = [shuffler.run(_empty_rows, k) for k in keys] + exact_removed + near_removed
+    flags_ref = None
+    if cfg.decontam.enabled:
+        duplicate_set = shuffler.run(_sorted_nodes, *exact_removed, *near_removed)
+        contaminated = [shuffler.run(_contaminated_rows, k, duplicate_set, index.tasks) for k in keys]
+        stats["decontamination"] = _decontam_stats(ray, shuffler, contaminated, summaries, index, cfg.decontam)
+        if cfg.decontam.action == "drop":
+            dropped += contaminated
+            rejected_parts += [shuffler.run(_to_rejected, c, "decontamination", "eval_ngram_overlap")
+                               for c in contaminated]
+        else:
+            flags_ref = shuffler.run(_flag_table, *contaminated)
+
+    removed_ref = shuffler.run(_sorted_nodes, *dropped)
+    kept = documents.map_batches(_filter_batch, fn_kwargs={
+        "cfg": cfg, "removed_ref": removed_ref, "boilerplate_ref": boilerplate_ref, "flags_ref": flags_ref,
+        "task_names": index.tasks if index else []}, **map_args)
+    removed_docs = int(ray.get(shuffler.run(len, removed_ref)))
+    removed_bytes = sum(stats.get(s, {}).get("bytes_removed", 0) for s in STAGES)
+    stats["output"] = {"documents": stats["input"]["documents"] - removed_docs,
+                       "bytes": stats["input"]["bytes"] - removed_bytes}
+    rejected = ray.data.from_arrow_refs(rejected_parts)
+    return DedupResult(kept, rejected, stats)
+
+
+def _near_duplicates(ray, shuffler: RayShuffler, keys: list, exact_set: Any, cfg: DedupConfig) -> tuple[list, dict]:
+    parts = cfg.num_partitions
+    edges = shuffler.shuffle(keys, "band_key", parts, duplicates.bucket_edges, map_fn=_band_rows,
+                             side_inputs=[(exact_set,)] * parts)
+    num_edges = sum(ray.get([shuffler.run(len, e) for e in edges]))
+    if num_edges == 0:
+        return [], {"candidate_edges": 0, "clusters": 0, "cluster_size_histogram": {}, "rounds": 0}
+    roots, rounds = connected_components(edges, shuffler, parts)
+    members = shuffler.shuffle(roots, "node", parts, duplicates.distinct_members,
+                               map_fn=duplicates.with_roots_as_members)
+    clustered = shuffler.shuffle(keys, "node", parts, duplicates.attach_roots, map_fn=_info_rows,
+                                 side_inputs=[(m,) for m in members])
+    results = shuffler.shuffle(clustered, "root", parts, _keep_cluster(cfg.keep), num_returns=2)
+    sizes = np.concatenate(ray.get([s for _, s in results]))
+    histogram = {int(size): int(count) for size, count in zip(*np.unique(sizes, return_counts=True))}
+    return [r for r, _ in results], {"candidate_edges": int(num_edges), "clusters": int(sizes.size),
+                                     "cluster_size_histogram": histogram, "rounds": rounds}
+
+
+def _stage_stats(ray, shuffler: RayShuffler, removed: list, **extra: Any) -> dict:
+    sums = ray.get([shuffler.run(_removed_summary, r) for r in removed])
+    return {"documents_removed": sum(n for n, _ in sums), "bytes_removed": sum(b for _, b in sums), **extra}
+
+
+def _decontam_stats(ray, shuffler: RayShuffler, contaminated: list, summaries: list[dict], index: EvalIndex,
+                    cfg: DecontamConfig) -> dict:
+    sums = ray.get([shuffler.run(_removed_summary, c) for c in contaminated])
+    report = ray.get(shuffler.run(_contamination_report, index.tasks, *contaminated))
+    for task in index.tasks:
+        bit = index.tasks.index(task)
+        report[task]["documents_matched_before_dedup"] = sum(s["task_hits"][bit] for s in summaries)
+        report[task]["eval_texts_indexed"] = index.texts_indexed[task]
+    flagged = sum(n for n, _ in sums)
+    return {"action": cfg.action, "ngram": cfg.ngram, "documents_flagged": flagged,
+            "documents_removed": flagged if cfg.action == "drop" else 0,
+            "bytes_removed": sum(b for _, b in sums) if cfg.action == "drop" else 0, "tasks": report}
+
+
+def _contamination_report(task_names: list[str], *tables: pa.Table, examples: int = 5) -> dict:
+    report = {t: {"documents": 0, "example_ids": []} for t in task_names}
+    for table in tables:
+        for doc_id, mask in zip(table["id"].to_pylist(), column(table, "mask").tolist()):
+            for bit, task in enumerate(task_names):
+                if mask >> bit & 1:
+                    report[task]["documents"] += 1
+                    report[task]["example_ids"].append(doc_id)
+    for entry in report.values():
+        entry["example_ids"] = sorted(entry["example_ids"])[:examples]
+    return report
+
+
+def _flag_table(*tables: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    nodes = np.concatenate([column(t, "node") for t in tables] or [np.zeros(0, np.uint64)])
+    masks = np.concatenate([column(t, "mask") for t in tables] or [np.zeros(0, np.uint64)])
+    order = np.argsort(nodes)
+    return nodes[order], masks[order]
+
+
+def _concat_sorted(*arrays: np.ndarray) -> np.ndarray:
+    return np.sort(np.concatenate(arrays)) if arrays else np.zeros(0, np.uint64)
+
+
+@dataclass(frozen=True)
+class _frequent_lines:
+    """Reducer: sorted hashes of lines counted in more than ``more_than`` documents."""
+
+    more_than: int
+
+    def __call__(self, table: pa.Table) -> np.ndarray:
+        return boilerplate_lib.sum_counts(column(table, "line"), column(table, "count"), self.more_than)
+
+
+@dataclass(frozen=True)
+class _keep_exact:
+    rule: str
+
+    def __call__(self, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+        return duplicates.choose_kept(table, ["exact_hi", "exact_lo"], self.rule)
+
+
+@dataclass(frozen=True)
+class _keep_cluster:
+    rule: str
+
+    def __call__(self, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+        return duplicates.choose_kept(table, ["root"], self.rule)
+

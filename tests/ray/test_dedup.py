@@ -1,0 +1,175 @@
+"""Dedup on Ray against single-process references, on real text with planted duplicates."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from llmray.config import from_dict
+from llmray.data.dedup import DedupConfig, deduplicate, text_hash
+from llmray.data.machine_text import discover, read_documents
+from llmray.data.minhash import MinHasher
+
+pytestmark = pytest.mark.ray
+NO_DECONTAM = {"decontam": {"enabled": False}}
+
+
+def edit(text: str, fraction: float, rng: random.Random) -> str:
+    words = text.split()
+    for i in rng.sample(range(len(words)), max(1, int(len(words) * fraction))):
+        words[i] = f"zz{rng.randrange(10**6)}"
+    return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def corpus(shared_data) -> list[dict]:
+    """c4 + wikipedia + /usr/share/doc copyright files (real license near-duplicates), plus
+    planted exact copies (case/whitespace changed), near copies (~2% words edited) and a chain
+    A~B~C with A and C not similar."""
+    rng = random.Random(0)
+    with open(shared_data / "c4_sample" / "c4_demo.jsonl", encoding="utf-8") as f:
+        c4 = [json.loads(line)["text"] for line in f]
+    wiki = (shared_data / "wikipedia_sample" / "wiki_demo.txt").read_text(encoding="utf-8").splitlines()
+    docs = [{"id": f"c4-{i:03d}", "text": t, "source": "c4"} for i, t in enumerate(c4[:150])]
+    docs += [{"id": f"wiki-{i:02d}", "text": t, "source": "wiki"} for i, t in enumerate(wiki) if t.strip()]
+    copyright_files = [f for f in discover(["doc"]) if f.path.endswith("/copyright")][:60]
+    docs += [{"id": f"doc-{i:02d}", "text": text, "source": "doc"}
+             for i, f in enumerate(copyright_files) for _, text, _ in read_documents(f)]
+    long_c4 = [t for t in c4[150:] if len(t.split()) > 300]
+    for i, text in enumerate(long_c4[:8]):
+        docs.append({"id": f"p{i}-a-orig", "text": text, "source": "planted"})
+        docs.append({"id": f"p{i}-b-near", "text": edit(text, 0.02, rng), "source": "planted"})
+        docs.append({"id": f"p{i}-c-exact", "text": "  " + text.upper().replace(" ", "\n"), "source": "planted"})
+    docs += [{"id": f"chain-{name}", "text": text, "source": "planted"}
+             for name, text in zip("abc", chain_texts(shared_data))]
+    for i, doc in enumerate(docs):
+        doc["quality_score"] = round(random.Random(i).random(), 3)
+        doc["meta"] = "{}"
+    return docs
+
+
+def chain_texts(shared_data) -> list[str]:
+    """Three windows A, B, C over a book, shifted so that A and B, and B and C, share an LSH band
+    but A and C share none (A~B, B~C, A!~C), found deterministically."""
+    import gzip
+
+    words = gzip.decompress((shared_data / "books_gutenberg" / "pg174_dorian_gray.txt.gz").read_bytes()) \
+        .decode("utf-8").split()[5000:6000]
+    hasher = MinHasher()
+    for shift in range(40, 160, 5):
+        texts = [" ".join(words[k * shift:k * shift + 500]) for k in range(3)]
+        keys, _ = hasher.document_band_keys(texts)
+        share = [np.intersect1d(keys[i], keys[j]).size > 0 for i, j in ((0, 1), (1, 2), (0, 2))]
+        if share == [True, True, False]:
+            return texts
+    raise AssertionError("no shift gives a chain")
+
+
+def run(ray_session, docs, cfg: dict, blocks: int = 4):
+    import ray
+
+    result = deduplicate(ray.data.from_items(docs).repartition(blocks), from_dict(DedupConfig, cfg))
+    kept = sorted(r["id"] for r in result.documents.take_all())
+    rejected = sorted((r["id"], r["stage"], r["reason"], r["value"]) for r in result.rejected.take_all())
+    return kept, rejected, result.stats
+
+
+def reference(docs: list[dict], keep: str) -> dict[str, tuple[str, str]]:
+    """Single process: exact groups by text hash, then LSH candidates (any shared band key)
+    merged by a Python union-find; returns removed id -> (stage, kept id)."""
+    def preference(doc):
+        quality = doc["quality_score"]
+        return {"first_id": (doc["id"],), "longest": (-len(doc["text"]), doc["id"]),
+                "quality": (-quality, -len(doc["text"]), doc["id"])}[keep]
+
+    removed: dict[str, tuple[str, str]] = {}
+    groups: dict[tuple, list[dict]] = {}
+    for doc in docs:
+        groups.setdefault(text_hash(doc["text"]), []).append(doc)
+    survivors = []
+    for members in groups.values():
+        members.sort(key=preference)
+        survivors.append(members[0])
+        removed.update({m["id"]: ("exact_dedup", members[0]["id"]) for m in members[1:]})
+
+    keys, has = MinHasher().document_band_keys([d["text"] for d in survivors])
+    parent = list(range(len(survivors)))
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    buckets: dict[int, int] = {}
+    for i in range(len(survivors)):
+        for key in (keys[i].tolist() if has[i] else []):
+            j = buckets.setdefault(key, i)
+            parent[find(i)] = find(j)
+    clusters: dict[int, list[dict]] = {}
+    for i, doc in enumerate(survivors):
+        clusters.setdefault(find(i), []).append(doc)
+    for members in clusters.values():
+        members.sort(key=preference)
+        removed.update({m["id"]: ("near_dedup", members[0]["id"]) for m in members[1:]})
+    return removed
+
+
+@pytest.mark.parametrize("keep", ["first_id", "quality"])
+def test_matches_single_process_reference(ray_session, corpus, keep):
+    kept, rejected, stats = run(ray_session, corpus, {**NO_DECONTAM, "keep": keep})
+    expected = reference(corpus, keep)
+    assert {r[0]: (r[1], r[3]) for r in rejected} == expected
+    assert kept == sorted(d["id"] for d in corpus if d["id"] not in expected)
+    assert stats["near_dedup"]["documents_removed"] == sum(1 for s, _ in expected.values() if s == "near_dedup")
+
+
+def test_planted_duplicates_removed_and_distinct_documents_kept(ray_session, corpus):
+    kept, rejected, stats = run(ray_session, corpus, NO_DECONTAM)
+    by_id = {r[0]: r for r in rejected}
+    for i in range(8):
+        assert by_id[f"p{i}-c-exact"][1:] == ("exact_dedup", "exact_duplicate", f"p{i}-a-orig")
+        assert by_id[f"p{i}-b-near"][1:] == ("near_dedup", "near_duplicate", f"p{i}-a-orig")
+        assert f"p{i}-a-orig" in kept
+    # Transitivity: chain-a ~ chain-b ~ chain-c, chain-a !~ chain-c; one cluster, one survivor.
+    assert "chain-a" in kept and by_id["chain-b"][3] == "chain-a" and by_id["chain-c"][3] == "chain-a"
+    # Every c4 / wikipedia original is distinct and survives.
+    assert all(d["id"] in kept for d in corpus if d["source"] in ("c4", "wiki"))
+    assert stats["near_dedup"]["clusters"] >= 9 and stats["exact_dedup"]["duplicate_groups"] >= 8
+    assert stats["output"]["documents"] == len(kept)
+
+
+def test_deterministic_across_runs_blocks_and_partitions(ray_session, corpus):
+    first = run(ray_session, corpus, NO_DECONTAM, blocks=4)
+    again = run(ray_session, corpus, NO_DECONTAM, blocks=4)
+    other = run(ray_session, corpus, {**NO_DECONTAM, "num_partitions": 3, "batch_size": 17}, blocks=9)
+    assert first[:2] == again[:2] == other[:2]
+
+
+def test_boilerplate_lines_removed_and_emptied_documents_rejected(ray_session, corpus):
+    import ray
+
+    banner = "We use cookies to improve your experience on this website. Accept all cookies"
+    docs = [dict(d, text=f"{banner}\n{d['text']}") if d["source"] == "c4" else d for d in corpus]
+    docs.append({"id": "only-banner", "text": banner + "\n\n", "source": "planted", "quality_score": 0.1,
+                 "meta": "{}"})
+    cfg = {**NO_DECONTAM, "boilerplate": {"enabled": True, "max_documents": 20}, "exact": False,
+           "minhash": {"enabled": False}}
+    result = deduplicate(ray.data.from_items(docs).repartition(3), from_dict(DedupConfig, cfg))
+    texts = {r["id"]: r["text"] for r in result.documents.take_all()}
+    # Reference: lines (lower-cased, whitespace collapsed, >= 20 chars) in more than 20 documents.
+    counts: dict[str, int] = {}
+    for doc in docs:
+        for key in {" ".join(line.lower().split()) for line in doc["text"].split("\n")}:
+            counts[key] = counts.get(key, 0) + (len(key) >= 20)
+    frequent = {k for k, n in counts.items() if n > 20}
+    assert " ".join(banner.lower().split()) in frequent
+    for doc in docs:
+        if doc["id"] != "only-banner":
+            expected = [ln for ln in doc["text"].split("\n") if " ".join(ln.lower().split()) not in frequent]
+            assert texts[doc["id"]] == "\n".join(expected)
+    rejected = {r["id"]: r for r in result.rejected.take_all()}
+    assert rejected["only-banner"]["stage"] == "boilerplate" and "only-banner" not in texts
+    assert result.stats["boilerplate"]["lines_flagged"] == len(frequent)
