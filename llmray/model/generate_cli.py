@@ -94,7 +94,10 @@ def _load(args):
     if not tokenizer_path.is_file():
         raise SystemExit(f"llmray {args.command}: {args.model} has no tokenizer.json")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pretrained = hf.load(args.model, device=device, dtype=getattr(torch, args.dtype))
+    try:
+        pretrained = hf.load(args.model, device=device, dtype=getattr(torch, args.dtype))
+    except (FileNotFoundError, hf.HFFormatError) as exc:
+        raise SystemExit(f"llmray {args.command}: {exc}") from None
     return pretrained, Tokenizer.from_file(str(tokenizer_path))
 
 

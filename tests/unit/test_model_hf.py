@@ -254,3 +254,9 @@ def test_text_stream_holds_back_incomplete_characters(tokenizer_dir):
     assert text.push(second_byte) == "ö"
     assert text.push(first_byte) == ""
     assert text.finish() == "\ufffd"  # never completed: shown as the replacement character at the end
+
+
+def test_generate_command_on_a_directory_without_a_model_says_why(tmp_path, tokenizer_dir):
+    (tmp_path / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    with pytest.raises(SystemExit, match="has no config.json: not a model directory"):
+        cli.main(["generate", "--model", str(tmp_path), "--prompt", "x"])

@@ -141,3 +141,16 @@ def test_llama3_rope_scaling_stretches_only_long_wavelengths():
     torch.testing.assert_close(scaled[long], base[long] / 8)
     middle = ~short & ~long
     assert middle.any() and torch.all((scaled[middle] < base[middle]) & (scaled[middle] > base[middle] / 8))
+
+
+@pytest.mark.gpu
+def test_cuda_forward_and_kv_cache_match_cpu():
+    model = _model(sliding_window=6, qk_norm=True)
+    tokens = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = model(tokens)
+        on_gpu = model.to("cuda")
+        torch.testing.assert_close(on_gpu(tokens.cuda()).cpu(), expected, rtol=1e-3, atol=1e-3)
+        cache = on_gpu.new_cache(batch_size=2, max_len=20)
+        pieces = [on_gpu(tokens[:, a:b].cuda(), cache=cache) for a, b in ((0, 12), (12, 13), (13, 20))]
+    torch.testing.assert_close(torch.cat(pieces, dim=1).cpu(), expected, rtol=1e-3, atol=1e-3)
