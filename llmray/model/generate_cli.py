@@ -5,9 +5,10 @@ A model directory is anything :func:`llmray.model.hf.load` reads: ``config.json`
 (an ``hf.export`` output, or the exported weights of a training checkpoint). The tokenizer is read
 with ``tokenizers``; ``transformers`` is not needed.
 
-* ``generate`` continues raw text prompts. The prompt starts with the model's BOS token (documents
-  are BOS-delimited in training) and stops at its EOS token(s), unless ``--stop-token`` says
-  otherwise. One prompt streams; several run as one batch and print in order.
+* ``generate`` continues raw text prompts. The prompt starts with the model's BOS token, and a
+  completion ends at the model's EOS token(s) or at a BOS (training documents are BOS-delimited, so
+  a predicted BOS means the document ended), unless ``--stop-token`` says otherwise. One prompt
+  streams; several run as one batch and print in order.
 * ``chat`` renders the conversation with the project's one chat template
   (:mod:`llmray.tokenizer.chat`), generates the assistant turn until ``<|end|>``, and keeps the
   history, dropping the oldest turns when it no longer fits in ``max_seq_len``.
@@ -44,7 +45,7 @@ def add_generate_parser(subparsers) -> None:
     parser.add_argument("--prompt", action="append", required=True,
                         help="prompt text; repeat for a batch")
     parser.add_argument("--stop-token", type=int, action="append", default=None,
-                        help="token id that ends a completion; repeatable (default: the model's EOS)")
+                        help="token id that ends a completion; repeatable (default: the model's EOS and BOS)")
     parser.set_defaults(handler=run_generate)
 
 
@@ -128,7 +129,8 @@ def run_generate(args) -> int:
 
     pretrained, tokenizer = _load(args)
     special = pretrained.special_tokens
-    cfg = _sampling(args, args.stop_token if args.stop_token is not None else special.eos_token_ids)
+    document_end = special.eos_token_ids + ([special.bos_token_id] if special.bos_token_id is not None else [])
+    cfg = _sampling(args, args.stop_token if args.stop_token is not None else document_end)
     prompts = []
     for prompt in args.prompt:
         ids = tokenizer.encode(prompt).ids

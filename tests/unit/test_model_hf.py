@@ -215,7 +215,8 @@ def test_generate_command_streams_the_greedy_completion(exported, monkeypatch):
     tokenizer = Tokenizer.from_file(str(exported / "tokenizer.json"))
     loaded = hf.load(exported)
     prompt = [0] + tokenizer.encode("the quick brown").ids
-    expected = generate(loaded.model, [prompt], SamplingConfig(max_new_tokens=12, temperature=0.0, stop_tokens=[1]))
+    greedy = SamplingConfig(max_new_tokens=12, temperature=0.0, stop_tokens=[1, 0])  # EOS, BOS end a document
+    expected = generate(loaded.model, [prompt], greedy)
     text = _run_cli(["generate", "--model", str(exported), "--prompt", "the quick brown", "--temperature", "0",
                      "--max-new-tokens", "12"], monkeypatch)
     assert text == tokenizer.decode(expected[0], skip_special_tokens=True) + "\n"
@@ -260,3 +261,17 @@ def test_generate_command_on_a_directory_without_a_model_says_why(tmp_path, toke
     (tmp_path / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
     with pytest.raises(SystemExit, match="has no config.json: not a model directory"):
         cli.main(["generate", "--model", str(tmp_path), "--prompt", "x"])
+
+
+def test_generate_command_runs_several_prompts_as_one_batch(exported, monkeypatch):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(exported / "tokenizer.json"))
+    loaded = hf.load(exported)
+    texts = ["hello", "the lazy dog jumps"]
+    prompts = [[0] + tokenizer.encode(text).ids for text in texts]
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0.0, stop_tokens=[5])
+    expected = [tokenizer.decode(c, skip_special_tokens=True) for c in generate(loaded.model, prompts, cfg)]
+    output = _run_cli(["generate", "--model", str(exported), "--prompt", texts[0], "--prompt", texts[1],
+                       "--temperature", "0", "--max-new-tokens", "8", "--stop-token", "5"], monkeypatch)
+    assert output == "".join(line + "\n" for line in expected)
