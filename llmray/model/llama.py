@@ -14,8 +14,9 @@ Design choices, all of them in this one file:
   ``g·r … g·r+r−1`` (``r = n_heads / n_kv_heads``), through
   ``F.scaled_dot_product_attention(enable_gqa=True)`` (no copies of k/v).
 * Training attention uses ``is_causal=True`` (flash / memory-efficient kernels on GPU). An explicit
-  boolean mask is built only for sliding-window attention longer than the window, and for
-  KV-cache decoding (queries at an offset, left-padded rows).
+  boolean mask is built only for sliding-window attention longer than the window, for
+  KV-cache decoding (queries at an offset, left-padded rows), and for rows packing several
+  documents (``segment_ids``: block-diagonal causal mask, positions restart per document).
 * Optional QK-norm: an RMSNorm over each query and key head (one weight vector of ``head_dim``
   shared by all heads) before RoPE, as in Qwen3.
 * SwiGLU feed-forward: ``w2(silu(w1·x) * w3·x)``.
@@ -98,6 +99,25 @@ def sliding_window_mask(length: int, window: int, device: torch.device) -> torch
     i = torch.arange(length, device=device)[:, None]
     j = torch.arange(length, device=device)[None, :]
     return (j <= i) & (i - j < window)
+
+
+def document_mask(segment_ids: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(B, 1, T, T) bool for packed rows: causal (and windowed) attention inside each document only.
+
+    segment_ids (B, T): documents are contiguous runs of equal ids.
+    """
+    T = segment_ids.shape[1]
+    causal = sliding_window_mask(T, window or T, segment_ids.device)  # (T, T)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]
+
+
+def document_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) RoPE positions counted from each document's first token."""
+    index = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
 
 
 class Attention(nn.Module):
@@ -278,14 +298,15 @@ class Transformer(nn.Module):
                        weight.dtype, pad)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) ids → logits (B, T, V).
 
         A pipeline stage without ``tok_embeddings`` takes hidden states (B, T, dim) instead, and
         one without ``output`` returns hidden states. ``return_hidden`` returns the final-normed
         hidden states (B, T, dim) instead of logits (for chunked losses or value heads).
         With ``cache`` the tokens continue the cached sequence and their keys/values are
-        appended to it.
+        appended to it. ``segment_ids`` (B, T) marks documents packed into one row (SFT packing):
+        each attends only to itself and counts positions from its own start.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, dim)
         T = h.shape[1]
@@ -295,6 +316,8 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=h.device)[None]  # (1, T)
             window = self.cfg.sliding_window
             mask = sliding_window_mask(T, window, h.device) if window and T > window else None
+            if segment_ids is not None:
+                positions, mask = document_positions(segment_ids), document_mask(segment_ids, window)
         else:
             positions = cache.positions(T)  # (B, T)
             mask = cache.mask(T, self.cfg.sliding_window)  # (B, 1, T, S)
