@@ -1,0 +1,97 @@
+"""The row that flows through the curate pipeline, and the three datasets it ends up in.
+
+Why one row shape for everything: Ray Data cannot fork a stream without materialising it, so a
+document, a rejected document and a quarantined (unreadable) record all travel in the same
+stream and the driver routes them when writing:
+
+* ``error`` set            → quarantine (``path``, ``offset``, ``error``, ``message``);
+* ``reason`` set           → rejected (``id``, ``source``, ``stage``, ``reason``, ``value``);
+* neither                  → a curated document (the Document contract in DESIGN.md).
+
+**Contract for pipeline steps** (filters, classifiers, dedup): a step receives every row and
+touches only *live* rows (``error`` and ``reason`` both null, see :func:`live_mask`); to drop a
+row it sets ``stage``/``reason``/``value`` and may shorten its text (rejected text is kept only
+as a preview for ``sample_rejected``). Every block carries the explicit :data:`ROW_SCHEMA`, so
+a block whose ``url`` values are all null still has a string column (no schema drift).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pyarrow as pa
+
+ROW_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("text", pa.string()),
+    ("source", pa.string()),
+    ("url", pa.string()),
+    ("domain", pa.string()),          # "text" or "code": which filter set and classifiers apply
+    ("path", pa.string()),
+    ("offset", pa.int64()),
+    ("bytes", pa.int64()),            # UTF-8 size of the text as read (funnel accounting)
+    ("meta", pa.string()),            # JSON object
+    ("lang", pa.string()),
+    ("lang_score", pa.float64()),
+    ("quality_score", pa.float64()),
+    ("toxicity_score", pa.float64()),
+    ("stage", pa.string()),           # where a rejected row was dropped
+    ("reason", pa.string()),
+    ("value", pa.float64()),
+    ("error", pa.string()),           # quarantine: exception type / error kind
+    ("message", pa.string()),
+    ("signals", pa.string()),         # JSON {signal: value} of every rule evaluated (histograms)
+])
+COLUMNS = tuple(ROW_SCHEMA.names)
+
+DOCUMENT_SCHEMA = pa.schema([ROW_SCHEMA.field(name) for name in (
+    "id", "text", "source", "url", "lang", "lang_score", "quality_score", "toxicity_score", "meta")])
+REJECTED_SCHEMA = pa.schema([ROW_SCHEMA.field(name) for name in ("id", "source", "stage", "reason", "value")])
+QUARANTINE_SCHEMA = pa.schema([pa.field("source", pa.string()), *(ROW_SCHEMA.field(name) for name in (
+    "path", "offset", "error", "message"))])
+
+REJECTED_PREVIEW_CHARS = 2000  # text kept on a rejected row, for --sample-rejected inspection
+
+
+def document_id(source: str, path: str, offset: int) -> str:
+    """Stable id: a hash of the source name, the file path (relative to its root) and record offset."""
+    return hashlib.sha256(f"{source}\0{path}\0{offset}".encode()).hexdigest()[:24]
+
+
+def empty_row() -> dict:
+    return dict.fromkeys(COLUMNS)
+
+
+def document_row(source: str, path: str, offset: int, text: str, *, domain: str, url: str | None = None,
+                 meta: dict | None = None, id_path: str | None = None) -> dict:
+    row = empty_row()
+    row.update(id=document_id(source, id_path or path, offset), text=text, source=source, url=url,
+               domain=domain, path=path, offset=offset, bytes=len(text.encode("utf-8")),
+               meta=json.dumps(meta or {}, sort_keys=True, ensure_ascii=False))
+    return row
+
+
+def quarantine_row(source: str, path: str, offset: int, error: str, message: str) -> dict:
+    row = empty_row()
+    row.update(source=source, path=path, offset=offset, error=error, message=message[:1000], bytes=0)
+    return row
+
+
+def to_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+def live_mask(table: pa.Table) -> list[bool]:
+    """True for rows that are still candidate documents (not quarantined, not rejected)."""
+    errors = table.column("error").to_pylist()
+    reasons = table.column("reason").to_pylist()
+    return [e is None and r is None for e, r in zip(errors, reasons)]
+
+
+def reject(row: dict, stage: str, reason: str, value: float | None) -> None:
+    """Mark a row dict as dropped at ``stage`` for ``reason`` (``value``: the measured signal)."""
+    row["stage"], row["reason"] = stage, reason
+    row["value"] = None if value is None else float(value)
+    if row["text"] is not None:
+        row["text"] = row["text"][:REJECTED_PREVIEW_CHARS]
