@@ -1,0 +1,126 @@
+"""What every alignment data loader shares: reading JSONL records, checking messages, quarantine.
+
+Loaders yield either a good item or a :class:`Quarantined` record (``path``, ``offset``,
+``error``, ``message``: the quarantine contract of DESIGN.md), never raise on bad data, so a
+stage finishes on dirty input and every dropped record is explained. ``offset`` is the 1-based
+line number of the record in its file. ``error`` is a short machine-readable reason
+(``invalid_json``, ``wrong_type``, ``missing_field``, ``bad_role``, ``empty_content``,
+``no_assistant_turn``, ``bad_turn_order``, ...); ``message`` says which field and what was expected.
+
+Train/validation membership is a hash of a record's *group* (an OASST tree, a source record),
+so related conversations never straddle the split and a record's split never changes when
+others are added.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+ROLES = ("system", "user", "assistant")
+
+
+class RecordError(ValueError):
+    """A record that does not have the expected shape; ``error`` is the reason code."""
+
+    def __init__(self, error: str, message: str):
+        super().__init__(message)
+        self.error = error
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    path: str
+    offset: int
+    error: str
+    message: str
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "offset": self.offset, "error": self.error, "message": self.message}
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any | Quarantined]]:
+    """(line number, parsed JSON value or Quarantined) for every non-blank line of a (.gz) JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors="strict") as handle:
+        line_no = 0
+        while True:
+            line_no += 1
+            try:
+                line = handle.readline()
+            except UnicodeDecodeError as exc:
+                yield line_no, Quarantined(str(path), line_no, "invalid_utf8", str(exc))
+                continue
+            if not line:
+                return
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield line_no, Quarantined(str(path), line_no, "invalid_json", f"not JSON: {exc}")
+
+
+def field(record: Any, name: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """``record[name]`` checked to exist and be of ``kind``."""
+    if not isinstance(record, dict):
+        raise RecordError("wrong_type", f"{where} is a {type(record).__name__}, expected a JSON object")
+    if name not in record or record[name] is None:
+        raise RecordError("missing_field", f"{where} has no '{name}'")
+    value = record[name]
+    if not isinstance(value, kind):
+        expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise RecordError("wrong_type", f"{where}.{name} is a {type(value).__name__}, expected {expected}")
+    return value
+
+
+def check_messages(messages: Any, where: str = "messages") -> list[dict[str, str]]:
+    """Validated ``[{"role", "content"}]``: known roles, non-empty string contents, system only first.
+
+    Extra keys of a message are dropped (the chat template only knows role and content).
+    """
+    if not isinstance(messages, list):
+        raise RecordError("wrong_type", f"{where} is a {type(messages).__name__}, expected a list of messages")
+    if not messages:
+        raise RecordError("empty_content", f"{where} is empty")
+    clean = []
+    for index, message in enumerate(messages):
+        at = f"{where}[{index}]"
+        role = field(message, "role", str, at)
+        if role not in ROLES:
+            raise RecordError("bad_role", f"{at}.role is {role!r}, expected one of {list(ROLES)}")
+        if role == "system" and index != 0:
+            raise RecordError("bad_turn_order", f"{at} is a system message after the first turn")
+        content = field(message, "content", str, at)
+        if not content.strip():
+            raise RecordError("empty_content", f"{at}.content ({role}) is empty")
+        clean.append({"role": role, "content": content})
+    return clean
+
+
+def check_conversation(messages: Any, where: str = "messages") -> list[dict[str, str]]:
+    """Messages for SFT: valid, with an assistant turn, ending with one (the last turn is learned)."""
+    clean = check_messages(messages, where)
+    if not any(m["role"] == "assistant" for m in clean):
+        raise RecordError("no_assistant_turn", f"{where} has no assistant turn to learn from")
+    if clean[-1]["role"] != "assistant":
+        raise RecordError("bad_turn_order", f"{where} ends with a {clean[-1]['role']} turn, expected assistant")
+    return clean
+
+
+def unit_hash(key: str, seed: int = 0) -> float:
+    """A number in [0, 1) fixed by ``key`` and ``seed``."""
+    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_of(group: str, val_fraction: float, seed: int = 0) -> str:
+    """'val' for a ``val_fraction`` share of groups (by hash), else 'train'."""
+    return "val" if unit_hash(group, seed) < val_fraction else "train"
