@@ -1,0 +1,110 @@
+"""`llmray tokens` on Ray Data: equal to a single-process reference, deterministic, bad input quarantined."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from llmray import stages
+from llmray.data import documents
+from llmray.tokenizer import train
+from llmray.tokens import shards
+from llmray.tokens.loader import TokenLoader
+from llmray.tokens.tokenize import Encoder, TokensConfig
+from tests.unit.tokenizer_corpus import write_corpus
+
+BAD_LINES = ('{"text": 5}\n'            # not a string
+             'not json\n'               # malformed
+             '{"text": "\\ud800 x"}\n'  # lone surrogate: not valid Unicode
+             '{"text": ""}\n'           # empty: skipped, not quarantined
+             '{"text": "fine document"}\n')
+
+
+@pytest.fixture(scope="module")
+def corpus_and_tokenizer(shared_data, tmp_path_factory):
+    corpus = write_corpus(shared_data, tmp_path_factory.mktemp("corpus"))
+    (corpus / "zz_bad.jsonl").write_text(BAD_LINES)
+    tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
+
+    class Ctx:
+        output = tokenizer_dir
+        logger = logging.getLogger("test.tokens")
+
+        def log_metrics(self, **_):
+            pass
+    train.run_tokenizer(train.TokenizerConfig(documents=str(corpus), vocab_size=1024, char_budget=300_000,
+                                              val_fraction=0.1), Ctx())
+    return corpus, tokenizer_dir
+
+
+def reference_tokens(corpus, tokenizer_dir, val_fraction) -> dict[str, np.ndarray]:
+    """Single process: documents in sorted file order, encoded one at a time, split by id hash."""
+    tokenizer = train.load(tokenizer_dir)
+    tokenizer.encode_special_tokens = True
+    streams = {"train": [], "val": []}
+    for batch in documents.iter_documents(corpus):
+        for doc_id, text, error in zip(batch["id"], batch["text"], batch["error"]):
+            if error is None and text:
+                streams[documents.split_of(doc_id, val_fraction)].extend(tokenizer.encode(text).ids)
+    return {split: np.array(ids, dtype=np.uint16) for split, ids in streams.items()}
+
+
+def read_split(output, manifest, split) -> np.ndarray:
+    dtype = np.dtype(manifest["dtype"])
+    return np.concatenate([np.fromfile(output / s["path"], dtype=dtype) for s in manifest["splits"][split]["shards"]])
+
+
+def run_tokens(run_root, corpus, tokenizer_dir, force=False, **overrides):
+    cfg = TokensConfig(documents=str(corpus), tokenizer=str(tokenizer_dir), shard_tokens=40_000, **overrides)
+    return stages.run_stage(stages.STAGES["tokens"], cfg, run_root, force=force)
+
+
+def test_tokens_stage_equals_reference_and_is_deterministic(ray_session, corpus_and_tokenizer, tmp_path):
+    corpus, tokenizer_dir = corpus_and_tokenizer
+    first = run_tokens(tmp_path / "run", corpus, tokenizer_dir, actors=2)
+    output = first.output
+    manifest = shards.read_manifest(output)
+    assert manifest["dtype"] == "uint16" and manifest["vocab_size"] == 1024 and manifest["bos_id"] == 0
+    assert manifest["val_fraction"] == 0.1  # taken from the tokenizer's held-out fraction
+    assert manifest["tokenizer"]["sha256"] == train.runs.sha256_file(tokenizer_dir / train.TOKENIZER_FILE)
+    reference = reference_tokens(corpus, tokenizer_dir, 0.1)
+    for split in ("train", "val"):
+        tokens = read_split(output, manifest, split)
+        assert np.array_equal(tokens, reference[split])
+        assert manifest["splits"][split]["tokens"] == len(tokens)
+        assert tokens[0] == manifest["bos_id"]
+    assert len(manifest["splits"]["train"]["shards"]) >= 3
+    assert set(manifest["source_mixture"]) == {"c4", "shakespeare", "wikipedia", "zz_bad"}
+    assert sum(s["tokens"] for s in manifest["splits"]["train"]["sources"].values()) == \
+        manifest["splits"]["train"]["tokens"]
+
+    # Bad records are quarantined with where they came from; the run still finished.
+    quarantine = [json.loads(line) for line in (output / shards.QUARANTINE).read_text().splitlines()]
+    assert [(q["offset"], q["error"]) for q in quarantine] == [(0, "BadText"), (1, "JSONDecodeError"),
+                                                                (2, "BadUnicode")]
+    assert all(q["path"].endswith("zz_bad.jsonl") for q in quarantine)
+    assert manifest["quarantined"] == 3 and manifest["skipped_empty"] == 1
+
+    # Another run with one actor and different block sizes writes byte-identical shards.
+    second = run_tokens(tmp_path / "run2", corpus, tokenizer_dir, actors=1, encode_batch_docs=37,
+                        read_batch_chars=50_000)
+    again = shards.read_manifest(second.output)
+    assert again["splits"] == manifest["splits"]
+
+    # Unchanged config and inputs: the lineage cache skips the stage.
+    assert run_tokens(tmp_path / "run", corpus, tokenizer_dir, actors=2).skipped
+
+    loader = TokenLoader(output, seq_len=64, batch_size=4, split="val")
+    assert next(loader).shape == (4, 65)
+
+
+def test_a_batch_that_fails_to_encode_is_retried_per_document(corpus_and_tokenizer):
+    _, tokenizer_dir = corpus_and_tokenizer
+    encoder = Encoder(str(tokenizer_dir), val_fraction=0.0)
+    results = encoder.encode(["good text", None, "more text"])  # None makes encode_batch raise
+    assert [r[1] for r in results] == [None, "TypeError", None]
+    good = np.frombuffer(results[0][0], dtype=np.uint16)
+    assert good[0] == 0 and len(good) > 1
