@@ -74,6 +74,17 @@ def test_left_padded_row_in_cache_equals_the_row_alone():
     torch.testing.assert_close(batched[0, 4:], alone[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["gqa-tied", "sliding-window"])
+def test_packed_documents_compute_what_each_computes_alone(variant):
+    model = _model(**VARIANTS[variant])
+    first, second = torch.randint(0, 128, (1, 9)), torch.randint(0, 128, (1, 7))
+    segments = torch.tensor([[0] * 9 + [1] * 7])
+    with torch.no_grad():
+        packed = model(torch.cat([first, second], dim=1), segment_ids=segments)
+        torch.testing.assert_close(packed[:, :9], model(first), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed[:, 9:], model(second), rtol=1e-5, atol=1e-5)
+
+
 def test_return_hidden_gives_the_head_input():
     model = _model(tie_embeddings=False)
     tokens = torch.randint(0, 128, (2, 8))
