@@ -73,3 +73,93 @@ def bits_per_byte(nats: torch.Tensor, targets: torch.Tensor, token_bytes: torch.
     nbytes = token_bytes[targets.clamp(min=0)] * (targets != IGNORE_INDEX)
     counted = nbytes > 0
     return float((nats * counted).sum()) / math.log(2), int(nbytes.sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Instruction tuning and preference alignment (llmray.align builds their batches)
+# ---------------------------------------------------------------------------------------------
+
+class MaskedLM:
+    """SFT: next-token loss on assistant tokens only.
+
+    batch: ``inputs`` (B, T), ``targets`` (B, T) with :data:`IGNORE_INDEX` wherever the target is
+    not an assistant token, optional ``segment_ids`` (B, T) of conversations packed in a row.
+    """
+
+    def weight(self, batch: dict) -> int:
+        return int((batch["targets"] != IGNORE_INDEX).sum())
+
+    def tokens(self, batch: dict) -> int:
+        return batch["inputs"].numel()
+
+    def loss(self, model: nn.Module, batch: dict) -> LossOutput:
+        logits = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
+        return LossOutput(token_cross_entropy(logits, batch["targets"]).sum(), self.weight(batch))
+
+
+def sequence_logps(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of each row's non-ignored targets: (N, T), (N, T) → (N,) fp32."""
+    return -token_cross_entropy(model(inputs), targets).sum(dim=-1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0,
+             ipo: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair preference losses and implicit rewards, from sequence log-probs (each (N,)).
+
+    With h = log πθ(y_w|x)/π_ref(y_w|x) − log πθ(y_l|x)/π_ref(y_l|x):
+
+    * DPO (Rafailov et al. 2023, eq. 7):  L = −log σ(β·h)
+    * conservative DPO (labels flipped with probability ε; Mitchell 2023, "A note on DPO with
+      noisy preferences"):  L = −(1−ε)·log σ(β·h) − ε·log σ(−β·h)
+    * IPO (Azar et al. 2023, eq. 17, sequence log-ratios):  L = (h − 1/(2β))²
+
+    Implicit rewards (DPO eq. 5, up to the partition term): r = β·log πθ(y|x)/π_ref(y|x).
+    Returns (losses, chosen_rewards, rejected_rewards), rewards detached.
+    """
+    chosen_ratio = policy_chosen - reference_chosen
+    rejected_ratio = policy_rejected - reference_rejected
+    h = chosen_ratio - rejected_ratio
+    if ipo:
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+class DPO:
+    """Preference loss on pairs whose reference log-probs were precomputed (no reference model here).
+
+    batch: ``inputs`` / ``targets`` (2N, T): the N chosen rows, then the N rejected rows, targets
+    :data:`IGNORE_INDEX` outside each final assistant reply; ``reference_logps`` (2N,) in the same
+    order; ``valid`` (N,) 1 for a real pair, 0 for loader padding. Running sums of the implicit
+    rewards are kept in :attr:`stats` (pairs, correct, chosen reward, rejected reward, margin) for
+    the stage to read and reset.
+    """
+
+    def __init__(self, beta: float, label_smoothing: float = 0.0, ipo: bool = False):
+        self.beta, self.label_smoothing, self.ipo = beta, label_smoothing, ipo
+        self.stats = torch.zeros(5, dtype=torch.float64)
+
+    def weight(self, batch: dict) -> int:
+        return int(batch["valid"].sum())
+
+    def tokens(self, batch: dict) -> int:
+        return batch["inputs"].numel()
+
+    def pair_terms(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(losses, chosen rewards, rejected rewards), each (N,), zero where ``valid`` is 0."""
+        policy = sequence_logps(model, batch["inputs"], batch["targets"])
+        reference = batch["reference_logps"].to(policy.dtype)
+        losses, chosen, rejected = dpo_loss(*policy.chunk(2), *reference.chunk(2), beta=self.beta,
+                                            label_smoothing=self.label_smoothing, ipo=self.ipo)
+        valid = batch["valid"].to(losses.dtype)
+        return losses * valid, chosen * valid, rejected * valid
+
+    def loss(self, model: nn.Module, batch: dict) -> LossOutput:
+        losses, chosen, rejected = self.pair_terms(model, batch)
+        valid = batch["valid"].bool()
+        self.stats += torch.tensor([float(valid.sum()), float(((chosen > rejected) & valid).sum()),
+                                    float(chosen.sum()), float(rejected.sum()), float((chosen - rejected).sum())],
+                                   dtype=torch.float64)
+        return LossOutput(losses.sum(), self.weight(batch))
