@@ -64,6 +64,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           "llmray.tokenizer.train:TokenizerConfig", "llmray.tokenizer.train:run_tokenizer", verb="train"),
     Stage("tokens", "tokenize the documents on Ray Data into train/val token shards",
           "llmray.tokens.tokenize:TokensConfig", "llmray.tokens.tokenize:run_tokens"),
+    Stage("eval", "score checkpoints on benchmark tasks (acc, acc_norm, bits/byte, CORE) on a Ray actor pool",
+          "llmray.eval.stage:EvalConfig", "llmray.eval.stage:run_eval"),
 )}
 
 

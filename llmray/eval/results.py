@@ -1,0 +1,50 @@
+"""Evaluation results as files: results.json, a markdown table comparing checkpoints, per-example samples.
+
+The JSON is the record (every metric with its standard error, the CORE aggregate with each
+task's centered score, and what was evaluated how); the markdown is derived from it: one row
+per (task, metric), one column per checkpoint, so base / SFT / DPO read side by side.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llmray import runs
+
+RESULTS_FILE = "results.json"
+TABLE_FILE = "results.md"
+SAMPLES_DIR = "samples"
+
+
+def table(results: dict) -> str:
+    """Markdown: rows (task, metric), columns checkpoints, cells ``value ± stderr``; CORE last."""
+    names = list(results["checkpoints"])
+    header = ["task", "metric", "n", "shots"] + names
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    task_rows: dict[tuple[str, str], dict] = {}
+    for name, checkpoint in results["checkpoints"].items():
+        for task, entry in checkpoint["tasks"].items():
+            for metric, value in entry["metrics"].items():
+                row = task_rows.setdefault((task, metric), {"n": entry["n"], "shots": entry["num_fewshot"]})
+                row[name] = f"{value['value']:.4f} ± {value['stderr']:.4f}"
+    for (task, metric), row in task_rows.items():
+        cells = [task, metric, str(row["n"]), str(row["shots"])] + [row.get(n, "") for n in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    if any(c.get("core") for c in results["checkpoints"].values()):
+        cells = ["**CORE**", "centered mean", "", ""]
+        for name in names:
+            core = results["checkpoints"][name].get("core")
+            cells.append(f"**{core['value']:.4f} ± {core['stderr']:.4f}**" if core else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write(output: Path, results: dict, samples: dict[str, dict[str, list[dict]]] | None) -> None:
+    """results.json, results.md and (optionally) samples/<checkpoint>/<task>.jsonl under ``output``."""
+    runs.write_json(output / RESULTS_FILE, results)
+    runs.write_text(output / TABLE_FILE, table(results))
+    for checkpoint, tasks in (samples or {}).items():
+        for task, scores in tasks.items():
+            runs.write_text(output / SAMPLES_DIR / checkpoint / f"{task}.jsonl",
+                            "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in scores))

@@ -1,0 +1,393 @@
+"""Benchmark tasks: declared in YAML, loaded from local files into one uniform example shape.
+
+Design choices:
+
+* A task is data, not code: a :class:`TaskSpec` (``format`` + ``path`` + a few knobs) under
+  ``task_specs:`` in an eval config. ``configs/eval/tasks/<family>.yaml`` declares the shipped
+  families and stage configs ``include:`` them, so adding a task in one of the known formats
+  (including the generic multiple-choice schema ``{"context", "choices", "gold"}``) needs no code.
+* Every format becomes the same :class:`Example`: one ``(context, continuation)`` pair per
+  choice and the index of the gold one. Ordinary multiple choice repeats the context;
+  Winogrande-style *partial scoring* repeats the continuation instead; LAMBADA, GSM8K and
+  held-out text are one-pair examples. Scoring (``scoring.py``) and prompting (``prompts.py``)
+  therefore never look at formats, and ``contexts[gold] + continuations[gold]`` is a solved
+  example, which is what a few-shot prefix is made of.
+* Prompts follow lm-evaluation-harness's defaults for each dataset (``"Question: …\\nAnswer:"``
+  for ARC/PIQA, the bare stem for OpenBookQA, the HellaSwag preprocessing, LAMBADA split at the
+  last space) and LLM-Foundry's for its ICL files (``query`` + delimiter + choice).
+* Four kinds of task, fixed by the format: ``multiple_choice`` (acc, acc_norm), ``last_word``
+  (LAMBADA: acc, perplexity), ``generate`` (GSM8K: exact match of the final number) and
+  ``bits_per_byte`` (held-out text).
+* A bad record fails loudly: :class:`TaskFormatError` names the file, the line and the field,
+  and what was expected.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+from llmray.config import param
+
+Kind = Literal["multiple_choice", "last_word", "generate", "bits_per_byte"]
+Format = Literal["arc", "openbookqa", "piqa", "icl_mc", "winogrande", "hellaswag", "mc_jsonl",
+                 "lambada", "gsm8k", "text"]
+
+
+class TaskFormatError(ValueError):
+    """A task file does not match its declared format; the message names file, line and field."""
+
+
+@dataclass
+class TaskSpec:
+    """One benchmark task: where its examples are and how to read and score them."""
+
+    format: Format = param("mc_jsonl", doc="file format: arc | openbookqa (AI2 JSONL), piqa (+ labels_path), "
+                                           "icl_mc (LLM-Foundry query/choices/gold), winogrande (LLM-Foundry "
+                                           "context_options/continuation/gold), hellaswag, mc_jsonl "
+                                           "(context/choices/gold), lambada, gsm8k, text (held-out text "
+                                           "for bits-per-byte: .txt one document per line, or JSONL 'text')")
+    path: str = param("", doc="examples file; relative paths are resolved against data_dir")
+    labels_path: str | None = param(None, doc="label file, one integer per line (piqa)")
+    fewshot_path: str | None = param(None, doc="file (same format) to draw few-shot examples from; "
+                                               "null = the examples file itself, never the example itself")
+    num_fewshot: int = param(0, doc="solved examples put before each question", min=0)
+    continuation_delimiter: str = param(" ", doc="between context and answer (icl_mc, winogrande, mc_jsonl)")
+    fewshot_delimiter: str = param("\n\n", doc="between few-shot examples and the question")
+    random_baseline: float | None = param(
+        None, doc="chance-level score for the CORE centering; null = mean of 1/num_choices for multiple "
+                  "choice, 0 otherwise", min=0.0, max=0.99)
+    core: bool = param(True, doc="include this task in the CORE aggregate (not for bits_per_byte)")
+    core_metric: str = param("acc", doc="metric the CORE aggregate uses (acc, acc_norm or exact_match)")
+    max_new_tokens: int = param(256, doc="generation budget (generate tasks)", min=1)
+    stop: list[str] = param(default_factory=lambda: ["\n\n", "Question:"],
+                            doc="generation stops at the first of these strings (generate tasks)")
+
+    def __post_init__(self) -> None:
+        if self.format == "piqa" and not self.labels_path:
+            raise ValueError("a piqa task needs labels_path (valid-labels.lst)")
+
+    @property
+    def kind(self) -> Kind:
+        return KIND_OF_FORMAT[self.format]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One item: a (context, continuation) pair per choice, and which choice is right.
+
+    ``answer`` is the reference string of a ``generate`` task (e.g. GSM8K's final number).
+    """
+
+    id: str
+    contexts: tuple[str, ...]
+    continuations: tuple[str, ...]
+    gold: int = 0
+    answer: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.contexts) != len(self.continuations) or not self.contexts:
+            raise ValueError(f"example {self.id}: {len(self.contexts)} contexts for "
+                             f"{len(self.continuations)} continuations")
+        if not 0 <= self.gold < len(self.contexts):
+            raise ValueError(f"example {self.id}: gold {self.gold} outside 0..{len(self.contexts) - 1}")
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.contexts)
+
+    def solved(self) -> str:
+        """The example with its right answer: a few-shot demonstration."""
+        return self.contexts[self.gold] + self.continuations[self.gold]
+
+
+def multiple_choice(id: str, context: str, choices: list[str], gold: int, delimiter: str) -> Example:
+    return Example(id, (context,) * len(choices), tuple(delimiter + c for c in choices), gold)
+
+
+@dataclass
+class Task:
+    name: str
+    spec: TaskSpec
+    examples: list[Example]
+    fewshot_pool: list[Example]
+    fewshot_from_self: bool  # pool is the examples file: skip the example itself when sampling
+
+    @property
+    def kind(self) -> Kind:
+        return self.spec.kind
+
+    def random_baseline(self) -> float:
+        if self.spec.random_baseline is not None:
+            return self.spec.random_baseline
+        if self.kind != "multiple_choice" or not self.examples:
+            return 0.0
+        return sum(1 / e.num_choices for e in self.examples) / len(self.examples)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading records with errors that point at file, line and field
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Record:
+    path: Path
+    line: int
+    data: dict
+
+    def error(self, field: str, expected: str, got: Any = None) -> TaskFormatError:
+        seen = "missing" if got is _MISSING else f"got {json.dumps(got)[:80]}"
+        return TaskFormatError(f"{self.path}:{self.line}: field '{field}': expected {expected}, {seen}")
+
+    def get(self, field: str, kind: type | tuple[type, ...], expected: str | None = None) -> Any:
+        """The value at dotted ``field`` (``question.stem``), checked to be of ``kind``."""
+        value: Any = self.data
+        for part in field.split("."):
+            value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+        name = expected or (kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind))
+        if value is _MISSING or not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+            raise self.error(field, name, value)
+        return value
+
+    def strings(self, field: str, min_items: int = 1) -> list[str]:
+        values = self.get(field, list, f"a list of at least {min_items} strings")
+        if len(values) < min_items or not all(isinstance(v, str) for v in values):
+            raise self.error(field, f"a list of at least {min_items} strings", values)
+        return values
+
+    def index(self, field: str, num_choices: int) -> int:
+        value = self.get(field, int, "an integer")
+        if not 0 <= value < num_choices:
+            raise self.error(field, f"an index in 0..{num_choices - 1}", value)
+        return value
+
+
+_MISSING = object()
+
+
+def _open_text(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"task file {path} does not exist")
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def read_jsonl(path: Path) -> Iterator[Record]:
+    """Records of a JSONL(.gz) file; blank lines are skipped, a bad line raises naming its number."""
+    with _open_text(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TaskFormatError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(data, dict):
+                raise TaskFormatError(f"{path}:{number}: expected a JSON object, got {type(data).__name__}")
+            yield Record(path, number, data)
+
+
+# ---------------------------------------------------------------------------------------------
+# One loader per format: records -> examples
+# ---------------------------------------------------------------------------------------------
+
+def _ai2(record: Record, prompt: str) -> Example:
+    """ARC / OpenBookQA: ``question.stem``, ``question.choices[{text, label}]``, ``answerKey``."""
+    stem = record.get("question.stem", str)
+    choices = record.get("question.choices", list, "a list of {text, label} objects")
+    texts, labels = [], []
+    for i, choice in enumerate(choices):
+        if not isinstance(choice, dict) or not isinstance(choice.get("text"), str) \
+                or not isinstance(choice.get("label"), str):
+            raise record.error(f"question.choices[{i}]", "an object with string 'text' and 'label'", choice)
+        texts.append(choice["text"])
+        labels.append(choice["label"])
+    answer = record.get("answerKey", str)
+    if answer not in labels:
+        raise record.error("answerKey", f"one of the choice labels {labels}", answer)
+    return multiple_choice(str(record.data.get("id", record.line)), prompt.format(question=stem), texts,
+                           labels.index(answer), " ")
+
+
+def _arc(record: Record, spec: TaskSpec) -> Example:
+    return _ai2(record, "Question: {question}\nAnswer:")
+
+
+def _openbookqa(record: Record, spec: TaskSpec) -> Example:
+    return _ai2(record, "{question}")
+
+
+def _piqa(record: Record, spec: TaskSpec, label: int) -> Example:
+    goal = record.get("goal", str)
+    solutions = [record.get("sol1", str), record.get("sol2", str)]
+    return multiple_choice(str(record.line), f"Question: {goal}\nAnswer:", solutions, label, " ")
+
+
+def _icl_mc(record: Record, spec: TaskSpec) -> Example:
+    """LLM-Foundry multiple choice (BoolQ, COPA, CommonsenseQA): ``query``, ``choices``, ``gold``."""
+    choices = record.strings("choices", 2)
+    return multiple_choice(str(record.line), record.get("query", str), choices,
+                           record.index("gold", len(choices)), spec.continuation_delimiter)
+
+
+def _mc_jsonl(record: Record, spec: TaskSpec) -> Example:
+    """The generic schema users write: ``context``, ``choices``, ``gold`` (optional ``id``)."""
+    choices = record.strings("choices", 2)
+    return multiple_choice(str(record.data.get("id", record.line)), record.get("context", str), choices,
+                           record.index("gold", len(choices)), spec.continuation_delimiter)
+
+
+def _winogrande(record: Record, spec: TaskSpec) -> Example:
+    """Partial scoring: the options differ in the context; the shared continuation is scored."""
+    contexts = record.strings("context_options", 2)
+    continuation = spec.continuation_delimiter + record.get("continuation", str)
+    return Example(str(record.line), tuple(contexts), (continuation,) * len(contexts),
+                   record.index("gold", len(contexts)))
+
+
+def _hellaswag_clean(text: str) -> str:
+    """lm-evaluation-harness's HellaSwag preprocessing of WikiHow artefacts."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _hellaswag(record: Record, spec: TaskSpec) -> Example:
+    """HellaSwag JSONL: ``ctx``, ``endings``, ``label``, ``activity_label``."""
+    endings = record.strings("endings", 2)
+    label = record.get("label", (int, str), "an integer (or a digit string)")
+    if isinstance(label, str):
+        if not label.isdigit():
+            raise record.error("label", "an integer (or a digit string)", label)
+        label = int(label)
+    if not 0 <= label < len(endings):
+        raise record.error("label", f"an index in 0..{len(endings) - 1}", label)
+    context = _hellaswag_clean(record.get("activity_label", str) + ": " + record.get("ctx", str))
+    return multiple_choice(str(record.data.get("ind", record.line)), context,
+                           [_hellaswag_clean(e) for e in endings], label, " ")
+
+
+def _lambada(record: Record, spec: TaskSpec) -> Example:
+    """Last-word prediction: context is the passage up to the last space, the target the last word."""
+    text = record.get("text", str)
+    if " " not in text.strip():
+        raise record.error("text", "a passage of several words", text)
+    context, word = text.rsplit(" ", 1)
+    return Example(str(record.line), (context,), (" " + word,))
+
+
+_GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$")
+
+
+def _gsm8k(record: Record, spec: TaskSpec) -> Example:
+    """Generative: the model writes a solution; the number after ``####`` is the reference."""
+    question = record.get("question", str)
+    solution = record.get("answer", str)
+    match = _GSM8K_ANSWER.search(solution)
+    if match is None:
+        raise record.error("answer", "a solution ending in '#### <number>'", solution[-60:])
+    return Example(str(record.line), (f"Question: {question}\nAnswer:",), (" " + solution,),
+                   answer=normalize_number(match.group(1)))
+
+
+def normalize_number(text: str) -> str:
+    """'$1,234.50' -> '1234.5': the comparison form of a numeric answer."""
+    text = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _text_documents(path: Path) -> Iterator[Example]:
+    """Held-out text: a .txt file (one document per non-empty line) or JSONL with a 'text' field."""
+    if path.name.endswith((".jsonl", ".jsonl.gz", ".json")):
+        for record in read_jsonl(path):
+            yield Example(str(record.line), ("",), (record.get("text", str),))
+        return
+    with _open_text(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                yield Example(str(number), ("",), (line.rstrip("\n"),))
+
+
+RecordLoader = Callable[[Record, TaskSpec], Example]
+_RECORD_LOADERS: dict[str, RecordLoader] = {
+    "arc": _arc, "openbookqa": _openbookqa, "icl_mc": _icl_mc, "winogrande": _winogrande,
+    "hellaswag": _hellaswag, "mc_jsonl": _mc_jsonl, "lambada": _lambada, "gsm8k": _gsm8k,
+}
+
+KIND_OF_FORMAT: dict[str, Kind] = {
+    **{name: "multiple_choice" for name in ("arc", "openbookqa", "piqa", "icl_mc", "winogrande",
+                                            "hellaswag", "mc_jsonl")},
+    "lambada": "last_word", "gsm8k": "generate", "text": "bits_per_byte",
+}
+
+
+def read_examples(path: Path, spec: TaskSpec, labels_path: Path | None = None) -> list[Example]:
+    """Every example of ``path`` in ``spec.format``."""
+    if spec.format == "text":
+        return list(_text_documents(path))
+    if spec.format == "piqa":
+        return _read_piqa(path, labels_path, spec)
+    loader = _RECORD_LOADERS[spec.format]
+    return [loader(record, spec) for record in read_jsonl(path)]
+
+
+def _read_piqa(path: Path, labels_path: Path | None, spec: TaskSpec) -> list[Example]:
+    if labels_path is None:
+        raise TaskFormatError(f"{path}: a piqa task needs labels_path")
+    with _open_text(labels_path) as handle:
+        labels = [line.strip() for line in handle if line.strip()]
+    records = list(read_jsonl(path))
+    if len(labels) != len(records):
+        raise TaskFormatError(f"{labels_path}: {len(labels)} labels for {len(records)} records in {path}")
+    examples = []
+    for number, (label, record) in enumerate(zip(labels, records), start=1):
+        if label not in ("0", "1"):
+            raise TaskFormatError(f"{labels_path}:{number}: label: expected 0 or 1, got {label!r}")
+        examples.append(_piqa(record, spec, int(label)))
+    return examples
+
+
+def resolve_path(path: str, data_dir: str | Path) -> Path:
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() else Path(data_dir) / candidate
+
+
+def task_files(spec: TaskSpec, data_dir: str | Path) -> dict[str, Path]:
+    """The files a task reads (the lineage inputs of an eval run)."""
+    files = {"examples": resolve_path(spec.path, data_dir)}
+    if spec.labels_path:
+        files["labels"] = resolve_path(spec.labels_path, data_dir)
+    if spec.fewshot_path and spec.num_fewshot:
+        files["fewshot"] = resolve_path(spec.fewshot_path, data_dir)
+    return files
+
+
+def load_task(name: str, spec: TaskSpec, data_dir: str | Path, limit: int | None = None,
+              num_fewshot: int | None = None) -> Task:
+    """Read task ``name``; ``limit`` keeps the first examples, ``num_fewshot`` overrides the spec's."""
+    if not spec.path:
+        raise TaskFormatError(f"task {name}: no path given")
+    if num_fewshot is not None:
+        spec = TaskSpec(**{**spec.__dict__, "num_fewshot": num_fewshot})
+    if spec.kind == "bits_per_byte" and spec.num_fewshot:
+        raise TaskFormatError(f"task {name}: bits-per-byte on held-out text takes no few-shot examples")
+    files = task_files(spec, data_dir)
+    examples = read_examples(files["examples"], spec, files.get("labels"))
+    if not examples:
+        raise TaskFormatError(f"task {name}: {files['examples']} holds no examples")
+    pool, from_self = examples, True
+    if "fewshot" in files:
+        pool, from_self = read_examples(files["fewshot"], spec, None), False
+    if limit is not None:
+        examples = examples[:limit]
+    if spec.num_fewshot and len(pool) < spec.num_fewshot + from_self:
+        raise TaskFormatError(f"task {name}: {spec.num_fewshot}-shot needs more than the {len(pool)} "
+                              f"examples available to draw demonstrations from")
+    return Task(name, spec, examples, pool, from_self)
