@@ -69,25 +69,21 @@ DEFAULT_EVAL_TASKS = {
 
 @dataclass
 class MinHashConfig:
-    """MinHash LSH near-duplicate detection (defaults: FineWeb's 14 bands x 8 rows, word 5-grams)."""
+    """MinHash LSH near-duplicate detection (defaults: FineWeb's 14 bands x 8 rows, word 5-grams).
+
+    Candidates are accepted on a band match alone (no exact-Jaccard verification); with 14x8 the
+    probability of becoming candidates is 0.57 at Jaccard 0.7, 0.92 at 0.8 and 0.99 at 0.85."""
 
     enabled: bool = param(True, doc="remove near-duplicates with MinHash LSH")
     ngram: int = param(5, doc="words per shingle", min=1, max=64)
     num_perm: int = param(112, doc="MinHash permutations (signature length)", min=1, max=1024)
     bands: int = param(14, doc="LSH bands; documents sharing any band become candidates", min=1)
     rows: int = param(8, doc="signature values per band (bands*rows <= num_perm)", min=1)
-    threshold: float = param(0.8, doc="Jaccard similarity a candidate pair must reach when verify "
-                                      "is on (the bands/rows S-curve sets it otherwise)", min=0.0, max=1.0)
-    verify: bool = param(False, doc="check each candidate pair's exact Jaccard on shingles "
-                                    "(not implemented yet; must stay false)")
 
     def __post_init__(self) -> None:
         if self.bands * self.rows > self.num_perm:
             raise ValueError(f"minhash.bands * minhash.rows = {self.bands * self.rows} exceeds "
                              f"minhash.num_perm = {self.num_perm}")
-        if self.verify:
-            raise ValueError("minhash.verify=true is not implemented yet: candidate pairs are "
-                             "accepted by the LSH band match alone")
 
 
 @dataclass
