@@ -40,14 +40,16 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()
 
 
-def apply_fsdp(model: nn.Module, *, param_dtype: torch.dtype | None, reshard_after_forward: bool) -> None:
+def apply_fsdp(model: nn.Module, *, param_dtype: torch.dtype | None, reshard_after_forward: bool,
+               mesh=None) -> None:
+    """``mesh``: the data-parallel mesh (1-D shard, or 2-D replicate × shard for HSDP); None = world."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype \
         else MixedPrecisionPolicy()
     for block in blocks(model).values():
-        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
 
 
 class TorchEngine:
