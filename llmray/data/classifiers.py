@@ -105,7 +105,9 @@ class ClassifierSpec:
     epochs: int = param(10, doc="fastText epochs", min=1)
     lr: float = param(0.5, doc="fastText learning rate", min=0.0)
     word_ngrams: int = param(2, doc="fastText word n-grams", min=1)
-    dim: int = param(64, doc="fastText embedding size", min=2)
+    dim: int = param(32, doc="fastText embedding size", min=2)
+    bucket: int = param(100_000, doc="hash buckets for word n-grams (model size ~ bucket x dim x 4 bytes; "
+                                     "fastText's default 2M makes a 500 MB model)", min=1000)
     min_count: int = param(2, doc="ignore words rarer than this", min=1)
     threshold: float = param(0.5, doc="score threshold used for the reported precision/recall", min=0, max=1)
     seed: int = param(0, doc="fastText seed")
@@ -174,7 +176,8 @@ def train_classifier(spec: ClassifierSpec, limits: sources.ReadLimits, output: P
         train_file = Path(tmp) / "train.txt"
         train_file.write_text("".join(f"{label} {line}\n" for label, line in train), encoding="utf-8")
         model = fasttext.train_supervised(str(train_file), epoch=spec.epochs, lr=spec.lr,
-                                          wordNgrams=spec.word_ngrams, dim=spec.dim, minCount=spec.min_count,
+                                          wordNgrams=spec.word_ngrams, dim=spec.dim, bucket=spec.bucket,
+                                          minCount=spec.min_count,
                                           thread=1, seed=spec.seed, verbose=0)
         model_file = Path(tmp) / f"{spec.name}.bin"
         model.save_model(str(model_file))

@@ -85,6 +85,8 @@ class CurateConfig:
     execution: ExecutionConfig = param(default_factory=ExecutionConfig, doc="Ray execution")
 
     def __post_init__(self) -> None:
+        for source in self.sources:
+            self.filters.groups_for(source.domain or "text", source.filter_groups)  # validates names
         names = [s.name for s in self.sources]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -111,7 +113,9 @@ class CurateConfig:
 
     def stage_order(self) -> list[str]:
         """Every stage a row can be dropped at, in pipeline order (the funnel's rows)."""
-        groups = [g for g in self.filters.text_groups + self.filters.code_groups]
+        groups = self.filters.text_groups + self.filters.code_groups
+        for source in self.sources:
+            groups += source.filter_groups or []
         return ["read", "normalize", *dict.fromkeys(groups), "lid", "quality", "toxicity"]
 
 
@@ -133,8 +137,9 @@ def read_step(batch: dict, source_configs: dict, limits: sources_lib.ReadLimits,
             yield records.to_table(rows)
 
 
-def clean_step(table: pa.Table, filter_cfg: filters_lib.FilterConfig) -> pa.Table:
-    """Normalize live rows, drop empty ones, and apply the heuristic filters of each row's domain."""
+def clean_step(table: pa.Table, filter_cfg: filters_lib.FilterConfig,
+               source_groups: dict[str, list[str] | None]) -> pa.Table:
+    """Normalize live rows, drop empty ones, and apply the heuristic filters of each row's source/domain."""
     rows = table.to_pylist()
     for row in rows:
         if row["error"] is not None or row["reason"] is not None:
@@ -144,7 +149,8 @@ def clean_step(table: pa.Table, filter_cfg: filters_lib.FilterConfig) -> pa.Tabl
             if not row["text"]:
                 records.reject(row, "normalize", "empty", 0.0)
                 continue
-            result = filters_lib.apply_filters(row["text"], row["domain"], filter_cfg)
+            groups = filter_cfg.groups_for(row["domain"], source_groups.get(row["source"]))
+            result = filters_lib.apply_filters(row["text"], groups, filter_cfg)
             row["signals"] = json.dumps(result.signals, sort_keys=True)
             row["text"] = result.text
             if result.reason is not None:
@@ -231,7 +237,9 @@ def build_dataset(cfg: CurateConfig, units: list[dict], actors: int):
                                               "batch_rows": ex.read_batch_rows},
                         batch_size=1, num_cpus=ex.read_cpus)
     ds = ds.repartition(target_num_rows_per_block=ex.batch_rows)
-    ds = ds.map_batches(clean_step, fn_kwargs={"filter_cfg": cfg.filters}, batch_size=None,
+    source_groups = {s.name: s.filter_groups for s in cfg.sources}
+    ds = ds.map_batches(clean_step, fn_kwargs={"filter_cfg": cfg.filters, "source_groups": source_groups},
+                        batch_size=None,
                         batch_format="pyarrow", num_cpus=ex.clean_cpus)
     ds = ds.map_batches(ClassifyStep, fn_constructor_args=(cfg.classify,), batch_size=None,
                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
@@ -270,6 +278,5 @@ def run_curate(cfg: CurateConfig, ctx) -> dict:
     seconds = time.perf_counter() - started
     report = funnel.write_report(ctx.output, summary, seconds)
     ctx.logger.info("funnel:\n%s", report)
-    print(report, flush=True)
     ctx.log_metrics(seconds=round(seconds, 3), **summary["totals"])
     return {"seconds": round(seconds, 3), **summary["totals"]}

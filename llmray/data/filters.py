@@ -427,9 +427,14 @@ class FilterConfig:
             if name not in GROUPS:
                 raise ValueError(f"unknown filter group '{name}'; expected one of {sorted(GROUPS)}")
 
-    def groups_for(self, domain: str) -> list[str]:
-        names = self.code_groups if domain == "code" else self.text_groups
-        return [name for name in names if getattr(self, name).enabled]
+    def groups_for(self, domain: str, override: list[str] | None = None) -> list[str]:
+        """The groups for a document: a source's own list when it has one, else its domain's."""
+        if override is not None:
+            unknown = [name for name in override if name not in GROUPS]
+            if unknown:
+                raise ValueError(f"unknown filter group(s) {unknown}; expected some of {sorted(GROUPS)}")
+            return override
+        return self.code_groups if domain == "code" else self.text_groups
 
 
 @dataclass
@@ -441,11 +446,14 @@ class FilterResult:
     signals: dict[str, float] = field(default_factory=dict)
 
 
-def apply_filters(text: str, domain: str, cfg: FilterConfig) -> FilterResult:
-    """Run the domain's groups in order; stop at the first group that drops the document."""
+def apply_filters(text: str, groups: list[str], cfg: FilterConfig) -> FilterResult:
+    """Run the named groups (enabled ones) in order; stop at the first group that drops the document."""
     view = TextView(text)
-    for name in cfg.groups_for(domain):
-        verdict = GROUPS[name](view, getattr(cfg, name))
+    for name in groups:
+        group_cfg = getattr(cfg, name)
+        if not group_cfg.enabled:
+            continue
+        verdict = GROUPS[name](view, group_cfg)
         if verdict is not None:
             return FilterResult(view.text, name, verdict.reason, verdict.value, view.signals)
     return FilterResult(view.text, signals=view.signals)

@@ -18,6 +18,7 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -288,13 +289,14 @@ def _plot_histograms(output: Path, signals: dict[str, list[float]]) -> list[str]
         rows = -(-len(names) // columns)
         figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.4 * rows), squeeze=False)
         for ax, name in zip(axes.flat, names):
-            ax.hist(signals[name], bins=40, color="#4C72B0")
+            counts, edges = np.histogram(signals[name], bins=40)
+            ax.stairs(counts, edges, fill=True, color="#4C72B0")
             ax.set_title(name.split(".", 1)[-1], fontsize=8)
             ax.tick_params(labelsize=6)
         for ax in list(axes.flat)[len(names):]:
             ax.axis("off")
         figure.suptitle(group, fontsize=10)
-        figure.tight_layout()
+        figure.subplots_adjust(hspace=0.6, wspace=0.35)  # tight_layout costs seconds per figure
         name = f"funnel_{group}.png"
         with runs.atomic_write(output / name, "wb") as handle:
             figure.savefig(handle, format="png", dpi=80, metadata={"Software": None})

@@ -33,6 +33,7 @@ _ENV_MARK = re.compile(r"\\(?:begin|end)\{[^{}]*\}(?:\[[^\]]*\])?")
 _BARE_COMMAND = re.compile(r"\\[A-Za-z]+\*?")
 _ESCAPED = {r"\%": "%", r"\&": "&", r"\_": "_", r"\#": "#", r"\$": "$", "~": " ", r"\\": "\n", "``": '"', "''": '"'}
 _BLANKS = re.compile(r"[ \t]+")
+_SPACE_BEFORE_PUNCTUATION = re.compile(r" +([.,;:!?])")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 
 
@@ -54,6 +55,7 @@ def latex_to_text(source: str) -> str:
     text = _BARE_COMMAND.sub("", text)
     text = text.replace("{", "").replace("}", "").replace("&", " ")
     text = _BLANKS.sub(" ", text)
+    text = _SPACE_BEFORE_PUNCTUATION.sub(r"\1", text)  # "fast \cite{x}." left "fast ."
     text = "\n".join(line.strip() for line in text.split("\n"))
     return _MANY_NEWLINES.sub("\n\n", text).strip()
 

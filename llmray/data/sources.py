@@ -102,6 +102,10 @@ class SourceConfig:
     extractor: html_lib.Extractor = param("resiliparse", doc="html/warc: main-text extractor")
     machine_kinds: list[str] = param(default_factory=lambda: list(machine_text.KINDS),
                                      doc=f"machine: kinds of local text ({', '.join(machine_text.KINDS)})")
+    domain: Literal["text", "code"] | None = param(None, doc="which filters/classifiers apply (empty: code "
+                                                            "for kind 'code' and machine python_stdlib, else text)")
+    filter_groups: list[str] | None = param(None, doc="heuristic filter groups for this source, in order "
+                                                      "(empty: the domain's default groups)")
     max_files: int | None = param(None, doc="read at most this many files (sorted order); for machine, "
                                             "per kind", min=1)
     max_docs_per_file: int | None = param(None, doc="read at most this many records of each file", min=1)
@@ -186,6 +190,8 @@ def _files_under(root: Path, kind: str) -> Iterator[Path]:
 # ---------------------------------------------------------------------------------------------
 
 def domain_of(source: SourceConfig, machine_kind: str | None) -> str:
+    if source.domain is not None:
+        return source.domain
     return "code" if source.kind == "code" or machine_kind == "python_stdlib" else "text"
 
 
@@ -214,6 +220,7 @@ class RawRecord:
     meta: dict | None = None
     error: str | None = None
     message: str | None = None
+    invalid_utf8: int = 0  # bytes a reader already replaced while decoding (JSON lines)
 
 
 def _row(record: RawRecord, source: str, path: str, id_path: str, domain: str, limits: ReadLimits) -> dict:
@@ -229,22 +236,28 @@ def _row(record: RawRecord, source: str, path: str, id_path: str, domain: str, l
                                           f"{path}@{record.offset}: NUL bytes, not text")
         text, invalid = normalize.decode(text)
         if normalize.invalid_fraction(text, invalid) > limits.max_invalid_utf8_fraction:
-            return records.quarantine_row(source, path, record.offset, "InvalidUTF8",
-                                          f"{path}@{record.offset}: {invalid} invalid UTF-8 sequences in "
-                                          f"{len(text)} characters")
+            return _invalid_utf8(source, path, record.offset, invalid, text)
         if invalid:
             meta["repaired_utf8"] = invalid
     elif not isinstance(text, str):
         return records.quarantine_row(source, path, record.offset, "NotText",
                                       f"{path}@{record.offset}: expected a string, got {type(text).__name__}")
     else:
-        text, invalid = normalize.repair_surrogates(text)
+        text, surrogates = normalize.repair_surrogates(text)
+        invalid = record.invalid_utf8 + surrogates
+        if normalize.invalid_fraction(text, invalid) > limits.max_invalid_utf8_fraction:
+            return _invalid_utf8(source, path, record.offset, invalid, text)
         if invalid:
             meta["repaired_utf8"] = invalid
         if len(text) > limits.max_doc_bytes // 4 and len(text.encode("utf-8")) > limits.max_doc_bytes:
             return _too_large(source, path, record.offset, len(text.encode("utf-8")), limits)
     return records.document_row(source, path, record.offset, text, domain=domain, url=record.url, meta=meta,
                                 id_path=id_path)
+
+
+def _invalid_utf8(source: str, path: str, offset: int, invalid: int, text: str) -> dict:
+    return records.quarantine_row(source, path, offset, "InvalidUTF8",
+                                  f"{path}@{offset}: {invalid} invalid UTF-8 sequences in {len(text)} characters")
 
 
 def _too_large(source: str, path: str, offset: int, size: int, limits: ReadLimits) -> dict:
@@ -261,13 +274,16 @@ def _jsonl_records(path: str, source: SourceConfig, unit: dict) -> Iterator[RawR
         for line_number, line in enumerate(handle):
             if not line.strip():
                 continue
+            decoded, invalid = normalize.decode(line)  # repair bad bytes inside strings, judged in _row
             try:
-                obj = json.loads(line)
-            except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError from bad bytes
+                obj = json.loads(decoded)
+            except ValueError as exc:
                 yield RawRecord(line_number, None, error=type(exc).__name__,
                                 message=f"{path} line {line_number}: malformed JSON: {exc}")
                 continue
-            yield from _field_records(obj, line_number, source, path)
+            for record in _field_records(obj, line_number, source, path):
+                record.invalid_utf8 = invalid
+                yield record
 
 
 def _field_records(obj, offset: int, source: SourceConfig, path: str) -> Iterator[RawRecord]:
@@ -396,7 +412,8 @@ def _machine_records(path: str, source: SourceConfig, unit: dict) -> Iterator[Ra
 
 
 _RECORD_READERS = {
-    "jsonl": _jsonl_records, "parquet": _parquet_records, "csv": _csv_records, "text": _text_records, "html": _html_records,
+    "jsonl": _jsonl_records, "parquet": _parquet_records, "csv": _csv_records, "text": _text_records,
+    "html": _html_records,
     "warc": _warc_records, "wet": _warc_records, "code": _code_records, "latex": _latex_records,
     "machine": _machine_records,
 }
