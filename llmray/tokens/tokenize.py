@@ -20,8 +20,9 @@ Design choices:
   is what makes cutting shards by size deterministic without a global sort.
 * **Actors** hold the tokenizer (loaded once each), encode with special-token matching off
   (document text never produces control tokens), and get ``BOS`` from the tokenizer's
-  post-processor. Each actor's tokenizer uses ``threads_per_actor`` Rayon threads
-  (``RAYON_NUM_THREADS`` in the actor's runtime env), so actors x threads ~ cores.
+  post-processor. Each actor's tokenizer uses ``threads_per_actor`` Rayon threads (set in the
+  actor's environment before its first encode; no ``runtime_env``, so actors start in Ray's
+  pre-started workers), so actors x threads ~ cores.
 * **Train/val split** by a hash of the document id (:func:`llmray.data.documents.split_of`):
   a document's split never changes when others are added.
 * **Bad documents are quarantined, not fatal**: unreadable records come out of the reader with
@@ -33,6 +34,7 @@ Design choices:
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +90,11 @@ def read_files(batch: dict[str, np.ndarray], root: str, batch_chars: int):
 class Encoder:
     """Actor UDF: documents in, one row per document out with its tokens (BOS first) as bytes."""
 
-    def __init__(self, tokenizer_dir: str, val_fraction: float) -> None:
+    def __init__(self, tokenizer_dir: str, val_fraction: float, threads: int = 1) -> None:
+        # Rayon sizes its pool on first use, so this holds in the fresh process an actor gets;
+        # with one thread, tokenizers' parallelism is off altogether.
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
         self.tokenizer = tokenizer_train.load(tokenizer_dir)
         self.tokenizer.encode_special_tokens = True
         self.dtype = shards_lib.token_dtype(self.tokenizer.get_vocab_size())
@@ -152,10 +158,8 @@ def build_dataset(cfg: TokensConfig, files: list[Path], root: Path, val_fraction
                         batch_size=1, num_cpus=READ_CPUS)
     ds = ds.repartition(target_num_rows_per_block=cfg.encode_batch_docs)
     return ds.map_batches(
-        Encoder, fn_constructor_args=(cfg.tokenizer, val_fraction), batch_size=None, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cfg.actor_cpus,
-        runtime_env={"env_vars": {"RAYON_NUM_THREADS": str(cfg.threads_per_actor),
-                                  "TOKENIZERS_PARALLELISM": "true"}})
+        Encoder, fn_constructor_args=(cfg.tokenizer, val_fraction, cfg.threads_per_actor), batch_size=None,
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cfg.actor_cpus)
 
 
 def default_actors(cfg: TokensConfig) -> int:
