@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from llmray.model import llama
 from llmray.model.config import preset
-from llmray.train.objectives import token_cross_entropy
+from llmray.train.objectives import CausalLM, token_cross_entropy
 from llmray.train.trainer import OptimizerConfig, optimizer_factory
 from tests.train_support import stdlib_texts
 
@@ -95,3 +95,30 @@ def read_results(path: Path) -> dict:
 
 def max_relative_error(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
+
+
+def trainer(shards: Path, parallel, *, steps: int, global_batch: int = 4, store=None, checkpoint_every: int = 0):
+    """A real :class:`~llmray.train.trainer.Trainer` on the byte shards; each data-parallel rank reads its slice.
+
+    Ranks of one tensor-/pipeline-parallel group read the same rows: the loader is sharded by the
+    rank's ``dp`` coordinate on the mesh, not by its global rank.
+    """
+    from llmray.tokens.loader import TokenLoader
+    from llmray.train.schedule import ScheduleConfig
+    from llmray.train.trainer import TrainConfig, Trainer
+    from tests.train_support import byte_token_lengths, tiny_model
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    dims = parallel.dims(world)
+    dp_rank = dims.coordinates(dist.get_rank() if dist.is_initialized() else 0)["dp"]
+    cfg = TrainConfig(steps=steps, optimizer=OptimizerConfig(lr=LR), schedule=ScheduleConfig(warmup_steps=2),
+                      log_every=5, eval_batches=2, checkpoint_every=checkpoint_every, grad_clip=GRAD_CLIP,
+                      peak_flops=1e11)
+    batch = global_batch // dims.dp
+    data = TokenLoader(shards, seq_len=SEQ, batch_size=batch, rank=dp_rank, world_size=dims.dp)
+
+    def val():
+        return TokenLoader(shards, split="val", seq_len=SEQ, batch_size=batch, shuffle=False, rank=dp_rank,
+                           world_size=dims.dp)
+    return Trainer(cfg, tiny_model(0), CausalLM(), data, parallel=parallel, store=store, val_data=val,
+                   token_bytes=byte_token_lengths(), flops_per_token=1000)
