@@ -81,9 +81,9 @@ class ShardWriter:
         """Append one document's tokens (already starting with BOS)."""
         if self._handle is None:
             self._open()
-        data = np.ascontiguousarray(tokens, dtype=self.dtype).tobytes()
-        self._handle.write(data)
-        self._digest.update(data)
+        data = np.ascontiguousarray(tokens, dtype=self.dtype)
+        self._handle.write(data.data)  # no copy: the array's buffer goes to the file and the hash
+        self._digest.update(data.data)
         self._tokens += len(tokens)
         self._documents += 1
         counts = self.sources.setdefault(source, {"documents": 0, "tokens": 0})
