@@ -6,8 +6,8 @@ Design choices (measured on ``shared/data/web_cc_warc``, 19 HTML responses, 2-co
 * **WARC parsing with FastWARC** (the Rust/C++ parser of the resiliparse project): record
   iteration, HTTP header parsing and transfer/content decoding.
 * **Per-member gzip recovery**: Common Crawl writes one gzip member per record. We split the
-  file into members ourselves (:func:`gzip_members`, streaming through an ``mmap``, no full
-  decompression in memory) and hand each member to FastWARC. A corrupt or truncated member is
+  file into members ourselves (:func:`gzip_members`, streaming, no full
+  decompression in memory, chunked reads) and hand each member to FastWARC. A corrupt or truncated member is
   reported with its *compressed* byte offset (the offset CC indexes use) and reading resumes at
   the next gzip header, so one broken record costs one record, not the rest of the file.
   FastWARC alone stops silently on a truncated stream, which would lose records unreported.
@@ -21,7 +21,6 @@ Design choices (measured on ``shared/data/web_cc_warc``, 19 HTML responses, 2-co
 from __future__ import annotations
 
 import io
-import mmap
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,38 +63,45 @@ def gzip_members(path: str | Path) -> Iterator[tuple[int, bytes | Exception]]:
     """Yield ``(compressed offset, member bytes or the error)`` for each gzip member of a file."""
     with open(path, "rb") as handle:
         size = handle.seek(0, io.SEEK_END)
-        if size == 0:
-            return
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            view = memoryview(data)
+        position = 0
+        while position < size:
             try:
-                position = 0
-                while position < size:
-                    try:
-                        member, end = _inflate_member(view, position, size)
-                        yield position, member
-                        position = end
-                    except (zlib.error, EOFError) as exc:
-                        yield position, exc
-                        following = data.find(_GZIP_MAGIC, position + 1)
-                        if following < 0:
-                            return
-                        position = following
-            finally:
-                view.release()
+                member, end = _inflate_member(handle, position, size)
+                yield position, member
+                position = end
+            except (zlib.error, EOFError) as exc:
+                yield position, exc
+                following = _find_magic(handle, position + 1, size)
+                if following < 0:
+                    return
+                position = following
 
 
-def _inflate_member(view: memoryview, start: int, size: int) -> tuple[bytes, int]:
+def _inflate_member(handle, start: int, size: int) -> tuple[bytes, int]:
     inflater = zlib.decompressobj(wbits=31)
     parts = []
+    handle.seek(start)
     position = start
     while not inflater.eof:
         if position >= size:
             raise EOFError("gzip member truncated: the file ends before the member's end marker")
-        chunk = view[position:position + _CHUNK]
+        chunk = handle.read(_CHUNK)
         position += len(chunk)
         parts.append(inflater.decompress(chunk))
     return b"".join(parts), position - len(inflater.unused_data)
+
+
+def _find_magic(handle, start: int, size: int) -> int:
+    """Offset of the next gzip header at or after ``start``, or -1."""
+    position = start
+    while position < size:
+        handle.seek(position)
+        chunk = handle.read(_CHUNK + len(_GZIP_MAGIC) - 1)
+        found = chunk.find(_GZIP_MAGIC)
+        if found >= 0:
+            return position + found
+        position += _CHUNK
+    return -1
 
 
 def iter_warc(path: str | Path, kind: Literal["warc", "wet"], extractor: Extractor = "resiliparse",
@@ -105,7 +111,8 @@ def iter_warc(path: str | Path, kind: Literal["warc", "wet"], extractor: Extract
     if path.endswith(".gz"):
         for offset, member in gzip_members(path):
             if isinstance(member, Exception):
-                yield WarcDocument(offset, None, None, {}, type(member).__name__, f"broken gzip member: {member}")
+                error = "EOFError" if isinstance(member, EOFError) else "CorruptGzipMember"
+                yield WarcDocument(offset, None, None, {}, error, f"{path}@{offset}: broken gzip member: {member}")
                 continue
             yield from _records(io.BytesIO(member), kind, extractor, base_offset=offset)
     else:

