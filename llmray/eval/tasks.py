@@ -249,10 +249,11 @@ def _winogrande(record: Record, spec: TaskSpec) -> Example:
 
 
 def _hellaswag_clean(text: str) -> str:
-    """lm-evaluation-harness's HellaSwag preprocessing of WikiHow artefacts."""
+    """lm-evaluation-harness's HellaSwag preprocessing of WikiHow artefacts, then a strip (a removed
+    leading ``[step]`` would otherwise leave a space before the delimiter's)."""
     text = text.strip().replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
+    return text.replace("  ", " ").strip()
 
 
 def _hellaswag(record: Record, spec: TaskSpec) -> Example:
