@@ -34,10 +34,14 @@ COLUMNS = ("id", "text", "source", "error", "message", "offset")
 _GLOB_CHARS = set("*?[")
 
 
+def is_glob(spec: str | Path) -> bool:
+    return bool(_GLOB_CHARS & set(str(spec)))
+
+
 def list_files(spec: str | Path) -> list[Path]:
     """The document files named by ``spec`` (a file, a directory searched recursively, or a glob)."""
     spec = str(spec)
-    if _GLOB_CHARS & set(spec):
+    if is_glob(spec):
         matches = [Path(p) for p in glob.glob(spec, recursive=True)]
     else:
         matches = [Path(spec)]
@@ -59,7 +63,7 @@ def input_root(spec: str | Path) -> Path:
     parts = Path(spec).parts
     fixed = []
     for part in parts:
-        if _GLOB_CHARS & set(part):
+        if is_glob(part):
             break
         fixed.append(part)
     root = Path(*fixed) if fixed else Path(".")

@@ -82,7 +82,7 @@ class TokenizerConfig:
 
 def document_inputs(spec: str) -> dict[str, str]:
     """Lineage inputs of a document spec: the path itself, or every file a glob matches."""
-    if documents._GLOB_CHARS & set(spec):
+    if documents.is_glob(spec):
         return {f"documents/{i:05d}": str(p) for i, p in enumerate(documents.list_files(spec))}
     return {"documents": spec}
 

@@ -142,3 +142,25 @@ def test_report_compares_with_the_byte_baseline(trained):
     longest = report["longest_tokens"]
     assert len(longest) == 20 and longest[0]["bytes"] >= longest[-1]["bytes"]
     assert "byte-level baseline" in (trained[1] / "report.md").read_text()
+
+
+def test_document_inputs_resolve_files_globs_and_stable_ids(trained, tmp_path):
+    corpus = trained[0]
+    names = [p.name for p in documents.list_files(corpus)]
+    assert names == ["c4.jsonl", "shakespeare.jsonl", "wiki.parquet"]
+    assert [p.name for p in documents.list_files(f"{corpus}/*.jsonl")] == ["c4.jsonl", "shakespeare.jsonl"]
+    assert train.TokenizerConfig(documents=f"{corpus}/*.jsonl").inputs() == {
+        "documents/00000": str(corpus / "c4.jsonl"), "documents/00001": str(corpus / "shakespeare.jsonl")}
+    with pytest.raises(FileNotFoundError, match="no document files .* found at"):
+        documents.list_files(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"notes.txt is not a document file: expected one of \.parquet"):
+        documents.list_files(tmp_path / "notes.txt")
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "c4.jsonl").write_bytes((corpus / "c4.jsonl").read_bytes())
+    ids_here = next(documents.iter_documents(corpus / "c4.jsonl"))["id"]
+    ids_moved = next(documents.iter_documents(moved / "c4.jsonl"))["id"]
+    assert ids_here == ids_moved and len(set(ids_here)) == len(ids_here)
+    wiki = next(documents.iter_documents(corpus / "wiki.parquet"))
+    assert wiki["id"][:2] == ["wiki-0", "wiki-1"] and set(wiki["source"]) == {"wikipedia"}
