@@ -29,24 +29,55 @@ def test_binary_metrics():
         {"precision": 0.5, "recall": 0.5, "f1": 0.5, "accuracy": 0.5}
 
 
-def test_toxicity_classifier_trains_on_real_data(shared_data, tmp_path):
+def toxicity_spec(shared_data) -> classifiers.ClassifierSpec:
     davidson = [str(shared_data / "toxicity_davidson")]
-    spec = classifiers.ClassifierSpec(
+    return classifiers.ClassifierSpec(
         name="toxicity",
         positive=[sources.SourceConfig(name="toxic", kind="csv", paths=davidson, text_field="tweet",
                                        where={"class": ["0", "1"]})],
         negative=[sources.SourceConfig(name="clean", kind="csv", paths=davidson, text_field="tweet",
                                        where={"class": ["2"]})],
         max_examples_per_class=1500, epochs=5, max_chars=500)
-    metrics = classifiers.train_classifier(spec, sources.ReadLimits(), tmp_path)
+
+
+@pytest.fixture(scope="module")
+def toxicity_model(shared_data, tmp_path_factory):
+    output = tmp_path_factory.mktemp("toxicity")
+    metrics = classifiers.train_classifier(toxicity_spec(shared_data), sources.ReadLimits(), output)
+    return output / "toxicity.bin", metrics
+
+
+def test_toxicity_classifier_trains_on_real_data(shared_data, toxicity_model, tmp_path):
+    path, metrics = toxicity_model
     assert metrics["test_examples"]["positive"] > 200 and metrics["f1"] > 0.8, metrics
-    model = classifiers.load_model(tmp_path / "toxicity.bin")
+    model = classifiers.load_model(path)
     clean, toxic = classifiers.predict_positive(model, ["thank you for the lovely dinner with your family",
                                                         "shut up you stupid b*tch hoe"], 500)
     assert clean < 0.5 < toxic
-    again = classifiers.train_classifier(spec, sources.ReadLimits(), tmp_path / "again")
+    again = classifiers.train_classifier(toxicity_spec(shared_data), sources.ReadLimits(), tmp_path)
     assert again == metrics  # one thread + fixed seed: reproducible
-    assert (tmp_path / "again" / "toxicity.bin").read_bytes() == (tmp_path / "toxicity.bin").read_bytes()
+    assert (tmp_path / "toxicity.bin").read_bytes() == path.read_bytes()
+
+
+def test_classify_step_scores_and_drops_by_thresholds(toxicity_model):
+    from llmray.data import curate, records
+
+    path, _ = toxicity_model
+    cfg = classifiers.ClassifyConfig(toxicity=classifiers.ScoreModelConfig(model=str(path), max_score=0.5))
+    texts = {"en": "Thank you all for coming to the library reading tonight; the children loved the stories.",
+             "de": "Vielen Dank an alle, die heute Abend zur Lesung in die Bibliothek gekommen sind.",
+             "toxic": "shut up you stupid b*tch hoe, nobody wants your trash here",
+             "code": "def add(a, b):\n    return a + b\n"}
+    rows = [records.document_row("s", "p", i, text, domain="code" if key == "code" else "text")
+            for i, (key, text) in enumerate(texts.items())]
+    rows.append(records.quarantine_row("s", "p", 9, "EOFError", "cut"))
+    out = curate.ClassifyStep(cfg)(records.to_table(rows)).to_pylist()
+    en, de, toxic, code, bad = out
+    assert (en["lang"], en["reason"]) == ("en", None) and en["lang_score"] > 0.65 and en["toxicity_score"] < 0.5
+    assert (de["stage"], de["reason"], de["lang"]) == ("lid", "language_de", "de")
+    assert (toxic["stage"], toxic["reason"]) == ("toxicity", "toxicity_above_max") and toxic["value"] > 0.5
+    assert (code["lang"], code["reason"], code["toxicity_score"]) == ("code", None, None)
+    assert bad["error"] == "EOFError" and bad["lang"] is None
 
 
 def test_missing_training_data_skips(tmp_path):
