@@ -64,8 +64,12 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           "llmray.tokenizer.train:TokenizerConfig", "llmray.tokenizer.train:run_tokenizer", verb="train"),
     Stage("tokens", "tokenize the documents on Ray Data into train/val token shards",
           "llmray.tokens.tokenize:TokensConfig", "llmray.tokens.tokenize:run_tokens"),
+    Stage("proxy", "train a small proxy model in one process on token shards (sweeps, data ablations)",
+          "llmray.tune.proxy:ProxyConfig", "llmray.tune.proxy:run_proxy", verb="train"),
     Stage("eval", "score checkpoints on benchmark tasks (acc, acc_norm, bits/byte, CORE) on a Ray actor pool",
           "llmray.eval.stage:EvalConfig", "llmray.eval.stage:run_eval"),
+    Stage("tune", "sweep any config keys of any stages with Ray Tune (ASHA/PBT), incl. data ablations",
+          "llmray.tune.sweep:TuneConfig", "llmray.tune.sweep:run_tune"),
 )}
 
 

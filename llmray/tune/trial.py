@@ -1,0 +1,341 @@
+"""One trial of a sweep: its stages, run with unchanged upstream stages shared between trials.
+
+A trial is the sweep's base stage configs with the trial's sampled values set at their dotted
+keys (:func:`llmray.tune.space.with_values`), run in order through
+:func:`llmray.stages.run_stage`, exactly as ``llmray pipeline`` would run them.
+
+**Sharing stages between trials (the lineage cache).** Each stage of a trial gets a *lineage
+key*: the hash of its raw config (``{run_dir}`` left unexpanded) chained with the key of the
+stage before it. The stage runs in ``work/stages/<stage>-<key>/<stage>/``, a run root of its
+own whose earlier stages are symlinks to *their* keyed directories, so ``{run_dir}/curate/output``
+means the curate output of this lineage. Two trials with the same curation thresholds therefore
+compute the same curate key, meet in the same directory, and the second finds a complete
+manifest with an unchanged config hash and input fingerprints: ``run_stage`` skips it (the
+Foundation's lineage cache, unchanged). A trial that differs only in its LR shares everything
+up to the training stage. Chaining the keys is conservative: a stage reruns whenever anything
+upstream of it changed, even if that change happened not to alter upstream outputs. A file lock
+per keyed directory makes concurrent trials that need the same stage wait for one another
+instead of computing it twice. ``work/trials/<trial_id>/`` holds symlinks to the directories a
+trial used and ``trial.json``, its record of which stages it ran and which it reused.
+
+**Metrics.** While a stage runs (in a helper thread), the trial's own thread tails the stage's
+``metrics.jsonl`` (the run directory's metrics path, written by the training core every
+``log_every`` steps) and reports each new record to Tune, so ASHA and PBT see per-step results
+from any stage without the stage knowing about Tune. When the configured checkpoint stage writes
+a new complete checkpoint under ``work/checkpoints``, it goes to Tune with the next report, so
+a PBT exploit can hand it to another trial. The last report adds every stage's summary
+(``<stage>.<key>``) and ``trial_completed: 1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from llmray import cluster, runs
+from llmray import config as config_lib
+from llmray import stages as stages_lib
+from llmray.tune import space as space_lib
+
+log = logging.getLogger("llmray.tune")
+STAGE_CACHE = "stages"
+TRIALS = "trials"
+TRIAL_RECORD = "trial.json"
+COMPLETED = "trial_completed"
+_POLL_S = 0.25
+
+
+@dataclass
+class TrialPlan:
+    """Everything a trial needs, shipped to the trial's process once per sweep."""
+
+    stages: dict[str, dict]  # stage name -> raw config, in run order
+    work: Path  # the tune stage's work directory (absolute)
+    run_root: Path  # the sweep's run directory: its other stages are visible to trials under {run_dir}
+    cwd: Path  # the driver's working directory: relative paths in configs are relative to it
+    ray: cluster.RayConfig = field(default_factory=cluster.RayConfig)
+    checkpoint_stage: str | None = None  # whose checkpoints go to Tune
+    checkpoint_subdir: str = "work/checkpoints"  # where that stage writes step_* checkpoints
+    restore_key: str = "init_from"  # its config key that receives a checkpoint Tune hands back
+
+
+def lineage_keys(stages: dict[str, dict]) -> list[str]:
+    """One key per stage: sha256 of (previous key, stage name, raw config), 16 hex digits."""
+    keys, previous = [], ""
+    for name, raw in stages.items():
+        canonical = json.dumps([previous, name, raw], sort_keys=True, separators=(",", ":"), default=str)
+        previous = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        keys.append(previous)
+    return keys
+
+
+@dataclass
+class StageSlot:
+    """Where one stage of one lineage lives."""
+
+    name: str
+    key: str
+    root: Path  # the run root of this stage (its earlier stages are symlinks inside it)
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.root / self.name
+
+
+def stage_slots(stages: dict[str, dict], cache: Path) -> list[StageSlot]:
+    names, keys = list(stages), lineage_keys(stages)
+    return [StageSlot(name, key, cache / f"{name}-{key}") for name, key in zip(names, keys)]
+
+
+def prepare_slot(slots: list[StageSlot], index: int, run_root: Path) -> None:
+    """Create stage ``index``'s run root: symlinks to the directories of its earlier stages, and to
+    the sweep run's own stage directories that the trial does not run (outputs made before the sweep)."""
+    slot = slots[index]
+    slot.root.mkdir(parents=True, exist_ok=True)
+    links = {earlier.name: earlier.stage_dir for earlier in slots[:index]}
+    trial_stages = {s.name for s in slots}
+    if run_root.is_dir():
+        for path in run_root.iterdir():
+            if path.is_dir() and path.name not in trial_stages and path.name not in ("tune", "report"):
+                links.setdefault(path.name, path)
+    for name, target in links.items():
+        link = slot.root / name
+        if not link.is_symlink():
+            link.symlink_to(os.path.relpath(target, slot.root), target_is_directory=True)
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created if needed), held for the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_stage_configs(stages: dict[str, dict], slots: list[StageSlot]) -> list[tuple[stages_lib.Stage, Any]]:
+    """Validate every stage's config before anything runs; errors name the trial's stage and key."""
+    typed = []
+    for slot in slots:
+        stage = stages_lib.STAGES[slot.name]
+        try:
+            typed.append((stage, stages_lib.build_config(stage, stages[slot.name] or {}, slot.root)))
+        except config_lib.ConfigError as exc:
+            raise config_lib.ConfigError(f"in stage {slot.name}: {exc}") from exc
+    return typed
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a trial's stages
+# ---------------------------------------------------------------------------------------------
+
+class MetricsTail:
+    """New complete JSON lines of a metrics.jsonl, from the byte offset where it was opened."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = path.stat().st_size if path.is_file() else 0
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            data = handle.read()
+        end = data.rfind(b"\n") + 1  # a line still being written stays for the next read
+        self.offset += end
+        return [json.loads(line) for line in data[:end].decode("utf-8").splitlines() if line.strip()]
+
+
+@dataclass
+class StageRun:
+    """What a trial did with one stage."""
+
+    name: str
+    key: str
+    directory: str
+    reused: bool
+    seconds: float
+    summary: dict
+
+
+class StageRunner:
+    """Runs a trial's stages in order in a helper thread; the caller polls :meth:`new_records`."""
+
+    def __init__(self, typed: list[tuple[stages_lib.Stage, Any]], slots: list[StageSlot], plan: TrialPlan,
+                 record: "TrialRecord"):
+        self.typed, self.slots, self.plan, self.record = typed, slots, plan, record
+        self.runs: list[StageRun] = []
+        self.current: tuple[StageSlot, MetricsTail] | None = None
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run_all, name="llmray-trial-stages", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _run_all(self) -> None:
+        try:
+            for index, (stage, cfg) in enumerate(self.typed):
+                slot = self.slots[index]
+                prepare_slot(self.slots, index, self.plan.run_root)
+                with locked(slot.root / ".lock"):
+                    with self._lock:
+                        self.current = (slot, MetricsTail(slot.stage_dir / "metrics.jsonl"))
+                    started = time.time()
+                    result = stages_lib.run_stage(stage, cfg, slot.root, self.plan.ray)
+                self.runs.append(StageRun(slot.name, slot.key, str(slot.stage_dir), result.skipped,
+                                          round(time.time() - started, 3), result.manifest.get("summary", {})))
+                self.record.save(self.runs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the trial's thread
+            self.error = exc
+            self.record.save(self.runs, exc)
+
+    def new_records(self) -> list[tuple[str, dict]]:
+        with self._lock:
+            current = self.current
+        if current is None:
+            return []
+        slot, tail = current
+        return [(slot.name, record) for record in tail.read()]
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` keeping numbers, booleans and strings."""
+    flat = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten(value, path))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[path] = value
+    return flat
+
+
+def _report_values(stage: str, record: dict) -> dict:
+    values = {k: v for k, v in record.items() if k != "time" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {**values, "stage": stage}
+
+
+def run_trial(config: dict, plan: TrialPlan) -> None:
+    """The Tune function trainable: run the trial's stages, reporting their metrics as they come."""
+    from ray import tune
+
+    if plan.cwd.is_dir():
+        os.chdir(plan.cwd)  # Tune starts trials in their own directory; configs are relative to the driver's
+    trial_id = tune.get_context().get_trial_id()
+    stages = dict(plan.stages)
+    restored = tune.get_checkpoint()
+    values = dict(config)
+    if restored is not None and plan.checkpoint_stage:
+        values[f"{plan.checkpoint_stage}.{plan.restore_key}"] = _local_copy(restored, plan.work, trial_id)
+    stages = space_lib.with_values(stages, values)
+    slots = stage_slots(stages, plan.work / STAGE_CACHE)
+    record = TrialRecord(plan.work / TRIALS / trial_id, trial_id, config, slots)
+    record.attempt(restored is not None)
+    try:
+        typed = build_stage_configs(stages, slots)  # a bad value errors this trial here, before any work
+    except config_lib.ConfigError as exc:
+        record.save([], exc)
+        raise
+    runner = StageRunner(typed, slots, plan, record)
+    runner.start()
+    latest: dict[str, Any] = {}
+    reported_checkpoint: str | None = None
+    while True:
+        alive = runner.alive()
+        for stage, line in runner.new_records():
+            reported = _report_values(stage, line)
+            latest.update(reported)
+            checkpoint = None
+            if stage == plan.checkpoint_stage:
+                checkpoint, reported_checkpoint = _new_checkpoint(slots, plan, reported_checkpoint)
+            _report(tune, reported, checkpoint)
+        if not alive:
+            break
+        runner.join(_POLL_S)
+    if runner.error is not None:
+        raise runner.error
+    final = {**latest, **flatten({run.name: run.summary for run in runner.runs}), COMPLETED: 1}
+    final.pop("stage", None)
+    _report(tune, final, None)
+
+
+def _report(tune, values: dict, checkpoint_dir: Path | None) -> None:
+    if checkpoint_dir is None:
+        tune.report(values)
+        return
+    try:
+        tune.report(values, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+    finally:
+        shutil.rmtree(checkpoint_dir.parent, ignore_errors=True)
+
+
+def _new_checkpoint(slots: list[StageSlot], plan: TrialPlan, reported: str | None) -> tuple[Path | None, str | None]:
+    """A private copy of the stage's newest complete checkpoint if it is newer than ``reported``."""
+    from llmray.train import checkpoint as ckpt
+
+    slot = next(s for s in slots if s.name == plan.checkpoint_stage)
+    newest = ckpt.latest_complete(ckpt.checkpoint_dirs(slot.stage_dir / plan.checkpoint_subdir))
+    if newest is None or newest.name == reported:
+        return None, reported
+    copy = Path(tempfile.mkdtemp(prefix="llmray-tune-ckpt-")) / newest.name
+    try:
+        shutil.copytree(newest, copy)
+    except (FileNotFoundError, shutil.Error):  # rotated away by the trainer while copying: next time
+        shutil.rmtree(copy.parent, ignore_errors=True)
+        return None, reported
+    return copy, newest.name
+
+
+def _local_copy(checkpoint, work: Path, trial_id: str) -> str:
+    """The Tune checkpoint handed to this trial (a PBT exploit, a restore), as a local directory."""
+    target = work / TRIALS / trial_id / "restored" / f"{time.time_ns()}"
+    checkpoint.to_directory(str(target))
+    return str(target)
+
+
+class TrialRecord:
+    """``trials/<id>/``: ``attempts.jsonl`` (one line per start), ``trial.json`` (stages ran or
+    reused so far, lineage keys, error) and a symlink to each stage directory the trial used."""
+
+    def __init__(self, directory: Path, trial_id: str, config: dict, slots: list[StageSlot]):
+        self.directory, self.trial_id, self.config, self.slots = directory, trial_id, config, slots
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def attempt(self, restored: bool) -> None:
+        line = json.dumps({"time": time.time(), "config": self.config, "restored_checkpoint": restored},
+                          default=str)
+        with open(self.directory / "attempts.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+    def save(self, done: list[StageRun], error: BaseException | None = None) -> None:
+        for slot in self.slots:
+            link = self.directory / slot.name
+            if not link.is_symlink() and slot.stage_dir.exists():
+                link.symlink_to(os.path.relpath(slot.stage_dir, self.directory), target_is_directory=True)
+        runs.write_json(self.directory / TRIAL_RECORD, {
+            "trial_id": self.trial_id, "config": self.config,
+            "stages": [run.__dict__ for run in done],
+            "lineage": {slot.name: slot.key for slot in self.slots},
+            "error": None if error is None else f"{type(error).__name__}: {error}"})
