@@ -195,6 +195,10 @@ def _coerce(tp: Any, value: Any, where: str, field: dataclasses.Field | None = N
         return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
+    if tp in (dict, list):  # untyped containers: checked for shape only, contents validated later
+        if not isinstance(value, tp):
+            raise ConfigError(f"{where}: expected a {'mapping' if tp is dict else 'list'}, got {value!r}")
+        return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list of {_type_name(args[0]) if args else 'values'}, "

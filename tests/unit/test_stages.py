@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmray import stages
-from llmray.config import ConfigError, param
+from llmray.config import ConfigError, from_dict, param
 from llmray.pipeline import PipelineConfig, run_pipeline
 
 CALLS: list[str] = []
@@ -102,6 +102,8 @@ def test_pipeline_validates_every_stage_before_running(tmp_path, source, monkeyp
     good = {"source": str(source)}
     with pytest.raises(ConfigError, match=r"unknown stage 'stages.uper'; did you mean 'upper'"):
         PipelineConfig(stages={"uper": good})
+    with pytest.raises(ConfigError, match=r"stages.upper: expected a mapping, got 'x'"):
+        from_dict(PipelineConfig, {"stages": {"upper": "x"}})
     cfg = PipelineConfig(name="p", stages={"upper": {"source": str(source), "repat": 2}})
     with pytest.raises(ConfigError, match=r"in stages.upper: unknown config key 'repat'; did you mean 'repeat'"):
         run_pipeline(cfg, tmp_path)
@@ -110,7 +112,7 @@ def test_pipeline_validates_every_stage_before_running(tmp_path, source, monkeyp
 
 def test_pipeline_runs_then_skips_and_substitutes_run_dir(tmp_path, source, monkeypatch):
     monkeypatch.setitem(stages.STAGES, "upper", UPPER)
-    cfg = PipelineConfig(name="p", stages={"upper": {"source": str(source)}})
+    cfg = from_dict(PipelineConfig, {"name": "p", "stages": {"upper": {"source": str(source)}}})
     assert [r.skipped for r in run_pipeline(cfg, tmp_path)] == [False]
     assert [r.skipped for r in run_pipeline(cfg, tmp_path)] == [True]
     raw = {"source": "{run_dir}/upper/output/upper.txt"}
