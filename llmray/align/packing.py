@@ -104,6 +104,11 @@ class PackedRows:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def fill(self) -> float:
+        """Share of row slots holding conversation tokens (the rest is padding)."""
+        members = np.array([len(m) for m in self.members])[:, None]
+        return float((self.segment_ids < members).mean())
+
     def batch(self, rows: Sequence[int]) -> dict[str, np.ndarray]:
         """{"inputs", "targets", "segment_ids"}, each (B, row_len - 1); row -1 is an all-padding row."""
         rows = np.asarray(rows, dtype=np.int64)

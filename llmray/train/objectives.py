@@ -132,14 +132,11 @@ class DPO:
 
     batch: ``inputs`` / ``targets`` (2N, T): the N chosen rows, then the N rejected rows, targets
     :data:`IGNORE_INDEX` outside each final assistant reply; ``reference_logps`` (2N,) in the same
-    order; ``valid`` (N,) 1 for a real pair, 0 for loader padding. Running sums of the implicit
-    rewards are kept in :attr:`stats` (pairs, correct, chosen reward, rejected reward, margin) for
-    the stage to read and reset.
+    order; ``valid`` (N,) 1 for a real pair, 0 for loader padding.
     """
 
     def __init__(self, beta: float, label_smoothing: float = 0.0, ipo: bool = False):
         self.beta, self.label_smoothing, self.ipo = beta, label_smoothing, ipo
-        self.stats = torch.zeros(5, dtype=torch.float64)
 
     def weight(self, batch: dict) -> int:
         return int(batch["valid"].sum())
@@ -147,19 +144,16 @@ class DPO:
     def tokens(self, batch: dict) -> int:
         return batch["inputs"].numel()
 
-    def pair_terms(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(losses, chosen rewards, rejected rewards), each (N,), zero where ``valid`` is 0."""
+    def pair_terms(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """Per pair (N,): loss, chosen/rejected implicit rewards and policy log-probs; 0 where not ``valid``."""
         policy = sequence_logps(model, batch["inputs"], batch["targets"])
         reference = batch["reference_logps"].to(policy.dtype)
         losses, chosen, rejected = dpo_loss(*policy.chunk(2), *reference.chunk(2), beta=self.beta,
                                             label_smoothing=self.label_smoothing, ipo=self.ipo)
         valid = batch["valid"].to(losses.dtype)
-        return losses * valid, chosen * valid, rejected * valid
+        policy_chosen, policy_rejected = policy.detach().chunk(2)
+        return {"loss": losses * valid, "chosen_reward": chosen * valid, "rejected_reward": rejected * valid,
+                "chosen_logp": policy_chosen * valid, "rejected_logp": policy_rejected * valid}
 
     def loss(self, model: nn.Module, batch: dict) -> LossOutput:
-        losses, chosen, rejected = self.pair_terms(model, batch)
-        valid = batch["valid"].bool()
-        self.stats += torch.tensor([float(valid.sum()), float(((chosen > rejected) & valid).sum()),
-                                    float(chosen.sum()), float(rejected.sum()), float((chosen - rejected).sum())],
-                                   dtype=torch.float64)
-        return LossOutput(losses.sum(), self.weight(batch))
+        return LossOutput(self.pair_terms(model, batch)["loss"].sum(), self.weight(batch))

@@ -62,9 +62,10 @@ def test_objective_scores_only_completions_and_ignores_padding_pairs():
     out = objective.loss(model, batch)
     assert out.weight == 1 == objective.weight(batch)
     assert out.loss_sum.item() == pytest.approx(math.log(1 + math.exp(-0.2 * 1.0)), rel=1e-5)  # h = 0.5 + 0.5
-    pairs, correct, chosen, rejected, margin = objective.stats.tolist()
-    assert (pairs, correct) == (1, 1) and chosen == pytest.approx(0.1) and rejected == pytest.approx(-0.1)
-    assert margin == pytest.approx(0.2)
+    terms = objective.pair_terms(model, batch)
+    assert terms["chosen_reward"].tolist() == pytest.approx([0.1, 0.0])  # the empty pair counts as 0
+    assert terms["rejected_reward"].tolist() == pytest.approx([-0.1, 0.0])
+    assert terms["chosen_logp"][0].item() == pytest.approx(by_hand[0].item(), rel=1e-6)
 
 
 def test_policy_equal_to_reference_gives_log_2():
