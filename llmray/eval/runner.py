@@ -44,7 +44,8 @@ class RunnerConfig:
     num_gpus_per_actor: float = param(0.0, doc="GPUs each actor reserves (fractions share a GPU); > 0 runs "
                                                "the model on CUDA", min=0.0)
     threads_per_actor: int | None = param(1, doc="torch threads per actor (null = torch's default)", min=1)
-    device: Literal["auto", "cpu", "cuda"] = param("auto", doc="auto = cuda when the worker sees a GPU")
+    device: Literal["auto", "cpu", "cuda"] = param("auto", doc="auto = cuda for actors with a GPU share, and "
+                                                              "in-process when a GPU is visible")
     dtype: Literal["float32", "bfloat16", "float16"] = param("float32", doc="model weights dtype "
                                                              "(float16 is unusably slow on CPU)")
     batch_size: int = param(32, doc="most requests per batch", min=1)
@@ -71,24 +72,44 @@ def make_batches(requests: list[Request], batch_size: int, max_batch_tokens: int
     return batches
 
 
-def run_batches(batches: list[list[Request]], worker_args: dict, cfg: RunnerConfig) -> list[list]:
-    """Results of every batch, in batch order, in-process or on an actor pool."""
-    if cfg.num_actors == 0:
-        worker = ModelWorker(**worker_args)
-        return [_logged(i, len(batches), worker.run(batch)) for i, batch in enumerate(batches)]
-    import ray
-    from ray.util import ActorPool
+class WorkerPool:
+    """``num_actors`` Ray actors holding the model (or, with 0, one in-process worker)."""
 
-    actor_cls = ray.remote(ModelWorker).options(num_cpus=cfg.num_cpus_per_actor,
-                                                num_gpus=cfg.num_gpus_per_actor)
-    actors = [actor_cls.remote(**worker_args) for _ in range(cfg.num_actors)]
-    try:
-        pool = ActorPool(actors)
-        results = pool.map(lambda actor, batch: actor.run.remote(batch), batches)
+    def __init__(self, worker_args: dict, cfg: RunnerConfig):
+        self.local = ModelWorker(**worker_args) if cfg.num_actors == 0 else None
+        self.actors = []
+        if self.local is None:
+            import ray
+
+            actor_cls = ray.remote(ModelWorker).options(num_cpus=cfg.num_cpus_per_actor,
+                                                        num_gpus=cfg.num_gpus_per_actor)
+            self.actors = [actor_cls.remote(**worker_args) for _ in range(cfg.num_actors)]
+
+    def map(self, batches: list[list[Request]]) -> list[list]:
+        """Results of every batch, in batch order."""
+        if self.local is not None:
+            return [_logged(i, len(batches), self.local.run(batch)) for i, batch in enumerate(batches)]
+        from ray.util import ActorPool
+
+        results = ActorPool(self.actors).map(lambda actor, batch: actor.run.remote(batch), batches)
         return [_logged(i, len(batches), result) for i, result in enumerate(results)]
+
+    def close(self) -> None:
+        if self.actors:
+            import ray
+
+            for actor in self.actors:
+                ray.kill(actor)
+            self.actors = []
+
+
+def run_batches(batches: list[list[Request]], worker_args: dict, cfg: RunnerConfig) -> list[list]:
+    """Results of every batch, in batch order, in-process or on an actor pool made for them."""
+    pool = WorkerPool(worker_args, cfg)
+    try:
+        return pool.map(batches)
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        pool.close()
 
 
 def _logged(index: int, total: int, result: list) -> list:
@@ -128,10 +149,17 @@ def model_info(model_dir: str | Path, tokenizer_dir: str | Path | None = None) -
     return ModelInfo(model_cfg.max_seq_len, bos if bos is not None else eos[0], eos, tokenizer_file)
 
 
-def evaluate_model(model_dir: str | Path, tasks: list[Task], cfg: RunnerConfig, *, chat: bool = False,
-                   seed: int = 1234, tokenizer_dir: str | Path | None = None,
-                   bootstrap_iters: int = 1000) -> dict[str, dict]:
-    """``{task: {"metrics": {name: {"value", "stderr"}}, "scores": [per-example dicts]}}``."""
+@dataclass
+class RequestPlan:
+    """Every request of a set of tasks for one model, and which requests score which example."""
+
+    requests: list[Request]
+    spans: dict[str, list[tuple[int, int]]]  # task -> per example: [start, end) into requests
+    info: ModelInfo
+
+
+def plan_requests(model_dir: str | Path, tasks: list[Task], *, chat: bool = False, seed: int = 1234,
+                  tokenizer_dir: str | Path | None = None) -> RequestPlan:
     from tokenizers import Tokenizer
 
     from llmray.tokenizer.chat import ChatTemplate
@@ -140,25 +168,45 @@ def evaluate_model(model_dir: str | Path, tasks: list[Task], cfg: RunnerConfig, 
     tokenizer = Tokenizer.from_file(str(info.tokenizer_file))
     encoder = Encoder(tokenizer, info.start_id, info.eos_ids, ChatTemplate(tokenizer) if chat else None)
     requests: list[Request] = []
-    spans: dict[str, list[tuple[int, int]]] = {}  # task -> per example (first request, end)
+    spans: dict[str, list[tuple[int, int]]] = {}
     for task in tasks:
         spans[task.name] = []
         for index in range(len(task.examples)):
             start = len(requests)
             requests.extend(example_requests(task, index, encoder, seed, info.max_seq_len))
             spans[task.name].append((start, len(requests)))
-    batches = make_batches(requests, cfg.batch_size, cfg.max_batch_tokens)
-    log.info("%s: %d requests in %d batches over %d tasks", model_dir, len(requests), len(batches), len(tasks))
-    worker_args = dict(model_dir=str(model_dir), tokenizer_file=str(info.tokenizer_file), device=cfg.device,
-                       dtype=cfg.dtype, threads=cfg.threads_per_actor if cfg.num_actors else None)
-    batch_results = run_batches([[requests[i] for i in batch] for batch in batches], worker_args, cfg)
-    results: list = [None] * len(requests)
+    return RequestPlan(requests, spans, info)
+
+
+def worker_args(model_dir: str | Path, info: ModelInfo, cfg: RunnerConfig) -> dict:
+    """Constructor arguments of the :class:`ModelWorker`.
+
+    Threads are set only inside actors (never in the caller's process). An actor uses CUDA only
+    when it reserved a GPU share, so actors never use a GPU Ray did not give them.
+    """
+    device = cfg.device
+    if cfg.num_actors and device == "auto":
+        device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
+    return dict(model_dir=str(model_dir), tokenizer_file=str(info.tokenizer_file), device=device,
+                dtype=cfg.dtype, threads=cfg.threads_per_actor if cfg.num_actors else None)
+
+
+def evaluate_model(model_dir: str | Path, tasks: list[Task], cfg: RunnerConfig, *, chat: bool = False,
+                   seed: int = 1234, tokenizer_dir: str | Path | None = None,
+                   bootstrap_iters: int = 1000) -> dict[str, dict]:
+    """``{task: {"metrics": {name: {"value", "stderr"}}, "scores": [per-example dicts]}}``."""
+    plan = plan_requests(model_dir, tasks, chat=chat, seed=seed, tokenizer_dir=tokenizer_dir)
+    batches = make_batches(plan.requests, cfg.batch_size, cfg.max_batch_tokens)
+    log.info("%s: %d requests in %d batches over %d tasks", model_dir, len(plan.requests), len(batches), len(tasks))
+    batch_results = run_batches([[plan.requests[i] for i in batch] for batch in batches],
+                                worker_args(model_dir, plan.info, cfg), cfg)
+    results: list = [None] * len(plan.requests)
     for batch, batch_result in zip(batches, batch_results):
         for i, result in zip(batch, batch_result):
             results[i] = result
     evaluated = {}
     for task in tasks:
         scores = [scoring.score_example(task, example, results[start:end])
-                  for example, (start, end) in zip(task.examples, spans[task.name])]
+                  for example, (start, end) in zip(task.examples, plan.spans[task.name])]
         evaluated[task.name] = {"metrics": scoring.aggregate(task, scores, bootstrap_iters, seed), "scores": scores}
     return evaluated

@@ -76,3 +76,14 @@ def test_background_evaluation_returns_at_once_and_writes_results(ray_session, s
     results = json.loads((tmp_path / "evals" / "step_20" / "results.json").read_text())
     assert results["checkpoints"]["step_20"]["path"] == str(model_dir)
     assert evaluator.poll() == {}
+
+
+@pytest.mark.gpu
+def test_fractional_gpu_actors_match_the_cpu_run(ray_session, shared_data, one_thread):
+    model_dir = exported_tiny_model()
+    tasks = [load_task("arc_easy", SPECS["arc_easy"][0], shared_data, 40)]
+    cpu = evaluate_model(model_dir, tasks, RunnerConfig(num_actors=0, device="cpu"), bootstrap_iters=0)
+    gpu = evaluate_model(model_dir, tasks, RunnerConfig(num_actors=2, num_cpus_per_actor=0.5,
+                                                        num_gpus_per_actor=0.5), bootstrap_iters=0)
+    for one, two in zip(cpu["arc_easy"]["scores"], gpu["arc_easy"]["scores"]):
+        assert one["loglikelihoods"] == pytest.approx(two["loglikelihoods"], abs=1e-3)
