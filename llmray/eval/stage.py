@@ -4,7 +4,7 @@ Design choices:
 
 * One config holds the task declarations (``task_specs``, usually pulled in with ``include:``
   from ``configs/eval/tasks/*.yaml``) and the selection (``tasks``; empty = every declared
-  task), so ``llmray eval --config configs/eval/core.yaml tasks=[arc_easy,piqa]`` narrows a suite
+  task), so ``llmray eval --config configs/eval/core.yaml tasks=arc_easy,piqa`` narrows a suite
   without editing files.
 * ``checkpoints`` maps a name to a model directory (HF layout: config.json + model.safetensors
   + tokenizer.json); several names (base / sft / dpo) become columns of one table. Names listed
@@ -42,7 +42,8 @@ class EvalConfig:
     tokenizer: str | None = param(None, doc="directory with tokenizer.json when a checkpoint has none")
     task_specs: dict[str, TaskSpec] = param(default_factory=dict,
                                             doc="task name -> declaration (see configs/eval/tasks/*.yaml)")
-    tasks: list[str] = param(default_factory=list, doc="tasks to run, e.g. [arc_easy,piqa]; empty = all declared")
+    tasks: list[str] | str = param(default_factory=list, doc="tasks to run: a list, or comma-separated "
+                                                           "(tasks=arc_easy,piqa); empty = all declared")
     data_dir: str = param("../shared/data", doc="directory relative task paths are resolved against")
     limit: int | None = param(None, doc="evaluate only the first N examples of each task (null = all)", min=1)
     num_fewshot: int | None = param(None, doc="few-shot examples for every task (null = each task's own)", min=0)
@@ -53,6 +54,8 @@ class EvalConfig:
     runner: RunnerConfig = param(default_factory=RunnerConfig, doc="actor pool and batching")
 
     def __post_init__(self) -> None:
+        if isinstance(self.tasks, str):
+            self.tasks = [name.strip() for name in self.tasks.split(",") if name.strip()]
         if not self.checkpoints:
             raise ValueError("checkpoints: give at least one name -> model directory")
         unknown = [t for t in self.tasks if t not in self.task_specs]

@@ -230,6 +230,11 @@ def test_tiny_suite_is_a_limited_subset(shared_data):
     assert all(len(t.examples) <= 50 for t in cfg.load_tasks())
 
 
+def test_tasks_may_be_given_comma_separated():
+    assert shipped("core.yaml", tasks="arc_easy,piqa").selected_tasks() == ["arc_easy", "piqa"]
+    assert shipped("core.yaml", tasks="[copa]").selected_tasks() == ["copa"]
+
+
 def test_fewshot_override_adds_the_demonstration_files_to_the_lineage(shared_data):
     cfg = shipped("core.yaml", data_dir=str(shared_data), num_fewshot=3)
     assert cfg.inputs()["task.arc_easy.fewshot"].endswith("ARC-Easy-Train.jsonl")
