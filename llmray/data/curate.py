@@ -61,7 +61,8 @@ class ExecutionConfig:
     """How the pipeline uses the Ray cluster."""
 
     read_cpus: float = param(0.25, doc="logical CPUs per read task", min=0.01)
-    clean_cpus: float = param(0.5, doc="logical CPUs per normalize/filter task", min=0.01)
+    clean_cpus: float = param(0.5, doc="logical CPUs per clean/redact task (Ray fuses clean into the "
+                                       "classifier actors when it can)", min=0.01)
     batch_rows: int = param(256, doc="rows per block after reading (unit of work of clean/classify)", min=1)
     read_batch_rows: int = param(1024, doc="max rows a read task yields per batch", min=1)
     actors: int | None = param(None, doc="classifier actors (empty: one per cluster CPU)", min=1)
@@ -93,18 +94,15 @@ class CurateConfig:
             raise ValueError(f"source names must be unique; repeated: {duplicates}")
 
     def inputs(self) -> dict[str, str]:
-        """Existing source paths and model files, for the lineage cache.
+        """The files that will be read and the model files, for the lineage cache.
 
         Machine-local sources are not fingerprinted (hashing /usr/share/doc on every call would
         cost more than curating a demo slice of it); their selection (kinds, caps) is part of
         the config hash, and ``--force`` reruns after a system update.
         """
         found = {}
-        for source in self.sources:
-            if source.kind == "machine":
-                continue
-            for i, path in enumerate(sources_lib.existing_paths(source)):
-                found[f"source.{source.name}.{i}"] = str(path)
+        for unit in sources_lib.plan([s for s in self.sources if s.kind != "machine"]):
+            found[f"source.{unit['source']}.{unit['id_path']}"] = unit["path"]  # the files read, exactly
         for name in ("quality", "toxicity"):
             score = getattr(self.classify, name)
             if score.available():
