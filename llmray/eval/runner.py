@@ -12,8 +12,9 @@ Design choices:
   them batches as they free up (longest batches first, so the tail is short); results come back
   in batch order. Actors ask for ``num_cpus_per_actor`` (fractional, so a 2-CPU laptop can host
   two of them plus the driver's tasks) and ``num_gpus_per_actor`` (fractional GPUs share a card).
-* Each actor sets its own torch thread count (``threads_per_actor``): N single-threaded actors
-  parallelize small-batch inference far better than one N-threaded process.
+* Each actor sets its own torch thread count (``threads_per_actor``, default 1): on CPU, N
+  single-threaded actors kept the cores busier than one N-threaded process for these small
+  batches (``bench/eval_speed.py`` measures both).
 """
 
 from __future__ import annotations
