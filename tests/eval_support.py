@@ -12,9 +12,11 @@ without epsilon (a one-hot row normalizes to ``√dim`` times itself) and an out
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import math
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -51,6 +53,7 @@ def save_tokenizer(tokenizer, directory: Path) -> Path:
 def exported_tiny_model(seed: int = 0) -> Path:
     """A model directory (config.json, model.safetensors, tokenizer.json) of the 'tiny' preset."""
     root = Path(tempfile.mkdtemp(prefix="llmray-eval-model-"))
+    atexit.register(shutil.rmtree, root, True)
     text = (SHARED_DATA / "wikipedia_sample" / "wiki_demo.txt").read_text(encoding="utf-8")[:200_000]
     arc = (SHARED_DATA / "arc" / "ARC-Easy-Train.jsonl").read_text(encoding="utf-8")[:100_000]
     tokenizer_dir = save_tokenizer(train_bpe(text.splitlines() + arc.splitlines(), 1024), root / "tokenizer")
