@@ -26,7 +26,7 @@ from llmray.config import param
 from llmray.eval import results as results_lib
 from llmray.eval import scoring
 from llmray.eval.runner import RunnerConfig, evaluate_model
-from llmray.eval.tasks import Task, TaskSpec, load_task, task_files
+from llmray.eval.tasks import Task, TaskSpec, load_task, task_files, with_fewshot
 
 
 @dataclass
@@ -76,9 +76,7 @@ class EvalConfig:
         if self.tokenizer:
             inputs["tokenizer"] = self.tokenizer
         for task in self.selected_tasks():
-            spec = self.task_specs[task]
-            if self.num_fewshot is not None:
-                spec = TaskSpec(**{**spec.__dict__, "num_fewshot": self.num_fewshot})
+            spec = with_fewshot(self.task_specs[task], self.num_fewshot)
             for role, path in task_files(spec, self.data_dir).items():
                 inputs[f"task.{task}.{role}"] = str(path)
         return inputs

@@ -24,6 +24,7 @@ Design choices:
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import re
@@ -370,13 +371,17 @@ def task_files(spec: TaskSpec, data_dir: str | Path) -> dict[str, Path]:
     return files
 
 
+def with_fewshot(spec: TaskSpec, num_fewshot: int | None) -> TaskSpec:
+    """``spec`` with its ``num_fewshot`` overridden (``None`` keeps it)."""
+    return spec if num_fewshot is None else dataclasses.replace(spec, num_fewshot=num_fewshot)
+
+
 def load_task(name: str, spec: TaskSpec, data_dir: str | Path, limit: int | None = None,
               num_fewshot: int | None = None) -> Task:
     """Read task ``name``; ``limit`` keeps the first examples, ``num_fewshot`` overrides the spec's."""
     if not spec.path:
         raise TaskFormatError(f"task {name}: no path given")
-    if num_fewshot is not None:
-        spec = TaskSpec(**{**spec.__dict__, "num_fewshot": num_fewshot})
+    spec = with_fewshot(spec, num_fewshot)
     if spec.kind == "bits_per_byte" and spec.num_fewshot:
         raise TaskFormatError(f"task {name}: bits-per-byte on held-out text takes no few-shot examples")
     files = task_files(spec, data_dir)
