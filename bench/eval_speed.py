@@ -17,6 +17,7 @@ The last line printed is one JSON object: req_per_s_1, req_per_s_2, speedup_2_ac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -77,8 +78,8 @@ def main() -> None:
               f"{os.cpu_count()} CPUs", flush=True)
 
         cluster.connect(cluster.RayConfig(num_cpus=os.cpu_count(), dashboard=False))
-        pools = {n: WorkerPool(worker_args(model_dir, plan.info, RunnerConfig(**{**base.__dict__, "num_actors": n})),
-                               RunnerConfig(**{**base.__dict__, "num_actors": n})) for n in (1, 2)}
+        configs = {n: dataclasses.replace(base, num_actors=n) for n in (1, 2)}
+        pools = {n: WorkerPool(worker_args(model_dir, plan.info, c), c) for n, c in configs.items()}
         for n, pool in pools.items():  # load the model in every actor and run one batch each
             pool.map(batches[:n])
         seconds: dict[int, list[float]] = {1: [], 2: []}
@@ -90,7 +91,8 @@ def main() -> None:
             pool.close()
 
         torch.set_num_threads(2)
-        in_process = WorkerPool(worker_args(model_dir, plan.info, RunnerConfig(num_actors=0)), RunnerConfig(num_actors=0))
+        local = RunnerConfig(num_actors=0)
+        in_process = WorkerPool(worker_args(model_dir, plan.info, local), local)
         in_process.map(batches[:1])
         local_seconds = statistics.median(timed(in_process, batches) for _ in range(args.rounds))
 

@@ -3,8 +3,8 @@
 
 The reference below shares nothing with llmray's eval code: it tokenizes with transformers,
 runs Hugging Face's Llama implementation on one example's choices at a time (right-padded,
-with an attention mask) and scores with plain torch. The acceptance bound is 0.5 accuracy points; per-choice log-likelihoods are also
-compared.
+with an attention mask) and scores with plain torch. The acceptance bound is 0.5 accuracy
+points; per-choice log-likelihoods are also compared.
 """
 
 from __future__ import annotations

@@ -198,8 +198,9 @@ def test_missing_task_file_is_named(tmp_path):
 
 
 def test_limit_and_fewshot_pool(shared_data):
-    task = load_task("arc", TaskSpec(format="arc", path="arc/ARC-Easy-Dev.jsonl", fewshot_path="arc/ARC-Easy-Train.jsonl",
-                                     num_fewshot=5), shared_data, limit=10)
+    spec = TaskSpec(format="arc", path="arc/ARC-Easy-Dev.jsonl", fewshot_path="arc/ARC-Easy-Train.jsonl",
+                    num_fewshot=5)
+    task = load_task("arc", spec, shared_data, limit=10)
     assert len(task.examples) == 10 and len(task.fewshot_pool) == 2251 and not task.fewshot_from_self
 
 
