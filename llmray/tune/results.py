@@ -207,7 +207,10 @@ def write_results(grid, cfg, work: Path, output: Path, run_name: str) -> tuple[d
     runs.write_text(output / "lineage.md", lineage_md)
     parts = [f"# Sweep: {cfg.metric} ({cfg.mode}), {len(rows)} trials, search {cfg.search}, "
              f"scheduler {cfg.scheduler.kind}", "", table]
-    if best is not None:
+    if best is None:
+        parts += [f"**No trial reported `{cfg.metric}`**: check the metric name against the reported keys "
+                  "(progress.csv of a trial under work/ray_results/sweep).", ""]
+    else:
         runs.write_text(output / "best_config.yaml", best_config_yaml(cfg, best, run_name))
         parts += [f"Best completed trial: **{best['trial_id']}**, {cfg.metric} = {best['metric']:.6g}, "
                   + ", ".join(f"`{k}={v!r}`" for k, v in best["config"].items())

@@ -36,6 +36,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,8 +201,12 @@ def build_tuner(cfg: TuneConfig, work: Path, run_root: Path, ray_cfg):
     from ray import tune
 
     work = Path(work).resolve()
+    # A trial reports each stage's metrics as they come; the sweep metric may appear only in a
+    # later stage (eval), so Tune's check that the first result already holds it must be off.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     domains = cfg.domains()
     plan = trial_lib.TrialPlan(stages=cfg.stages, work=work, run_root=Path(run_root).resolve(),
+                               run_dir_text=str(run_root),
                                cwd=Path.cwd().resolve(), ray=ray_cfg,
                                checkpoint_stage=cfg.checkpoint.stage, checkpoint_subdir=cfg.checkpoint.subdir,
                                restore_key=cfg.checkpoint.restore_key)

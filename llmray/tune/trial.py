@@ -64,6 +64,7 @@ class TrialPlan:
     work: Path  # the tune stage's work directory (absolute)
     run_root: Path  # the sweep's run directory: its other stages are visible to trials under {run_dir}
     cwd: Path  # the driver's working directory: relative paths in configs are relative to it
+    run_dir_text: str = ""  # what {run_dir} became in the sweep config: rebased onto each stage's own root
     ray: cluster.RayConfig = field(default_factory=cluster.RayConfig)
     checkpoint_stage: str | None = None  # whose checkpoints go to Tune
     checkpoint_subdir: str = "work/checkpoints"  # where that stage writes step_* checkpoints
@@ -127,13 +128,35 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def build_stage_configs(stages: dict[str, dict], slots: list[StageSlot]) -> list[tuple[stages_lib.Stage, Any]]:
-    """Validate every stage's config before anything runs; errors name the trial's stage and key."""
+def rebase(data: Any, old_root: str, new_root: Path) -> Any:
+    """Point every string path under ``old_root`` at the same place under ``new_root``."""
+    if isinstance(data, str):
+        if old_root and (data == old_root or data.startswith(old_root + "/")):
+            return str(new_root) + data[len(old_root):]
+        return data
+    if isinstance(data, dict):
+        return {k: rebase(v, old_root, new_root) for k, v in data.items()}
+    if isinstance(data, list):
+        return [rebase(v, old_root, new_root) for v in data]
+    return data
+
+
+def build_stage_configs(stages: dict[str, dict], slots: list[StageSlot],
+                        run_dir_text: str = "") -> list[tuple[stages_lib.Stage, Any]]:
+    """Validate every stage's config before anything runs; errors name the trial's stage and key.
+
+    The sweep's own config loading already replaced ``{run_dir}`` with the sweep's run directory
+    (``run_dir_text``); inside a trial, ``{run_dir}`` means the stage's lineage root, so those
+    paths are rebased onto it (the sweep run's other stages are linked there too)."""
     typed = []
     for slot in slots:
         stage = stages_lib.STAGES[slot.name]
         try:
-            typed.append((stage, stages_lib.build_config(stage, stages[slot.name] or {}, slot.root)))
+            raw = rebase(stages[slot.name] or {}, run_dir_text, slot.root)
+            cfg = stages_lib.build_config(stage, raw, slot.root)
+            # a second pass resolves {run_dir} in defaults too (e.g. tokenizer.documents left unset)
+            resolved = stages_lib.substitute_run_dir(config_lib.to_dict(cfg), slot.root)
+            typed.append((stage, config_lib.from_dict(stage.config_cls, resolved)))
         except config_lib.ConfigError as exc:
             raise config_lib.ConfigError(f"in stage {slot.name}: {exc}") from exc
     return typed
@@ -254,7 +277,7 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     record = TrialRecord(plan.work / TRIALS / trial_id, trial_id, config, slots)
     record.attempt(restored is not None)
     try:
-        typed = build_stage_configs(stages, slots)  # a bad value errors this trial here, before any work
+        typed = build_stage_configs(stages, slots, plan.run_dir_text)  # a bad value fails here, before any work
     except config_lib.ConfigError as exc:
         record.save([], exc)
         raise

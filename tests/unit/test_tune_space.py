@@ -123,3 +123,16 @@ def test_best_row_prefers_completed_trials_and_yaml_is_ready_to_use(tmp_path):
     assert loaded["train"] == {"steps": 20, "optimizer": {"lr": 0.01}}
     proxy = stages.build_config(stages.STAGES["proxy"], loaded, tmp_path)
     assert proxy.train.optimizer.lr == 0.01 and "llmray proxy train --config" in text
+
+
+def test_run_dir_paths_of_the_sweep_are_rebased_onto_each_stage_lineage_root(tmp_path):
+    """{run_dir} in a trial's stage config means that stage's lineage root, not the sweep's run."""
+    base = {"tokens": {"documents": "runs/x/curate/output/documents", "tokenizer": "runs/xy/tok"},
+            "proxy": {"tokens": "runs/x/tokens/output", "tokenizer": None}}
+    slots = trial.stage_slots(base, tmp_path / "stages")
+    assert trial.rebase(base["proxy"], "runs/x", slots[1].root) == {
+        "tokens": f"{slots[1].root}/tokens/output", "tokenizer": None}
+    assert trial.rebase(base["tokens"], "runs/x", slots[0].root)["tokenizer"] == "runs/xy/tok"  # a prefix only
+    typed = trial.build_stage_configs({"proxy": {**base["proxy"], "train": {"steps": 5}}},
+                                      trial.stage_slots({"proxy": {}}, tmp_path / "stages"), "runs/x")
+    assert typed[0][1].tokens.endswith("/tokens/output") and str(tmp_path) in typed[0][1].tokens
