@@ -53,3 +53,64 @@ def byte_token_lengths() -> torch.Tensor:
 def tiny_model(seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
     return llama.build(preset("tiny", **{"vocab_size": 257, "max_seq_len": 64, **overrides}))
+
+
+SEQ_LEN = 32
+
+
+def make_trainer(shards: Path, *, steps: int, batch: int = 4, accum: int = 1, seed: int = 0, store=None,
+                 objective=None, hooks=(), guards=None, checkpoint_every: int = 0, writer=None,
+                 init_seed: int = 0, parallel=None, lr: float = 3e-3):
+    """A Trainer on the byte shards; rank and world size come from torch.distributed when initialised."""
+    import torch.distributed as dist
+
+    from llmray.tokens.loader import TokenLoader
+    from llmray.train.guards import GuardConfig
+    from llmray.train.objectives import CausalLM
+    from llmray.train.schedule import ScheduleConfig
+    from llmray.train.trainer import OptimizerConfig, TrainConfig, Trainer
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    cfg = TrainConfig(steps=steps, grad_accum=accum, optimizer=OptimizerConfig(lr=lr),
+                      schedule=ScheduleConfig(warmup_steps=2), log_every=5, eval_batches=2,
+                      checkpoint_every=checkpoint_every, guards=guards or GuardConfig(), seed=seed,
+                      peak_flops=1e11)
+    data = TokenLoader(shards, seq_len=SEQ_LEN, batch_size=batch, seed=seed, rank=rank, world_size=world)
+
+    def val():
+        return TokenLoader(shards, split="val", seq_len=SEQ_LEN, batch_size=batch, shuffle=False,
+                           rank=rank, world_size=world)
+    return Trainer(cfg, tiny_model(init_seed), objective or CausalLM(), data, parallel=parallel, store=store,
+                   val_data=val, token_bytes=byte_token_lengths(), flops_per_token=1000, writer=writer,
+                   hooks=hooks)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_gloo(world_size: int, fn, *args) -> None:
+    """Run ``fn(*args)`` on ``world_size`` gloo ranks (spawned processes, 1 thread each)."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_gloo_entry, args=(world_size, free_port(), fn, args), nprocs=world_size,
+                       start_method="spawn")
+
+
+def _gloo_entry(rank: int, world_size: int, port: int, fn, args) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(*args)
+    finally:
+        dist.destroy_process_group()

@@ -178,7 +178,8 @@ class Trainer:
         self.dtype = compute_dtype(cfg.precision, self.device)
         parallel = parallel or ParallelConfig(strategy="none" if self.world_size == 1 else "fsdp2")
         self.engine = build_engine(model, optimizer_factory(cfg.optimizer, self.device), parallel,
-                                   world_size=self.world_size, param_dtype=self.dtype)
+                                   world_size=self.world_size, param_dtype=self.dtype,
+                                   grad_clip=cfg.grad_clip)
         # FSDP2 and DeepSpeed apply bf16 themselves; a plain single process needs autocast.
         self.autocast = self.dtype is not None and parallel.strategy == "none"
         self.scheduler = build_scheduler(self.engine.base_optimizer, cfg.schedule, cfg.steps)

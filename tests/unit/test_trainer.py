@@ -12,12 +12,8 @@ from llmray.train.checkpoint import LocalCheckpointStore, is_complete, step_dir_
 from llmray.train.guards import GuardConfig, TrainingDiverged
 from llmray.train.metrics import MetricsWriter
 from llmray.train.objectives import CausalLM
-from llmray.train.schedule import ScheduleConfig
-from llmray.train.trainer import OptimizerConfig, TrainConfig, Trainer, parameter_groups
-from llmray.tokens.loader import TokenLoader
-from tests.train_support import byte_token_lengths, stdlib_texts, tiny_model, write_byte_shards
-
-T = 32
+from llmray.train.trainer import OptimizerConfig, parameter_groups
+from tests.train_support import make_trainer, stdlib_texts, tiny_model, write_byte_shards
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +33,6 @@ class Faulty(CausalLM):
         if self.n in self.calls:
             out.loss_sum = out.loss_sum * self.factor
         return out
-
-
-def make_trainer(shards, *, steps, batch=4, accum=1, seed=0, store=None, objective=None, hooks=(),
-                 guards=None, checkpoint_every=0, writer=None, init_seed=0):
-    cfg = TrainConfig(steps=steps, grad_accum=accum, optimizer=OptimizerConfig(lr=3e-3),
-                      schedule=ScheduleConfig(warmup_steps=2), log_every=5, eval_batches=2,
-                      checkpoint_every=checkpoint_every, guards=guards or GuardConfig(), seed=seed,
-                      peak_flops=1e11)
-    data = TokenLoader(shards, seq_len=T, batch_size=batch, seed=seed)
-
-    def val():
-        return TokenLoader(shards, split="val", seq_len=T, batch_size=batch, shuffle=False)
-    return Trainer(cfg, tiny_model(init_seed), objective or CausalLM(), data, store=store, val_data=val,
-                   token_bytes=byte_token_lengths(), flops_per_token=1000, writer=writer, hooks=hooks)
 
 
 def snapshot(trainer):

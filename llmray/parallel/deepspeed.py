@@ -1,0 +1,105 @@
+"""DeepSpeed ZeRO stage 1/2/3 behind the same engine API as FSDP2.
+
+Choices (measured, see PITFALLS.md):
+
+* The optimizer is the trainer's own ``torch.optim.AdamW`` passed to ``deepspeed.initialize``; a
+  config optimizer ``"AdamW"`` would silently become DeepSpeed's FusedAdam, a ~70 s JIT build
+  on CPU. DeepSpeed's fused/CPU Adam are therefore not used here.
+* ``TORCH_EXTENSIONS_DIR`` defaults to ``~/.cache/llmray/torch_extensions``: the first
+  ``init_distributed`` on CPU JIT-builds a shared-memory comm op (~65 s), cached there once.
+* Gradient accumulation is the trainer's: the accumulation boundary is set explicitly before
+  each backward (sync only on the last micro-batch), losses are scaled by the trainer
+  (``scale_wrt_gas=False``), and ``step()`` is called once per optimizer step.
+* Gradient clipping is DeepSpeed's (``gradient_clipping``), because under ZeRO-2/3 gradients are
+  partitioned inside the optimizer; the global norm is read back after the step. The stability
+  guard therefore judges the loss before the step; a skipped step drops the partitioned
+  gradients exactly as DeepSpeed's own overflow path does (weights and optimizer untouched).
+  DeepSpeed itself also skips steps whose gradient norm is not finite.
+* Checkpoints are DeepSpeed's own ZeRO files under ``<checkpoint>/deepspeed/`` (they cannot
+  be resharded to another world size; FSDP2's DCP checkpoints can).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from llmray.train.checkpoint import DEEPSPEED_DIR
+
+TAG = "state"
+
+
+def extensions_dir() -> Path:
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "llmray" / "torch_extensions"))
+
+
+class DeepSpeedEngine:
+    def __init__(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                 stage: int, *, world_size: int, bf16: bool, grad_clip: float = 0.0):
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+        import deepspeed
+
+        self.base_optimizer = make_optimizer(model)
+        config = {
+            "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: batches are the trainer's
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": grad_clip,
+            "zero_optimization": {"stage": stage},
+            "bf16": {"enabled": bf16},
+            "steps_per_print": 2 ** 31 - 1,
+            "zero_allow_untested_optimizer": True,
+        }
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.base_optimizer,
+                                                                config=config)
+        self.world_size = world_size
+        self.stage = stage
+
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        self.model.set_gradient_accumulation_boundary(last_micro_batch)
+        self.model.backward(loss, scale_wrt_gas=False)
+
+    def clip_grad_norm(self, max_norm: float) -> float | None:
+        return None  # clipped inside step(); see last_grad_norm()
+
+    def last_grad_norm(self) -> float | None:
+        norm = self.model.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def step(self) -> None:
+        self.model.step()
+
+    def discard_step(self) -> None:
+        """Drop this step's gradients, as DeepSpeed's own overflow path does, without updating anything."""
+        opt = self.optimizer
+        opt.zero_grad(set_to_none=True)
+        if self.stage == 3:
+            opt.averaged_gradients = {}
+        else:
+            if hasattr(opt, "_release_preflattened_grad_buffers"):
+                opt._release_preflattened_grad_buffers()
+            for key in list(opt.averaged_gradients.keys()):
+                opt.averaged_gradients[key] = None
+                opt.all_grad_tensors[key] = None
+        self.model.set_gradient_accumulation_boundary(False)
+
+    def save(self, directory: Path) -> None:
+        self.model.save_checkpoint(str(Path(directory) / DEEPSPEED_DIR), tag=TAG)
+
+    def load(self, directory: Path, model_only: bool = False) -> None:
+        path, _ = self.model.load_checkpoint(str(Path(directory) / DEEPSPEED_DIR), load_module_only=model_only,
+                                             load_optimizer_states=not model_only,
+                                             load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {Path(directory) / DEEPSPEED_DIR}")
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        import deepspeed
+
+        module = self.model.module
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.stage == 3):
+            return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
