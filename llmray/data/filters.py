@@ -25,10 +25,12 @@ real documents by ``bench/filters_agreement.py``); words come from one regular e
 
 from __future__ import annotations
 
+import bisect
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
+
+import numpy as np
 
 from llmray.config import param
 
@@ -62,16 +64,34 @@ class TextView:
         self.signals: dict[str, float] = {}
         self._words: list[str] | None = None
         self._lines: list[str] | None = None
+        self._ids: np.ndarray | None = None
+        self._prefix: np.ndarray | None = None
 
     def set_text(self, text: str) -> None:
         """Replace the text (C4 line removal); cached pieces are recomputed on demand."""
-        self.text, self._words, self._lines = text, None, None
+        self.text, self._words, self._lines, self._ids, self._prefix = text, None, None, None, None
 
     @property
     def words(self) -> list[str]:
         if self._words is None:
             self._words = WORD_PATTERN.findall(self.text)
         return self._words
+
+    @property
+    def word_ids(self) -> np.ndarray:
+        """Each word as an integer id (equal words, equal ids), for hashing n-grams."""
+        if self._ids is None:
+            vocabulary: dict[str, int] = {}
+            self._ids = np.array([vocabulary.setdefault(w, len(vocabulary) + 1) for w in self.words],
+                                 dtype=np.uint64)
+        return self._ids
+
+    @property
+    def word_prefix(self) -> np.ndarray:
+        """``prefix[i]`` = characters in the first ``i`` words."""
+        if self._prefix is None:
+            self._prefix = np.concatenate(([0], np.cumsum([len(w) for w in self.words], dtype=np.int64)))
+        return self._prefix
 
     @property
     def lines(self) -> list[str]:
@@ -205,11 +225,11 @@ def gopher_repetition(view: TextView, cfg: GopherRepetitionConfig) -> Verdict | 
     for n, limit in sorted((int(k), v) for k, v in cfg.top_ngram_max_frac.items()):
         if len(words) < n:
             continue
-        value = view.record(group, f"top_{n}gram_frac", _top_ngram_chars(words, n) / size)
+        value = view.record(group, f"top_{n}gram_frac", _top_ngram_chars(view, n) / size)
         if value > limit:
             return Verdict(f"top_{n}gram_frac", value)
     for n, limit in sorted((int(k), v) for k, v in cfg.dup_ngram_max_frac.items()):
-        value = view.record(group, f"dup_{n}gram_frac", _duplicated_ngram_chars(words, n) / size)
+        value = view.record(group, f"dup_{n}gram_frac", _duplicated_ngram_chars(view, n) / size)
         if value > limit:
             return Verdict(f"dup_{n}gram_frac", value)
     return None
@@ -228,28 +248,66 @@ def _duplicates(items: list[str]) -> tuple[int, int]:
     return count, chars
 
 
-def _top_ngram_chars(words: list[str], n: int) -> int:
-    """Characters of the most frequent n-gram (joined by spaces) times its count (Gopher)."""
-    counts = Counter(zip(*(words[i:] for i in range(n))))
-    gram, count = counts.most_common(1)[0]
-    return (sum(map(len, gram)) + n - 1) * count
+def _top_ngram_chars(view: TextView, n: int) -> int:
+    """Characters of the most frequent n-gram (joined by spaces) times its count (Gopher).
+
+    Ties go to the n-gram seen first, as with ``Counter.most_common``.
+    """
+    _, first, counts = np.unique(_ngram_hashes(view.word_ids, n), return_index=True, return_counts=True)
+    top = counts.max()
+    position = int(first[counts == top].min())
+    prefix = view.word_prefix
+    return (int(prefix[position + n] - prefix[position]) + n - 1) * int(top)
 
 
-def _duplicated_ngram_chars(words: list[str], n: int) -> int:
-    """Characters covered by n-grams already seen, scanning left to right and skipping a matched n-gram."""
-    lengths = [len(w) for w in words]
-    seen: set[tuple[str, ...]] = set()
-    repeated = i = 0
-    last = len(words) - n
-    while i <= last:
-        gram = tuple(words[i:i + n])
-        if gram in seen:
-            repeated += sum(lengths[i:i + n])
-            i += n
+def _duplicated_ngram_chars(view: TextView, n: int) -> int:
+    """Characters covered by n-grams already seen, scanning left to right and skipping a matched n-gram.
+
+    Equivalent to the sequential scan (visit i; if its n-gram was seen at a visited position,
+    count its characters and jump to i + n, else remember it and go to i + 1), but it only
+    steps through *candidates*, positions whose n-gram occurred earlier: a first occurrence is
+    never a repeat, and it was visited unless it fell inside a jump, which is checked by bisection.
+    """
+    if len(view.words) < n:
+        return 0
+    _, first, inverse = np.unique(_ngram_hashes(view.word_ids, n), return_index=True, return_inverse=True)
+    first_of = first[inverse]
+    candidates = np.nonzero(first_of < np.arange(len(first_of)))[0]
+    if candidates.size == 0:
+        return 0
+    prefix = view.word_prefix
+    jumps: list[int] = []  # positions counted as repeats; positions strictly inside (c, c + n) are skipped
+    remembered: set[int] = set()  # n-grams remembered at visited candidate positions
+    repeated = next_visit = 0
+    for i in candidates.tolist():
+        if i < next_visit:
+            continue
+        gram, earliest = int(inverse[i]), int(first_of[i])
+        k = bisect.bisect_right(jumps, earliest) - 1
+        earliest_visited = k < 0 or earliest >= jumps[k] + n
+        if earliest_visited or gram in remembered:
+            repeated += int(prefix[i + n] - prefix[i])
+            jumps.append(i)
+            next_visit = i + n
         else:
-            seen.add(gram)
-            i += 1
+            remembered.add(gram)
     return repeated
+
+
+_HASH_MULTIPLIERS = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5,
+                              0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9,
+                              0x8CB92BA72F3D8DD7, 0xD6E8FEB86659FD93], dtype=np.uint64)
+
+
+def _ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
+    """A 64-bit hash per word n-gram from word ids (uint64 arithmetic wraps; collisions ~2^-64)."""
+    count = len(ids) - n + 1
+    hashes = np.zeros(count, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(n):
+            hashes += ids[k:k + count] * _HASH_MULTIPLIERS[k]
+            hashes ^= hashes >> np.uint64(29)
+    return hashes
 
 
 # ---------------------------------------------------------------------------------------------

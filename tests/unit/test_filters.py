@@ -8,8 +8,11 @@ just past it (dropped, with the rule's name and the measured value).
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmray.data import filters as F
 
@@ -112,6 +115,35 @@ def test_duplicate_paragraph_fraction_and_chars():
     assert verdict("gopher_repetition", "\n".join(unique + unique[:2]), cfg).reason == "dup_line_char_frac"
 
 
+def reference_duplicated_chars(words, n):
+    """The plain sequential scan the vectorised version must equal."""
+    seen, repeated, i = set(), 0, 0
+    while i <= len(words) - n:
+        gram = tuple(words[i:i + n])
+        if gram in seen:
+            repeated += sum(map(len, gram))
+            i += n
+        else:
+            seen.add(gram)
+            i += 1
+    return repeated
+
+
+def reference_top_chars(words, n):
+    gram, count = Counter(zip(*(words[i:] for i in range(n)))).most_common(1)[0]
+    return (sum(map(len, gram)) + n - 1) * count
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["a", "bb", "c", "dd", "e"]), min_size=0, max_size=80), st.integers(2, 10))
+def test_ngram_helpers_equal_the_sequential_definitions(words, n):
+    view = F.TextView(" ".join(words))
+    assert view.words == words
+    assert F._duplicated_ngram_chars(view, n) == reference_duplicated_chars(words, n)
+    if len(words) >= n:
+        assert F._top_ngram_chars(view, n) == reference_top_chars(words, n)
+
+
 def test_top_ngram_fraction():
     cfg = rep(top_ngram_max_frac={"2": 0.2})
     varied = " ".join(f"w{i:03d}" for i in range(40))  # all 2-grams unique: top = one 2-gram
@@ -122,8 +154,8 @@ def test_top_ngram_fraction():
 
 
 def test_duplicated_ngram_fraction_counts_characters_of_repeats():
-    assert F._duplicated_ngram_chars("a b c d e a b c d e".split(), 5) == 5
-    assert F._duplicated_ngram_chars("a b c d e f".split(), 5) == 0
+    assert F._duplicated_ngram_chars(F.TextView("a b c d e a b c d e"), 5) == 5
+    assert F._duplicated_ngram_chars(F.TextView("a b c d e f"), 5) == 0
     cfg = rep(dup_ngram_max_frac={"5": 0.15})
     text = " ".join(f"w{i:03d}" for i in range(60))
     assert verdict("gopher_repetition", text, cfg) is None
