@@ -64,6 +64,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           "llmray.tokenizer.train:TokenizerConfig", "llmray.tokenizer.train:run_tokenizer", verb="train"),
     Stage("tokens", "tokenize the documents on Ray Data into train/val token shards",
           "llmray.tokens.tokenize:TokensConfig", "llmray.tokens.tokenize:run_tokens"),
+    Stage("pretrain", "pretrain the model on token shards with Ray Train (FSDP2 or DeepSpeed ZeRO), resumable",
+          "llmray.train.pretrain:PretrainConfig", "llmray.train.pretrain:run_pretrain"),
     Stage("proxy", "train a small proxy model in one process on token shards (sweeps, data ablations)",
           "llmray.tune.proxy:ProxyConfig", "llmray.tune.proxy:run_proxy", verb="train"),
     Stage("sft", "instruction-tune a model on chat data (assistant-only loss, best-fit packing) on the shared Trainer",

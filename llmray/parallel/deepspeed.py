@@ -89,17 +89,17 @@ class DeepSpeedEngine:
     def save(self, directory: Path) -> None:
         self.model.save_checkpoint(str(Path(directory) / DEEPSPEED_DIR), tag=TAG)
 
-    def load(self, directory: Path, model_only: bool = False) -> None:
-        path, _ = self.model.load_checkpoint(str(Path(directory) / DEEPSPEED_DIR), load_module_only=model_only,
-                                             load_optimizer_states=not model_only,
+    def load(self, directory: Path) -> None:
+        path, _ = self.model.load_checkpoint(str(Path(directory) / DEEPSPEED_DIR), load_optimizer_states=True,
                                              load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {Path(directory) / DEEPSPEED_DIR}")
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
+        """Unsharded fp32 model weights on CPU (ZeRO-3 partitions are gathered: collective)."""
         import deepspeed
 
         module = self.model.module
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.stage == 3):
-            return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None,
+                                               enabled=self.stage == 3):
+            return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in module.state_dict().items()}

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
@@ -96,12 +95,7 @@ class TorchEngine:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
 
-    def load(self, directory: Path, model_only: bool = False) -> None:
-        if model_only:
-            state = {"model": get_model_state_dict(self.model)}
-            dcp.load(state, checkpoint_id=str(directory))
-            set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=True))
-            return
+    def load(self, directory: Path) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=str(directory))
@@ -109,6 +103,5 @@ class TorchEngine:
                        optim_state_dict=state["optim"])
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
-        """Unsharded model weights on CPU (collective under FSDP2; rank 0 keeps a copy, others {})."""
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
-                                                                         cpu_offload=True))
+        """Unsharded model weights on CPU (collective under FSDP2; complete on every rank)."""
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

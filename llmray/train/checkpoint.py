@@ -120,6 +120,31 @@ def latest_complete(candidates: list[Path], log=None) -> Path | None:
     return None
 
 
+def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
+    """Load a checkpoint's model weights, at any saved world size, into a plain (unsharded) model.
+
+    Used in the driver to export final weights: DCP reshards on load; DeepSpeed ZeRO partitions
+    are consolidated with DeepSpeed's own fp32 reconstruction.
+    """
+    directory = Path(directory)
+    if (directory / ".metadata").is_file():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=str(directory))
+        set_model_state_dict(model, state["model"])
+        return
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(directory / DEEPSPEED_DIR))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"output.weight"} if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"{directory}: DeepSpeed weights do not fit the model: missing {missing}, "
+                         f"unexpected {unexpected}")
+
+
 class CheckpointStore(Protocol):
     """Where checkpoints are written and found. Every rank calls every method, in the same order."""
 

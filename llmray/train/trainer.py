@@ -340,7 +340,7 @@ class Trainer:
             log.warning("rolled back to %s (step %d); data continues past the spiking batches", found, self.step)
 
     def export_weights(self) -> dict[str, torch.Tensor]:
-        """Full fp32 weights on CPU (collective; complete on rank 0)."""
+        """Full fp32 weights on CPU (a collective: every rank calls it; rank 0 writes them)."""
         return self.engine.full_model_state()
 
     # -- helpers -------------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""`llmray pretrain` on Ray Train: real `llmray tokens` output, fault tolerance, clear failure.
+
+The token shards come from the real tokenizer and tokens stages run on Python standard-library
+sources of this machine. Every run uses 2 FSDP2 workers with 1 CPU and 1 thread each (the whole
+2-CPU test cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+from ray import cloudpickle
+
+from llmray import config as config_lib
+from llmray import stages
+from llmray.model import hf
+from llmray.tokenizer import train as tokenizer_train
+from llmray.tokens.tokenize import TokensConfig
+from llmray.train import ray_train
+from llmray.train.pretrain import PretrainConfig, pretrain_worker
+
+pytestmark = pytest.mark.ray
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "train"
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the kill hook travels to the workers
+
+
+@pytest.fixture(scope="module")
+def token_run(ray_session, tmp_path_factory):
+    """A run directory whose tokenizer and tokens stages ran on real text."""
+    root = tmp_path_factory.mktemp("pretrain") / "run"
+    corpus = root.parent / "corpus"
+    corpus.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    with open(corpus / "stdlib.jsonl", "w", encoding="utf-8") as handle:
+        for path in sorted(stdlib.glob("[a-m]*.py"))[:60]:
+            handle.write(json.dumps({"text": path.read_text(encoding="utf-8", errors="replace"),
+                                     "source": "stdlib"}) + "\n")
+    tok_cfg = tokenizer_train.TokenizerConfig(documents=str(corpus), vocab_size=512, char_budget=400_000,
+                                              val_fraction=0.1, report_chars=2000)
+    stages.run_stage(stages.STAGES["tokenizer"], tok_cfg, root)
+    tokens_cfg = TokensConfig(documents=str(corpus), tokenizer=str(root / "tokenizer" / "output"),
+                              shard_tokens=50_000, actors=1)
+    stages.run_stage(stages.STAGES["tokens"], tokens_cfg, root)
+    return root
+
+
+def pretrain_config(root: Path, *overrides: str) -> PretrainConfig:
+    raw = config_lib.apply_overrides(config_lib.read_yaml(CONFIGS / "tiny.yaml"), list(overrides))
+    return stages.build_config(stages.STAGES["pretrain"], raw, root)
+
+
+def test_pretrain_stage_trains_on_real_token_shards(token_run):
+    cfg = pretrain_config(token_run, "train.steps=12", "train.log_every=2", "train.eval_every=6",
+                          "train.checkpoint_every=6")
+    result = stages.run_stage(stages.STAGES["pretrain"], cfg, token_run)
+    summary = result.manifest["summary"]
+    assert summary["steps"] == 12 and summary["checkpoint"].endswith("step_00000012")
+    lines = [json.loads(x) for x in (token_run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    losses = {m["step"]: m["loss"] for m in lines}
+    assert losses[12] < losses[2] - 0.5  # learning
+    last = lines[-1]
+    for key in ("lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s", "memory_mb", "val_loss", "val_bpb"):
+        assert key in last, key
+    assert 0 < last["val_bpb"] < 10
+    assert list((token_run / "pretrain" / "tensorboard").iterdir())
+    exported = hf.load(result.output / "model")  # HF layout with the tokenizer copied in
+    assert exported.config.vocab_size == cfg.model.vocab_size
+    assert (result.output / "model" / "tokenizer.json").is_file()
+
+
+class KillOnce:
+    """SIGKILL rank 1 right after step ``step`` the first time it gets there (marker file)."""
+
+    def __init__(self, step: int, marker: Path):
+        self.step, self.marker = step, marker
+
+    def __call__(self, step, metrics):
+        import ray.train
+
+        if step == self.step and ray.train.get_context().get_world_rank() == 1 and not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_direct(token_run, tmp_path, name, hooks=(), max_failures=1):
+    cfg = pretrain_config(token_run, "train.steps=10", "train.log_every=1", "train.eval_every=0",
+                          "train.checkpoint_every=4", f"ray.max_failures={max_failures}")
+    metrics = tmp_path / f"{name}.jsonl"
+    loop_config = {"cfg": cfg, "metrics_path": str(metrics), "tensorboard_dir": None, "tokenizer_dir": None,
+                   "hooks": tuple(hooks)}
+    ray_train.fit(pretrain_worker, loop_config, cfg.ray, name=name, storage_path=tmp_path / "ray")
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+    return lines
+
+
+def test_killed_worker_restores_from_checkpoint_and_matches_the_clean_run(token_run, tmp_path):
+    clean = {m["step"]: m["loss"] for m in run_direct(token_run, tmp_path, "clean")}
+    lines = run_direct(token_run, tmp_path, "killed", hooks=[KillOnce(6, tmp_path / "killed.marker")])
+    assert (tmp_path / "killed.marker").exists()
+    steps = [m["step"] for m in lines]
+    assert steps.count(5) == 2  # steps after the step-4 checkpoint were trained again
+    recovered = {m["step"]: m["loss"] for m in lines}  # the last computation of each step
+    assert sorted(recovered) == list(range(1, 11))
+    assert recovered == clean
+
+
+def test_max_failures_zero_fails_with_a_clear_error(token_run, tmp_path):
+    with pytest.raises(ray_train.TrainingFailed, match=r"failed after 0 allowed worker failure"):
+        run_direct(token_run, tmp_path, "fatal", hooks=[KillOnce(3, tmp_path / "fatal.marker")], max_failures=0)
