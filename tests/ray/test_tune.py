@@ -84,6 +84,7 @@ def test_lr_sweep_asha_stops_bad_trials_and_reports_a_bad_value(ray_session, sha
     assert "out of range" in report and "best_config.yaml" in report
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_session, shards, tmp_path):
     raw = {"stages": {"proxy": proxy_stage(shards, steps=40)},
            "space": {"proxy.train.optimizer.lr": {"grid": [1e-3, 2e-3, 4e-3, 8e-3]}},

@@ -14,10 +14,10 @@ import pytest
 from llmray import config as config_lib
 from llmray import stages
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tune" / "data_ablation_tiny.yaml"
 SMALLER = ["stages.tokenizer.vocab_size=512", "stages.proxy.seq_len=64", "stages.proxy.train.steps=20",
-           "stages.proxy.train.eval_every=20", "stages.eval.limit=8", "stages.eval.tasks=[bpb_wikipedia,arc_easy]"]
+           "stages.proxy.train.eval_every=20", "stages.eval.limit=3", "stages.eval.tasks=[bpb_wikipedia,arc_easy]"]
 
 
 def _shrink(raw: dict, shared_data: Path) -> dict:
@@ -42,8 +42,8 @@ def test_data_ablation_reports_setting_and_score_and_reuses_unchanged_stages(ray
     for row in rows:  # per trial: the curation setting and the eval score
         assert row["curate.filters.text_groups"] in ("[]", "['gopher_repetition', 'gopher_quality', 'c4', 'fineweb']")
         assert 0 < float(row[metric]) < 20 and row["eval.base.core"] != ""
-        assert int(row["curate.documents"]) > 0
-    kept = {row["curate.filters.text_groups"]: int(row["curate.documents"]) for row in rows}
+        assert int(row["curate.documents_out"]) > 0
+    kept = {row["curate.filters.text_groups"]: int(row["curate.documents_out"]) for row in rows}
     assert kept["[]"] > kept["['gopher_repetition', 'gopher_quality', 'c4', 'fineweb']"]  # the filters drop docs
 
     lineage = json.loads((result.output / "lineage.json").read_text())
