@@ -128,7 +128,13 @@ def substitute_run_dir(data: Any, run_root: Path) -> Any:
 
 
 def build_config(stage: Stage, raw: dict, run_root: Path) -> Any:
-    return config_lib.from_dict(stage.config_cls, substitute_run_dir(raw, run_root))
+    """Validate ``raw`` into the stage's config, with ``{run_dir}`` resolved everywhere.
+
+    Defaults are resolved too (e.g. a default input of ``{run_dir}/curate/output/documents``), so
+    the config is typed once with the user's values, then again after substitution.
+    """
+    typed = config_lib.from_dict(stage.config_cls, raw)
+    return config_lib.from_dict(stage.config_cls, substitute_run_dir(config_lib.to_dict(typed), run_root))
 
 
 def _stage_logger(stage_dir: runs.StageDir) -> tuple[logging.Logger, logging.Handler]:

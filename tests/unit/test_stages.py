@@ -118,3 +118,13 @@ def test_pipeline_runs_then_skips_and_substitutes_run_dir(tmp_path, source, monk
     raw = {"source": "{run_dir}/upper/output/upper.txt"}
     typed = stages.build_config(UPPER, raw, tmp_path / "p")
     assert typed.source == f"{tmp_path}/p/upper/output/upper.txt"
+
+
+@dataclass
+class DefaultInputConfig:
+    documents: str = param("{run_dir}/curate/output/documents", doc="input with a run-relative default")
+
+
+def test_run_dir_in_defaults_is_resolved(tmp_path):
+    stage = stages.Stage("d", "d", f"{__name__}:DefaultInputConfig", f"{__name__}:run_upper")
+    assert stages.build_config(stage, {}, tmp_path / "r").documents == f"{tmp_path}/r/curate/output/documents"
