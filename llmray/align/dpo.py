@@ -185,10 +185,8 @@ def run_dpo(cfg: DpoConfig, ctx) -> dict:
             reference[split] = {"cache_hit": cached.hit, "directory": str(cached.directory)}
     ctx.log_metrics(**{f"reference_{s}_cache_hit": float(r["cache_hit"]) for s, r in reference.items()})
 
-    splits = {"train": (subset(train_rows, cfg.metric_pairs), None)}
-    if val_rows is not None:
-        splits["val"] = (val_rows, None)
-    splits = {name: (rows, data_fingerprint(rows)) for name, (rows, _) in splits.items()}
+    measured = {"train": subset(train_rows, cfg.metric_pairs), "val": val_rows}
+    splits = {name: (rows, data_fingerprint(rows)) for name, rows in measured.items() if rows is not None}
     every = cfg.train.eval_every or cfg.train.steps
     train_sha = data_fingerprint(train_rows)
     spec = WorkerSpec(init_dir=cfg.model, tokenizer_dir=cfg.tokenizer, output_dir=str(ctx.output / "model"),
