@@ -18,6 +18,7 @@ workers: data parallel), so the single-process path and the distributed path are
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any, Callable
@@ -136,7 +137,19 @@ def run_workers(spec: WorkerSpec, cfg: AlignConfig) -> dict:
     """Run :func:`train_worker` in this process (1 worker) or on Ray Train workers; rank 0's result."""
     if cfg.workers == 1 and not cfg.use_gpu:
         return train_worker(spec)
-    from llmray.align import ray_launch
+    from llmray.train import ray_train
 
-    return ray_launch.run(train_worker, spec, workers=cfg.workers, use_gpu=cfg.use_gpu,
-                          cpus_per_worker=cfg.cpus_per_worker)
+    ray_cfg = ray_train.RayTrainConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                       cpus_per_worker=cfg.cpus_per_worker)
+    # Ray Train's run state sits beside the worker checkpoints, in the stage's work directory.
+    storage = Path(spec.checkpoint_dir).parent if spec.checkpoint_dir else Path(tempfile.mkdtemp(prefix="llmray-"))
+    run = ray_train.fit(_ray_train_worker, {"spec": spec, "ray": ray_cfg}, ray_cfg,
+                        name=f"align-{spec.train_sha256[:16]}", storage_path=storage)
+    return run.value
+
+
+def _ray_train_worker(config: dict) -> dict:
+    from llmray.train import ray_train
+
+    ray_train.worker_setup(config["ray"])
+    return train_worker(config["spec"])

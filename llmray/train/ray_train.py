@@ -62,6 +62,7 @@ class RayRun:
     checkpoint: Path | None
     metrics: dict = field(default_factory=dict)
     storage: Path | None = None
+    value: Any = None  # what rank 0's training function returned
 
 
 class RayCheckpointStore:
@@ -149,7 +150,8 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], cfg: RayT
                              f"{type(exc).__name__}: {exc}") from exc
     run_dir = storage_path / name
     latest = ckpt.latest_complete(ckpt.checkpoint_dirs(run_dir))
-    return RayRun(checkpoint=latest, metrics=dict(result.metrics or {}), storage=run_dir)
+    return RayRun(checkpoint=latest, metrics=dict(result.metrics or {}), storage=run_dir,
+                  value=result.return_value)
 
 
 def _worker_env() -> dict[str, str]:

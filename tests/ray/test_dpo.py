@@ -107,9 +107,8 @@ def test_dpo_stage_raises_implicit_reward_accuracy_and_reuses_the_reference_cach
 
 def test_two_fsdp2_workers_on_ray_train_match_one_worker(ray_session, shared_data, pairs, tmp_path):
     """Per-step DPO losses of 2 FSDP2 workers (2 pairs each) equal 1 worker (4 pairs) for 5 steps."""
-    from llmray.align import ray_launch
     from llmray.align.reference import data_fingerprint
-    from llmray.align.training import WorkerSpec, train_worker
+    from llmray.align.training import AlignConfig, WorkerSpec, run_workers, train_worker
     from llmray.parallel import ParallelConfig
     from llmray.train.objectives import DPO
     from llmray.train.schedule import ScheduleConfig
@@ -121,15 +120,14 @@ def test_two_fsdp2_workers_on_ray_train_match_one_worker(ray_session, shared_dat
 
     def spec(name, batch_size, strategy):
         return WorkerSpec(init_dir=str(init), tokenizer_dir=str(tokenizer_dir(shared_data)),
-                          output_dir=str(tmp_path / name),
+                          output_dir=str(tmp_path / name), checkpoint_dir=str(tmp_path / name / "checkpoints"),
                           train=TrainConfig(steps=5, log_every=1, peak_flops=1e11, optimizer=OptimizerConfig(lr=1e-3),
                                             schedule=ScheduleConfig(warmup_steps=1)),
                           parallel=ParallelConfig(strategy=strategy), objective=DPO(beta=0.5), train_rows=rows,
                           train_sha256=data_fingerprint(rows), batch_size=batch_size, seed=0)
 
     one = train_worker(spec("one", 4, "none"))
-    two = ray_launch.run(train_worker, spec("two", 2, "fsdp2"), workers=2, use_gpu=False, cpus_per_worker=0.5,
-                         storage_path=str(tmp_path / "ray"))
+    two = run_workers(spec("two", 2, "fsdp2"), AlignConfig(workers=2, cpus_per_worker=0.5))
     assert one["losses"][1] == pytest.approx(math.log(2), abs=1e-4)
     assert sorted(two["losses"]) == [1, 2, 3, 4, 5]
     # A DPO loss is a function of differences of ~10^2-nat sequence log-prob sums, so the fp32 rounding of

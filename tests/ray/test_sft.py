@@ -12,11 +12,10 @@ import pytest
 
 from llmray import config as config_lib
 from llmray import stages
-from llmray.align import ray_launch
 from llmray.align.conversations import SftSource, build_mixture
 from llmray.align.packing import pack_conversations
 from llmray.align.sft import SftConfig, rows_fingerprint
-from llmray.align.training import WorkerSpec, train_worker
+from llmray.align.training import AlignConfig, WorkerSpec, run_workers, train_worker
 from llmray.parallel import ParallelConfig
 from llmray.train.objectives import MaskedLM
 from llmray.train.schedule import ScheduleConfig
@@ -62,6 +61,7 @@ def _spec(shared_data, tmp_path, name, batch_size, rows, parallel):
         init_dir=str(export_tiny_model(tmp_path / "init", shared_data)) if not (tmp_path / "init").exists()
         else str(tmp_path / "init"),
         tokenizer_dir=str(tokenizer_dir(shared_data)), output_dir=str(tmp_path / name),
+        checkpoint_dir=str(tmp_path / name / "checkpoints"),
         train=TrainConfig(steps=5, log_every=1, peak_flops=1e11, optimizer=OptimizerConfig(lr=3e-3),
                           schedule=ScheduleConfig(warmup_steps=1)),
         parallel=parallel, objective=MaskedLM(), train_rows=rows, train_sha256=rows_fingerprint(rows),
@@ -73,8 +73,8 @@ def test_two_fsdp2_workers_on_ray_train_match_one_worker(ray_session, shared_dat
                                        max_records=80)], val_fraction=0.0)
     rows, _ = pack_conversations([c.messages for c in mixture.train], template(shared_data), seq_len=127, pad_id=2)
     one = train_worker(_spec(shared_data, tmp_path, "one", 4, rows, ParallelConfig(strategy="none")))
-    two = ray_launch.run(train_worker, _spec(shared_data, tmp_path, "two", 2, rows, ParallelConfig(strategy="fsdp2")),
-                         workers=2, use_gpu=False, cpus_per_worker=0.5, storage_path=str(tmp_path / "ray"))
+    two = run_workers(_spec(shared_data, tmp_path, "two", 2, rows, ParallelConfig(strategy="fsdp2")),
+                      AlignConfig(workers=2, cpus_per_worker=0.5))
     assert sorted(one["losses"]) == sorted(two["losses"]) == [1, 2, 3, 4, 5]
     for step, loss in one["losses"].items():
         assert two["losses"][step] == pytest.approx(loss, rel=RTOL)
