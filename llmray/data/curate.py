@@ -7,10 +7,13 @@ The pipeline (each step a named function below; steps exchange :data:`records.RO
       └─► clean     map_batches tasks: normalize (NFC, controls, whitespace), heuristic filters
       └─► classify  actor pool (models loaded once per actor): fastText LID, quality, toxicity
       └─► redact    map_batches tasks: PII placeholders
+      └─► dedup     (optional) materialise, then exact / MinHash near-dup / decontamination
+                    (:mod:`llmray.data.dedup`) over the live rows; dropped rows are marked
       └─► write     driver, in input order: documents/, rejected/, quarantine/, funnel report
 
 A step touches only live rows (see :mod:`llmray.data.records`); to drop a document it sets
-``stage``/``reason``/``value``. Adding a step (e.g. dedup) is one line in :func:`build_dataset`.
+``stage``/``reason``/``value`` (dedup also ``detail``: the id of the document kept). Adding a step is
+one line in :func:`build_dataset`.
 
 Design choices:
 
@@ -33,6 +36,7 @@ Design choices:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -40,8 +44,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from llmray import runs as runs_lib
 from llmray.config import param
 from llmray.data import classifiers, funnel, normalize, records
+from llmray.data import dedup as dedup_lib
 from llmray.data import filters as filters_lib
 from llmray.data import pii as pii_lib
 from llmray.data import sources as sources_lib
@@ -80,6 +86,8 @@ class CurateConfig:
     classify: classifiers.ClassifyConfig = param(default_factory=classifiers.ClassifyConfig,
                                                  doc="fastText language ID / quality / toxicity")
     pii: pii_lib.PIIConfig = param(default_factory=pii_lib.PIIConfig, doc="PII redaction")
+    dedup: dedup_lib.DedupConfig | None = param(None, doc="deduplication and decontamination after "
+                                                          "redaction (empty: off)")
     sample_rejected: int = param(0, doc="keep this many example texts per (stage, reason) in "
                                         "rejected_samples.jsonl", min=0)
     output: OutputConfig = param(default_factory=OutputConfig, doc="output files")
@@ -92,6 +100,11 @@ class CurateConfig:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"source names must be unique; repeated: {duplicates}")
+        if self.dedup is not None and self.dedup.boilerplate.enabled:
+            raise ValueError("dedup.boilerplate.enabled is not supported inside curate yet "
+                             "(it rewrites kept texts); set it to false")
+        if self.dedup is not None and self.dedup.decontam.action == "flag":
+            raise ValueError("dedup.decontam.action=flag is not supported inside curate yet; use drop")
 
     def inputs(self) -> dict[str, str]:
         """The files that will be read and the model files, for the lineage cache.
@@ -107,6 +120,9 @@ class CurateConfig:
             score = getattr(self.classify, name)
             if score.available():
                 found[f"model.{name}"] = score.model
+        dedup, _ = effective_dedup(self.dedup)
+        if dedup is not None:
+            found.update(dedup.inputs())
         return found
 
     def stage_order(self) -> list[str]:
@@ -114,7 +130,27 @@ class CurateConfig:
         groups = self.filters.text_groups + self.filters.code_groups
         for source in self.sources:
             groups += source.filter_groups or []
-        return ["read", "normalize", *dict.fromkeys(groups), "lid", "quality", "toxicity"]
+        dedup = list(dedup_lib.STAGES) if self.dedup is not None else []
+        return ["read", "normalize", *dict.fromkeys(groups), "lid", "quality", "toxicity", *dedup]
+
+
+def effective_dedup(cfg: dedup_lib.DedupConfig | None) -> tuple[dedup_lib.DedupConfig | None, list[str]]:
+    """The dedup config to run: evaluation tasks whose files are missing are skipped (with a note),
+    so that the demo runs without ``../shared/data``; no task left turns decontamination off."""
+    if cfg is None or not cfg.decontam.enabled:
+        return cfg, []
+    tasks, notes = {}, []
+    for task, paths in cfg.decontam.tasks.items():
+        resolved = [p if p.is_absolute() else Path(cfg.decontam.data_dir) / p for p in map(Path, paths)]
+        missing = [str(p) for p in resolved if not p.is_file()]
+        if missing:
+            notes.append(f"decontamination: skipping task {task!r}: missing {', '.join(missing)}")
+        else:
+            tasks[task] = paths
+    decontam = dataclasses.replace(cfg.decontam, tasks=tasks, enabled=bool(tasks))
+    if not tasks:
+        notes.append("decontamination: no evaluation task files found; decontamination is off")
+    return dataclasses.replace(cfg, decontam=decontam), notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +251,43 @@ def redact_step(table: pa.Table, pii_cfg: pii_lib.PIIConfig) -> pa.Table:
     return records.to_table(rows)
 
 
+def _live_documents(table: pa.Table) -> pa.Table:
+    return table.filter(pa.array(records.live_mask(table), pa.bool_()))
+
+
+def _mark_dropped(table: pa.Table, dropped_ref) -> pa.Table:
+    """Reject live rows that dedup dropped (``dropped``: sorted ids with stage, reason, detail)."""
+    dropped = dedup_lib._fetch(dropped_ref)
+    ids = dropped.column("id").to_pylist()
+    if not ids:
+        return table
+    index = {doc_id: i for i, doc_id in enumerate(ids)}
+    rows = table.to_pylist()
+    for row in rows:
+        i = index.get(row["id"]) if row["error"] is None and row["reason"] is None else None
+        if i is not None:
+            records.reject(row, dropped["stage"][i].as_py(), dropped["reason"][i].as_py(), None)
+            row["detail"] = dropped["value"][i].as_py()
+    return records.to_table(rows)
+
+
+def dedup_step(ds, cfg: dedup_lib.DedupConfig, clean_cpus: float):
+    """Deduplicate the live rows of ``ds`` and mark the dropped ones (rows keep their order).
+
+    ``ds`` is materialised first because dedup reads its input twice (keys, then filtering) and
+    read+classify must not run twice. Only the dropped rows' ids go to the driver and back as a
+    broadcast (bounded by the duplicates, like dedup's own removed-node array)."""
+    import ray
+
+    ds = ds.materialize()
+    live = ds.map_batches(_live_documents, batch_size=None, batch_format="pyarrow", num_cpus=clean_cpus)
+    result = dedup_lib.deduplicate(live, cfg)
+    dropped = pa.concat_tables([dedup_lib.REJECTED_SCHEMA.empty_table(),
+                                *ray.get(result.rejected.to_arrow_refs())]).sort_by("id")
+    return ds.map_batches(_mark_dropped, fn_kwargs={"dropped_ref": ray.put(dropped)}, batch_size=None,
+                          batch_format="pyarrow", num_cpus=clean_cpus), result.stats
+
+
 def _quarantine_in_place(row: dict, exc: Exception) -> None:
     row["error"], row["message"] = type(exc).__name__, f"{row['path']}@{row['offset']}: {exc}"[:1000]
     row["text"] = None
@@ -224,8 +297,9 @@ def _quarantine_in_place(row: dict, exc: Exception) -> None:
 # The dataset and the stage
 # ---------------------------------------------------------------------------------------------
 
-def build_dataset(cfg: CurateConfig, units: list[dict], actors: int):
-    """The lazy Ray Data pipeline from work units to ordered, classified rows."""
+def build_dataset(cfg: CurateConfig, units: list[dict], actors: int, dedup: dedup_lib.DedupConfig | None = None):
+    """The Ray Data pipeline from work units to ordered, classified rows, and dedup's statistics
+    (lazy unless ``dedup`` is given: dedup executes the pipeline up to redaction)."""
     import ray
 
     ex = cfg.execution
@@ -244,7 +318,10 @@ def build_dataset(cfg: CurateConfig, units: list[dict], actors: int):
                         num_cpus=ex.actor_cpus)
     ds = ds.map_batches(redact_step, fn_kwargs={"pii_cfg": cfg.pii}, batch_size=None, batch_format="pyarrow",
                         num_cpus=ex.clean_cpus)
-    return ds
+    stats = {}
+    if dedup is not None:
+        ds, stats = dedup_step(ds, dedup, ex.clean_cpus)
+    return ds, stats
 
 
 def run_curate(cfg: CurateConfig, ctx) -> dict:
@@ -253,6 +330,9 @@ def run_curate(cfg: CurateConfig, ctx) -> dict:
 
     for note in cfg.classify.check_models():
         ctx.logger.warning(note)
+    dedup, notes = effective_dedup(cfg.dedup)
+    for note in notes:
+        ctx.logger.info(note)
     units = sources_lib.plan(cfg.sources)
     ctx.logger.info("curating %d files from %d sources", len(units), len(cfg.sources))
     ctx.connect_ray()
@@ -264,7 +344,9 @@ def run_curate(cfg: CurateConfig, ctx) -> dict:
     writer = funnel.CurateWriter(ctx.output, cfg.output, cfg.stage_order(), cfg.sample_rejected)
     try:
         if units:
-            dataset = build_dataset(cfg, units, actors)
+            dataset, dedup_stats = build_dataset(cfg, units, actors, dedup)
+            if dedup_stats:
+                runs_lib.write_json(ctx.output / "dedup_stats.json", dedup_stats)
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 writer.add(batch)
         summary = writer.finish()

@@ -39,6 +39,7 @@ ROW_SCHEMA = pa.schema([
     ("stage", pa.string()),           # where a rejected row was dropped
     ("reason", pa.string()),
     ("value", pa.float64()),
+    ("detail", pa.string()),          # rejected by dedup: the id of the document kept (or the eval tasks)
     ("error", pa.string()),           # quarantine: exception type / error kind
     ("message", pa.string()),
     ("signals", pa.string()),         # JSON {signal: value} of every rule evaluated (histograms)
@@ -47,7 +48,7 @@ COLUMNS = tuple(ROW_SCHEMA.names)
 
 DOCUMENT_SCHEMA = pa.schema([ROW_SCHEMA.field(name) for name in (
     "id", "text", "source", "url", "lang", "lang_score", "quality_score", "toxicity_score", "meta")])
-REJECTED_SCHEMA = pa.schema([ROW_SCHEMA.field(name) for name in ("id", "source", "stage", "reason", "value")])
+REJECTED_SCHEMA = pa.schema([ROW_SCHEMA.field(name) for name in ("id", "source", "stage", "reason", "value", "detail")])
 QUARANTINE_SCHEMA = pa.schema([pa.field("source", pa.string()), *(ROW_SCHEMA.field(name) for name in (
     "path", "offset", "error", "message"))])
 
