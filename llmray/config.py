@@ -226,14 +226,7 @@ def _coerce_scalar(tp: Any, value: Any, where: str) -> Any:
             return int(value)
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads '3e-4' as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return as_number(value, where)
     if tp is str:
         if isinstance(value, str):
             return value
@@ -241,6 +234,18 @@ def _coerce_scalar(tp: Any, value: Any, where: str) -> Any:
             return str(value)
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     raise ConfigError(f"{where}: unsupported config type {tp!r}")
+
+
+def as_number(value: Any, where: str) -> float:
+    """A real number from config data; YAML 1.1 reads '3e-4' as a string, so numeric strings count."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: expected a number, got {value!r}")
 
 
 def _check_bounds(value: Any, where: str, field: dataclasses.Field | None) -> Any:

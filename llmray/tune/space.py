@@ -31,7 +31,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Union
 
-from llmray.config import ConfigError
+from llmray.config import ConfigError, as_number
 
 # kind -> number of arguments (None: a non-empty list of values)
 KINDS: dict[str, int | None] = {
@@ -98,7 +98,7 @@ def _domain(path: str, node: dict) -> Domain:
     if arity is not None:
         if len(args) != arity:
             raise ConfigError(f"{where}: expected {arity} numbers, got {args!r}")
-        numbers = [_number(a, where) for a in args]
+        numbers = [as_number(a, where) for a in args]
         low, high = numbers[0], numbers[1]
         if not low < high:
             raise ConfigError(f"{where}: the low end {low} must be below the high end {high}")
@@ -111,17 +111,6 @@ def _domain(path: str, node: dict) -> Domain:
             numbers = [int(n) for n in numbers]
         return Domain(kind, tuple(numbers))
     return Domain(kind, tuple(args))
-
-
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str):  # YAML 1.1 reads '1e-4' as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise ConfigError(f"{where}: expected numbers, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def test_flat_and_nested_space_parse_to_the_same_domains():
     ({"a.b": {"randint": [0, 2.5]}}, "integer bounds"),
     ({"a.b": {"choice": []}}, "non-empty list"),
     ({"a.b": 0.1}, "expected a distribution"),
-    ({"a.b": {"uniform": ["x", 1]}}, "expected numbers"),
+    ({"a.b": {"uniform": ["x", 1]}}, "expected a number, got 'x'"),
     ({}, "at least one key"),
 ])
 def test_bad_distributions_are_rejected_naming_the_key(spec, message):
