@@ -39,9 +39,18 @@ def stage_dirs(run_root: Path) -> list[runs.StageDir]:
     return [stage_dir for _, stage_dir in sorted(found, key=lambda item: item[0])]
 
 
+def _latest_per_step(metrics: list[dict]) -> list[dict]:
+    """One record per step, the last one written: a stage that was restarted or resumed logs some
+    steps again, and the curve should show the attempt that produced the outputs."""
+    if not metrics or any("step" not in record for record in metrics):
+        return metrics
+    latest = {record["step"]: record for record in metrics}
+    return [latest[step] for step in sorted(latest)]
+
+
 def _numeric_series(metrics: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
     series: dict[str, tuple[list[float], list[float]]] = {}
-    for index, record in enumerate(metrics):
+    for index, record in enumerate(_latest_per_step(metrics)):
         x = record.get("step", index)
         for key, value in record.items():
             if key in _IGNORED_SERIES or isinstance(value, bool) or not isinstance(value, (int, float)):

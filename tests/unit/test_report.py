@@ -56,3 +56,9 @@ def test_cost_accounting_uses_recorded_resources(tmp_path):
 def test_empty_run_dir_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no stage with a manifest"):
         report.build_report(tmp_path)
+
+
+def test_restarted_stage_plots_the_last_record_of_each_step():
+    metrics = [{"step": 10, "loss": 9.0}, {"step": 20, "loss": 8.0},  # first attempt, killed
+               {"step": 10, "loss": 7.0}, {"step": 20, "loss": 6.0}, {"step": 30, "loss": 5.0}]
+    assert report._numeric_series(metrics)["loss"] == ([10, 20, 30], [7.0, 6.0, 5.0])
