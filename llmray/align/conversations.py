@@ -27,7 +27,7 @@ from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
-from llmray.align.records import (Quarantined, RecordError, check_conversation, field, read_jsonl,
+from llmray.align.records import (Quarantined, RecordError, check_conversation, field, read_source_items,
                                   split_of, unit_hash)
 from llmray.config import param
 
@@ -161,22 +161,7 @@ READERS: dict[str, Callable[[Any, int, SftSource], Iterator[Conversation]]] = {
 
 def read_source(src: SftSource) -> Iterator[Conversation | Quarantined]:
     """Every conversation of ``src`` in file order; bad records come out as Quarantined."""
-    reader = READERS[src.kind]
-    produced = 0
-    for line, record in read_jsonl(src.path):
-        if isinstance(record, Quarantined):
-            yield record
-            continue
-        try:
-            conversations = list(reader(record, line, src))
-        except RecordError as exc:
-            yield Quarantined(src.path, line, exc.error, str(exc))
-            continue
-        for conversation in conversations:
-            if src.max_records is not None and produced >= src.max_records:
-                return
-            produced += 1
-            yield conversation
+    return read_source_items(src, READERS)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
-from llmray.align.records import Quarantined, RecordError, check_messages, field, read_jsonl
+from llmray.align.records import Quarantined, RecordError, check_messages, field, read_source_items
 from llmray.config import param
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -159,19 +159,4 @@ READERS: dict[str, Callable[[Any, int, PreferenceSource], Iterator[Pair]]] = {
 
 def read_source(src: PreferenceSource) -> Iterator[Pair | Quarantined]:
     """Every pair of ``src`` in file order; bad records come out as Quarantined."""
-    reader = READERS[src.kind]
-    produced = 0
-    for line, record in read_jsonl(src.path):
-        if isinstance(record, Quarantined):
-            yield record
-            continue
-        try:
-            pairs = list(reader(record, line, src))
-        except RecordError as exc:
-            yield Quarantined(src.path, line, exc.error, str(exc))
-            continue
-        for pair in pairs:
-            if src.max_records is not None and produced >= src.max_records:
-                return
-            produced += 1
-            yield pair
+    return read_source_items(src, READERS)

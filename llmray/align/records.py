@@ -19,7 +19,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 ROLES = ("system", "user", "assistant")
 
@@ -66,6 +66,27 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any | Quarantined]]:
                 yield line_no, json.loads(line)
             except json.JSONDecodeError as exc:
                 yield line_no, Quarantined(str(path), line_no, "invalid_json", f"not JSON: {exc}")
+
+
+def read_source_items(src: Any, readers: dict[str, Callable[[Any, int, Any], Iterator[Any]]]) -> Iterator[Any]:
+    """Every item ``readers[src.kind]`` makes from the JSONL at ``src.path``, in file order, up to
+    ``src.max_records``; a bad record comes out as :class:`Quarantined` (with its line) instead."""
+    reader = readers[src.kind]
+    produced = 0
+    for line, record in read_jsonl(src.path):
+        if isinstance(record, Quarantined):
+            yield record
+            continue
+        try:
+            items = list(reader(record, line, src))
+        except RecordError as exc:
+            yield Quarantined(src.path, line, exc.error, str(exc))
+            continue
+        for item in items:
+            if src.max_records is not None and produced >= src.max_records:
+                return
+            produced += 1
+            yield item
 
 
 def field(record: Any, name: str, kind: type | tuple[type, ...], where: str) -> Any:
