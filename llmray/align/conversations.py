@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 from llmray.align.records import (Quarantined, RecordError, check_conversation, field, read_source_items,
-                                  split_of, unit_hash)
+                                  split_sources, unit_hash)
 from llmray.config import param
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
@@ -183,21 +183,5 @@ def copies(conversation_id: str, weight: float, seed: int) -> int:
 
 
 def build_mixture(sources: list[SftSource], val_fraction: float, seed: int = 0) -> Mixture:
-    train, val, quarantined = [], [], []
-    counts: dict[str, dict[str, int]] = {}
-    for src in sources:
-        count = counts.setdefault(src.label, {"read": 0, "train": 0, "val": 0, "quarantined": 0})
-        for item in read_source(src):
-            if isinstance(item, Quarantined):
-                quarantined.append(item)
-                count["quarantined"] += 1
-                continue
-            count["read"] += 1
-            if split_of(item.group, val_fraction, seed) == "val":
-                val.append(item)
-                count["val"] += 1
-                continue
-            n = copies(item.id, src.weight, seed)
-            train.extend([item] * n)
-            count["train"] += n
-    return Mixture(train, val, quarantined, counts)
+    return Mixture(*split_sources(sources, read_source, val_fraction, seed,
+                                  copies=lambda item, src: copies(item.id, src.weight, seed)))

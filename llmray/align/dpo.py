@@ -29,7 +29,7 @@ from llmray.align import samples as samples_lib
 from llmray.align.loader import RowLoader
 from llmray.align.pairs import PairRows, encode_pairs
 from llmray.align.preferences import Pair, PreferenceSource, read_source
-from llmray.align.records import Quarantined, split_of
+from llmray.align.records import Quarantined, split_sources
 from llmray.align.reference import ReferenceConfig, data_fingerprint, reference_logps
 from llmray.align.training import AlignConfig, WorkerSpec, rank_and_world, run_workers
 from llmray.config import param
@@ -131,19 +131,7 @@ class PreferenceMetricsFactory:
 
 def read_pairs(sources: list[PreferenceSource], val_fraction: float, seed: int
                ) -> tuple[list[Pair], list[Pair], list[Quarantined], dict]:
-    train, val, quarantined, counts = [], [], [], {}
-    for src in sources:
-        count = counts.setdefault(src.label, {"read": 0, "train": 0, "val": 0, "quarantined": 0})
-        for item in read_source(src):
-            if isinstance(item, Quarantined):
-                quarantined.append(item)
-                count["quarantined"] += 1
-                continue
-            count["read"] += 1
-            split = split_of(item.group, val_fraction, seed)
-            (val if split == "val" else train).append(item)
-            count[split] += 1
-    return train, val, quarantined, counts
+    return split_sources(sources, read_source, val_fraction, seed)
 
 
 def subset(rows: PairRows, count: int) -> PairRows:

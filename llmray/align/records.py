@@ -145,3 +145,29 @@ def unit_hash(key: str, seed: int = 0) -> float:
 def split_of(group: str, val_fraction: float, seed: int = 0) -> str:
     """'val' for a ``val_fraction`` share of groups (by hash), else 'train'."""
     return "val" if unit_hash(group, seed) < val_fraction else "train"
+
+
+def split_sources(sources: list[Any], read: Callable[[Any], Iterator[Any]], val_fraction: float, seed: int,
+                  copies: Callable[[Any, Any], int] | None = None) -> tuple[list, list, list[Quarantined], dict]:
+    """Read every source and split its items into train and validation by group hash.
+
+    Returns ``(train, val, quarantined, counts)`` with per-source counts of read / train / val /
+    quarantined items; ``copies(item, src)`` repeats a training item (mixture weights; default 1).
+    """
+    train, val, quarantined, counts = [], [], [], {}
+    for src in sources:
+        count = counts.setdefault(src.label, {"read": 0, "train": 0, "val": 0, "quarantined": 0})
+        for item in read(src):
+            if isinstance(item, Quarantined):
+                quarantined.append(item)
+                count["quarantined"] += 1
+                continue
+            count["read"] += 1
+            if split_of(item.group, val_fraction, seed) == "val":
+                val.append(item)
+                count["val"] += 1
+                continue
+            n = copies(item, src) if copies else 1
+            train.extend([item] * n)
+            count["train"] += n
+    return train, val, quarantined, counts
