@@ -19,7 +19,9 @@ Design choices:
   newlines to spaces (fastText reads one line per example), lowercased, truncated to
   ``max_chars``; training and inference use the same function.
 * **Determinism**: training uses one thread and a fixed seed (fastText's Hogwild training with
-  several threads is not reproducible); examples are ordered by id hash.
+  several threads is not reproducible); examples are ordered by id hash. It runs in a child
+  process (:mod:`llmray.data.fasttext_train`) because fastText 0.9.3 leaves most of its input
+  matrix uninitialised, which made in-process training fail with NaN or vary between runs.
 * **Missing data**: a classifier whose sources are all missing is skipped with a log line (and
   curate then skips its score, leaving the column null) so the demo runs without shared/data.
 """
@@ -37,7 +39,7 @@ from pathlib import Path
 
 from llmray import runs
 from llmray.config import param
-from llmray.data import normalize, sources
+from llmray.data import fasttext_train, normalize, sources
 
 log = logging.getLogger("llmray.data.classifiers")
 
@@ -175,12 +177,11 @@ def train_classifier(spec: ClassifierSpec, limits: sources.ReadLimits, output: P
     with tempfile.TemporaryDirectory() as tmp:
         train_file = Path(tmp) / "train.txt"
         train_file.write_text("".join(f"{label} {line}\n" for label, line in train), encoding="utf-8")
-        model = fasttext.train_supervised(str(train_file), epoch=spec.epochs, lr=spec.lr,
-                                          wordNgrams=spec.word_ngrams, dim=spec.dim, bucket=spec.bucket,
-                                          minCount=spec.min_count,
-                                          thread=1, seed=spec.seed, verbose=0)
         model_file = Path(tmp) / f"{spec.name}.bin"
-        model.save_model(str(model_file))
+        fasttext_train.train_supervised(train_file, model_file, epoch=spec.epochs, lr=spec.lr,
+                                        wordNgrams=spec.word_ngrams, dim=spec.dim, bucket=spec.bucket,
+                                        minCount=spec.min_count, thread=1, seed=spec.seed, verbose=0)
+        model = fasttext.load_model(str(model_file))
         runs.write_bytes(output / f"{spec.name}.bin", model_file.read_bytes())
     test = pos_test + neg_test
     scores = predict_positive(model, [line for _, line in test], spec.max_chars)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import fasttext
 import pytest
 
-from llmray.data import classifiers, sources
+from llmray.data import classifiers, fasttext_train, sources
 
 
 def test_full_fasttext_is_installed_not_the_predict_only_module():
@@ -57,6 +59,21 @@ def test_toxicity_classifier_trains_on_real_data(shared_data, toxicity_model, tm
     again = classifiers.train_classifier(toxicity_spec(shared_data), sources.ReadLimits(), tmp_path)
     assert again == metrics  # one thread + fixed seed: reproducible
     assert (tmp_path / "toxicity.bin").read_bytes() == path.read_bytes()
+
+
+def test_repeated_training_in_one_process_never_diverges(shared_data, toxicity_model, tmp_path):
+    """fastText 0.9.3 leaves most of its input matrix uninitialised; trained in-process, these
+    seeds failed with 'Encountered NaN.' once earlier trainings had recycled heap memory."""
+    for seed in (1, 2, 3):
+        spec = dataclasses.replace(toxicity_spec(shared_data), seed=seed)
+        metrics = classifiers.train_classifier(spec, sources.ReadLimits(), tmp_path / str(seed))
+        assert metrics["f1"] > 0.8, (seed, metrics)
+
+
+def test_training_failure_names_the_input(tmp_path):
+    missing = tmp_path / "absent.txt"
+    with pytest.raises(fasttext_train.FastTextTrainingError, match="absent.txt"):
+        fasttext_train.train_supervised(missing, tmp_path / "m.bin", epoch=1)
 
 
 def test_classify_step_scores_and_drops_by_thresholds(toxicity_model):
