@@ -40,6 +40,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="run name: outputs go to <runs-dir>/<run>/<stage>/ (default: the config "
                              "file's name)")
     parser.add_argument("--runs-dir", default=os.environ.get("LLMRAY_RUNS_DIR", DEFAULT_RUNS_DIR),
+                        type=lambda path: Path(path).resolve(),  # Ray workers run in other directories
                         help="root of run directories (env LLMRAY_RUNS_DIR; default: %(default)s)")
     parser.add_argument("--force", action="store_true",
                         help="run even if inputs and config are unchanged since the last complete run")

@@ -137,7 +137,7 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], cfg: RayT
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=str(storage_path),
+        run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              worker_runtime_env={"env_vars": _worker_env()}),

@@ -53,3 +53,10 @@ def test_bad_override_value_exits_2(tmp_path, capsys):
     config.write_text("name: demo\nstages: {}\n")
     assert cli.main(["pipeline", "--config", str(config), "ray.num_cpus=zero"]) == 2
     assert "ray.num_cpus: expected an integer, got 'zero'" in capsys.readouterr().err
+
+
+def test_relative_runs_dir_becomes_absolute(tmp_path, monkeypatch):
+    """Ray workers and Ray Train storage run in other directories: a relative root would break them."""
+    monkeypatch.chdir(tmp_path)
+    args = cli.build_parser("pretrain").parse_args(["pretrain", "--runs-dir", "runs"])
+    assert args.runs_dir == tmp_path / "runs"
