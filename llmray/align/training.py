@@ -101,15 +101,16 @@ def train_worker(spec: WorkerSpec) -> dict:
     from llmray.train.trainer import Trainer, device_for_worker
 
     rank, world = rank_and_world()
+    shard, shards = spec.parallel.data_shard(rank, world)
     pretrained = hf.load(spec.init_dir, device=device_for_worker())
     model = pretrained.model.train()
     torch.manual_seed(spec.train.seed)
-    data = RowLoader(spec.train_rows, batch_size=spec.batch_size, rank=rank, world_size=world,
+    data = RowLoader(spec.train_rows, batch_size=spec.batch_size, rank=shard, world_size=shards,
                      data_sha256=spec.train_sha256, seed=spec.seed)
     val = None
     if spec.val_rows is not None:
         def val():
-            return RowLoader(spec.val_rows, batch_size=spec.batch_size, rank=rank, world_size=world,
+            return RowLoader(spec.val_rows, batch_size=spec.batch_size, rank=shard, world_size=shards,
                              data_sha256=spec.val_sha256, shuffle=False, epochs=1)
     writer = None
     if rank == 0 and spec.metrics_path:

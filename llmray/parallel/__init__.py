@@ -8,8 +8,9 @@ parallel strategies exist, chosen by ``ParallelConfig.strategy``:
 * ``fsdp2`` (default): :func:`~llmray.parallel.compose.parallelize_part` applies, in this order,
   tensor parallelism → activation checkpointing → ``torch.compile`` → FSDP2 ``fully_shard`` per
   block and root (torchtitan's order), on the device mesh ``pp × dp_replicate × dp_shard × tp``
-  of :mod:`~llmray.parallel.mesh` (FSDP2 × TP is the 2-D layout; pipeline stages in
-  :mod:`~llmray.parallel.pipeline`);
+  of :mod:`~llmray.parallel.mesh` (FSDP2 × TP is the 2-D layout). With ``pp > 1`` the model is
+  first split into this rank's pipeline stages (:mod:`~llmray.parallel.pipeline`), each stage is
+  parallelized the same way, and the engine is a ``PipelineEngine`` that runs the schedule;
 * ``deepspeed``: ZeRO stage 1/2/3 through ``deepspeed.initialize`` (see ``deepspeed.py``);
   data-parallel only (tp = pp = 1, validated);
 * ``none``: a single process, no wrapping: the reference the distributed runs are tested against.
@@ -60,11 +61,25 @@ class ParallelConfig:
         dims.validate_strategy(self.strategy)
         return dims
 
+    def data_shard(self, rank: int, world_size: int) -> tuple[int, int]:
+        """(shard index, shard count) of the batch rank ``rank`` reads: its data-parallel coordinate.
+
+        Tensor- and pipeline-parallel peers hold parts of one model replica, so they must read the
+        same rows; only the ``dp`` ranks read different slices.
+        """
+        dims = self.dims(world_size)
+        return dims.coordinates(rank)["dp"], dims.dp
+
 
 def build_engine(model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                  cfg: ParallelConfig, *, world_size: int, param_dtype: torch.dtype | None,
-                 grad_clip: float = 0.0):
-    """Parallelize ``model`` per ``cfg`` and return the engine the training loop drives."""
+                 grad_clip: float = 0.0, pipeline_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+    """Parallelize ``model`` per ``cfg`` and return the engine the training loop drives.
+
+    ``pipeline_loss(logits, targets)`` (the summed loss of one pipeline micro-batch) is needed
+    when ``cfg.pp > 1``: only the last stage sees logits, so the objective is handed to the
+    schedule rather than called on the model.
+    """
     from llmray.parallel import compose, fsdp
 
     dims = cfg.dims(world_size)
@@ -72,9 +87,6 @@ def build_engine(model: nn.Module, make_optimizer: Callable[[nn.Module], torch.o
     if shape is not None:
         dims.validate_model(shape.n_layers, shape.n_heads, shape.n_kv_heads,
                             virtual_stages=cfg.pipeline.virtual_stages)
-    if dims.pp_enabled:
-        raise ValueError("parallel.pp > 1 runs through llmray.parallel.pipeline.PipelineEngine; the training "
-                         "loop does not drive pipeline schedules yet (use tp / dp_shard / dp_replicate)")
     distributed = world_size > 1 and cfg.strategy == "fsdp2"
     mesh = dims.build_mesh(next(model.parameters()).device.type) if distributed else None
     layout = compose.Layout(dims, mesh, sequence_parallel=cfg.sequence_parallel,
@@ -86,5 +98,22 @@ def build_engine(model: nn.Module, make_optimizer: Callable[[nn.Module], torch.o
         compose.parallelize_part(model, layout, param_dtype=None)  # checkpointing / compile only
         return deepspeed.DeepSpeedEngine(model, make_optimizer, cfg.zero_stage, world_size=world_size,
                                          bf16=param_dtype == torch.bfloat16, grad_clip=grad_clip)
+    if dims.pp_enabled:
+        return _pipeline_engine(model, make_optimizer, cfg, layout, param_dtype, pipeline_loss)
     compose.parallelize_part(model, layout, param_dtype=param_dtype)
     return fsdp.TorchEngine(model, make_optimizer(model), world_size=dims.dp)
+
+
+def _pipeline_engine(model: nn.Module, make_optimizer, cfg: ParallelConfig, layout, param_dtype, pipeline_loss):
+    """Split ``model`` into this rank's stages, parallelize each like a whole model, schedule them."""
+    from llmray.parallel import compose
+    from llmray.parallel.pipeline import PipelineEngine, stage_modules
+
+    if pipeline_loss is None:
+        raise ValueError("parallel.pp > 1 needs an objective that can run as a pipeline loss (causal-LM "
+                         "pretraining); SFT and DPO run with parallel.tp / dp_shard / dp_replicate")
+    device = next(model.parameters()).device
+    parts = stage_modules(model, layout.mesh["pp"].get_local_rank(), layout.dims.pp, cfg.pipeline)
+    for _, module in parts:
+        compose.parallelize_part(module, layout, param_dtype=param_dtype)
+    return PipelineEngine(parts, make_optimizer, layout.mesh["pp"], cfg.pipeline, pipeline_loss, device)

@@ -58,6 +58,11 @@ class DeepSpeedEngine:
         self.world_size = world_size
         self.stage = stage
 
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The torch optimizer the learning-rate schedule drives (DeepSpeed wraps it)."""
+        return [self.base_optimizer]
+
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         self.model.set_gradient_accumulation_boundary(last_micro_batch)
         self.model.backward(loss, scale_wrt_gas=False)

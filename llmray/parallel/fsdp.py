@@ -8,18 +8,20 @@
 * :class:`TorchEngine` is what the training loop drives for plain torch (one process or FSDP2):
   gradient sync only on the last micro-batch of a step, the global gradient norm (a DTensor
   reduced over ranks under FSDP2), and DCP save/load of model + optimizer through
-  ``torch.distributed.checkpoint.state_dict``, which reshards when the world size changes.
+  :mod:`~llmray.parallel.state` (the layout pipeline stages write too), which reshards when the
+  world size or the pipeline split changes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+from llmray.parallel import state
 
 
 def blocks(model: nn.Module) -> nn.ModuleDict:
@@ -61,8 +63,9 @@ class TorchEngine:
         self.sharded = world_size > 1
 
     @property
-    def base_optimizer(self) -> torch.optim.Optimizer:
-        return self.optimizer
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The torch optimizers the learning-rate schedule drives."""
+        return [self.optimizer]
 
     def last_grad_norm(self) -> float | None:
         return None
@@ -92,15 +95,10 @@ class TorchEngine:
     # -- checkpoints (DCP): every rank writes its shards; rank 0 writes .metadata last ----------
 
     def save(self, directory: Path) -> None:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
+        state.save([self.model], [self.optimizer], directory)
 
     def load(self, directory: Path) -> None:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=str(directory))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        state.load([self.model], [self.optimizer], directory)
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """Unsharded model weights on CPU (collective under FSDP2; complete on every rank)."""

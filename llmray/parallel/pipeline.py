@@ -23,8 +23,8 @@
   all-reduces the summed loss over the pipeline group (other stages contribute 0), and the
   gradient norm is the square root of the squared norms summed over every stage.
 * **Checkpoints**: model and optimizer state dicts of all local stages are merged under global
-  names (optimizer state flattened to ``state.<param>.<key>``) and written with DCP, which
-  reshards on load to any pp/dp/tp layout.
+  names by :mod:`~llmray.parallel.state` (the same format as one whole model), so DCP reshards
+  them on load to any pp/dp/tp layout.
 
 Apply this first; each stage module then gets TP → activation checkpointing → compile → FSDP.
 """
@@ -39,11 +39,7 @@ from typing import Callable, Literal
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
@@ -51,6 +47,7 @@ from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 from llmray.config import param
 from llmray.model.config import ModelConfig
 from llmray.model.llama import Transformer
+from llmray.parallel import state
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble")
 MULTI_STAGE = ("interleaved_1f1b", "interleaved_zero_bubble")
@@ -212,6 +209,28 @@ class PipelineEngine:
         dist.all_reduce(total, group=self.pp_group)
         return total / scale
 
+    @torch.no_grad()
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor,
+                 measure: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], width: int) -> torch.Tensor:
+        """Forward only; ``measure(logits, targets)`` → ``width`` sums of one micro-batch, added up over
+        micro-batches on the last stage and all-reduced over the pipeline group (same on every pp rank)."""
+        totals: list[torch.Tensor] = []
+
+        def observe(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            totals.append(measure(_local(output), target).to(torch.float64))
+            return torch.zeros((), device=self.device)
+
+        args = (inputs.to(self.device),) if self.has_first else ()
+        target = targets.to(self.device) if self.has_last else None
+        self._loss_fn, loss_fn = observe, self._loss_fn
+        try:
+            self.schedule.eval(*args, target=target, losses=[])
+        finally:
+            self._loss_fn = loss_fn
+        total = torch.stack(totals).sum(0) if totals else torch.zeros(width, dtype=torch.float64, device=self.device)
+        dist.all_reduce(total, group=self.pp_group)
+        return total
+
     def clip_grad_norm(self, max_norm: float) -> float:
         """Global L2 gradient norm over every stage (and shard); clips to ``max_norm`` when > 0."""
         params = [p for module in self.modules for p in module.parameters()]
@@ -236,39 +255,11 @@ class PipelineEngine:
 
     # -- checkpoints: state dicts of every local stage merged under global names ----------------
 
-    def state_dict(self) -> dict:
-        return merged_state_dict(self.modules, self.optimizers)
-
     def save(self, directory: Path) -> None:
-        dcp.save(self.state_dict(), checkpoint_id=str(directory))
+        state.save(self.modules, self.optimizers, directory)
 
     def load(self, directory: Path) -> None:
-        load_merged_state_dict(self.modules, self.optimizers, directory)
-
-
-def merged_state_dict(modules: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None) -> dict:
-    """``{"model": ..., "optim": ...}`` of several modules (stages, or one whole model) under global names."""
-    options = StateDictOptions(flatten_optimizer_state_dict=True)
-    state = {"model": {k: v for m in modules for k, v in get_model_state_dict(m).items()}}
-    if optimizers is not None:
-        state["optim"] = {k: v for m, o in zip(modules, optimizers)
-                          for k, v in get_optimizer_state_dict(m, o, options=options).items()}
-    return state
-
-
-def load_merged_state_dict(modules: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None,
-                           directory: Path) -> None:
-    """Load a DCP checkpoint written by :func:`merged_state_dict` under any pipeline split."""
-    options = StateDictOptions(flatten_optimizer_state_dict=True)
-    state = merged_state_dict(modules, optimizers)
-    dcp.load(state, checkpoint_id=str(directory))
-    for i, module in enumerate(modules):
-        own = get_model_state_dict(module).keys()
-        set_model_state_dict(module, {k: state["model"][k] for k in own}, options=StateDictOptions(strict=True))
-        if optimizers is not None:
-            own_optim = get_optimizer_state_dict(module, optimizers[i], options=options).keys()
-            set_optimizer_state_dict(module, optimizers[i], {k: state["optim"][k] for k in own_optim},
-                                     options=options)
+        state.load(self.modules, self.optimizers, directory)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,14 @@ class CausalLM:
         nats, _ = self.token_losses(model, batch)
         return LossOutput(nats.sum(), self.weight(batch))
 
+    # Under pipeline parallelism the schedule feeds the first stage and calls the loss on the last.
+
+    def pipeline_inputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch[:, :-1], batch[:, 1:]
+
+    def pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return token_cross_entropy(logits, targets).sum()
+
 
 def bits_per_byte(nats: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor) -> tuple[float, int]:
     """Summed bits and bytes of the predicted tokens: (total_nats / ln 2, total UTF-8 bytes).

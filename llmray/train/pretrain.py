@@ -62,6 +62,12 @@ class PretrainConfig:
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
                              f"({self.model.max_seq_len})")
+        microbatches = self.parallel.pipeline.microbatches
+        if self.parallel.pp > 1 and self.data.micro_batch_size % microbatches:
+            raise ValueError(f"data.micro_batch_size ({self.data.micro_batch_size}) must be divisible by "
+                             f"parallel.pipeline.microbatches ({microbatches}): the schedule cuts each "
+                             f"micro-batch into that many pipeline micro-batches")
+        self.parallel.dims(self.ray.num_workers)  # degrees must multiply to the worker count
 
     def inputs(self) -> dict[str, str]:
         inputs = {"tokens": self.data.tokens}
@@ -107,20 +113,21 @@ def pretrain_worker(config: dict[str, Any]) -> None:
     cfg: PretrainConfig = config["cfg"]
     ray_train.worker_setup(cfg.ray)
     rank, world = ray_train.world()
+    shard, shards = cfg.parallel.data_shard(rank, world)
     device = device_for_worker()
     torch.manual_seed(cfg.train.seed)
     model = llama.build(cfg.model, device)
     d = cfg.data
-    data = TokenLoader(d.tokens, seq_len=d.seq_len, batch_size=d.micro_batch_size, split="train", rank=rank,
-                       world_size=world, seed=d.seed, verify=d.verify)
+    data = TokenLoader(d.tokens, seq_len=d.seq_len, batch_size=d.micro_batch_size, split="train", rank=shard,
+                       world_size=shards, seed=d.seed, verify=d.verify)
     val_data = None
     try:
-        TokenLoader(d.tokens, seq_len=d.seq_len, batch_size=d.micro_batch_size, split="val", rank=rank,
-                    world_size=world, shuffle=False, verify=d.verify)
+        TokenLoader(d.tokens, seq_len=d.seq_len, batch_size=d.micro_batch_size, split="val", rank=shard,
+                    world_size=shards, shuffle=False, verify=d.verify)
 
         def val_data():
             return TokenLoader(d.tokens, seq_len=d.seq_len, batch_size=d.micro_batch_size, split="val",
-                               rank=rank, world_size=world, shuffle=False, verify=False)
+                               rank=shard, world_size=shards, shuffle=False, verify=False)
     except ValueError as exc:  # no val split, or too small for one batch per worker
         if rank == 0:
             log.warning("no validation: %s", exc)

@@ -5,7 +5,9 @@
 * ``objective`` (``objectives.py``): turns a micro-batch into a summed loss and its weight;
 * ``data``: any iterator of micro-batches with ``state_dict()`` / ``load_state_dict()`` (the
   token loader for pretraining; the SFT/DPO loaders later);
-* ``parallel`` (``llmray.parallel``): one process, FSDP2 or DeepSpeed ZeRO, behind one engine API;
+* ``parallel`` (``llmray.parallel``): one process, FSDP2 (× TP × PP) or DeepSpeed ZeRO, behind one
+  engine API; with pipeline stages the schedule runs forward and backward of a micro-batch
+  (the objective supplies ``pipeline_inputs`` / ``pipeline_loss``), everything else is the same;
 * ``store`` (``checkpoint.py`` / ``ray_train.py``): where checkpoints go and come from;
 * ``hooks``: callables ``hook(step, record)`` run on every rank after each step.
 
@@ -49,10 +51,11 @@ from torch import nn
 
 from llmray.config import param
 from llmray.parallel import ParallelConfig, build_engine
+from llmray.parallel.pipeline import PipelineEngine
 from llmray.train import checkpoint as ckpt
 from llmray.train import metrics as metrics_lib
 from llmray.train.guards import GuardConfig, StabilityGuard, Verdict
-from llmray.train.objectives import Objective, bits_per_byte
+from llmray.train.objectives import IGNORE_INDEX, Objective, bits_per_byte, token_cross_entropy
 from llmray.train.schedule import ScheduleConfig, build_scheduler
 
 log = logging.getLogger("llmray.train")
@@ -177,12 +180,17 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.dtype = compute_dtype(cfg.precision, self.device)
         parallel = parallel or ParallelConfig(strategy="none" if self.world_size == 1 else "fsdp2")
+        dims = parallel.dims(self.world_size)
+        # tensor- and pipeline-parallel peers read the same rows: count each batch once
+        self.batch_copies = dims.world_size // dims.dp
         self.engine = build_engine(model, optimizer_factory(cfg.optimizer, self.device), parallel,
-                                   world_size=self.world_size, param_dtype=self.dtype,
-                                   grad_clip=cfg.grad_clip)
+                                   world_size=self.world_size, param_dtype=self.dtype, grad_clip=cfg.grad_clip,
+                                   pipeline_loss=getattr(objective, "pipeline_loss", None))
+        self.pipelined = isinstance(self.engine, PipelineEngine)
         # FSDP2 and DeepSpeed apply bf16 themselves; a plain single process needs autocast.
         self.autocast = self.dtype is not None and parallel.strategy == "none"
-        self.scheduler = build_scheduler(self.engine.base_optimizer, cfg.schedule, cfg.steps)
+        # one schedule per optimizer (pipeline ranks hold one optimizer per stage), stepped together
+        self.schedulers = [build_scheduler(optimizer, cfg.schedule, cfg.steps) for optimizer in self.engine.optimizers]
         self.guard = StabilityGuard(cfg.guards)
         self.token_bytes = token_bytes.to(self.device) if token_bytes is not None else None
         self.step = 0
@@ -224,17 +232,21 @@ class Trainer:
         start = time.perf_counter()
         batches = [next(self.data) for _ in range(self.cfg.grad_accum)]
         weight = self._all_reduce(float(sum(self.objective.weight(b) for b in batches)))
-        tokens = int(self._all_reduce(float(sum(_tokens(self.objective, b) for b in batches))))
+        tokens = int(self._all_reduce(float(sum(_tokens(self.objective, b) for b in batches)))) // self.batch_copies
         scale = self.world_size / weight
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for i, batch in enumerate(batches):
+            if self.pipelined:  # the schedule runs forward and backward; the loss is summed over the pp group
+                inputs, targets = self.objective.pipeline_inputs(batch)
+                loss_sum += self.engine.forward_backward(inputs, targets, scale)
+                continue
             with self._autocast():
                 out = self.objective.loss(self.engine.model, _to_device(batch, self.device))
             self.engine.backward(out.loss_sum * scale, last_micro_batch=i == len(batches) - 1)
             loss_sum += out.loss_sum.detach().double()
         loss = self._all_reduce(loss_sum) / weight
         grad_norm = self.engine.clip_grad_norm(self.cfg.grad_clip)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.schedulers[0].get_last_lr()[0]
         verdict = self.guard.check(self.step + 1, loss, grad_norm if grad_norm is not None else 0.0)
         if verdict is Verdict.STEP:
             self.engine.step()
@@ -247,7 +259,8 @@ class Trainer:
         if verdict is Verdict.ROLLBACK:
             self.rollback()
         else:
-            self.scheduler.step()
+            for scheduler in self.schedulers:
+                scheduler.step()
             self.step += 1
         if verdict is not Verdict.STEP:
             log.warning("step %d: %s (loss %.4g, grad norm %s)", record.step, verdict.value, loss, grad_norm)
@@ -260,6 +273,10 @@ class Trainer:
             return {}
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # nats, weight, bits, bytes
         for batch, _ in zip(self.val_data(), range(self.cfg.eval_batches)):
+            if self.pipelined:
+                inputs, targets = self.objective.pipeline_inputs(batch)
+                totals += self.engine.evaluate(inputs, targets, self._validation_sums, width=4)
+                continue
             batch = _to_device(batch, self.device)
             with self._autocast():
                 if self.token_bytes is not None and hasattr(self.objective, "token_losses"):
@@ -281,10 +298,17 @@ class Trainer:
         self.result.evals.append({"step": self.step, **result})
         return result
 
+    def _validation_sums(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(nats, target tokens, bits, bytes) of one pipeline micro-batch, from the last stage's logits."""
+        nats = token_cross_entropy(logits, targets)
+        bits, nbytes = bits_per_byte(nats, targets, self.token_bytes) if self.token_bytes is not None else (0.0, 0)
+        return torch.tensor([float(nats.sum()), int((targets != IGNORE_INDEX).sum()), bits, nbytes],
+                            dtype=torch.float64, device=self.device)
+
     # -- checkpoints ---------------------------------------------------------------------------
 
     def trainer_state(self) -> dict:
-        scheduler = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        scheduler = {k: v for k, v in self.schedulers[0].state_dict().items() if k != "lr_lambdas"}
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -320,7 +344,8 @@ class Trainer:
         state = ckpt.read_trainer_state(directory, saved_rank)
         self.engine.load(directory)
         self.step = int(state["step"])
-        self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(self.scheduler.lr_lambdas)})
+        for scheduler in self.schedulers:  # all optimizers follow one schedule: one saved state
+            scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
         if data:  # the loader's position is global, so any rank's state restores any world size
             self.data.load_state_dict(state["data"])
         if guard:

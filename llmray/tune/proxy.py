@@ -110,10 +110,10 @@ def run_proxy(cfg: ProxyConfig, ctx) -> dict:
 
 def _use_configured_lr(trainer, lr: float) -> None:
     """After loading another run's checkpoint, put this config's peak lr under the restored schedule."""
-    scheduler = trainer.scheduler
-    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
-    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
-    for group in scheduler.optimizer.param_groups:
-        group["initial_lr"] = lr
-        group["lr"] = lr * factor
-    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    for scheduler in trainer.schedulers:
+        scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+        for group in scheduler.optimizer.param_groups:
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

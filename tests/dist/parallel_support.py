@@ -97,7 +97,8 @@ def max_relative_error(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
 
 
-def trainer(shards: Path, parallel, *, steps: int, global_batch: int = 4, store=None, checkpoint_every: int = 0):
+def trainer(shards: Path, parallel, *, steps: int, global_batch: int = 4, store=None, checkpoint_every: int = 0,
+            **model_overrides):
     """A real :class:`~llmray.train.trainer.Trainer` on the byte shards; each data-parallel rank reads its slice.
 
     Ranks of one tensor-/pipeline-parallel group read the same rows: the loader is sharded by the
@@ -120,5 +121,5 @@ def trainer(shards: Path, parallel, *, steps: int, global_batch: int = 4, store=
     def val():
         return TokenLoader(shards, split="val", seq_len=SEQ, batch_size=batch, shuffle=False, rank=dp_rank,
                            world_size=dims.dp)
-    return Trainer(cfg, tiny_model(0), CausalLM(), data, parallel=parallel, store=store, val_data=val,
+    return Trainer(cfg, tiny_model(0, **model_overrides), CausalLM(), data, parallel=parallel, store=store, val_data=val,
                    token_bytes=byte_token_lengths(), flops_per_token=1000)

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from llmray.parallel.mesh import ParallelDims
-from llmray.parallel.pipeline import PipelineConfig, PipelineEngine, load_merged_state_dict, stage_modules
+from llmray.parallel import state
+from llmray.parallel.pipeline import PipelineConfig, PipelineEngine, stage_modules
 from tests.dist import parallel_support as ps
 from tests.train_support import spawn_gloo
 
@@ -96,7 +97,7 @@ def test_pp2_checkpoint_restores_with_pp1(pipelined, reference):
     """Model and optimizer saved by 2 stages load into the whole model; steps 6..10 match the reference."""
     whole = ps.tiny(seed=123, n_layers=LAYERS, tie_embeddings=False)  # different init: all comes from the file
     optimizer = ps.make_optimizer(whole)
-    load_merged_state_dict([whole], [optimizer], pipelined / "checkpoint")
+    state.load([whole], [optimizer], pipelined / "checkpoint")
     assert optimizer.state  # Adam moments were restored, not re-initialised
     losses = []
     for batch in ps.text_batches(STEPS - CHECKPOINT_STEP, BATCH, offset=CHECKPOINT_STEP):
