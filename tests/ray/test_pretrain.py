@@ -113,3 +113,34 @@ def test_killed_worker_restores_from_checkpoint_and_matches_the_clean_run(token_
 def test_max_failures_zero_fails_with_a_clear_error(token_run, tmp_path):
     with pytest.raises(ray_train.TrainingFailed, match=r"failed after 0 allowed worker failure"):
         run_direct(token_run, tmp_path, "fatal", hooks=[KillOnce(3, tmp_path / "fatal.marker")], max_failures=0)
+
+
+LAYOUTS = {"one_process": ("ray.num_workers=1", "parallel.strategy=none"),
+           "tp2": ("parallel.tp=2",),
+           "pp2": ("parallel.pp=2", "parallel.pipeline.microbatches=2")}
+
+
+@pytest.fixture(scope="module")
+def layout_runs(token_run, tmp_path_factory):
+    """The same pretrain stage with only the parallel layout changed (2 Ray Train workers for tp / pp)."""
+    common = ("model.tie_embeddings=false", "train.steps=4", "train.log_every=1", "train.eval_every=0",
+              "train.checkpoint_every=4")
+    runs = {}
+    for name, layout in LAYOUTS.items():
+        root = tmp_path_factory.mktemp(name)
+        result = stages.run_stage(stages.STAGES["pretrain"], pretrain_config(token_run, *common, *layout), root)
+        lines = [json.loads(x) for x in (root / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = {"losses": {m["step"]: m["loss"] for m in lines}, "model": hf.load(result.output / "model")}
+    return runs
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_tensor_and_pipeline_parallel_pretrain_match_one_process(layout_runs, layout):
+    reference, run = layout_runs["one_process"], layout_runs[layout]
+    assert sorted(run["losses"]) == [1, 2, 3, 4]
+    for step, loss in reference["losses"].items():
+        assert abs(run["losses"][step] - loss) < 1e-5 * abs(loss), (step, run["losses"][step], loss)
+    expected = reference["model"].model.state_dict()
+    exported = run["model"].model.state_dict()  # exported from the tp / pp checkpoint by the driver
+    assert exported.keys() == expected.keys()
+    assert max(float((exported[k] - v).abs().max()) for k, v in expected.items()) < 5e-5
