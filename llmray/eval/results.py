@@ -1,4 +1,6 @@
-"""Evaluation results as files: results.json, a markdown table comparing checkpoints, per-example samples.
+"""Evaluation results as files: results.json, a markdown table of checkpoints, per-example samples.
+
+The table is ``report.md``, the stage fragment that the run report includes.
 
 The JSON is the record (every metric with its standard error, the CORE aggregate with each
 task's centered score, and what was evaluated how); the markdown is derived from it: one row
@@ -13,7 +15,7 @@ from pathlib import Path
 from llmray import runs
 
 RESULTS_FILE = "results.json"
-TABLE_FILE = "results.md"
+TABLE_FILE = "report.md"  # the stage fragment the run report includes
 SAMPLES_DIR = "samples"
 
 
@@ -41,7 +43,7 @@ def table(results: dict) -> str:
 
 
 def write(output: Path, results: dict, samples: dict[str, dict[str, list[dict]]] | None) -> None:
-    """results.json, results.md and (optionally) samples/<checkpoint>/<task>.jsonl under ``output``."""
+    """results.json, report.md (the table) and (optionally) samples/<checkpoint>/<task>.jsonl under ``output``."""
     runs.write_json(output / RESULTS_FILE, results)
     runs.write_text(output / TABLE_FILE, table(results))
     for checkpoint, tasks in (samples or {}).items():

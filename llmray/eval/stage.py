@@ -1,4 +1,4 @@
-"""``llmray eval``: score one or more checkpoints on a task suite; results.json, results.md, samples.
+"""``llmray eval``: score one or more checkpoints on a task suite; results.json, report.md (table), samples.
 
 Design choices:
 

@@ -123,3 +123,22 @@ def trainer(shards: Path, parallel, *, steps: int, global_batch: int = 4, store=
                            world_size=dims.dp)
     return Trainer(cfg, tiny_model(0, **model_overrides), CausalLM(), data, parallel=parallel, store=store, val_data=val,
                    token_bytes=byte_token_lengths(), flops_per_token=1000)
+
+
+def trainer_reference(shards: Path, steps: int, **model_overrides) -> dict:
+    """The same Trainer in one process: per-step losses and tokens, evaluations, final weights."""
+    from llmray.parallel import ParallelConfig
+
+    trainer_ = trainer(shards, ParallelConfig(strategy="none"), steps=steps, **model_overrides)
+    result = trainer_.fit()
+    return {"losses": [result.losses[s] for s in range(1, steps + 1)], "evals": result.evals,
+            "tokens": [r.tokens for r in result.records], "params": trainer_.export_weights()}
+
+
+def spawn_runs(tmp_path_factory, name: str, world_size: int, ranks_main, shards: Path) -> Path:
+    """Run ``ranks_main(shards, out)`` on ``world_size`` gloo ranks; returns ``out``."""
+    from tests.train_support import spawn_gloo
+
+    out = tmp_path_factory.mktemp(name)
+    spawn_gloo(world_size, ranks_main, shards, out)
+    return out

@@ -14,15 +14,10 @@ import torch.distributed as dist
 
 from llmray.parallel import ParallelConfig
 from llmray.train.checkpoint import LocalCheckpointStore, step_dir_name
-from tests.train_support import make_trainer, spawn_gloo, stdlib_texts, write_byte_shards
+from tests.train_support import make_trainer, spawn_gloo
 
 STEPS = 10
 RTOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_byte_shards(tmp_path_factory.mktemp("shards"), stdlib_texts(12))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from llmray.parallel import ParallelConfig
 from llmray.train.checkpoint import LocalCheckpointStore, step_dir_name
 from tests.dist import parallel_support as ps
 from tests.dist.test_tp import ATOL_PARAMS, RTOL, STEPS
-from tests.train_support import spawn_gloo, stdlib_texts, write_byte_shards
+
 
 LAYOUTS = {"fsdp2_tp": ParallelConfig(tp=2), "hsdp_tp_sp": ParallelConfig(tp=2, dp_replicate=2,
                                                                           sequence_parallel=True)}
@@ -40,22 +40,13 @@ def ranks_main(shards, out):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_byte_shards(tmp_path_factory.mktemp("shards"), stdlib_texts(12))
-
-
-@pytest.fixture(scope="module")
 def parallel_runs(shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp_tp")
-    spawn_gloo(4, ranks_main, shards, out)
-    return out
+    return ps.spawn_runs(tmp_path_factory, "fsdp_tp", 4, ranks_main, shards)
 
 
 @pytest.fixture(scope="module")
 def reference(shards):
-    trainer = ps.trainer(shards, ParallelConfig(strategy="none"), steps=STEPS)
-    result = trainer.fit()
-    return {"losses": [result.losses[s] for s in range(1, STEPS + 1)], "params": trainer.export_weights()}
+    return ps.trainer_reference(shards, STEPS)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -21,7 +21,7 @@ from llmray.parallel.pipeline import PipelineConfig
 from llmray.train.checkpoint import LocalCheckpointStore, step_dir_name
 from tests.dist import parallel_support as ps
 from tests.dist.test_tp import RTOL, STEPS
-from tests.train_support import spawn_gloo, stdlib_texts, write_byte_shards
+
 
 MODEL = dict(n_layers=4, tie_embeddings=False)
 LAYOUTS = {
@@ -44,22 +44,13 @@ def ranks_main(shards, out):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_byte_shards(tmp_path_factory.mktemp("shards"), stdlib_texts(12))
-
-
-@pytest.fixture(scope="module")
 def parallel_runs(shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pp_trainer")
-    spawn_gloo(2, ranks_main, shards, out)
-    return out
+    return ps.spawn_runs(tmp_path_factory, "pp_trainer", 2, ranks_main, shards)
 
 
 @pytest.fixture(scope="module")
 def reference(shards):
-    result = ps.trainer(shards, ParallelConfig(strategy="none"), steps=STEPS, **MODEL).fit()
-    return {"losses": [result.losses[s] for s in range(1, STEPS + 1)], "evals": result.evals,
-            "tokens": [r.tokens for r in result.records]}
+    return ps.trainer_reference(shards, STEPS, **MODEL)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

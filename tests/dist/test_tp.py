@@ -24,7 +24,6 @@ from llmray.parallel.mesh import ParallelDims
 from llmray.parallel.tensor import apply_tensor_parallel, loss_context
 from llmray.train.checkpoint import LocalCheckpointStore, step_dir_name
 from tests.dist import parallel_support as ps
-from tests.train_support import spawn_gloo, stdlib_texts, write_byte_shards
 
 STEPS = 10
 RTOL = 1e-5
@@ -67,30 +66,20 @@ def train_loss_parallel() -> dict:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_byte_shards(tmp_path_factory.mktemp("shards"), stdlib_texts(12))
-
-
-@pytest.fixture(scope="module")
 def parallel_runs(shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tp")
-    spawn_gloo(2, ranks_main, shards, out)
-    return out
+    return ps.spawn_runs(tmp_path_factory, "tp", 2, ranks_main, shards)
 
 
 @pytest.fixture(scope="module")
 def reference(shards):
-    trainer = ps.trainer(shards, ParallelConfig(strategy="none"), steps=STEPS)
-    result = trainer.fit()
-    return {"losses": [result.losses[s] for s in range(1, STEPS + 1)], "val_loss": result.evals[-1]["val_loss"],
-            "params": trainer.export_weights()}
+    return ps.trainer_reference(shards, STEPS)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_tensor_parallel_matches_single_process(parallel_runs, reference, layout):
     result = json.loads((parallel_runs / "results.json").read_text())[layout]
     assert ps.max_relative_error(result["losses"], reference["losses"]) < RTOL
-    assert ps.max_relative_error([result["val_loss"]], [reference["val_loss"]]) < RTOL
+    assert ps.max_relative_error([result["val_loss"]], [reference["evals"][-1]["val_loss"]]) < RTOL
     params = torch.load(parallel_runs / f"{layout}_params.pt", weights_only=True)
     assert params.keys() == reference["params"].keys()
     errors = {k: float((params[k] - v).abs().max()) for k, v in reference["params"].items()}

@@ -1,4 +1,4 @@
-"""The eval stage end to end in-process: results.json / results.md / samples, base vs chat columns,
+"""The eval stage end to end in-process: results.json / report.md / samples, base vs chat columns,
 CORE recomputed from the per-task numbers, and the lineage cache (skip when unchanged, re-run
 when a task file changes)."""
 
@@ -81,7 +81,7 @@ def test_eval_stage_writes_results_and_honours_lineage(shared_data, tmp_path, on
     chat_lls = [json.loads(s)["loglikelihoods"] for s in (result.output / "samples/chat/arc_easy.jsonl").open()]
     assert base_lls != chat_lls and base["n"] == chat["n"]
 
-    table = (result.output / "results.md").read_text()
+    table = (result.output / "report.md").read_text()
     assert table.splitlines()[0] == "| task | metric | n | shots | base | chat |"
     assert "| arc_easy | acc_norm | 6 | 2 |" in table and "| **CORE** |" in table
     metrics_log = [json.loads(line) for line in (tmp_path / "run/eval/metrics.jsonl").read_text().splitlines()]
