@@ -205,19 +205,25 @@ def fingerprint_outputs(output_dir: Path) -> dict[str, dict]:
             for p in sorted(output_dir.rglob("*")) if p.is_file()}
 
 
-def cache_hit(manifest: dict | None, config_sha: str, inputs: dict[str, dict], output_dir: Path) -> str | None:
-    """Why a stage can be skipped, or None if it must run.
+def cache_hit(manifest: dict | None, config_sha: str, inputs: dict[str, dict], output_dir: Path) -> tuple[bool, str]:
+    """(whether the stage can be skipped, why): printed either way, so a re-run is never a mystery.
 
     Skips only when the previous run completed with the same config hash and input fingerprints
     and all its recorded outputs are still present with the recorded sizes.
     """
-    if not manifest or manifest.get("status") != "complete":
-        return None
-    if manifest.get("config_sha256") != config_sha or manifest.get("inputs") != inputs:
-        return None
+    if not manifest:
+        return False, "no previous run"
+    if manifest.get("status") != "complete":
+        return False, f"the previous run did not complete (status {manifest.get('status')!r})"
+    if manifest.get("config_sha256") != config_sha:
+        return False, f"config changed (sha256 {str(manifest.get('config_sha256'))[:12]} -> {config_sha[:12]})"
+    before = manifest.get("inputs") or {}
+    changed = sorted(k for k in before.keys() | inputs.keys() if before.get(k) != inputs.get(k))
+    if changed:
+        return False, f"inputs changed: {', '.join(changed[:5])}" + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
     for rel, info in manifest.get("outputs", {}).items():
         target = output_dir / rel
         if not target.is_file() or target.stat().st_size != info["bytes"]:
-            return None
-    return (f"inputs and config unchanged since {manifest.get('finished_at', 'the last run')} "
-            f"(config sha256 {config_sha[:12]})")
+            return False, f"output {rel} is missing or changed"
+    return True, (f"inputs and config unchanged since {manifest.get('finished_at', 'the last run')} "
+                  f"(config sha256 {config_sha[:12]})")

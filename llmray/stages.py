@@ -157,15 +157,16 @@ def run_stage(stage: Stage, cfg: Any, run_root: Path, ray_cfg: cluster.RayConfig
     config_sha = config_lib.config_hash(cfg)
     inputs = runs.fingerprint_inputs(cfg.inputs() if hasattr(cfg, "inputs") else {})
     previous = stage_dir.read_manifest()
-    reason = None if force else runs.cache_hit(previous, config_sha, inputs, stage_dir.output)
-    if reason:
+    hit, reason = (False, "--force") if force else runs.cache_hit(previous, config_sha, inputs, stage_dir.output)
+    if hit:
         log.info("[%s] skipped: %s; outputs in %s", stage.name, reason, stage_dir.output)
         return StageResult(stage.name, True, stage_dir.output, previous, reason)
+    log.info("[%s] running: %s", stage.name, reason)
 
     runs.write_text(stage_dir.root / "config.yaml", config_lib.dump_yaml(cfg))
     started = time.time()
     manifest = {"stage": stage.name, "status": "running", "config_sha256": config_sha,
-                "inputs": inputs, "started_at": _iso(started)}
+                "inputs": inputs, "started_at": _iso(started), "ran_because": reason}
     stage_dir.write_manifest(manifest)
     logger, handler = _stage_logger(stage_dir)
     try:
@@ -187,7 +188,7 @@ def run_stage(stage: Stage, cfg: Any, run_root: Path, ray_cfg: cluster.RayConfig
                     resources=cluster.resources_in_use())
     stage_dir.write_manifest(manifest)
     log.info("[%s] done in %.1fs; outputs in %s", stage.name, finished - started, stage_dir.output)
-    return StageResult(stage.name, False, stage_dir.output, manifest)
+    return StageResult(stage.name, False, stage_dir.output, manifest, reason)
 
 
 def _iso(timestamp: float) -> str:

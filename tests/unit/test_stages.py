@@ -67,6 +67,7 @@ def test_changing_one_config_value_reruns(tmp_path, source):
     stages.run_stage(UPPER, UpperConfig(source=str(source)), tmp_path / "run")
     result = stages.run_stage(UPPER, UpperConfig(source=str(source), repeat=2), tmp_path / "run")
     assert not result.skipped and CALLS == ["upper", "upper"]
+    assert result.reason.startswith("config changed") and result.manifest["ran_because"] == result.reason
     assert (result.output / "upper.txt").read_text() == "HELLOHELLO"
 
 
@@ -75,13 +76,16 @@ def test_changing_input_content_reruns(tmp_path, source):
     source.write_text("bye")
     result = stages.run_stage(UPPER, UpperConfig(source=str(source)), tmp_path / "run")
     assert not result.skipped and (result.output / "upper.txt").read_text() == "BYE"
+    assert result.reason == "inputs changed: source"
 
 
 def test_deleted_output_reruns_and_force_reruns(tmp_path, source):
     first = stages.run_stage(UPPER, UpperConfig(source=str(source)), tmp_path / "run")
+    assert first.reason == "no previous run"
     (first.output / "upper.txt").unlink()
-    assert not stages.run_stage(UPPER, UpperConfig(source=str(source)), tmp_path / "run").skipped
-    assert not stages.run_stage(UPPER, UpperConfig(source=str(source)), tmp_path / "run", force=True).skipped
+    again = stages.run_stage(UPPER, UpperConfig(source=str(source)), tmp_path / "run")
+    assert not again.skipped and again.reason == "output upper.txt is missing or changed"
+    assert stages.run_stage(UPPER, UpperConfig(source=str(source)), tmp_path / "run", force=True).reason == "--force"
     assert len(CALLS) == 3
 
 
