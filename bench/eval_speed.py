@@ -59,7 +59,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="150 ARC-Easy questions instead of ARC-Easy + PIQA")
     parser.add_argument("--preset", default="cpu-small", help="model preset (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="timed runs per pool (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=RunnerConfig().batch_size,
+                        help="most requests per batch (default: the runner's, %(default)s)")
     args = parser.parse_args()
 
     tasks = [load_task("arc_easy", TaskSpec(format="arc", path="arc/ARC-Easy-Dev.jsonl"), SHARED_DATA,

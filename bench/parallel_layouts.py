@@ -1,6 +1,6 @@
 """Tokens/s of each parallel layout on this machine's CPU (gloo): proof of function, not of speed.
 
-Every layout trains the same model on the same random-token batches (global batch ``--batch`` rows
+Every layout is built by the trainer's own ``build_engine`` and trains the same model on the same random-token batches (global batch ``--batch`` rows
 of ``--seq`` tokens) with AdamW; every process (the single one too) runs 1 thread, so on a 2-core
 machine 4 ranks oversubscribe the cores. Layouts: one process, FSDP2 dp=2, TP=2 (+SP), PP=2
 (1F1B), FSDP2×TP 2×2 and PP×FSDP2 2×2. The median step time over the timed steps (after
@@ -33,21 +33,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmray.model import llama  # noqa: E402
 from llmray.model.config import preset  # noqa: E402
-from llmray.parallel.compose import Layout, parallelize_part  # noqa: E402
-from llmray.parallel.fsdp import TorchEngine  # noqa: E402
-from llmray.parallel.mesh import ParallelDims  # noqa: E402
-from llmray.parallel.pipeline import PipelineConfig, PipelineEngine, stage_modules  # noqa: E402
+from llmray.parallel import ParallelConfig, build_engine  # noqa: E402
+from llmray.parallel.pipeline import PipelineConfig  # noqa: E402
 from llmray.train.objectives import token_cross_entropy  # noqa: E402
 from llmray.train.trainer import OptimizerConfig, optimizer_factory  # noqa: E402
 
-LAYOUTS = {  # name: (world size, mesh degrees, sequence parallel)
-    "single": (1, {}, False),
-    "fsdp2_dp2": (2, {}, False),
-    "tp2": (2, {"tp": 2}, False),
-    "tp2_sp": (2, {"tp": 2}, True),
-    "pp2_1f1b": (2, {"pp": 2}, False),
-    "fsdp2_tp_2x2": (4, {"tp": 2}, False),
-    "pp_fsdp2_2x2": (4, {"pp": 2}, False),
+LAYOUTS = {  # name: (world size, parallel config): built by the trainer's own build_engine
+    "single": (1, ParallelConfig(strategy="none")),
+    "fsdp2_dp2": (2, ParallelConfig()),
+    "tp2": (2, ParallelConfig(tp=2)),
+    "tp2_sp": (2, ParallelConfig(tp=2, sequence_parallel=True)),
+    "pp2_1f1b": (2, ParallelConfig(pp=2)),
+    "fsdp2_tp_2x2": (4, ParallelConfig(tp=2)),
+    "pp_fsdp2_2x2": (4, ParallelConfig(pp=2)),
 }
 
 
@@ -66,26 +64,17 @@ def run_layout(rank: int, world: int, port: int, name: str, args, out: Path) -> 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # every process 1 thread (same for the single-process peer)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    _, degrees, sp = LAYOUTS[name]
-    dims = ParallelDims.resolve(world, **degrees)
-    mesh = dims.build_mesh("cpu")
+    _, parallel = LAYOUTS[name]
+    dims = parallel.dims(world)
     coords = dims.coordinates(rank)
+    rows = args.batch // dims.dp
+    parallel.pipeline = PipelineConfig(schedule="1f1b", microbatches=rows)
     torch.manual_seed(0)
     model = llama.build(model_config(args.quick))
-    make_optimizer = optimizer_factory(OptimizerConfig(lr=1e-4), torch.device("cpu"))
-    layout = Layout(dims, mesh, sequence_parallel=sp)
+    engine = build_engine(model, optimizer_factory(OptimizerConfig(lr=1e-4), torch.device("cpu")), parallel,
+                          world_size=world, param_dtype=None, pipeline_loss=summed_loss)
     generator = torch.Generator().manual_seed(1)
-    rows = args.batch // dims.dp
     times = []
-    if dims.pp_enabled:
-        cfg = PipelineConfig(schedule="1f1b", microbatches=rows)
-        parts = stage_modules(model, coords["pp"], dims.pp, cfg)
-        for _, module in parts:
-            parallelize_part(module, layout, param_dtype=None)
-        engine = PipelineEngine(parts, make_optimizer, mesh["pp"], cfg, summed_loss, torch.device("cpu"))
-    else:
-        parallelize_part(model, layout, param_dtype=None)
-        engine = TorchEngine(model, make_optimizer(model), world_size=dims.dp)
     for step in range(args.warmup + args.steps):
         batch = torch.randint(0, model.cfg.vocab_size, (args.batch, args.seq + 1), generator=generator)
         mine = batch[coords["dp"] * rows:(coords["dp"] + 1) * rows]
@@ -126,7 +115,7 @@ def main() -> None:
     tokens_per_step = args.batch * args.seq
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (world, _, _) in LAYOUTS.items():
+        for name, (world, _) in LAYOUTS.items():
             mp.start_processes(run_layout, args=(world, free_port(), name, args, Path(tmp)), nprocs=world,
                                start_method="spawn")
             median = statistics.median(json.loads((Path(tmp) / f"{name}.json").read_text()))

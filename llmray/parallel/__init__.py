@@ -87,6 +87,9 @@ def build_engine(model: nn.Module, make_optimizer: Callable[[nn.Module], torch.o
     if shape is not None:
         dims.validate_model(shape.n_layers, shape.n_heads, shape.n_kv_heads,
                             virtual_stages=cfg.pipeline.virtual_stages)
+    if dims.pp_enabled and pipeline_loss is None:
+        raise ValueError("parallel.pp > 1 needs an objective that can run as a pipeline loss (causal-LM "
+                         "pretraining); SFT and DPO run with parallel.tp / dp_shard / dp_replicate")
     distributed = world_size > 1 and cfg.strategy == "fsdp2"
     mesh = dims.build_mesh(next(model.parameters()).device.type) if distributed else None
     layout = compose.Layout(dims, mesh, sequence_parallel=cfg.sequence_parallel,
@@ -109,9 +112,6 @@ def _pipeline_engine(model: nn.Module, make_optimizer, cfg: ParallelConfig, layo
     from llmray.parallel import compose
     from llmray.parallel.pipeline import PipelineEngine, stage_modules
 
-    if pipeline_loss is None:
-        raise ValueError("parallel.pp > 1 needs an objective that can run as a pipeline loss (causal-LM "
-                         "pretraining); SFT and DPO run with parallel.tp / dp_shard / dp_replicate")
     device = next(model.parameters()).device
     parts = stage_modules(model, layout.mesh["pp"].get_local_rank(), layout.dims.pp, cfg.pipeline)
     for _, module in parts:

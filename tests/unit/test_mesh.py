@@ -75,3 +75,22 @@ def test_pipeline_config_checks_schedule_against_virtual_stages():
         from_dict(ParallelConfig, {"pp": 2, "pipeline": {"schedule": "interleaved_1f1b"}})
     with pytest.raises(ValueError, match="needs an interleaved schedule"):
         PipelineConfig(schedule="1f1b", virtual_stages=2)
+
+
+def test_tensor_and_pipeline_peers_read_the_same_data_shard():
+    cfg = ParallelConfig(pp=2, tp=2)  # world 8: dp_shard 2; tp fastest, then dp, then pp
+    shards = [cfg.data_shard(rank, 8) for rank in range(8)]
+    assert shards == [(0, 2), (0, 2), (1, 2), (1, 2), (0, 2), (0, 2), (1, 2), (1, 2)]
+    assert ParallelConfig().data_shard(3, 4) == (3, 4)  # plain data parallel: every rank its own slice
+
+
+def test_pipeline_needs_an_objective_with_a_pipeline_loss():
+    import torch
+
+    from llmray.model import llama
+    from llmray.parallel import build_engine
+
+    model = llama.build(preset("tiny", vocab_size=64, tie_embeddings=False))
+    with pytest.raises(ValueError, match="needs an objective that can run as a pipeline loss"):
+        build_engine(model, lambda m: torch.optim.AdamW(m.parameters()), ParallelConfig(pp=2), world_size=2,
+                     param_dtype=None)
