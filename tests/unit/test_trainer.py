@@ -54,6 +54,15 @@ def test_loss_falls_and_metrics_are_written(shards, tmp_path):
     assert any((tmp_path / "tb").iterdir())
 
 
+def test_a_peak_measured_under_load_is_measured_again_instead_of_reporting_mfu_above_one(shards):
+    seen = []
+    trainer = make_trainer(shards, steps=2, hooks=[lambda step, metrics: seen.append(metrics["mfu"])])
+    trainer.cfg.peak_flops = None  # measured, not configured ...
+    trainer.peak_flops = 1.0  # ... while something else held the cores: 1 FLOP/s
+    trainer.fit()
+    assert trainer.peak_flops > 1e8 and all(0 < mfu <= 1 for mfu in seen), (trainer.peak_flops, seen)
+
+
 def test_weight_decay_groups_exclude_norms_and_embeddings():
     model = tiny_model()
     decay, no_decay = parameter_groups(model, OptimizerConfig())
