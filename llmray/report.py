@@ -23,7 +23,7 @@ from typing import Any
 from llmray import runs
 
 REPORT_DIR = "report"
-_MAX_SERIES_PER_PLOT = 6
+_MAX_SERIES_PER_PLOT = 9
 _IGNORED_SERIES = {"time", "step", "epoch"}
 _IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)]+)\)")
 
@@ -40,12 +40,17 @@ def stage_dirs(run_root: Path) -> list[runs.StageDir]:
 
 
 def _latest_per_step(metrics: list[dict]) -> list[dict]:
-    """One record per step, the last one written: a stage that was restarted or resumed logs some
-    steps again, and the curve should show the attempt that produced the outputs."""
-    if not metrics or any("step" not in record for record in metrics):
+    """One record per step, its keys merged with the later value winning: a restarted or resumed
+    stage logs some steps again (the curve shows the attempt that produced the outputs), and hooks
+    log other figures at the same step (DPO's preference metrics beside the loss). Records without a
+    step are stage-level figures, not points of a curve; with no steps at all, records are the x axis."""
+    stepped = [record for record in metrics if "step" in record]
+    if not stepped:
         return metrics
-    latest = {record["step"]: record for record in metrics}
-    return [latest[step] for step in sorted(latest)]
+    merged: dict[int, dict] = {}
+    for record in stepped:
+        merged.setdefault(record["step"], {}).update(record)
+    return [merged[step] for step in sorted(merged)]
 
 
 def _numeric_series(metrics: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
@@ -63,10 +68,16 @@ def _numeric_series(metrics: list[dict]) -> dict[str, tuple[list[float], list[fl
     return {k: v for k, v in series.items() if len(v[0]) >= 2}
 
 
+def _plotted(series: dict[str, tuple[list[float], list[float]]]) -> list[str]:
+    """The series worth a panel: loss, then held-out figures, then the rest; a flat line says nothing."""
+    varying = [name for name, (_, ys) in series.items() if max(ys) != min(ys)]
+    return sorted(varying, key=lambda k: (k != "loss", not k.startswith("val_"), k))[:_MAX_SERIES_PER_PLOT]
+
+
 def plot_metrics(metrics: list[dict], title: str, path: Path) -> list[str]:
     """One figure with a panel per numeric series; returns the names of the series plotted."""
     series = _numeric_series(metrics)
-    names = sorted(series, key=lambda k: (k != "loss", k))[:_MAX_SERIES_PER_PLOT]
+    names = _plotted(series)
     if not names:
         return []
     import matplotlib
@@ -81,7 +92,7 @@ def plot_metrics(metrics: list[dict], title: str, path: Path) -> list[str]:
         xs, ys = series[name]
         ax.plot(xs, ys, linewidth=1.2)
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("step" if "step" in metrics[0] else "record")
+        ax.set_xlabel("step" if any("step" in record for record in metrics) else "record")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")

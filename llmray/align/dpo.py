@@ -191,7 +191,7 @@ def run_dpo(cfg: DpoConfig, ctx) -> dict:
     replies = []
     if cfg.samples.prompts and kept_val:
         replies = samples_lib.sample_replies(ctx.output / "model", cfg.tokenizer,
-                                             [p.prompt for p in kept_val[:cfg.samples.prompts]], cfg.samples)
+                                             [p.prompt for p in kept_val], cfg.samples)
         samples_lib.write_samples(ctx.output, replies)
     losses = result["losses"]
     summary = {"steps": max(losses) if losses else 0, "first_loss": losses[min(losses)] if losses else None,

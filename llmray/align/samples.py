@@ -23,12 +23,18 @@ SAMPLES_FILE = "samples.jsonl"
 
 def sample_replies(model_dir: str | Path, tokenizer_dir: str | Path, prompts: list[list[dict]],
                    cfg: SamplingSection) -> list[dict]:
-    """One sampled reply per prompt: text, tokens, and whether it ended with a stop token."""
+    """One sampled reply for each of the first ``cfg.prompts`` prompts that leave room in the context.
+
+    A prompt as long as the model's context cannot be answered at all; it is passed over (not
+    counted as unfinished), and the next held-out prompt takes its place.
+    """
     tokenizer = tokenizer_train.load(tokenizer_dir)
     template = ChatTemplate(tokenizer)
     model = hf.load(model_dir).model
     out = []
     for index, messages in enumerate(prompts):
+        if len(out) == cfg.prompts:
+            break
         ids = template.render(messages, add_generation_prompt=True).ids
         room = model.cfg.max_seq_len - len(ids)
         if room <= 0:

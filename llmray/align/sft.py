@@ -49,9 +49,9 @@ def rows_fingerprint(rows: PackedRows) -> str:
     return fingerprint_arrays(rows.tokens, rows.loss_mask, rows.segment_ids)
 
 
-def held_out_prompts(conversations: list[Conversation], count: int) -> list[list[dict]]:
+def held_out_prompts(conversations: list[Conversation]) -> list[list[dict]]:
     """Each held-out conversation up to (not including) its last assistant turn."""
-    return [c.messages[:-1] for c in conversations[:count]]
+    return [c.messages[:-1] for c in conversations]
 
 
 def _stats(stats: RenderStats) -> dict:
@@ -91,7 +91,7 @@ def run_sft(cfg: SftConfig, ctx) -> dict:
     replies = []
     if cfg.samples.prompts and mixture.val:
         replies = samples_lib.sample_replies(ctx.output / "model", cfg.tokenizer,
-                                             held_out_prompts(mixture.val, cfg.samples.prompts), cfg.samples)
+                                             held_out_prompts(mixture.val), cfg.samples)
         samples_lib.write_samples(ctx.output, replies)
     rate = samples_lib.end_of_turn_rate(replies)
     losses = result["losses"]

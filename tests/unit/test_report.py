@@ -19,7 +19,7 @@ class CurveConfig:
 def run_curve(cfg: CurveConfig, ctx: stages.StageContext) -> dict:
     """Logs a falling loss and writes a report fragment with its own image."""
     for step in range(cfg.steps):
-        ctx.log_metrics(step=step, loss=4.0 / (1 + step), lr=1e-3)
+        ctx.log_metrics(step=step, loss=4.0 / (1 + step), lr=1e-3 * (1 + step), skips=0)  # a flat series is not plotted
     (ctx.output / "hist.png").write_bytes(b"\x89PNG fake but present")
     (ctx.output / "report.md").write_text("# Funnel\n\n| in | out |\n|---|---|\n| 10 | 7 |\n\n![hist](hist.png)\n")
     return {"final_loss": 4.0 / cfg.steps}
@@ -62,3 +62,14 @@ def test_restarted_stage_plots_the_last_record_of_each_step():
     metrics = [{"step": 10, "loss": 9.0}, {"step": 20, "loss": 8.0},  # first attempt, killed
                {"step": 10, "loss": 7.0}, {"step": 20, "loss": 6.0}, {"step": 30, "loss": 5.0}]
     assert report._numeric_series(metrics)["loss"] == ([10, 20, 30], [7.0, 6.0, 5.0])
+
+
+def test_hook_figures_at_the_same_step_are_merged_and_stepless_records_are_not_points():
+    metrics = [{"reference_cache_hit": 0.0},  # stage-level, no step
+               {"step": 0, "val_reward_accuracy": 0.0}, {"step": 10, "loss": 0.6}, {"step": 10, "val_reward_accuracy": 0.4},
+               {"step": 20, "loss": 0.5}, {"step": 20, "val_reward_accuracy": 0.6}]
+    series = report._numeric_series(metrics)
+    assert series["loss"] == ([10, 20], [0.6, 0.5])
+    assert series["val_reward_accuracy"] == ([0, 10, 20], [0.0, 0.4, 0.6])
+    assert "reference_cache_hit" not in series
+
