@@ -31,7 +31,7 @@ from llmray.align.pairs import PairRows, encode_pairs
 from llmray.align.preferences import Pair, PreferenceSource, read_source
 from llmray.align.records import Quarantined, split_sources
 from llmray.align.reference import ReferenceConfig, data_fingerprint, reference_logps
-from llmray.align.training import AlignConfig, WorkerSpec, rank_and_world, run_workers
+from llmray.align.training import AlignConfig, WorkerSpec, checkpoint_location, rank_and_world, run_workers
 from llmray.config import param
 from llmray.tokenizer import chat
 from llmray.tokenizer import train as tokenizer_train
@@ -182,7 +182,7 @@ def run_dpo(cfg: DpoConfig, ctx) -> dict:
                       train_sha256=train_sha, batch_size=cfg.batch_size, seed=cfg.seed, val_rows=val_rows,
                       val_sha256=splits["val"][1] if val_rows is not None else "",
                       metrics_path=str(ctx.dir.root / "metrics.jsonl"),
-                      checkpoint_dir=str(ctx.dir.work / "checkpoints" / train_sha[:16]),
+                      checkpoint_dir=checkpoint_location(ctx.dir.work, cfg, cfg.model, train_sha),
                       hook_factories=[PreferenceMetricsFactory(splits, every)])
     result = run_workers(spec, cfg)
     history = result["hooks"][0]

@@ -23,7 +23,7 @@ from llmray.align import samples as samples_lib
 from llmray.align.conversations import Conversation, SftSource, build_mixture
 from llmray.align.loader import fingerprint_arrays
 from llmray.align.packing import PackedRows, RenderStats, pack, pack_conversations, render_all
-from llmray.align.training import AlignConfig, WorkerSpec, run_workers
+from llmray.align.training import AlignConfig, WorkerSpec, checkpoint_location, run_workers
 from llmray.config import param
 from llmray.tokenizer import chat
 from llmray.tokenizer import train as tokenizer_train
@@ -83,7 +83,7 @@ def run_sft(cfg: SftConfig, ctx) -> dict:
                       train_sha256=train_sha, batch_size=cfg.batch_size, seed=cfg.seed, val_rows=val_rows,
                       val_sha256=rows_fingerprint(val_rows) if val_rows is not None else "",
                       metrics_path=str(ctx.dir.root / "metrics.jsonl"),
-                      checkpoint_dir=str(ctx.dir.work / "checkpoints" / train_sha[:16]))
+                      checkpoint_dir=checkpoint_location(ctx.dir.work, cfg, cfg.model, train_sha))
     if cfg.workers > 1 or cfg.use_gpu:
         ctx.connect_ray()
     result = run_workers(spec, cfg)
@@ -118,8 +118,11 @@ def _report(summary: dict, data: dict, replies: list[dict]) -> list[str]:
              "| source | read | train | val | quarantined |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {c['read']} | {c['train']} | {c['val']} | {c['quarantined']} |"
               for name, c in data["counts"].items()]
-    lines += ["", f"Loss {summary['first_loss']:.3f} → {summary['final_loss']:.3f} over {summary['steps']} steps"
-              + (f"; held-out loss {summary['final_val_loss']:.3f}." if summary["final_val_loss"] else "."), ""]
+    if summary["first_loss"] is None:  # an interrupted run resumed at its last checkpoint, the final step
+        lines += ["", "No step ran in this process: training resumed from its final checkpoint.", ""]
+    else:
+        lines += ["", f"Loss {summary['first_loss']:.3f} → {summary['final_loss']:.3f} over {summary['steps']} steps"
+                  + (f"; held-out loss {summary['final_val_loss']:.3f}." if summary["final_val_loss"] else "."), ""]
     if replies:
         lines += samples_lib.markdown(replies)
     return lines

@@ -17,6 +17,8 @@ workers: data parallel), so the single-process path and the distributed path are
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import tempfile
 from dataclasses import dataclass, field as dc_field
@@ -26,8 +28,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from llmray import runs
 from llmray.align.loader import RowLoader
-from llmray.config import param
+from llmray.config import config_hash, param
 from llmray.parallel import ParallelConfig
 from llmray.train.trainer import TrainConfig
 
@@ -91,6 +94,14 @@ class WorkerSpec:
 
 def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def checkpoint_location(work: Path, cfg: Any, init_dir: str | Path, train_sha256: str) -> str:
+    """Where a run checkpoints, keyed by all that decides its result: the stage config, the initial
+    weights and the training rows. An interrupted identical run resumes; a new base model or setting
+    starts afresh instead of resuming a checkpoint trained from something else."""
+    key = json.dumps({"config": config_hash(cfg), "init": runs.fingerprint(init_dir), "train": train_sha256})
+    return str(Path(work) / "checkpoints" / hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
 def train_worker(spec: WorkerSpec) -> dict:

@@ -1,5 +1,10 @@
-"""`llmray pipeline` lineage: a second run does no work; changing one pretrain key re-runs
-pretrain and everything after it, and nothing before (asserted from the manifests)."""
+"""`llmray pipeline` lineage on the demo's own config, `configs/pipeline/tiny.yaml`: a second run does
+no work; changing one pretrain key re-runs pretrain and everything after it (SFT, DPO, eval) and
+nothing before (classifier, curate, tokenizer, tokens), asserted from the manifests.
+
+Every stage and its configuration come from the shipped file; only the amount of work is cut (fewer
+files, examples, steps, prompts, a 2-layer model) so the eight stages run in a few minutes.
+"""
 
 from __future__ import annotations
 
@@ -13,73 +18,60 @@ from llmray.pipeline import PipelineConfig, run_pipeline
 
 pytestmark = pytest.mark.ray
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-ORDER = ["tokenizer", "tokens", "pretrain", "eval"]
+ORDER = ["classifier", "curate", "tokenizer", "tokens", "pretrain", "sft", "dpo", "eval"]
+DOWNSTREAM_OF_PRETRAIN = ["pretrain", "sft", "dpo", "eval"]
 
 
-def _documents(tmp_path: Path, shared_data: Path) -> Path:
-    """Real text: Wikipedia and Shakespeare lines as JSONL documents."""
-    path = tmp_path / "docs.jsonl"
-    lines = (shared_data / "wikipedia_sample" / "wiki_demo.txt").read_text().splitlines()
-    shakespeare = (shared_data / "books_tinyshakespeare").glob("*.txt")
-    with open(path, "w") as handle:
-        for index, text in enumerate(line for line in lines if len(line) > 200):
-            handle.write(json.dumps({"id": f"wiki-{index}", "text": text, "source": "wiki"}) + "\n")
-        for file in shakespeare:
-            for index, block in enumerate(file.read_text().split("\n\n")[:400]):
-                handle.write(json.dumps({"id": f"{file.stem}-{index}", "text": block, "source": "books"}) + "\n")
-    return path
+def tiny_pipeline(pretrain_steps: int) -> PipelineConfig:
+    raw = config_lib.read_yaml(CONFIGS / "pipeline" / "tiny.yaml")
+    stages = raw["stages"]
+    assert list(stages) == ORDER
+    for spec in stages["classifier"]["classifiers"]:
+        spec.update(max_examples_per_class=200, epochs=2)
+    for source in stages["curate"]["sources"]:
+        source.update(max_files=2, max_docs_per_file=20)
+    stages["tokenizer"].update(vocab_size=512, char_budget=100_000, report_chars=10_000)
+    stages["tokens"].update(actors=1)
+    pretrain = stages["pretrain"]
+    pretrain["model"] = {**config_lib.read_yaml(CONFIGS / "model" / "tiny.yaml"), "vocab_size": 512}
+    pretrain["data"].update(seq_len=64, micro_batch_size=4)
+    pretrain["train"].update(steps=pretrain_steps, log_every=2, eval_every=0, checkpoint_every=0)
+    for name in ("sft", "dpo"):
+        stage = stages[name]
+        stage.update(seq_len=127, batch_size=2, samples={"prompts": 1, "max_new_tokens": 4})
+        stage["train"].update(steps=2, log_every=1, eval_every=0, eval_batches=1)
+        for source in stage["sources"]:
+            source["max_records"] = 30
+    stages["dpo"].update(metric_pairs=8, reference={**stages["dpo"]["reference"], "actors": 1})
+    stages["eval"].update(limit=4, tasks=["arc_easy"], runner={**stages["eval"].get("runner", {}), "num_actors": 1})
+    return config_lib.from_dict(PipelineConfig, raw)
 
 
-def _pipeline(docs: Path, shared_data: Path, steps: int) -> PipelineConfig:
-    raw = {
-        "name": "e2e",
-        "stages": {
-            "tokenizer": {"include": str(CONFIGS / "tokenizer/tiny.yaml"), "documents": str(docs),
-                          "vocab_size": 512, "char_budget": 200_000, "report_chars": 20_000},
-            "tokens": {"include": str(CONFIGS / "tokens/tiny.yaml"), "documents": str(docs)},
-            "pretrain": {"include": str(CONFIGS / "train/tiny.yaml"), "model": {"vocab_size": 512},
-                         "train": {"steps": steps, "eval_every": 4, "checkpoint_every": 4, "log_every": 2}},
-            "eval": {"include": str(CONFIGS / "eval/tiny.yaml"), "tasks": ["arc_easy"], "limit": 8,
-                     "data_dir": str(shared_data), "runner": {"num_actors": 1}},
-        },
-    }
-    return config_lib.from_dict(PipelineConfig, _resolve(raw))
-
-
-def _resolve(raw: dict) -> dict:
-    """Resolve the per-stage `include:` keys the way a pipeline YAML file would."""
-    stages = {}
-    for name, section in raw["stages"].items():
-        section = dict(section)
-        base = config_lib.read_yaml(section.pop("include"))
-        stages[name] = config_lib.deep_merge(base, section)
-    return {**raw, "stages": stages}
-
-
-def _manifests(run_root: Path) -> dict[str, dict]:
+def manifests(run_root: Path) -> dict[str, dict]:
     return {stage: json.loads((run_root / stage / "manifest.json").read_text()) for stage in ORDER}
 
 
-def test_second_run_is_cached_and_a_pretrain_change_reruns_only_downstream(ray_session, tmp_path, shared_data):
-    docs = _documents(tmp_path, shared_data)
+def test_second_run_is_cached_and_a_pretrain_change_reruns_only_downstream(ray_session, shared_data, tmp_path):
     runs_dir = tmp_path / "runs"
-    first = run_pipeline(_pipeline(docs, shared_data, steps=8), runs_dir)
-    assert [r.skipped for r in first] == [False] * 4
-    before = _manifests(runs_dir / "e2e")
+    first = run_pipeline(tiny_pipeline(pretrain_steps=4), runs_dir)
+    assert [r.stage for r in first] == ORDER and not any(r.skipped for r in first)
+    before = manifests(runs_dir / "tiny")
     assert all(m["status"] == "complete" for m in before.values())
 
-    second = run_pipeline(_pipeline(docs, shared_data, steps=8), runs_dir)
-    assert [r.skipped for r in second] == [True] * 4
-    assert _manifests(runs_dir / "e2e") == before
+    second = run_pipeline(tiny_pipeline(pretrain_steps=4), runs_dir)
+    assert all(r.skipped for r in second)
+    assert manifests(runs_dir / "tiny") == before
 
-    third = run_pipeline(_pipeline(docs, shared_data, steps=10), runs_dir)
-    assert [r.skipped for r in third] == [True, True, False, False]
-    after = _manifests(runs_dir / "e2e")
-    for stage in ("tokenizer", "tokens"):
-        assert after[stage] == before[stage]
-    for stage in ("pretrain", "eval"):
-        assert after[stage]["started_at"] >= before[stage]["finished_at"]
-    assert after["pretrain"]["config_sha256"] != before["pretrain"]["config_sha256"]
-    # eval's own config is unchanged: it re-ran because its input, the pretrained model, changed
-    assert after["eval"]["config_sha256"] == before["eval"]["config_sha256"]
-    assert after["eval"]["inputs"] != before["eval"]["inputs"]
+    third = run_pipeline(tiny_pipeline(pretrain_steps=6), runs_dir)
+    assert [r.stage for r in third if not r.skipped] == DOWNSTREAM_OF_PRETRAIN
+    after = manifests(runs_dir / "tiny")
+    for stage in ORDER:
+        if stage in DOWNSTREAM_OF_PRETRAIN:
+            assert after[stage]["started_at"] >= before[stage]["finished_at"], stage
+        else:
+            assert after[stage] == before[stage], stage
+    assert after["pretrain"]["ran_because"].startswith("config changed")
+    # the later stages' own configs are unchanged: they re-ran because their input model changed
+    for stage in ("sft", "dpo", "eval"):
+        assert after[stage]["config_sha256"] == before[stage]["config_sha256"], stage
+        assert after[stage]["ran_because"].startswith("inputs changed"), (stage, after[stage]["ran_because"])
