@@ -53,21 +53,15 @@ class CausalLM:
     def weight(self, batch: torch.Tensor) -> int:
         return batch.shape[0] * (batch.shape[1] - 1)
 
-    def token_losses(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(nats (B, T), targets (B, T)) for every predicted position."""
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        return token_cross_entropy(model(inputs), targets), targets
-
-    def loss(self, model: nn.Module, batch: torch.Tensor) -> LossOutput:
-        nats, _ = self.token_losses(model, batch)
-        return LossOutput(nats.sum(), self.weight(batch))
-
-    # Under pipeline parallelism the schedule feeds the first stage and calls the loss on the last.
-
-    def pipeline_inputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def inputs_and_targets(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return batch[:, :-1], batch[:, 1:]
 
+    def loss(self, model: nn.Module, batch: torch.Tensor) -> LossOutput:
+        inputs, targets = self.inputs_and_targets(batch)
+        return LossOutput(self.pipeline_loss(model(inputs), targets), self.weight(batch))
+
     def pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The summed loss from logits: all the last pipeline stage computes (the schedule feeds the first)."""
         return token_cross_entropy(logits, targets).sum()
 
 

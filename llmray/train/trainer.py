@@ -7,7 +7,7 @@
   token loader for pretraining; the SFT/DPO loaders later);
 * ``parallel`` (``llmray.parallel``): one process, FSDP2 (× TP × PP) or DeepSpeed ZeRO, behind one
   engine API; with pipeline stages the schedule runs forward and backward of a micro-batch
-  (the objective supplies ``pipeline_inputs`` / ``pipeline_loss``), everything else is the same;
+  (the objective supplies ``inputs_and_targets`` / ``pipeline_loss``), everything else is the same;
 * ``store`` (``checkpoint.py`` / ``ray_train.py``): where checkpoints go and come from;
 * ``hooks``: callables ``hook(step, record)`` run on every rank after each step.
 
@@ -237,7 +237,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for i, batch in enumerate(batches):
             if self.pipelined:  # the schedule runs forward and backward; the loss is summed over the pp group
-                inputs, targets = self.objective.pipeline_inputs(batch)
+                inputs, targets = self.objective.inputs_and_targets(batch)
                 loss_sum += self.engine.forward_backward(inputs, targets, scale)
                 continue
             with self._autocast():
@@ -274,16 +274,14 @@ class Trainer:
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # nats, weight, bits, bytes
         for batch, _ in zip(self.val_data(), range(self.cfg.eval_batches)):
             if self.pipelined:
-                inputs, targets = self.objective.pipeline_inputs(batch)
+                inputs, targets = self.objective.inputs_and_targets(batch)
                 totals += self.engine.evaluate(inputs, targets, self._validation_sums, width=4)
                 continue
             batch = _to_device(batch, self.device)
             with self._autocast():
-                if self.token_bytes is not None and hasattr(self.objective, "token_losses"):
-                    nats, targets = self.objective.token_losses(self.engine.model, batch)
-                    bits, nbytes = bits_per_byte(nats, targets, self.token_bytes)
-                    totals += torch.tensor([float(nats.sum()), self.objective.weight(batch), bits, nbytes],
-                                           dtype=torch.float64, device=self.device)
+                if self.token_bytes is not None and hasattr(self.objective, "inputs_and_targets"):
+                    inputs, targets = self.objective.inputs_and_targets(batch)
+                    totals += self._validation_sums(self.engine.model(inputs), targets)
                 else:
                     out = self.objective.loss(self.engine.model, batch)
                     totals[0] += float(out.loss_sum)
@@ -299,7 +297,8 @@ class Trainer:
         return result
 
     def _validation_sums(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """(nats, target tokens, bits, bytes) of one pipeline micro-batch, from the last stage's logits."""
+        """(nats, target tokens, bits, bytes) of one micro-batch from its logits (under pipeline
+        parallelism, the last stage's)."""
         nats = token_cross_entropy(logits, targets)
         bits, nbytes = bits_per_byte(nats, targets, self.token_bytes) if self.token_bytes is not None else (0.0, 0)
         return torch.tensor([float(nats.sum()), int((targets != IGNORE_INDEX).sum()), bits, nbytes],
