@@ -1,6 +1,8 @@
 """A real Ray head started with `ray start` for the job-submission tests.
 
-Started with token auth and the dashboard on 127.0.0.1, in its own process (``--block``), and
+Started with token auth (a fresh token in a temporary file named by ``RAY_AUTH_TOKEN_PATH``, so
+the tests neither need nor touch ``~/.ray/auth_token``, which a new machine does not have) and
+the dashboard on 127.0.0.1, in its own process (``--block``), and
 stopped with SIGTERM to that process only: never ``ray stop``, which would stop every Ray on the
 machine.
 """
@@ -8,6 +10,7 @@ machine.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -57,11 +60,16 @@ def _wait_for_dashboard(url: str, proc: subprocess.Popen, timeout: float = 90) -
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
     dashboard_port = _free_port()
+    directory = tmp_path_factory.mktemp("ray_head")
+    token = directory / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
     # Job drivers run `python` from PATH: make it this environment's interpreter.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": path}
-    env.pop("RAY_ADDRESS", None)
-    log = open(tmp_path_factory.mktemp("ray_head") / "head.log", "w")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "PATH": path}
+    for inherited in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+        env.pop(inherited, None)
+    log = open(directory / "head.log", "w")
     proc = subprocess.Popen(
         [_ray_cli(), "start", "--head", f"--port={_free_port()}", "--num-cpus=1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
