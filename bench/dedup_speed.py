@@ -21,46 +21,15 @@ Last line: JSON with docs_per_s, datasketch_docs_per_s, ratio_vs_datasketch, gro
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import multiprocessing
 import random
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-SHARED = REPO.parent / "shared" / "data"
-WORD = re.compile(r"[0-9a-z_\u0080-\U0010FFFF]+")
-
-
-def base_documents() -> list[str]:
-    from llmray.data.machine_text import discover, read_documents
-
-    texts = [json.loads(line)["text"] for line in (SHARED / "c4_sample" / "c4_demo.jsonl").open()]
-    for path in sorted((SHARED / "web_cc_text").glob("*.jsonl.gz")):
-        texts += [json.loads(line).get("text", "") for line in gzip.open(path, "rt", encoding="utf-8")]
-    texts += [p for line in (SHARED / "wikipedia_sample" / "wiki_demo.txt").open() for p in line.split("  ") if p]
-    for path in sorted((SHARED / "books_gutenberg").glob("*.txt.gz")):
-        texts.append(gzip.decompress(path.read_bytes()).decode("utf-8", "replace"))
-    for file in discover(["doc", "pydoc_topics"], max_files_per_kind=1500):
-        try:
-            texts += [text for _, text, _ in read_documents(file)]
-        except ValueError:
-            continue
-    docs = []
-    for text in texts:  # documents of at most 400 words
-        words = text.split()
-        docs += [" ".join(words[i:i + 400]) for i in range(0, len(words), 400) if len(words[i:i + 400]) >= 20]
-    return docs
+from _dedup_corpus import base_documents, run_datasketch, run_llmray, write_parquet
 
 
 def make_corpus(base: list[str], n: int, seed: int) -> list[str]:
@@ -75,73 +44,11 @@ def make_corpus(base: list[str], n: int, seed: int) -> list[str]:
     return out
 
 
-def write_parquet(texts: list[str], directory: Path, shards: int = 8) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    for s in range(shards):
-        part = texts[s::shards]
-        ids = [f"doc-{s:02d}-{i:08d}" for i in range(len(part))]
-        pq.write_table(pa.table({"id": ids, "text": part, "source": ["bench"] * len(part),
-                                 "quality_score": [0.5] * len(part), "meta": ["{}"] * len(part)}),
-                       directory / f"part-{s:02d}.parquet")
-
-
-def run_llmray(directory: Path) -> tuple[float, dict]:
-    import ray
-
-    from llmray.config import from_dict
-    from llmray.data.dedup import DedupConfig, deduplicate
-
-    cfg = from_dict(DedupConfig, {"exact": False, "decontam": {"enabled": False}, "num_partitions": 8})
-    start = time.perf_counter()
-    result = deduplicate(ray.data.read_parquet(str(directory)), cfg)
-    kept = result.documents.count()
-    rejected = result.rejected.count()
-    elapsed = time.perf_counter() - start
-    return elapsed, {"kept": kept, "rejected": rejected, "clusters": result.stats["near_dedup"]["clusters"]}
-
-
-def _datasketch_signature(texts: list[str]):
-    from datasketch import MinHash
-
-    out = []
-    for text in texts:
-        words = WORD.findall(text.lower())
-        shingles = {" ".join(words[i:i + 5]).encode() for i in range(max(len(words) - 4, 1))}
-        m = MinHash(num_perm=112)
-        m.update_batch(list(shingles))
-        out.append(m)
-    return out
-
-
-def run_datasketch(texts: list[str]) -> tuple[float, dict]:
-    from datasketch import MinHashLSH
-
-    start = time.perf_counter()
-    chunks = [texts[i:i + 500] for i in range(0, len(texts), 500)]
-    with multiprocessing.get_context("fork").Pool(2) as pool:
-        signatures = [m for part in pool.map(_datasketch_signature, chunks) for m in part]
-    lsh = MinHashLSH(threshold=0.8, num_perm=112, params=(14, 8))
-    parent = list(range(len(texts)))
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for i, m in enumerate(signatures):
-        for j in lsh.query(m):
-            parent[find(i)] = find(j)
-        lsh.insert(i, m)
-    removed = sum(1 for i in range(len(texts)) if find(i) != i)
-    return time.perf_counter() - start, {"rejected": removed}
-
-
 def capped_run(directory: Path, cap_mb: int) -> dict:
     import ray
 
     ray.init(address="local", num_cpus=2, object_store_memory=cap_mb * 1024 * 1024, include_dashboard=False)
-    elapsed, info = run_llmray(directory)
+    elapsed, info, _ = run_llmray(directory)
     ray.shutdown()
     input_mb = sum(p.stat().st_size for p in directory.glob("*.parquet")) / 2**20
     return {"object_store_mb": cap_mb, "input_parquet_mb": round(input_mb, 1), "seconds": round(elapsed, 1), **info}
@@ -174,13 +81,14 @@ def main() -> None:
     run_llmray(work / "n1")  # warm-up: worker processes, imports
     times, info = {}, {}
     for k in (1, 2, 4):
-        runs = [run_llmray(work / f"n{k}") for _ in range(1 if args.quick else 2)]
+        runs = [run_llmray(work / f"n{k}")[:2] for _ in range(1 if args.quick else 2)]
         times[k] = statistics.median(t for t, _ in runs)
         info[k] = runs[0][1]
         print(f"llmray {k}N={k * n}: {times[k]:.1f}s {info[k]}", flush=True)
     ray.shutdown()
-    ds_time, ds_info = run_datasketch(corpora[1])
-    print(f"datasketch N={n}: {ds_time:.1f}s {ds_info}", flush=True)
+    ds_time, roots = run_datasketch(corpora[1])
+    ds_rejected = sum(1 for i, root in enumerate(roots) if root != i)
+    print(f"datasketch N={n}: {ds_time:.1f}s, rejected {ds_rejected}", flush=True)
 
     capped = {}
     if args.capped_docs and not args.quick:  # a fresh Ray whose object store is smaller than the input
@@ -197,7 +105,7 @@ def main() -> None:
               "ratio_vs_datasketch": round(docs_per_s / (n / ds_time), 2),
               "growth_4x": round(times[4] / times[1], 2), "seconds": {f"{k}N": round(t, 2) for k, t in times.items()},
               "datasketch_seconds": round(ds_time, 2), "llmray_rejected_N": info[1]["rejected"],
-              "datasketch_rejected_N": ds_info["rejected"], "capped_run": capped}
+              "datasketch_rejected_N": ds_rejected, "capped_run": capped}
     print(json.dumps(result))
 
 

@@ -11,13 +11,15 @@ the result never depends on input order, block layout or partition count.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from llmray.data.components import edge_table
+from llmray.data.components import DST, SRC, edge_table
+from llmray.data.minhash import row_jaccard
 from llmray.data.shuffle import column
 
 KeepRule = Literal["first_id", "longest", "quality"]
@@ -77,6 +79,48 @@ def bucket_edges(table: pa.Table, excluded: np.ndarray) -> pa.Table:
     smallest = np.repeat(nodes[starts], sizes)
     member = smallest != nodes
     return edge_table(nodes[member], smallest[member])
+
+
+def sorted_by_node(table: pa.Table) -> pa.Table:
+    return table.sort_by("node")
+
+
+def _ragged(lists: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, values) of a list column, whatever its slicing or chunking."""
+    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return offsets, pc.list_flatten(lists).to_numpy(zero_copy_only=False)
+
+
+def _rows_of(shingles: pa.Table, nodes: np.ndarray) -> pa.Array:
+    """The ``shingles`` lists of ``nodes`` from a table sorted by node (every node is present:
+    only documents with shingles get band keys, so only they have edges)."""
+    position = np.searchsorted(column(shingles, "node"), nodes)
+    return shingles.column("shingles").combine_chunks().take(pa.array(position, pa.int64()))
+
+
+def attach_source_shingles(edges: pa.Table, shingles: pa.Table) -> pa.Table:
+    """Distinct edges of one ``src`` partition with the source document's shingles attached."""
+    src, dst = column(edges, SRC), column(edges, DST)
+    pairs = np.unique(np.stack([src, dst], axis=1), axis=0) if src.size else np.zeros((0, 2), np.uint64)
+    return edge_table(pairs[:, 0], pairs[:, 1]).append_column("src_shingles", _rows_of(shingles, pairs[:, 0]))
+
+
+@dataclass(frozen=True)
+class similar_edges:
+    """Reducer on a ``dst`` partition: the edges whose documents' exact shingle Jaccard is at
+    least ``threshold``."""
+
+    threshold: float
+
+    def __call__(self, edges: pa.Table, shingles: pa.Table) -> pa.Table:
+        src, dst = column(edges, SRC), column(edges, DST)
+        if src.size == 0:
+            return edge_table(src, dst)
+        similarity = row_jaccard(_ragged(edges.column("src_shingles").combine_chunks()),
+                                 _ragged(_rows_of(shingles, dst)))
+        keep = similarity >= self.threshold
+        return edge_table(src[keep], dst[keep])
 
 
 def with_roots_as_members(table: pa.Table) -> pa.Table:

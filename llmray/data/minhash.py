@@ -179,20 +179,41 @@ class MinHasher:
             salted = combined + np.arange(self.bands, dtype=np.uint64)[None, :] * _GOLDEN
         return mix64(salted)
 
-    def document_band_keys(self, texts: list[str],
-                           words: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Band keys for a batch of texts and a mask of documents that have any shingle
-        (``words``: this batch's :meth:`word_hashes`, when already computed)."""
-        shingles, offsets = self.shingle_hashes(*(words or self.word_hashes(texts)))
+    def document_band_keys(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Band keys for a batch of texts and a mask of documents that have any shingle."""
+        shingles, offsets = self.shingles(texts)
         keys = self.band_keys(self.signatures(shingles, offsets))
         return keys, np.diff(offsets) > 0
 
 
+def _distinct_per_row(offsets: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, value) pairs of a ragged array with repeats inside a row removed, sorted."""
+    rows = np.repeat(np.arange(offsets.size - 1), np.diff(offsets))
+    order = np.lexsort((values, rows))
+    rows, values = rows[order], values[order]
+    first = np.ones(rows.size, dtype=bool)
+    first[1:] = (rows[1:] != rows[:-1]) | (values[1:] != values[:-1])
+    return rows[first], values[first]
+
+
+def row_jaccard(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Exact Jaccard similarity of row i of ``a`` with row i of ``b``, for every row at once.
+
+    ``a`` and ``b`` are ragged arrays ``(offsets int64[N+1], values)`` with the same N (shingle
+    hashes; repeats inside a row count once). Two empty rows have similarity 0. One sort over
+    both sides finds every intersection: no Python loop over pairs."""
+    rows_a, values_a = _distinct_per_row(*a)
+    rows_b, values_b = _distinct_per_row(*b)
+    n = a[0].size - 1
+    rows, values = np.concatenate([rows_a, rows_b]), np.concatenate([values_a, values_b])
+    order = np.lexsort((values, rows))
+    rows, values = rows[order], values[order]
+    shared = (rows[1:] == rows[:-1]) & (values[1:] == values[:-1])
+    intersection = np.bincount(rows[1:][shared], minlength=n)
+    union = np.bincount(rows_a, minlength=n) + np.bincount(rows_b, minlength=n) - intersection
+    return np.divide(intersection, union, out=np.zeros(n), where=union > 0)
+
+
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     """Exact Jaccard similarity of two shingle-hash sets (arrays may hold repeats)."""
-    a, b = np.unique(a), np.unique(b)
-    union = a.size + b.size
-    if union == 0:
-        return 0.0
-    inter = np.intersect1d(a, b, assume_unique=True).size
-    return inter / (union - inter)
+    return float(row_jaccard((np.array([0, a.size]), a), (np.array([0, b.size]), b))[0])

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from llmray.config import from_dict
-from llmray.data.dedup import DedupConfig, deduplicate, text_hash
+from llmray.data.dedup import DedupConfig, deduplicate, node_ids, text_hash
 from llmray.data.machine_text import discover, read_documents
-from llmray.data.minhash import MinHasher
+from llmray.data.minhash import MinHasher, jaccard
 
 pytestmark = pytest.mark.ray
 NO_DECONTAM = {"decontam": {"enabled": False}}
@@ -54,10 +54,7 @@ def corpus(shared_data) -> list[dict]:
 def chain_texts(shared_data) -> list[str]:
     """Three windows A, B, C over a book, shifted so that A and B, and B and C, share an LSH band
     but A and C share none (A~B, B~C, A!~C), found deterministically."""
-    import gzip
-
-    words = gzip.decompress((shared_data / "books_gutenberg" / "pg174_dorian_gray.txt.gz").read_bytes()) \
-        .decode("utf-8").split()[5000:6000]
+    words = book_words(shared_data, 5000, 1000)
     hasher = MinHasher()
     for shift in range(40, 160, 5):
         texts = [" ".join(words[k * shift:k * shift + 500]) for k in range(3)]
@@ -66,6 +63,28 @@ def chain_texts(shared_data) -> list[str]:
         if share == [True, True, False]:
             return texts
     raise AssertionError("no shift gives a chain")
+
+
+def book_words(shared_data, start: int, count: int) -> list[str]:
+    import gzip
+
+    text = gzip.decompress((shared_data / "books_gutenberg" / "pg174_dorian_gray.txt.gz").read_bytes()).decode("utf-8")
+    return text.split()[start:start + count]
+
+
+def candidates_below(shared_data, threshold: float) -> tuple[str, str]:
+    """Two overlapping windows over a book that share an LSH band although their exact Jaccard
+    is below ``threshold`` (a false candidate of plain LSH), found deterministically."""
+    words = book_words(shared_data, 20000, 1000)
+    hasher = MinHasher()
+    for shift in range(40, 200, 3):
+        texts = [" ".join(words[:500]), " ".join(words[shift:shift + 500])]
+        keys, _ = hasher.document_band_keys(texts)
+        shingles, offsets = hasher.shingles(texts)
+        similarity = jaccard(shingles[:offsets[1]], shingles[offsets[1]:])
+        if np.intersect1d(keys[0], keys[1]).size and similarity < threshold - 0.05:
+            return texts[0], texts[1]
+    raise AssertionError("no shift gives a false candidate")
 
 
 def run(ray_session, docs, cfg: dict, blocks: int = 4):
@@ -173,3 +192,50 @@ def test_boilerplate_lines_removed_and_emptied_documents_rejected(ray_session, c
     rejected = {r["id"]: r for r in result.rejected.take_all()}
     assert rejected["only-banner"]["stage"] == "boilerplate" and "only-banner" not in texts
     assert result.stats["boilerplate"]["lines_flagged"] == len(frequent)
+
+
+def verified_reference(docs: list[dict], threshold: float) -> dict[str, str]:
+    """Single process, no exact stage: each LSH bucket joins its members to the member with the
+    smallest node id, edges below ``threshold`` exact Jaccard are dropped, union-find, smallest
+    id kept; returns removed id -> kept id."""
+    hasher = MinHasher()
+    keys, has = hasher.document_band_keys([d["text"] for d in docs])
+    shingles, offsets = hasher.shingles([d["text"] for d in docs])
+    nodes = node_ids([d["id"] for d in docs]).tolist()
+    buckets: dict[int, list[int]] = {}
+    for i in range(len(docs)):
+        for key in (keys[i].tolist() if has[i] else []):
+            buckets.setdefault(key, []).append(i)
+    parent = list(range(len(docs)))
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for members in buckets.values():
+        centre = min(members, key=nodes.__getitem__)
+        for i in members:
+            if jaccard(shingles[offsets[i]:offsets[i + 1]], shingles[offsets[centre]:offsets[centre + 1]]) >= threshold:
+                parent[find(i)] = find(centre)
+    clusters: dict[int, list[str]] = {}
+    for i, doc in enumerate(docs):
+        clusters.setdefault(find(i), []).append(doc["id"])
+    return {m: min(ids) for ids in clusters.values() for m in ids if m != min(ids)}
+
+
+def test_verification_keeps_only_edges_at_the_jaccard_threshold(ray_session, corpus, shared_data):
+    low_a, low_b = candidates_below(shared_data, 0.8)
+    docs = corpus + [{"id": "low-a", "text": low_a, "source": "planted", "quality_score": 0.5, "meta": "{}"},
+                     {"id": "low-b", "text": low_b, "source": "planted", "quality_score": 0.5, "meta": "{}"}]
+    cfg = {**NO_DECONTAM, "exact": False}
+    plain = run(ray_session, docs, cfg)
+    verified = run(ray_session, docs, {**cfg, "minhash": {"verify": True, "threshold": 0.8}})
+    assert ("low-b", "near_dedup", "near_duplicate", "low-a") in plain[1]
+    assert "low-a" in verified[0] and "low-b" in verified[0]
+    assert {r[0]: r[3] for r in verified[1]} == verified_reference(docs, 0.8)
+    near = verified[2]["near_dedup"]
+    assert 0 < near["verified_edges"] < near["candidate_edges"]
+    assert all(f"p{i}-b-near" not in verified[0] for i in range(8))  # ~2% edits: far above 0.8
+    other = run(ray_session, docs, {**cfg, "minhash": {"verify": True}, "num_partitions": 3}, blocks=7)
+    assert other[:2] == verified[:2]

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from llmray.data.minhash import WORD_PATTERN, MinHasher, jaccard
+from llmray.data.minhash import WORD_PATTERN, MinHasher, jaccard, row_jaccard
 
 
 def reference_shingles(text: str, n: int) -> set[tuple[str, ...]]:
@@ -57,6 +57,21 @@ def test_shingle_sets_match_reference(c4_texts):
     for i in range(0, 38, 2):
         a, b = shingles[offsets[i]:offsets[i + 1]], shingles[offsets[i + 1]:offsets[i + 2]]
         assert jaccard(a, b) == pytest.approx(reference_jaccard(texts[i], texts[i + 1], 5))
+
+
+def test_row_jaccard_matches_python_sets():
+    """Rows with repeats, empty rows and overlaps of every size, against Python sets."""
+    rng = np.random.default_rng(0)
+    sides = []
+    for _ in range(2):
+        sizes = rng.integers(0, 40, size=300)
+        sizes[:3] = 0
+        sides.append((np.concatenate([[0], np.cumsum(sizes)]), rng.integers(0, 60, size=sizes.sum()).astype(np.uint64)))
+    result = row_jaccard(*sides)
+    for i in range(300):
+        a, b = (set(values[offsets[i]:offsets[i + 1]].tolist()) for offsets, values in sides)
+        assert result[i] == pytest.approx(len(a & b) / len(a | b) if a | b else 0.0), i
+    assert np.unique(np.round(result, 2)).size > 30  # overlaps of many sizes were exercised
 
 
 def test_signatures_do_not_depend_on_batch_composition(c4_texts):
