@@ -5,7 +5,7 @@
   documents of 20-400 words.
 * :func:`run_llmray`: llmray's ``deduplicate`` with only MinHash on (exact dedup, boilerplate and
   decontamination off) over a parquet directory, on the Ray already initialised.
-* :func:`run_datasketch`: ``datasketch`` MinHash over the same shingles (word 5-grams of the same
+* :func:`run_datasketch`: the same parquet read with pyarrow, ``datasketch`` MinHash over the same shingles (word 5-grams of the same
   tokenisation, 112 permutations) in a 2-process pool, then ``MinHashLSH(params=(14, 8))`` insert
   and query, clusters by union-find. It returns every document's cluster root.
 """
@@ -80,7 +80,9 @@ def write_parquet(texts: list[str], directory: Path, shards: int = 8) -> list[st
 
 
 def run_llmray(directory: Path, minhash: dict | None = None) -> tuple[float, dict, Any]:
-    """Near-dedup ``directory``; returns (seconds, summary, rejected rows as an Arrow table)."""
+    """Near-dedup ``directory`` as the curate stage does it (its input read once, one block per
+    file, and materialised; dedup then reads it twice: keys, then the filter); returns (seconds,
+    summary, rejected rows as an Arrow table)."""
     import ray
 
     from llmray.config import from_dict
@@ -89,7 +91,8 @@ def run_llmray(directory: Path, minhash: dict | None = None) -> tuple[float, dic
     cfg = from_dict(DedupConfig, {"exact": False, "decontam": {"enabled": False}, "num_partitions": 8,
                                   "minhash": minhash or {}})
     start = time.perf_counter()
-    result = deduplicate(ray.data.read_parquet(str(directory)), cfg)
+    files = sorted(str(p) for p in directory.glob("*.parquet"))
+    result = deduplicate(ray.data.read_parquet(files, override_num_blocks=len(files)).materialize(), cfg)
     kept = result.documents.count()
     rejected = pa.concat_tables([REJECTED_SCHEMA.empty_table(), *ray.get(result.rejected.to_arrow_refs())])
     elapsed = time.perf_counter() - start
@@ -108,11 +111,18 @@ def _datasketch_signatures(texts: list[str]):
     return out
 
 
-def run_datasketch(texts: list[str]) -> tuple[float, list[int]]:
-    """Returns (seconds, cluster root index of every text)."""
+def read_texts(directory: Path) -> list[str]:
+    """The texts of :func:`write_parquet`'s shards, in the order they were given to it."""
+    shards = [pq.read_table(p, columns=["text"])["text"].to_pylist() for p in sorted(directory.glob("*.parquet"))]
+    return [shards[i % len(shards)][i // len(shards)] for i in range(sum(map(len, shards)))]
+
+
+def run_datasketch(directory: Path) -> tuple[float, list[int]]:
+    """Read ``directory`` and cluster it; returns (seconds, cluster root index of every text)."""
     from datasketch import MinHashLSH
 
     start = time.perf_counter()
+    texts = read_texts(directory)
     chunks = [texts[i:i + 500] for i in range(0, len(texts), 500)]
     with multiprocessing.get_context("fork").Pool(2) as pool:
         signatures = [m for part in pool.map(_datasketch_signatures, chunks) for m in part]

@@ -9,13 +9,15 @@ from disk.
 
 Peers, same data and parameters (word 5-grams of the same tokenisation, 112 permutations,
 14 bands x 8 rows), same 2 CPUs:
-* llmray: ``deduplicate`` with only MinHash on (exact and decontamination off): read parquet,
-  signatures, band shuffle, connected components, keep rule, filtered output counted.
+* llmray: ``deduplicate`` with only MinHash on (exact and decontamination off), defaults
+  otherwise (candidate edges verified by exact Jaccard): read parquet, signatures, band shuffle,
+  verification joins, connected components, keep rule, filtered output counted. At N it also
+  runs with ``minhash.verify: false`` (band matches alone, datasketch's semantics).
 * datasketch: ``MinHash.update_batch`` over the same shingle strings in a 2-process pool,
   ``MinHashLSH(params=(14, 8))`` insert + query, clusters by union-find.
 
 Last line: JSON with docs_per_s, datasketch_docs_per_s, ratio_vs_datasketch, growth_4x
-(time(4N)/time(N)), and the memory-capped run's figures.
+(time(4N)/time(N)), the unverified figures, and the memory-capped run's figures.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def capped_run(directory: Path, cap_mb: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="N=5,000 documents (full: 20,000)")
+    parser.add_argument("--quick", action="store_true", help="N=5,000 documents and no capped run")
+    parser.add_argument("--docs", type=int, default=50_000, help="N of the full run")
     parser.add_argument("--cap-mb", type=int, default=200, help="object store cap of the capped run")
     parser.add_argument("--capped-docs", type=int, default=120_000,
                         help="documents of the capped run (120,000 is ~335 MB of text; 0 skips it; "
@@ -69,7 +72,7 @@ def main() -> None:
 
     import ray
 
-    n = 5_000 if args.quick else 20_000
+    n = 5_000 if args.quick else args.docs
     base = base_documents()
     print(f"base documents: {len(base)}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="dedup_speed_"))
@@ -85,8 +88,10 @@ def main() -> None:
         times[k] = statistics.median(t for t, _ in runs)
         info[k] = runs[0][1]
         print(f"llmray {k}N={k * n}: {times[k]:.1f}s {info[k]}", flush=True)
+    unverified_time, unverified_info, _ = run_llmray(work / "n1", {"verify": False})
+    print(f"llmray unverified N={n}: {unverified_time:.1f}s {unverified_info}", flush=True)
     ray.shutdown()
-    ds_time, roots = run_datasketch(corpora[1])
+    ds_time, roots = run_datasketch(work / "n1")
     ds_rejected = sum(1 for i, root in enumerate(roots) if root != i)
     print(f"datasketch N={n}: {ds_time:.1f}s, rejected {ds_rejected}", flush=True)
 
@@ -105,6 +110,9 @@ def main() -> None:
               "ratio_vs_datasketch": round(docs_per_s / (n / ds_time), 2),
               "growth_4x": round(times[4] / times[1], 2), "seconds": {f"{k}N": round(t, 2) for k, t in times.items()},
               "datasketch_seconds": round(ds_time, 2), "llmray_rejected_N": info[1]["rejected"],
+              "unverified_docs_per_s": round(n / unverified_time),
+              "unverified_ratio_vs_datasketch": round(ds_time / unverified_time, 2),
+              "unverified_rejected_N": unverified_info["rejected"],
               "datasketch_rejected_N": ds_rejected, "capped_run": capped}
     print(json.dumps(result))
 

@@ -15,6 +15,7 @@ from llmray.data.minhash import MinHasher, jaccard
 
 pytestmark = pytest.mark.ray
 NO_DECONTAM = {"decontam": {"enabled": False}}
+PLAIN_LSH = {**NO_DECONTAM, "minhash": {"verify": False}}  # clusters from band matches alone
 
 
 def edit(text: str, fraction: float, rng: random.Random) -> str:
@@ -75,16 +76,17 @@ def book_words(shared_data, start: int, count: int) -> list[str]:
 def candidates_below(shared_data, threshold: float) -> tuple[str, str]:
     """Two overlapping windows over a book that share an LSH band although their exact Jaccard
     is below ``threshold`` (a false candidate of plain LSH), found deterministically."""
-    words = book_words(shared_data, 20000, 1000)
+    words = book_words(shared_data, 0, 60000)
     hasher = MinHasher()
-    for shift in range(40, 200, 3):
-        texts = [" ".join(words[:500]), " ".join(words[shift:shift + 500])]
-        keys, _ = hasher.document_band_keys(texts)
-        shingles, offsets = hasher.shingles(texts)
-        similarity = jaccard(shingles[:offsets[1]], shingles[offsets[1]:])
-        if np.intersect1d(keys[0], keys[1]).size and similarity < threshold - 0.05:
-            return texts[0], texts[1]
-    raise AssertionError("no shift gives a false candidate")
+    for start in range(10000, 59000, 700):
+        for shift in range(75, 130, 6):
+            texts = [" ".join(words[start:start + 500]), " ".join(words[start + shift:start + shift + 500])]
+            keys, _ = hasher.document_band_keys(texts)
+            shingles, offsets = hasher.shingles(texts)
+            similarity = jaccard(shingles[:offsets[1]], shingles[offsets[1]:])
+            if np.intersect1d(keys[0], keys[1]).size and similarity < threshold - 0.05:
+                return texts[0], texts[1]
+    raise AssertionError("no window pair gives a false candidate")
 
 
 def run(ray_session, docs, cfg: dict, blocks: int = 4):
@@ -138,7 +140,7 @@ def reference(docs: list[dict], keep: str) -> dict[str, tuple[str, str]]:
 
 @pytest.mark.parametrize("keep", ["first_id", "quality"])
 def test_matches_single_process_reference(ray_session, corpus, keep):
-    kept, rejected, stats = run(ray_session, corpus, {**NO_DECONTAM, "keep": keep})
+    kept, rejected, stats = run(ray_session, corpus, {**PLAIN_LSH, "keep": keep})
     expected = reference(corpus, keep)
     assert {r[0]: (r[1], r[3]) for r in rejected} == expected
     assert kept == sorted(d["id"] for d in corpus if d["id"] not in expected)
@@ -146,7 +148,7 @@ def test_matches_single_process_reference(ray_session, corpus, keep):
 
 
 def test_planted_duplicates_removed_and_distinct_documents_kept(ray_session, corpus):
-    kept, rejected, stats = run(ray_session, corpus, NO_DECONTAM)
+    kept, rejected, stats = run(ray_session, corpus, PLAIN_LSH)
     by_id = {r[0]: r for r in rejected}
     for i in range(8):
         assert by_id[f"p{i}-c-exact"][1:] == ("exact_dedup", "exact_duplicate", f"p{i}-a-orig")
@@ -161,9 +163,9 @@ def test_planted_duplicates_removed_and_distinct_documents_kept(ray_session, cor
 
 
 def test_deterministic_across_runs_blocks_and_partitions(ray_session, corpus):
-    first = run(ray_session, corpus, NO_DECONTAM, blocks=4)
-    again = run(ray_session, corpus, NO_DECONTAM, blocks=4)
-    other = run(ray_session, corpus, {**NO_DECONTAM, "num_partitions": 3, "batch_size": 17}, blocks=9)
+    first = run(ray_session, corpus, PLAIN_LSH, blocks=4)
+    again = run(ray_session, corpus, PLAIN_LSH, blocks=4)
+    other = run(ray_session, corpus, {**PLAIN_LSH, "num_partitions": 3, "batch_size": 17}, blocks=9)
     assert first[:2] == again[:2] == other[:2]
 
 
@@ -225,17 +227,27 @@ def verified_reference(docs: list[dict], threshold: float) -> dict[str, str]:
 
 
 def test_verification_keeps_only_edges_at_the_jaccard_threshold(ray_session, corpus, shared_data):
+    """Plain LSH merges a false candidate pair (J < 0.75); verification (the default) keeps both,
+    matches a single-process reference, and still chains A~B~C (J 0.85) whose ends have J 0.72."""
     low_a, low_b = candidates_below(shared_data, 0.8)
-    docs = corpus + [{"id": "low-a", "text": low_a, "source": "planted", "quality_score": 0.5, "meta": "{}"},
-                     {"id": "low-b", "text": low_b, "source": "planted", "quality_score": 0.5, "meta": "{}"}]
+    words = book_words(shared_data, 30000, 600)
+    chain = {f"vchain-{name}": " ".join(words[k * 40:k * 40 + 500]) for k, name in enumerate("abc")}
+    docs = corpus + [{"id": doc_id, "text": text, "source": "planted", "quality_score": 0.5, "meta": "{}"}
+                     for doc_id, text in [("low-a", low_a), ("low-b", low_b), *chain.items()]]
     cfg = {**NO_DECONTAM, "exact": False}
-    plain = run(ray_session, docs, cfg)
-    verified = run(ray_session, docs, {**cfg, "minhash": {"verify": True, "threshold": 0.8}})
+    plain = run(ray_session, docs, {**cfg, "minhash": {"verify": False}})
+    verified = run(ray_session, docs, cfg)
     assert ("low-b", "near_dedup", "near_duplicate", "low-a") in plain[1]
     assert "low-a" in verified[0] and "low-b" in verified[0]
+    hasher = MinHasher()
+    shingles, offsets = hasher.shingles(list(chain.values()))
+    ends = jaccard(shingles[:offsets[1]], shingles[offsets[2]:])
+    assert ends < 0.8 <= jaccard(shingles[:offsets[1]], shingles[offsets[1]:offsets[2]])
+    assert {r[0]: r[3] for r in verified[1] if r[0].startswith("vchain")} == \
+        {"vchain-b": "vchain-a", "vchain-c": "vchain-a"}
     assert {r[0]: r[3] for r in verified[1]} == verified_reference(docs, 0.8)
     near = verified[2]["near_dedup"]
     assert 0 < near["verified_edges"] < near["candidate_edges"]
     assert all(f"p{i}-b-near" not in verified[0] for i in range(8))  # ~2% edits: far above 0.8
-    other = run(ray_session, docs, {**cfg, "minhash": {"verify": True}, "num_partitions": 3}, blocks=7)
+    other = run(ray_session, docs, {**cfg, "num_partitions": 3}, blocks=7)
     assert other[:2] == verified[:2]
