@@ -45,7 +45,7 @@ from llmray.data import boilerplate as boilerplate_lib
 from llmray.data import duplicates
 from llmray.data.components import connected_components
 from llmray.data.decontam import EvalIndex
-from llmray.data.minhash import MinHasher
+from llmray.data.minhash import MinHasher, distinct_rows, sorted_distinct
 from llmray.data.shuffle import RayShuffler, column
 
 REJECTED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("stage", pa.string()),
@@ -295,13 +295,16 @@ def _band_rows(keys: pa.Table) -> pa.Table:
 @dataclass(frozen=True)
 class _candidate_shingles:
     """Map side of the shingle shuffle: ``(node, shingles)`` of the documents in any candidate
-    edge (``candidates_ref``: their sorted node ids), so only those documents' shingles move."""
+    edge (``candidates_ref``: their sorted node ids), so only those documents' shingles move;
+    each document's shingles sorted and distinct once here, not once per edge."""
 
     candidates_ref: Any
 
     def __call__(self, keys: pa.Table) -> pa.Table:
         wanted = duplicates.contains(_fetch(self.candidates_ref), column(keys, "node"))
-        return keys.filter(pa.array(wanted)).select(["node", "shingles"])
+        rows = keys.filter(pa.array(wanted))
+        offsets, values = distinct_rows(*duplicates.ragged(rows.column("shingles").combine_chunks()))
+        return pa.table({"node": rows["node"], "shingles": pa.LargeListArray.from_arrays(offsets, values)})
 
 
 def _info_rows(keys: pa.Table) -> pa.Table:
@@ -310,12 +313,12 @@ def _info_rows(keys: pa.Table) -> pa.Table:
 
 def _edge_nodes(*edges: pa.Table) -> np.ndarray:
     ends = [column(e, end) for e in edges for end in ("src", "dst")]
-    return np.unique(np.concatenate(ends)) if ends else np.zeros(0, np.uint64)
+    return sorted_distinct(np.concatenate(ends)) if ends else np.zeros(0, np.uint64)
 
 
 def _sorted_nodes(*tables: pa.Table) -> np.ndarray:
     nodes = [column(t, "node") for t in tables if t.num_rows]
-    return np.unique(np.concatenate(nodes)) if nodes else np.zeros(0, np.uint64)
+    return sorted_distinct(np.concatenate(nodes)) if nodes else np.zeros(0, np.uint64)
 
 
 def _removed_summary(table: pa.Table) -> tuple[int, int]:

@@ -85,7 +85,7 @@ def sorted_by_node(table: pa.Table) -> pa.Table:
     return table.sort_by("node")
 
 
-def _ragged(lists: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def ragged(lists: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, values) of a list column, whatever its slicing or chunking."""
     lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -117,8 +117,8 @@ class similar_edges:
         src, dst = column(edges, SRC), column(edges, DST)
         if src.size == 0:
             return edge_table(src, dst)
-        similarity = row_jaccard(_ragged(edges.column("src_shingles").combine_chunks()),
-                                 _ragged(_rows_of(shingles, dst)))
+        similarity = row_jaccard(ragged(edges.column("src_shingles").combine_chunks()),
+                                 ragged(_rows_of(shingles, dst)))
         keep = similarity >= self.threshold
         return edge_table(src[keep], dst[keep])
 

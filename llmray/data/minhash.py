@@ -195,29 +195,57 @@ class MinHasher:
         return keys, np.diff(offsets) > 0
 
 
-def _row_value_keys(offsets: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct ``(row, value)`` pairs of a ragged array as one sorted uint64 key each
-    (``value ^ mix64(row)``), and each key's row. Two distinct pairs share a key only when
-    ``value ^ value' == mix64(row) ^ mix64(row')``: for hashed values a 2^-64 chance, the same
-    as two shingles sharing a hash."""
-    rows = np.repeat(np.arange(offsets.size - 1, dtype=np.uint64), np.diff(offsets))
-    keys, first = np.unique(values.astype(np.uint64, copy=False) ^ mix64(rows), return_index=True)
-    return keys, rows[first].astype(np.int64)
+SHINGLE_BITS = 40  # bits of a shingle hash that exact-Jaccard verification compares
+
+
+def sorted_distinct(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values. A stable sort is timsort here: linear on already-sorted runs, so
+    rows prepared by :func:`distinct_rows` cost a merge, not a sort (numpy 2.4's hash-based
+    ``np.unique`` measured ~18x slower than sorting on 3M random uint64)."""
+    values = np.sort(values, kind="stable")
+    keep = np.ones(values.size, dtype=bool)
+    keep[1:] = values[1:] != values[:-1]
+    return values[keep]
+
+
+def _row_value_keys(offsets: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Distinct ``(row, value)`` pairs of a ragged array as sorted uint64 keys: the row in the
+    high bits, the value's low ``SHINGLE_BITS`` bits below it."""
+    rows = np.arange(offsets.size - 1, dtype=np.uint64)
+    if rows.size > 1 << (64 - SHINGLE_BITS):
+        raise ValueError(f"{rows.size} rows: at most 2^{64 - SHINGLE_BITS} per call")
+    rows = np.repeat(rows, np.diff(offsets))
+    low = values.astype(np.uint64, copy=False) & np.uint64((1 << SHINGLE_BITS) - 1)
+    return sorted_distinct((rows << np.uint64(SHINGLE_BITS)) | low)
+
+
+def _rows_of(keys: np.ndarray) -> np.ndarray:
+    return (keys >> np.uint64(SHINGLE_BITS)).astype(np.int64)
+
+
+def distinct_rows(offsets: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's values cut to their low ``SHINGLE_BITS`` bits, sorted and distinct: the form
+    in which :func:`row_jaccard` needs no sort of its own."""
+    keys = _row_value_keys(offsets, values)
+    counts = np.bincount(_rows_of(keys), minlength=offsets.size - 1)
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), keys & np.uint64((1 << SHINGLE_BITS) - 1)
 
 
 def row_jaccard(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """Jaccard similarity of row i of ``a`` with row i of ``b``, for every row at once.
 
     ``a`` and ``b`` are ragged arrays ``(offsets int64[N+1], values uint64)`` with the same N
-    (shingle hashes; repeats inside a row count once). Two empty rows have similarity 0. Rows are
-    folded into the values (:func:`_row_value_keys`), so the whole batch is three sorts of one
-    uint64 array: no Python loop over pairs and no multi-key sort."""
+    (shingle hashes; repeats inside a row count once). Two empty rows have similarity 0. The row
+    number goes into the high bits of each value, so the batch is a merge of two flat sorted
+    uint64 arrays (no Python loop over pairs). Values are compared on their low ``SHINGLE_BITS``
+    bits: for hashes, two distinct shingles agree there with probability 2^-40, so a pair of
+    400-shingle documents gains a false shared shingle (0.1% of Jaccard) about once in 7 million."""
     n = a[0].size - 1
-    keys_a, rows_a = _row_value_keys(*a)
-    keys_b, rows_b = _row_value_keys(*b)
-    _, in_a, _ = np.intersect1d(keys_a, keys_b, assume_unique=True, return_indices=True)
-    intersection = np.bincount(rows_a[in_a], minlength=n)
-    union = np.bincount(rows_a, minlength=n) + np.bincount(rows_b, minlength=n) - intersection
+    keys_a, keys_b = _row_value_keys(*a), _row_value_keys(*b)
+    both = np.sort(np.concatenate([keys_a, keys_b]), kind="stable")
+    shared = both[1:][both[1:] == both[:-1]]
+    intersection = np.bincount(_rows_of(shared), minlength=n)
+    union = np.bincount(_rows_of(keys_a), minlength=n) + np.bincount(_rows_of(keys_b), minlength=n) - intersection
     return np.divide(intersection, union, out=np.zeros(n), where=union > 0)
 
 

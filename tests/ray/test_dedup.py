@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -167,6 +170,39 @@ def test_deterministic_across_runs_blocks_and_partitions(ray_session, corpus):
     again = run(ray_session, corpus, PLAIN_LSH, blocks=4)
     other = run(ray_session, corpus, {**PLAIN_LSH, "num_partitions": 3, "batch_size": 17}, blocks=9)
     assert first[:2] == again[:2] == other[:2]
+
+
+ONE_CPU_RUN = """
+import json, sys
+import ray
+from llmray.config import from_dict
+from llmray.data.dedup import DedupConfig, deduplicate
+ray.init(address="local", num_cpus=1, include_dashboard=False)
+result = deduplicate(ray.data.read_parquet(sys.argv[1]), from_dict(DedupConfig, json.loads(sys.argv[2])))
+rejected = sorted([r["id"], r["stage"], r["reason"], r["value"]] for r in result.rejected.take_all())
+print("RESULT", json.dumps({"kept": sorted(r["id"] for r in result.documents.take_all()), "rejected": rejected,
+                            "partitions": result.stats["partitions"]}), flush=True)
+"""
+
+
+def test_same_result_on_a_one_cpu_cluster(ray_session, corpus, tmp_path):
+    """The partition count follows the cluster's CPUs; a fresh 1-CPU Ray in a child process
+    (one partition, one task at a time) removes exactly the documents the 2-CPU session does."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(corpus), tmp_path / "docs.parquet")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    child = subprocess.run([sys.executable, "-c", ONE_CPU_RUN, str(tmp_path / "docs.parquet"), json.dumps(NO_DECONTAM)],
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert child.returncode == 0, child.stderr[-3000:]
+    results = [line.split(" ", 1)[1] for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == 1, child.stdout[-3000:]  # Ray may print its own lines around ours
+    one_cpu = json.loads(results[0])
+    kept, rejected, stats = run(ray_session, corpus, NO_DECONTAM)
+    assert (one_cpu["partitions"], stats["partitions"]) == (1, 2)
+    assert one_cpu["kept"] == kept and [tuple(r) for r in one_cpu["rejected"]] == rejected
+    assert any(r[1] == "near_dedup" for r in rejected)
 
 
 def test_boilerplate_lines_removed_and_emptied_documents_rejected(ray_session, corpus):
