@@ -51,6 +51,7 @@ from llmray.data import dedup as dedup_lib
 from llmray.data import filters as filters_lib
 from llmray.data import pii as pii_lib
 from llmray.data import sources as sources_lib
+from llmray.data.shuffle import fetch_broadcast
 
 
 @dataclass
@@ -257,7 +258,7 @@ def _live_documents(table: pa.Table) -> pa.Table:
 
 def _mark_dropped(table: pa.Table, dropped_ref) -> pa.Table:
     """Reject live rows that dedup dropped (``dropped``: sorted ids with stage, reason, detail)."""
-    dropped = dedup_lib._fetch(dropped_ref)
+    dropped = fetch_broadcast(dropped_ref)
     ids = dropped.column("id").to_pylist()
     if not ids:
         return table

@@ -9,19 +9,24 @@ funnel statistics. The stages, in the order they claim a document:
 2. **exact_dedup**: xxh3-128 of the lower-cased, whitespace-collapsed text; hash-partitioned
    on the hash, one document kept per hash by the keep rule.
 3. **near_dedup**: MinHash LSH (``minhash.py``): band keys are shuffled by key, each bucket
-   becomes a star of candidate edges, connected components (``components.py``) turn edges into
-   clusters, and the keep rule keeps one document per cluster. Exact duplicates already removed
-   take no part.
+   becomes a star (plus, when verifying, a chain) of candidate edges, edges below the exact
+   shingle Jaccard threshold are dropped (``minhash.verify``, on by default), connected
+   components (``components.py``) turn edges into clusters, and the keep rule keeps one
+   document per cluster. Exact duplicates already removed take no part.
 4. **decontamination**: documents sharing a word n-gram with an evaluation item
    (``decontam.py``) are dropped, or kept with their ``meta`` flagged.
 
 Data flow (why it scales): the documents are read twice (three times with boilerplate removal):
-one ``map_batches`` pass computes a small key row per document (a 64-bit node id hashed from the
-document id, the text hash, band keys, the decontamination mask, length and quality), and a
-last pass filters the documents. Everything in between is shuffles of key rows and edges
-between Ray tasks (``shuffle.py``), held in the object store and spilled to disk under memory
-pressure; the driver only sees references and counters. The one broadcast is the sorted uint64
-array of removed node ids (8 bytes per removed document) that the final filter reads.
+one ``map_batches`` pass computes a key row per document (a 64-bit node id hashed from the
+document id, the text hash, band keys, the decontamination mask, length and quality, and with
+verification the shingle hashes), and a last pass filters the documents. Input blocks larger
+than ``block_rows`` are split on the way in (a streaming repartition, no barrier) so every CPU
+gets work. Everything in between is shuffles of key rows and edges between Ray tasks
+(``shuffle.py``) over ``num_partitions`` partitions (by default one per cluster CPU, more for
+large key sets), held in the object store and spilled to disk under memory pressure; the driver
+only sees references and counters. The broadcasts are sorted uint64 node-id arrays bounded by
+the duplicates: the documents in candidate edges (verification) and the removed documents
+(8 bytes each) that the final filter reads.
 
 Node ids are xxh3-64 hashes of document ids: they make cluster labels independent of block
 layout and partition count (so results are deterministic), at the cost of a ~n²/2^65 chance of
@@ -46,7 +51,7 @@ from llmray.data import duplicates
 from llmray.data.components import connected_components
 from llmray.data.decontam import EvalIndex
 from llmray.data.minhash import MinHasher, distinct_rows, sorted_distinct
-from llmray.data.shuffle import RayShuffler, column
+from llmray.data.shuffle import RayShuffler, column, fetch_broadcast
 
 REJECTED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("stage", pa.string()),
                              ("reason", pa.string()), ("value", pa.string())])
@@ -182,27 +187,11 @@ def text_hash(text: str) -> tuple[int, int]:
     return digest >> 64, digest & 0xFFFFFFFFFFFFFFFF
 
 
-_fetched: dict[str, Any] = {}
-
-
-def _fetch(ref: Any) -> Any:
-    """A broadcast value, fetched once per worker process (zero-copy for numpy arrays)."""
-    import ray
-
-    if not isinstance(ref, ray.ObjectRef):
-        return ref
-    key = ref.hex()
-    if key not in _fetched:
-        _fetched.clear()
-        _fetched[key] = ray.get(ref)
-    return _fetched[key]
-
-
 def _clean_texts(batch: pa.Table, cfg: DedupConfig, boilerplate_ref: Any) -> tuple[list[str], np.ndarray]:
     texts = batch.column("text").to_pylist()
     if not cfg.boilerplate.enabled:
         return texts, np.zeros(len(texts), dtype=np.int64)
-    lines = _fetch(boilerplate_ref)
+    lines = fetch_broadcast(boilerplate_ref)
     cleaned = [boilerplate_lib.remove_lines(t, lines, cfg.boilerplate.min_chars) for t in texts]
     return [t for t, _ in cleaned], np.array([n for _, n in cleaned], dtype=np.int64)
 
@@ -224,7 +213,7 @@ def _keys_batch(batch: pa.Table, cfg: DedupConfig, boilerplate_ref: Any, index_r
         bands, has_shingles = hasher.band_keys(hasher.signatures(*shingles)), np.diff(shingles[1]) > 0
     else:
         bands, has_shingles = np.zeros((n, 0), dtype=np.uint64), np.zeros(n, dtype=bool)
-    contaminated = _fetch(index_ref).match(*words) if cfg.decontam.enabled else np.zeros(n, np.uint64)
+    contaminated = fetch_broadcast(index_ref).match(*words) if cfg.decontam.enabled else np.zeros(n, np.uint64)
     exact = np.array([text_hash(t) for t in texts] if cfg.exact else np.zeros((n, 2)), dtype=np.uint64).reshape(n, 2)
     original_bytes = pc.binary_length(pc.cast(batch.column("text"), pa.binary())).to_numpy(zero_copy_only=False)
     clean_bytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=n)
@@ -248,12 +237,12 @@ def _keys_batch(batch: pa.Table, cfg: DedupConfig, boilerplate_ref: Any, index_r
 def _filter_batch(batch: pa.Table, cfg: DedupConfig, removed_ref: Any, boilerplate_ref: Any,
                   flags_ref: Any, task_names: list[str]) -> pa.Table:
     nodes = node_ids(batch.column("id").to_pylist())
-    batch = batch.filter(pa.array(~duplicates.contains(_fetch(removed_ref), nodes)))
+    batch = batch.filter(pa.array(~duplicates.contains(fetch_broadcast(removed_ref), nodes)))
     if cfg.boilerplate.enabled:
         texts, _ = _clean_texts(batch, cfg, boilerplate_ref)
         batch = batch.set_column(batch.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
     if cfg.decontam.enabled and cfg.decontam.action == "flag":
-        batch = _flag_contaminated(batch, _fetch(flags_ref), task_names)
+        batch = _flag_contaminated(batch, fetch_broadcast(flags_ref), task_names)
     return batch
 
 
@@ -301,7 +290,7 @@ class _candidate_shingles:
     candidates_ref: Any
 
     def __call__(self, keys: pa.Table) -> pa.Table:
-        wanted = duplicates.contains(_fetch(self.candidates_ref), column(keys, "node"))
+        wanted = duplicates.contains(fetch_broadcast(self.candidates_ref), column(keys, "node"))
         rows = keys.filter(pa.array(wanted))
         offsets, values = distinct_rows(*duplicates.ragged(rows.column("shingles").combine_chunks()))
         return pa.table({"node": rows["node"], "shingles": pa.LargeListArray.from_arrays(offsets, values)})
@@ -442,7 +431,7 @@ def deduplicate(documents: Any, cfg: DedupConfig) -> DedupResult:
 
 def _near_duplicates(ray, shuffler: RayShuffler, keys: list, exact_set: Any, cfg: DedupConfig,
                      parts: int) -> tuple[list, dict]:
-    edges = shuffler.shuffle(keys, "band_key", parts, duplicates.bucket_edges, map_fn=_band_rows,
+    edges = shuffler.shuffle(keys, "band_key", parts, duplicates.bucket_edges(chain=cfg.minhash.verify), map_fn=_band_rows,
                              side_inputs=[(exact_set,)] * parts)
     counts = {"candidate_edges": sum(ray.get([shuffler.run(len, e) for e in edges]))}
     if cfg.minhash.verify and counts["candidate_edges"]:

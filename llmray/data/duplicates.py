@@ -62,23 +62,39 @@ def choose_kept(table: pa.Table, group_keys: list[str], rule: KeepRule) -> tuple
     return removed.cast(REMOVED_SCHEMA), sizes[sizes > 1]
 
 
-def bucket_edges(table: pa.Table, excluded: np.ndarray) -> pa.Table:
-    """Candidate edges from LSH buckets: rows ``(band_key, node)``; every document sharing a
-    bucket is joined to the bucket's smallest node (a star per bucket). Nodes in the sorted
-    array ``excluded`` (already removed as exact duplicates) take no part."""
-    keys, nodes = column(table, "band_key"), column(table, "node")
-    keep = ~_contains(excluded, nodes)
-    keys, nodes = keys[keep], nodes[keep]
-    order = np.lexsort((nodes, keys))
-    keys, nodes = keys[order], nodes[order]
-    distinct = np.ones(keys.size, dtype=bool)
-    distinct[1:] = (keys[1:] != keys[:-1]) | (nodes[1:] != nodes[:-1])
-    keys, nodes = keys[distinct], nodes[distinct]
-    starts = group_starts(keys)
-    sizes = np.diff(np.append(starts, keys.size))
-    smallest = np.repeat(nodes[starts], sizes)
-    member = smallest != nodes
-    return edge_table(nodes[member], smallest[member])
+@dataclass(frozen=True)
+class bucket_edges:
+    """Reducer of the band shuffle: candidate edges from LSH buckets (rows ``(band_key, node)``).
+
+    Every document sharing a bucket is joined to the bucket's smallest node (a star per bucket),
+    which is all that connected components need when edges are accepted as they are. With
+    ``chain`` each member is also joined to the next smaller member, so that when verification
+    drops a member's edge to the centre (similar to another member, not to the centre) a second
+    path remains. Nodes in the sorted array ``excluded`` (already removed as exact duplicates)
+    take no part."""
+
+    chain: bool = False
+
+    def __call__(self, table: pa.Table, excluded: np.ndarray) -> pa.Table:
+        keys, nodes = column(table, "band_key"), column(table, "node")
+        keep = ~_contains(excluded, nodes)
+        keys, nodes = keys[keep], nodes[keep]
+        order = np.lexsort((nodes, keys))
+        keys, nodes = keys[order], nodes[order]
+        distinct = np.ones(keys.size, dtype=bool)
+        distinct[1:] = (keys[1:] != keys[:-1]) | (nodes[1:] != nodes[:-1])
+        keys, nodes = keys[distinct], nodes[distinct]
+        starts = group_starts(keys)
+        sizes = np.diff(np.append(starts, keys.size))
+        smallest = np.repeat(nodes[starts], sizes)
+        member = smallest != nodes
+        src, dst = nodes[member], smallest[member]
+        if self.chain and keys.size > 1:
+            follows = np.zeros(keys.size, dtype=bool)
+            follows[1:] = (keys[1:] == keys[:-1]) & (nodes[:-1] != smallest[1:])
+            src = np.concatenate([src, nodes[follows]])
+            dst = np.concatenate([dst, nodes[np.flatnonzero(follows) - 1]])
+        return edge_table(src, dst)
 
 
 def sorted_by_node(table: pa.Table) -> pa.Table:

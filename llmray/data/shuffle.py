@@ -69,6 +69,26 @@ def _reduce_task(reduce_fn: ReduceFn, num_side_inputs: int, *args: Any):
     return reduce_fn(concat(pieces), *side)
 
 
+_BROADCASTS_KEPT = 4
+_broadcasts: dict[str, Any] = {}
+
+
+def fetch_broadcast(ref: Any) -> Any:
+    """A value broadcast by ref (a sorted id array, an index), fetched once per worker process
+    and kept for the next batches (numpy arrays come zero-copy from the object store); plain
+    values pass through. Holds the last few, since one batch may read several."""
+    import ray
+
+    if not isinstance(ref, ray.ObjectRef):
+        return ref
+    key = ref.hex()
+    if key not in _broadcasts:
+        if len(_broadcasts) >= _BROADCASTS_KEPT:
+            del _broadcasts[next(iter(_broadcasts))]
+        _broadcasts[key] = ray.get(ref)
+    return _broadcasts[key]
+
+
 class LocalShuffler:
     """In-process shuffles; parts and results are plain values."""
 

@@ -233,9 +233,9 @@ def test_boilerplate_lines_removed_and_emptied_documents_rejected(ray_session, c
 
 
 def verified_reference(docs: list[dict], threshold: float) -> dict[str, str]:
-    """Single process, no exact stage: each LSH bucket joins its members to the member with the
-    smallest node id, edges below ``threshold`` exact Jaccard are dropped, union-find, smallest
-    id kept; returns removed id -> kept id."""
+    """Single process, no exact stage: each LSH bucket joins its members (in node-id order) to the
+    first member and to their predecessor, edges below ``threshold`` exact Jaccard are dropped,
+    union-find, smallest id kept; returns removed id -> kept id."""
     hasher = MinHasher()
     keys, has = hasher.document_band_keys([d["text"] for d in docs])
     shingles, offsets = hasher.shingles([d["text"] for d in docs])
@@ -251,11 +251,15 @@ def verified_reference(docs: list[dict], threshold: float) -> dict[str, str]:
             x = parent[x]
         return x
 
+    def similar(i, j):
+        return jaccard(shingles[offsets[i]:offsets[i + 1]], shingles[offsets[j]:offsets[j + 1]]) >= threshold
+
     for members in buckets.values():
-        centre = min(members, key=nodes.__getitem__)
-        for i in members:
-            if jaccard(shingles[offsets[i]:offsets[i + 1]], shingles[offsets[centre]:offsets[centre + 1]]) >= threshold:
-                parent[find(i)] = find(centre)
+        members = sorted(set(members), key=nodes.__getitem__)
+        for k, i in enumerate(members[1:], start=1):  # star to the centre, chain to the predecessor
+            for j in {members[0], members[k - 1]}:
+                if similar(i, j):
+                    parent[find(i)] = find(j)
     clusters: dict[int, list[str]] = {}
     for i, doc in enumerate(docs):
         clusters.setdefault(find(i), []).append(doc["id"])
