@@ -78,10 +78,11 @@ class MinHashConfig:
 
     A band match alone is a loose test: with 14x8 the probability of becoming candidates is 0.21
     at Jaccard 0.6, 0.57 at 0.7, 0.92 at 0.8 and 0.99 at 0.85, and connected components then chain
-    such false edges into clusters of distinct documents (pairwise precision 0.46 on
+    such false edges into clusters of distinct documents (pairwise precision 0.43 on
     bench/dedup_quality.py). So by default (``verify``) every candidate edge is checked by the
-    exact Jaccard of the two documents' shingle sets and kept only at ``threshold`` or above
-    (precision 1.0, F1 0.99 there); the shingles of documents in candidate edges go through two
+    exact Jaccard of the two documents' shingle sets (shingle hashes compared on 40 bits:
+    ``minhash.row_jaccard``) and kept only at ``threshold`` or above (precision 1.0, F1 0.99
+    there); the shingles of documents in candidate edges go through two
     more shuffles, and the key rows carry every document's shingles (about the size of the text).
     ``verify: false`` is FineWeb's setting: faster, more aggressive."""
 
