@@ -40,7 +40,7 @@ def _edges(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return column(table, SRC).astype(np.uint64, copy=False), column(table, DST).astype(np.uint64, copy=False)
 
 
-def _unique_sorted(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def unique_edges(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct (src, dst) pairs sorted by src then dst."""
     if src.size == 0:
         return src, dst
@@ -73,7 +73,7 @@ def both_directions(table: pa.Table) -> pa.Table:
 
 
 def large_star(table: pa.Table) -> tuple[pa.Table, int]:
-    src, dst = _unique_sorted(*_edges(table))
+    src, dst = unique_edges(*_edges(table))
     digest = edge_digest(src, dst)
     if src.size == 0:
         return edge_table(src, dst), digest
@@ -89,7 +89,7 @@ def larger_first(table: pa.Table) -> pa.Table:
 
 
 def small_star(table: pa.Table) -> pa.Table:
-    src, dst = _unique_sorted(*_edges(table))  # every row has dst < src
+    src, dst = unique_edges(*_edges(table))  # every row has dst < src
     if src.size == 0:
         return edge_table(src, dst)
     m = _group_min(src, dst)
@@ -100,7 +100,7 @@ def small_star(table: pa.Table) -> pa.Table:
 
 def star_roots(table: pa.Table) -> pa.Table:
     """Final (node, root) pairs from a converged star forest (every edge joins a leaf to its root)."""
-    src, dst = _unique_sorted(*_edges(larger_first(table)))
+    src, dst = unique_edges(*_edges(larger_first(table)))
     return pa.table({"node": src, "root": dst})
 
 

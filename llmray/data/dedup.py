@@ -211,7 +211,7 @@ def _keys_batch(batch: pa.Table, cfg: DedupConfig, boilerplate_ref: Any, index_r
     words = hasher.word_hashes(texts) if (mh.enabled or cfg.decontam.enabled) else None
     shingles = hasher.shingle_hashes(*words) if mh.enabled else None
     if shingles is not None:
-        bands, has_shingles = hasher.band_keys(hasher.signatures(*shingles)), np.diff(shingles[1]) > 0
+        bands, has_shingles = hasher.shingle_band_keys(*shingles)
     else:
         bands, has_shingles = np.zeros((n, 0), dtype=np.uint64), np.zeros(n, dtype=bool)
     contaminated = fetch_broadcast(index_ref).match(*words) if cfg.decontam.enabled else np.zeros(n, np.uint64)

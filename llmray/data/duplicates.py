@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from llmray.data.components import DST, SRC, edge_table
+from llmray.data.components import DST, SRC, edge_table, unique_edges
 from llmray.data.minhash import row_jaccard
 from llmray.data.shuffle import column
 
@@ -108,7 +108,7 @@ def ragged(lists: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return offsets, pc.list_flatten(lists).to_numpy(zero_copy_only=False)
 
 
-def _rows_of(shingles: pa.Table, nodes: np.ndarray) -> pa.Array:
+def _shingles_of(shingles: pa.Table, nodes: np.ndarray) -> pa.Array:
     """The ``shingles`` lists of ``nodes`` from a table sorted by node (every node is present:
     only documents with shingles get band keys, so only they have edges)."""
     position = np.searchsorted(column(shingles, "node"), nodes)
@@ -117,9 +117,8 @@ def _rows_of(shingles: pa.Table, nodes: np.ndarray) -> pa.Array:
 
 def attach_source_shingles(edges: pa.Table, shingles: pa.Table) -> pa.Table:
     """Distinct edges of one ``src`` partition with the source document's shingles attached."""
-    src, dst = column(edges, SRC), column(edges, DST)
-    pairs = np.unique(np.stack([src, dst], axis=1), axis=0) if src.size else np.zeros((0, 2), np.uint64)
-    return edge_table(pairs[:, 0], pairs[:, 1]).append_column("src_shingles", _rows_of(shingles, pairs[:, 0]))
+    src, dst = unique_edges(column(edges, SRC), column(edges, DST))
+    return edge_table(src, dst).append_column("src_shingles", _shingles_of(shingles, src))
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,7 @@ class similar_edges:
         if src.size == 0:
             return edge_table(src, dst)
         similarity = row_jaccard(ragged(edges.column("src_shingles").combine_chunks()),
-                                 ragged(_rows_of(shingles, dst)))
+                                 ragged(_shingles_of(shingles, dst)))
         keep = similarity >= self.threshold
         return edge_table(src[keep], dst[keep])
 

@@ -192,14 +192,17 @@ class MinHasher:
             salted = combined + np.arange(self.bands, dtype=np.uint64)[None, :] * _GOLDEN
         return mix64(salted)
 
+    def shingle_band_keys(self, shingles: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Band keys of documents given as shingles, and a mask of documents that have any."""
+        return self.band_keys(self.signatures(shingles, offsets)), np.diff(offsets) > 0
+
     def document_band_keys(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Band keys for a batch of texts and a mask of documents that have any shingle."""
-        shingles, offsets = self.shingles(texts)
-        keys = self.band_keys(self.signatures(shingles, offsets))
-        return keys, np.diff(offsets) > 0
+        return self.shingle_band_keys(*self.shingles(texts))
 
 
 SHINGLE_BITS = 40  # bits of a shingle hash that exact-Jaccard verification compares
+_SHINGLE_MASK = np.uint64((1 << SHINGLE_BITS) - 1)
 
 
 def sorted_distinct(values: np.ndarray) -> np.ndarray:
@@ -219,7 +222,7 @@ def _row_value_keys(offsets: np.ndarray, values: np.ndarray) -> np.ndarray:
     if rows.size > 1 << (64 - SHINGLE_BITS):
         raise ValueError(f"{rows.size} rows: at most 2^{64 - SHINGLE_BITS} per call")
     rows = np.repeat(rows, np.diff(offsets))
-    low = values.astype(np.uint64, copy=False) & np.uint64((1 << SHINGLE_BITS) - 1)
+    low = values.astype(np.uint64, copy=False) & _SHINGLE_MASK
     return sorted_distinct((rows << np.uint64(SHINGLE_BITS)) | low)
 
 
@@ -232,7 +235,7 @@ def distinct_rows(offsets: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, 
     in which :func:`row_jaccard` needs no sort of its own."""
     keys = _row_value_keys(offsets, values)
     counts = np.bincount(_rows_of(keys), minlength=offsets.size - 1)
-    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), keys & np.uint64((1 << SHINGLE_BITS) - 1)
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), keys & _SHINGLE_MASK
 
 
 def row_jaccard(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
