@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data"
-WORD = re.compile(r"[0-9a-z_\u0080-\U0010FFFF]+")  # llmray.data.minhash.WORD_PATTERN
+WORD = re.compile(r"[0-9a-z_\u0080-\U0010FFFF]+")  # llmray.data.dedup.minhash.WORD_PATTERN
 NGRAM, NUM_PERM, BANDS, ROWS = 5, 112, 14, 8
 
 
@@ -44,7 +44,7 @@ def _shared_texts() -> list[str]:
 
 
 def base_documents(max_words: int = 400, min_words: int = 20) -> list[str]:
-    from llmray.data.machine_text import discover, read_documents
+    from llmray.data.readers.machine_text import discover, read_documents
 
     texts = _shared_texts()
     for file in discover(["doc", "pydoc_topics"], max_files_per_kind=1500):

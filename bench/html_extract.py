@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llmray.data import html  # noqa: E402
+from llmray.data.readers import html  # noqa: E402
 
 WARCS = REPO.parent / "shared" / "data" / "web_cc_warc"
 

@@ -45,7 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llmray import cluster, stages  # noqa: E402
-from llmray.data import machine_text  # noqa: E402
+from llmray.data.readers import machine_text  # noqa: E402
+from llmray.tokenizer import load_tokenizer  # noqa: E402
 from llmray.tokenizer import train as tokenizer_train  # noqa: E402
 from llmray.tokens.tokenize import TokensConfig  # noqa: E402
 
@@ -121,7 +122,7 @@ def run_stage(name: str, cfg, run_root: Path) -> dict:
 
 def tokenizers_loop(files: list[Path], tokenizer_dir: Path, out: Path, fast: bool) -> tuple[int, float]:
     """The single-process peer: read parquet, encode in batches, write uint16 tokens; (tokens, seconds)."""
-    tokenizer = tokenizer_train.load(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     tokenizer.encode_special_tokens = True
     encode = tokenizer.encode_batch_fast if fast else tokenizer.encode_batch
     started = time.perf_counter()

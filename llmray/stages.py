@@ -57,7 +57,7 @@ def resolve(ref: str) -> Any:
 # One entry per stage that exists, in pipeline order. A stage appears here when its issue lands.
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("classifier", "train fastText quality/toxicity classifiers from labelled data (held-out P/R/F1)",
-          "llmray.data.classifiers:ClassifierConfig", "llmray.data.classifiers:run_classifier", verb="train"),
+          "llmray.data.filters.classifiers:ClassifierConfig", "llmray.data.filters.classifiers:run_classifier", verb="train"),
     Stage("curate", "curate raw sources into documents on Ray Data: normalize, filter, LID/quality/toxicity, PII",
           "llmray.data.curate:CurateConfig", "llmray.data.curate:run_curate"),
     Stage("tokenizer", "train a byte-level BPE tokenizer (and its chat template) on the documents",

@@ -18,6 +18,7 @@ from llmray.model import hf, llama
 from llmray.model.config import preset
 from llmray.tokenizer import chat
 from llmray.tokenizer import train as tokenizer_train
+from llmray.tokenizer import TOKENIZER_FILE
 
 VOCAB = 1024  # the tiny preset's vocabulary
 _CACHE: dict[str, Path] = {}
@@ -56,7 +57,7 @@ def tokenizer_dir(shared_data: Path) -> Path:
 
 
 def template(shared_data: Path) -> chat.ChatTemplate:
-    return chat.ChatTemplate.from_file(tokenizer_dir(shared_data) / tokenizer_train.TOKENIZER_FILE)
+    return chat.ChatTemplate.from_file(tokenizer_dir(shared_data) / TOKENIZER_FILE)
 
 
 def tiny_model(seed: int = 0, **overrides) -> llama.Transformer:

@@ -34,7 +34,7 @@ from llmray.align.reference import ReferenceConfig, data_fingerprint, reference_
 from llmray.align.training import AlignConfig, WorkerSpec, checkpoint_location, rank_and_world, run_workers
 from llmray.config import param
 from llmray.tokenizer import chat
-from llmray.tokenizer import train as tokenizer_train
+from llmray.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -151,7 +151,7 @@ def make_objective(cfg: DpoConfig):
 
 
 def run_dpo(cfg: DpoConfig, ctx) -> dict:
-    tokenizer = tokenizer_train.load(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer)
     template = chat.ChatTemplate(tokenizer)
     pad_id = tokenizer.token_to_id(chat.PAD)
     train_pairs, val_pairs, quarantined, counts = read_pairs(cfg.sources, cfg.val_fraction, cfg.seed)

@@ -15,7 +15,7 @@ from llmray import runs
 from llmray.align.training import SamplingSection
 from llmray.model import generate as generate_lib
 from llmray.model import hf
-from llmray.tokenizer import train as tokenizer_train
+from llmray.tokenizer import load_tokenizer
 from llmray.tokenizer.chat import ChatTemplate
 
 SAMPLES_FILE = "samples.jsonl"
@@ -28,7 +28,7 @@ def sample_replies(model_dir: str | Path, tokenizer_dir: str | Path, prompts: li
     A prompt as long as the model's context cannot be answered at all; it is passed over (not
     counted as unfinished), and the next held-out prompt takes its place.
     """
-    tokenizer = tokenizer_train.load(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     template = ChatTemplate(tokenizer)
     model = hf.load(model_dir).model
     out = []

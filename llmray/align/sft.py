@@ -26,7 +26,7 @@ from llmray.align.packing import PackedRows, RenderStats, pack, pack_conversatio
 from llmray.align.training import AlignConfig, WorkerSpec, checkpoint_location, run_workers
 from llmray.config import param
 from llmray.tokenizer import chat
-from llmray.tokenizer import train as tokenizer_train
+from llmray.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -59,7 +59,7 @@ def _stats(stats: RenderStats) -> dict:
 
 
 def run_sft(cfg: SftConfig, ctx) -> dict:
-    tokenizer = tokenizer_train.load(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer)
     template = chat.ChatTemplate(tokenizer)
     pad_id = tokenizer.token_to_id(chat.PAD)
     mixture = build_mixture(cfg.sources, cfg.val_fraction, cfg.seed)

@@ -46,12 +46,15 @@ import pyarrow as pa
 
 from llmray import runs as runs_lib
 from llmray.config import param
-from llmray.data import classifiers, funnel, normalize, records
+from llmray.data.filters import classifiers
+from llmray.data import funnel
+from llmray.data.filters import normalize
+from llmray.data import records
 from llmray.data import dedup as dedup_lib
-from llmray.data import filters as filters_lib
-from llmray.data import pii as pii_lib
-from llmray.data import sources as sources_lib
-from llmray.data.shuffle import fetch_broadcast
+from llmray.data.filters import heuristics as filters_lib
+from llmray.data.filters import pii as pii_lib
+from llmray.data.readers import sources as sources_lib
+from llmray.data.dedup.shuffle import fetch_broadcast
 
 
 @dataclass

@@ -28,8 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from llmray.train.checkpoint import DEEPSPEED_DIR
-
+DEEPSPEED_DIR = "deepspeed"  # the ZeRO files' folder inside a checkpoint directory
 TAG = "state"
 
 

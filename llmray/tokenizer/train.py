@@ -17,7 +17,7 @@ Design choices:
   ``(seed, id)``, so the sample is reproducible and independent of file order. A source with
   less text than its quota contributes all of it (the realised mixture is reported).
 * **Held-out text**: documents whose id hashes into the validation split (same rule and default
-  fraction as the tokens stage, :func:`llmray.data.documents.split_of`) are never trained on;
+  fraction as the tokens stage, :func:`llmray.data.readers.documents.split_of`) are never trained on;
   the report measures compression on them.
 * Outputs are Hugging Face files: ``tokenizer.json`` and ``tokenizer_config.json`` (special
   tokens and the Jinja chat template), loadable with ``AutoTokenizer.from_pretrained(dir)``.
@@ -34,12 +34,9 @@ from typing import Iterator
 
 from llmray import runs
 from llmray.config import param
-from llmray.data import documents
-from llmray.tokenizer import chat
+from llmray.data.readers import documents
+from llmray.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TRAINING_FILE, chat, special_ids
 
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-TRAINING_FILE = "training.json"
 BYTE_ALPHABET = 256
 
 # GPT-4 (cl100k) pre-tokenization: contractions, letters with one optional leading non-letter,
@@ -77,14 +74,7 @@ class TokenizerConfig:
             raise ValueError("source_weights must have a positive sum")
 
     def inputs(self) -> dict[str, str]:
-        return document_inputs(self.documents)
-
-
-def document_inputs(spec: str) -> dict[str, str]:
-    """Lineage inputs of a document spec: the path itself, or every file a glob matches."""
-    if documents.is_glob(spec):
-        return {f"documents/{i:05d}": str(p) for i, p in enumerate(documents.list_files(spec))}
-    return {"documents": spec}
+        return documents.lineage_inputs(self.documents)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,25 +128,6 @@ def save(tokenizer, directory: Path) -> dict[str, int]:
     runs.write_text(directory / TOKENIZER_FILE, tokenizer.to_str(pretty=True))
     runs.write_json(directory / TOKENIZER_CONFIG_FILE, hf_tokenizer_config())
     return special_ids(tokenizer)
-
-
-def special_ids(tokenizer) -> dict[str, int]:
-    return {token: tokenizer.token_to_id(token) for token in chat.SPECIAL_TOKENS}
-
-
-def load(directory_or_file: str | Path):
-    """Load a tokenizer this project trained (a directory holding ``tokenizer.json``, or the file)."""
-    from tokenizers import Tokenizer
-
-    path = Path(directory_or_file)
-    file = path / TOKENIZER_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"no {TOKENIZER_FILE} at {path}; run `llmray tokenizer train` first")
-    tokenizer = Tokenizer.from_file(str(file))
-    missing = [t for t in chat.SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
-    if missing:
-        raise ValueError(f"{file} lacks special tokens {missing}; it was not trained by llmray")
-    return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +243,3 @@ def run_tokenizer(cfg: TokenizerConfig, ctx) -> dict:
             "held_out_bytes_per_token": report["held_out"]["bytes_per_token"] if report["held_out"] else None,
             "special_ids": ids}
 
-
-def read_training(directory: str | Path) -> dict:
-    """The ``training.json`` a tokenizer directory holds (val fraction and special ids)."""
-    return json.loads((Path(directory) / TRAINING_FILE).read_text())

@@ -23,7 +23,7 @@ Design choices:
   post-processor. Each actor's tokenizer uses ``threads_per_actor`` Rayon threads (set in the
   actor's environment before its first encode; no ``runtime_env``, so actors start in Ray's
   pre-started workers), so actors x threads ~ cores.
-* **Train/val split** by a hash of the document id (:func:`llmray.data.documents.split_of`):
+* **Train/val split** by a hash of the document id (:func:`llmray.data.readers.documents.split_of`):
   a document's split never changes when others are added.
 * **Bad documents are quarantined, not fatal**: unreadable records come out of the reader with
   an error; if a batch fails to encode, its documents are encoded one by one and those that
@@ -44,9 +44,8 @@ import pyarrow as pa
 
 from llmray import runs
 from llmray.config import param
-from llmray.data import documents
-from llmray.tokenizer import chat
-from llmray.tokenizer import train as tokenizer_train
+from llmray.data.readers import documents
+from llmray.tokenizer import TOKENIZER_FILE, chat, load_tokenizer, read_training
 from llmray.tokens import shards as shards_lib
 
 READ_CPUS = 0.25  # read tasks are light (parse + slice); leave the cores to the encoders
@@ -73,7 +72,7 @@ class TokensConfig:
     threads_per_actor: int = param(1, doc="Rayon threads each actor's tokenizer uses", min=1)
 
     def inputs(self) -> dict[str, str]:
-        return {**tokenizer_train.document_inputs(self.documents), "tokenizer": self.tokenizer}
+        return {**documents.lineage_inputs(self.documents), "tokenizer": self.tokenizer}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +94,7 @@ class Encoder:
         # with one thread, tokenizers' parallelism is off altogether.
         os.environ["RAYON_NUM_THREADS"] = str(threads)
         os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
-        self.tokenizer = tokenizer_train.load(tokenizer_dir)
+        self.tokenizer = load_tokenizer(tokenizer_dir)
         self.tokenizer.encode_special_tokens = True
         self.dtype = shards_lib.token_dtype(self.tokenizer.get_vocab_size())
         self.val_fraction = val_fraction
@@ -144,7 +143,7 @@ def resolve_val_fraction(cfg: TokensConfig) -> float:
     if cfg.val_fraction is not None:
         return cfg.val_fraction
     try:
-        return float(tokenizer_train.read_training(cfg.tokenizer)["val_fraction"])
+        return float(read_training(cfg.tokenizer)["val_fraction"])
     except (FileNotFoundError, KeyError):
         return DEFAULT_VAL_FRACTION
 
@@ -197,8 +196,8 @@ def run_tokens(cfg: TokensConfig, ctx) -> dict:
     """Tokenize ``cfg.documents`` into ``ctx.output``; return a summary of tokens per split."""
     import ray
 
-    tokenizer = tokenizer_train.load(cfg.tokenizer)
-    tokenizer_file = Path(cfg.tokenizer) / tokenizer_train.TOKENIZER_FILE
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer_file = Path(cfg.tokenizer) / TOKENIZER_FILE
     vocab_size = tokenizer.get_vocab_size()
     dtype = shards_lib.token_dtype(vocab_size)
     val_fraction = resolve_val_fraction(cfg)

@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 
 from llmray import runs
+from llmray.parallel.deepspeed import DEEPSPEED_DIR
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-DEEPSPEED_DIR = "deepspeed"
 
 
 def step_dir_name(step: int) -> str:

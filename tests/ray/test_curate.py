@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmray import cluster, config as config_lib, runs, stages
-from llmray.data import html
+from llmray.data.readers import html
 
 pytestmark = pytest.mark.ray
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -13,8 +13,8 @@ import pytest
 
 from llmray.config import from_dict
 from llmray.data.dedup import DedupConfig, deduplicate, node_ids, text_hash
-from llmray.data.machine_text import discover, read_documents
-from llmray.data.minhash import MinHasher, jaccard
+from llmray.data.readers.machine_text import discover, read_documents
+from llmray.data.dedup.minhash import MinHasher, jaccard
 
 pytestmark = pytest.mark.ray
 NO_DECONTAM = {"decontam": {"enabled": False}}

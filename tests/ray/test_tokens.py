@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from llmray import stages
-from llmray.data import documents
-from llmray.tokenizer import train
+from llmray.data.readers import documents
+from llmray import runs
+from llmray.tokenizer import TOKENIZER_FILE, load_tokenizer, train
 from llmray.tokens import shards
 from llmray.tokens.loader import TokenLoader
 from llmray.tokens.tokenize import Encoder, TokensConfig
@@ -42,7 +43,7 @@ def corpus_and_tokenizer(shared_data, tmp_path_factory):
 
 def reference_tokens(corpus, tokenizer_dir, val_fraction) -> dict[str, np.ndarray]:
     """Single process: documents in sorted file order, encoded one at a time, split by id hash."""
-    tokenizer = train.load(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     tokenizer.encode_special_tokens = True
     streams = {"train": [], "val": []}
     for batch in documents.iter_documents(corpus):
@@ -69,7 +70,7 @@ def test_tokens_stage_equals_reference_and_is_deterministic(ray_session, corpus_
     manifest = shards.read_manifest(output)
     assert manifest["dtype"] == "uint16" and manifest["vocab_size"] == 1024 and manifest["bos_id"] == 0
     assert manifest["val_fraction"] == 0.1  # taken from the tokenizer's held-out fraction
-    assert manifest["tokenizer"]["sha256"] == train.runs.sha256_file(tokenizer_dir / train.TOKENIZER_FILE)
+    assert manifest["tokenizer"]["sha256"] == runs.sha256_file(tokenizer_dir / TOKENIZER_FILE)
     reference = reference_tokens(corpus, tokenizer_dir, 0.1)
     for split in ("train", "val"):
         tokens = read_split(output, manifest, split)

@@ -7,7 +7,9 @@ import dataclasses
 import fasttext
 import pytest
 
-from llmray.data import classifiers, fasttext_train, sources
+from llmray.data.filters import classifiers
+from llmray.data.filters import fasttext_train
+from llmray.data.readers import sources
 
 
 def test_full_fasttext_is_installed_not_the_predict_only_module():
@@ -77,7 +79,8 @@ def test_training_failure_names_the_input(tmp_path):
 
 
 def test_classify_step_scores_and_drops_by_thresholds(toxicity_model):
-    from llmray.data import curate, records
+    from llmray.data import curate
+    from llmray.data import records
 
     path, _ = toxicity_model
     cfg = classifiers.ClassifyConfig(toxicity=classifiers.ScoreModelConfig(model=str(path), max_score=0.5))

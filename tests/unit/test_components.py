@@ -7,8 +7,8 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmray.data.components import connected_components, edge_table
-from llmray.data.shuffle import LocalShuffler, split_table
+from llmray.data.dedup.components import connected_components, edge_table
+from llmray.data.dedup.shuffle import LocalShuffler, split_table
 
 
 def union_find_roots(edges: list[tuple[int, int]]) -> dict[int, int]:

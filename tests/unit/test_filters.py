@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmray.data import filters as F
+from llmray.data.filters import heuristics as F
 
 
 def only(cls, **kept):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 
-from llmray.data import html
+from llmray.data.readers import html
 
 PAGE = b"""<html><head><title>t</title><script>var tracking = 1;</script></head><body>
 <nav><a href="/">Home</a> <a href="/about">About</a></nav>

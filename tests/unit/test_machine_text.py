@@ -6,7 +6,7 @@ import gzip
 
 import pytest
 
-from llmray.data import machine_text
+from llmray.data.readers import machine_text
 
 
 def test_python_sources_and_pydoc_topics_always_exist():

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from llmray.data.minhash import WORD_PATTERN, MinHasher, jaccard, row_jaccard
+from llmray.data.dedup.minhash import WORD_PATTERN, MinHasher, jaccard, row_jaccard
 
 
 def reference_shingles(text: str, n: int) -> set[tuple[str, ...]]:

@@ -7,7 +7,8 @@ import unicodedata
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmray.data import normalize, pii
+from llmray.data.filters import normalize
+from llmray.data.filters import pii
 
 
 def test_decode_repairs_a_few_invalid_bytes_and_counts_them():

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmray.data import records, sources
+from llmray.data import records
+from llmray.data.readers import sources
 
 
 def read_all(source: sources.SourceConfig, limits=None) -> list[dict]:

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmray.config import ConfigError, from_dict
-from llmray.data import documents
-from llmray.tokenizer import chat, train
+from llmray.data.readers import documents
+from llmray.tokenizer import TOKENIZER_FILE, chat, load_tokenizer, read_training, train
 from tests.unit.tokenizer_corpus import write_corpus
 
 
@@ -43,7 +43,7 @@ def trained(shared_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(trained):
-    return train.load(trained[1])
+    return load_tokenizer(trained[1])
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_transformers_loads_tokenizer_file_and_special_tokens(trained, tokenizer
     from transformers import PreTrainedTokenizerFast
 
     text = (shared_data / "wikipedia_sample" / "wiki_demo.txt").read_text()[:20_000]
-    from_file = PreTrainedTokenizerFast(tokenizer_file=str(trained[1] / train.TOKENIZER_FILE))
+    from_file = PreTrainedTokenizerFast(tokenizer_file=str(trained[1] / TOKENIZER_FILE))
     assert from_file.encode(text) == hf_tokenizer.encode(text) == tokenizer.encode(text).ids
     assert (hf_tokenizer.bos_token, hf_tokenizer.eos_token, hf_tokenizer.pad_token) == (chat.BOS, chat.EOS, chat.PAD)
     assert hf_tokenizer.convert_tokens_to_ids(chat.END) == tokenizer.token_to_id(chat.END)
@@ -102,11 +102,11 @@ def test_digits_are_split_in_groups_of_at_most_three(tokenizer):
 
 def test_held_out_documents_are_not_trained_on_and_mixture_follows_weights(trained, tmp_path):
     corpus, output, _ = trained
-    training = train.read_training(output)
+    training = read_training(output)
     assert training["val_fraction"] == 0.05
     summary = _train(corpus, tmp_path / "weighted", char_budget=120_000,
                      source_weights={"c4": 1.0, "shakespeare": 3.0})
-    realised = train.read_training(tmp_path / "weighted")["chars"]
+    realised = read_training(tmp_path / "weighted")["chars"]
     assert set(realised) == {"c4", "shakespeare"}  # wikipedia has weight 0: not sampled
     assert 2.0 < realised["shakespeare"] / realised["c4"] < 4.5
     assert 80_000 < summary["train_chars"] < 160_000

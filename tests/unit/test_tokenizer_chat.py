@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from llmray.tokenizer import chat, train
+from llmray.tokenizer import TOKENIZER_FILE, chat, train
 from tests.unit.tokenizer_corpus import write_corpus
 
 
@@ -29,7 +29,7 @@ def tokenizer_dir(shared_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def template(tokenizer_dir):
-    return chat.ChatTemplate.from_file(tokenizer_dir / train.TOKENIZER_FILE)
+    return chat.ChatTemplate.from_file(tokenizer_dir / TOKENIZER_FILE)
 
 
 @pytest.fixture(scope="module")

@@ -46,12 +46,12 @@ import pyarrow.compute as pc
 import xxhash
 
 from llmray.config import param
-from llmray.data import boilerplate as boilerplate_lib
-from llmray.data import duplicates
-from llmray.data.components import connected_components
-from llmray.data.decontam import EvalIndex
-from llmray.data.minhash import MinHasher, distinct_rows, sorted_distinct
-from llmray.data.shuffle import RayShuffler, column, fetch_broadcast
+from llmray.data.dedup import boilerplate as boilerplate_lib
+from llmray.data.dedup import partition
+from llmray.data.dedup.components import connected_components
+from llmray.data.dedup.decontam import EvalIndex
+from llmray.data.dedup.minhash import MinHasher, distinct_rows, sorted_distinct
+from llmray.data.dedup.shuffle import RayShuffler, column, fetch_broadcast
 
 REJECTED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("stage", pa.string()),
                              ("reason", pa.string()), ("value", pa.string())])
@@ -145,7 +145,7 @@ class DedupConfig:
     exact: bool = param(True, doc="remove exact duplicates (xxh3-128 of lower-cased, "
                                   "whitespace-collapsed text)")
     minhash: MinHashConfig = param(default_factory=MinHashConfig, doc="near-duplicate detection")
-    keep: duplicates.KeepRule = param("first_id", doc="which duplicate survives: smallest id, "
+    keep: partition.KeepRule = param("first_id", doc="which duplicate survives: smallest id, "
                                                       "longest text, or highest quality_score "
                                                       "(ties: longer, then smallest id)")
     boilerplate: BoilerplateConfig = param(default_factory=BoilerplateConfig, doc="boilerplate lines")
@@ -238,7 +238,7 @@ def _keys_batch(batch: pa.Table, cfg: DedupConfig, boilerplate_ref: Any, index_r
 def _filter_batch(batch: pa.Table, cfg: DedupConfig, removed_ref: Any, boilerplate_ref: Any,
                   flags_ref: Any, task_names: list[str]) -> pa.Table:
     nodes = node_ids(batch.column("id").to_pylist())
-    batch = batch.filter(pa.array(~duplicates.contains(fetch_broadcast(removed_ref), nodes)))
+    batch = batch.filter(pa.array(~partition.contains(fetch_broadcast(removed_ref), nodes)))
     if cfg.boilerplate.enabled:
         texts, _ = _clean_texts(batch, cfg, boilerplate_ref)
         batch = batch.set_column(batch.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
@@ -250,7 +250,7 @@ def _filter_batch(batch: pa.Table, cfg: DedupConfig, removed_ref: Any, boilerpla
 def _flag_contaminated(batch: pa.Table, flags: tuple[np.ndarray, np.ndarray], task_names: list[str]) -> pa.Table:
     flagged_nodes, masks = flags
     nodes = node_ids(batch.column("id").to_pylist())
-    hit = duplicates.contains(flagged_nodes, nodes)
+    hit = partition.contains(flagged_nodes, nodes)
     if not hit.any():
         return batch
     meta = batch.column("meta").to_pylist() if "meta" in batch.column_names else [None] * batch.num_rows
@@ -271,7 +271,7 @@ def _flag_contaminated(batch: pa.Table, flags: tuple[np.ndarray, np.ndarray], ta
 
 def _exact_rows(keys: pa.Table) -> pa.Table:
     keys = keys.filter(pc.invert(keys["empty"]))
-    return keys.select(duplicates.INFO_COLUMNS + ["exact_hi", "exact_lo"])
+    return keys.select(partition.INFO_COLUMNS + ["exact_hi", "exact_lo"])
 
 
 def _band_rows(keys: pa.Table) -> pa.Table:
@@ -291,14 +291,14 @@ class _candidate_shingles:
     candidates_ref: Any
 
     def __call__(self, keys: pa.Table) -> pa.Table:
-        wanted = duplicates.contains(fetch_broadcast(self.candidates_ref), column(keys, "node"))
+        wanted = partition.contains(fetch_broadcast(self.candidates_ref), column(keys, "node"))
         rows = keys.filter(pa.array(wanted))
-        offsets, values = distinct_rows(*duplicates.ragged(rows.column("shingles").combine_chunks()))
+        offsets, values = distinct_rows(*partition.ragged(rows.column("shingles").combine_chunks()))
         return pa.table({"node": rows["node"], "shingles": pa.LargeListArray.from_arrays(offsets, values)})
 
 
 def _info_rows(keys: pa.Table) -> pa.Table:
-    return keys.select(duplicates.INFO_COLUMNS)
+    return keys.select(partition.INFO_COLUMNS)
 
 
 def _edge_nodes(*edges: pa.Table) -> np.ndarray:
@@ -333,7 +333,7 @@ def _keys_summary(keys: pa.Table) -> dict:
 def _contaminated_rows(keys: pa.Table, duplicates_removed: np.ndarray, task_names: list[str]) -> pa.Table:
     """Documents that survive dedup and overlap an evaluation task: id, source, tasks, bytes."""
     contaminated = column(keys, "contaminated")
-    mask = (contaminated != 0) & ~column(keys, "empty") & ~duplicates.contains(duplicates_removed, column(keys, "node"))
+    mask = (contaminated != 0) & ~column(keys, "empty") & ~partition.contains(duplicates_removed, column(keys, "node"))
     rows = keys.filter(pa.array(mask))
     tasks = [",".join(t for bit, t in enumerate(task_names) if int(m) >> bit & 1)
              for m in column(rows, "contaminated")]
@@ -432,7 +432,7 @@ def deduplicate(documents: Any, cfg: DedupConfig) -> DedupResult:
 
 def _near_duplicates(ray, shuffler: RayShuffler, keys: list, exact_set: Any, cfg: DedupConfig,
                      parts: int) -> tuple[list, dict]:
-    edges = shuffler.shuffle(keys, "band_key", parts, duplicates.bucket_edges(chain=cfg.minhash.verify), map_fn=_band_rows,
+    edges = shuffler.shuffle(keys, "band_key", parts, partition.bucket_edges(chain=cfg.minhash.verify), map_fn=_band_rows,
                              side_inputs=[(exact_set,)] * parts)
     counts = {"candidate_edges": sum(ray.get([shuffler.run(len, e) for e in edges]))}
     if cfg.minhash.verify and counts["candidate_edges"]:
@@ -442,9 +442,9 @@ def _near_duplicates(ray, shuffler: RayShuffler, keys: list, exact_set: Any, cfg
     if num_edges == 0:
         return [], {**counts, "clusters": 0, "cluster_size_histogram": {}, "rounds": 0}
     roots, rounds = connected_components(edges, shuffler, parts)
-    members = shuffler.shuffle(roots, "node", parts, duplicates.distinct_members,
-                               map_fn=duplicates.with_roots_as_members)
-    clustered = shuffler.shuffle(keys, "node", parts, duplicates.attach_roots, map_fn=_info_rows,
+    members = shuffler.shuffle(roots, "node", parts, partition.distinct_members,
+                               map_fn=partition.with_roots_as_members)
+    clustered = shuffler.shuffle(keys, "node", parts, partition.attach_roots, map_fn=_info_rows,
                                  side_inputs=[(m,) for m in members])
     results = shuffler.shuffle(clustered, "root", parts, _keep_cluster(cfg.keep), num_returns=2)
     sizes = np.concatenate(ray.get([s for _, s in results]))
@@ -457,11 +457,11 @@ def _verified_edges(shuffler: RayShuffler, keys: list, edges: list, cfg: DedupCo
     """Candidate edges whose documents' exact shingle Jaccard reaches ``minhash.threshold``: two
     joins with the shingle rows, partitioned by node (first on ``src``, then on ``dst``)."""
     candidates = shuffler.run(_edge_nodes, *edges)
-    shingles = shuffler.shuffle(keys, "node", parts, duplicates.sorted_by_node,
+    shingles = shuffler.shuffle(keys, "node", parts, partition.sorted_by_node,
                                 map_fn=_candidate_shingles(candidates))
-    with_source = shuffler.shuffle(edges, "src", parts, duplicates.attach_source_shingles,
+    with_source = shuffler.shuffle(edges, "src", parts, partition.attach_source_shingles,
                                    side_inputs=[(s,) for s in shingles])
-    return shuffler.shuffle(with_source, "dst", parts, duplicates.similar_edges(cfg.minhash.threshold),
+    return shuffler.shuffle(with_source, "dst", parts, partition.similar_edges(cfg.minhash.threshold),
                             side_inputs=[(s,) for s in shingles])
 
 
@@ -533,7 +533,7 @@ class _keep_exact:
     rule: str
 
     def __call__(self, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
-        return duplicates.choose_kept(table, ["exact_hi", "exact_lo"], self.rule)
+        return partition.choose_kept(table, ["exact_hi", "exact_lo"], self.rule)
 
 
 @dataclass(frozen=True)
@@ -541,5 +541,5 @@ class _keep_cluster:
     rule: str
 
     def __call__(self, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
-        return duplicates.choose_kept(table, ["root"], self.rule)
+        return partition.choose_kept(table, ["root"], self.rule)
 

@@ -176,3 +176,10 @@ def _document_row(record: dict | Exception, relative: str, offset: int, default_
                 "message": f"{relative}:{offset}: text is not valid Unicode ({exc.reason} at {exc.start})"}
     row["text"] = text
     return row
+
+
+def lineage_inputs(spec: str) -> dict[str, str]:
+    """Lineage inputs of a document spec: the path itself, or every file a glob matches."""
+    if is_glob(spec):
+        return {f"documents/{i:05d}": str(p) for i, p in enumerate(list_files(spec))}
+    return {"documents": spec}

@@ -25,8 +25,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from llmray.data.minhash import mix64
-from llmray.data.shuffle import column
+from llmray.data.dedup.minhash import mix64
+from llmray.data.dedup.shuffle import column
 
 SRC, DST = "src", "dst"
 MAX_ROUNDS = 64

@@ -12,7 +12,7 @@ warc      Common Crawl WARC: HTML responses → main text
 wet       Common Crawl WET: the ``conversion`` records' text as is
 code      source trees: language from the extension; vendored, generated and binary files skipped
 latex     ``.tex`` files or ``.tar.gz`` e-prints: each ``.tex`` member → text with markup stripped
-machine   the machine-local demo corpus (:mod:`llmray.data.machine_text`)
+machine   the machine-local demo corpus (:mod:`llmray.data.readers.machine_text`)
 ========  ==================================================================================
 
 Design choices:
@@ -44,13 +44,13 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 from llmray.config import param
-from llmray.data import html as html_lib
-from llmray.data import latex as latex_lib
-from llmray.data import machine_text
-from llmray.data import normalize
+from llmray.data.readers import html as html_lib
+from llmray.data.readers import latex as latex_lib
+from llmray.data.readers import machine_text
+from llmray.data.filters import normalize
 from llmray.data import records
 
-log = logging.getLogger("llmray.data.sources")
+log = logging.getLogger("llmray.data.readers.sources")
 
 Kind = Literal["jsonl", "parquet", "csv", "text", "html", "warc", "wet", "code", "latex", "machine"]
 _GLOB_CHARS = set("*?[")

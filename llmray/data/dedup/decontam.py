@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from llmray.data.minhash import MinHasher
+from llmray.data.dedup.minhash import MinHasher
 
 MAX_TASKS = 64
 

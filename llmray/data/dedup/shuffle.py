@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from llmray.data.minhash import mix64
+from llmray.data.dedup.minhash import mix64
 
 MapFn = Callable[[pa.Table], pa.Table]
 ReduceFn = Callable[[pa.Table], Any]

@@ -20,7 +20,7 @@ Design choices:
   ``max_chars``; training and inference use the same function.
 * **Determinism**: training uses one thread and a fixed seed (fastText's Hogwild training with
   several threads is not reproducible); examples are ordered by id hash. It runs in a child
-  process (:mod:`llmray.data.fasttext_train`) because fastText 0.9.3 leaves most of its input
+  process (:mod:`llmray.data.filters.fasttext_train`) because fastText 0.9.3 leaves most of its input
   matrix uninitialised, which made in-process training fail with NaN or vary between runs.
 * **Missing data**: a classifier whose sources are all missing is skipped with a log line (and
   curate then skips its score, leaving the column null) so the demo runs without shared/data.
@@ -39,9 +39,11 @@ from pathlib import Path
 
 from llmray import runs
 from llmray.config import param
-from llmray.data import fasttext_train, normalize, sources
+from llmray.data.filters import fasttext_train
+from llmray.data.filters import normalize
+from llmray.data.readers import sources
 
-log = logging.getLogger("llmray.data.classifiers")
+log = logging.getLogger("llmray.data.filters.classifiers")
 
 LID_MODEL_FILE = "lid.176.ftz"
 POSITIVE, NEGATIVE = "__label__pos", "__label__neg"

@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from llmray.data.components import DST, SRC, edge_table, unique_edges
-from llmray.data.minhash import row_jaccard
-from llmray.data.shuffle import column
+from llmray.data.dedup.components import DST, SRC, edge_table, unique_edges
+from llmray.data.dedup.minhash import row_jaccard
+from llmray.data.dedup.shuffle import column
 
 KeepRule = Literal["first_id", "longest", "quality"]
 REMOVED_SCHEMA = pa.schema([("node", pa.uint64()), ("id", pa.string()), ("source", pa.string()),

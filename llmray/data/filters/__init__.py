@@ -1,0 +1,1 @@
+"""Filters: normalization, heuristic quality rules, fastText classifiers, PII redaction."""
