@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmray.model import llama  # noqa: E402
 from llmray.model.config import preset  # noqa: E402
 from llmray.parallel import ParallelConfig, build_engine  # noqa: E402
-from llmray.parallel.pipeline import PipelineConfig  # noqa: E402
+from llmray.parallel.pipeline import PipelineScheduleConfig  # noqa: E402
 from llmray.train.objectives import token_cross_entropy  # noqa: E402
 from llmray.train.trainer import OptimizerConfig, optimizer_factory  # noqa: E402
 
@@ -68,7 +68,7 @@ def run_layout(rank: int, world: int, port: int, name: str, args, out: Path) -> 
     dims = parallel.dims(world)
     coords = dims.coordinates(rank)
     rows = args.batch // dims.dp
-    parallel.pipeline = PipelineConfig(schedule="1f1b", microbatches=rows)
+    parallel.pipeline = PipelineScheduleConfig(schedule="1f1b", microbatches=rows)
     torch.manual_seed(0)
     model = llama.build(model_config(args.quick))
     engine = build_engine(model, optimizer_factory(OptimizerConfig(lr=1e-4), torch.device("cpu")), parallel,

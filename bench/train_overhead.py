@@ -38,9 +38,9 @@ from llmray.model import llama  # noqa: E402
 from llmray.model.config import preset  # noqa: E402
 from llmray.parallel import ParallelConfig  # noqa: E402
 from llmray.tokens.loader import TokenLoader  # noqa: E402
-from llmray.train import ray_train  # noqa: E402
+from llmray.train.launch import BatchConfig, ExecutionConfig, launch  # noqa: E402
 from llmray.train.objectives import token_cross_entropy  # noqa: E402
-from llmray.train.pretrain import DataConfig, PretrainConfig, pretrain_worker  # noqa: E402
+from llmray.train.pretrain import PretrainConfig, TokensInput, pretrain_job  # noqa: E402
 from llmray.train.schedule import ScheduleConfig  # noqa: E402
 from llmray.train.trainer import OptimizerConfig, TrainConfig, parameter_groups  # noqa: E402
 
@@ -73,15 +73,15 @@ def bare_loop(shards: Path, steps: int, warmup: int, threads: int) -> float:
 def llmray_run(shards: Path, work: Path, name: str, steps: int, warmup: int, workers: int) -> float:
     """tokens/s (global) of the pretrain worker on Ray Train, median step after warm-up."""
     cfg = PretrainConfig(
-        model=preset("cpu-small"), data=DataConfig(tokens=str(shards), seq_len=SEQ, micro_batch_size=BATCH),
+        model=preset("cpu-small"), data=TokensInput(tokens=str(shards)),
+        batch=BatchConfig(seq_len=SEQ, micro_batch_size=BATCH),
         train=TrainConfig(steps=steps, optimizer=OptimizerConfig(lr=1e-3), schedule=ScheduleConfig(warmup_steps=2),
                           log_every=1, eval_batches=1, checkpoint_every=0, peak_flops=1e11),
         parallel=ParallelConfig(strategy="fsdp2"),
-        ray=ray_train.RayTrainConfig(num_workers=workers, cpus_per_worker=2 / workers,
-                                     threads_per_worker=max(1, 2 // workers), max_failures=0))
+        execution=ExecutionConfig(launcher="ray_train", workers=workers, cpus_per_worker=2 / workers,
+                                  threads_per_worker=max(1, 2 // workers), max_failures=0))
     metrics = work / f"{name}.jsonl"
-    loop = {"cfg": cfg, "metrics_path": str(metrics), "tensorboard_dir": None, "tokenizer_dir": None, "hooks": ()}
-    ray_train.fit(pretrain_worker, loop, cfg.ray, name=name, storage_path=work / "ray")
+    launch(pretrain_job(cfg, work / "ray" / name, metrics), connect_ray=lambda: None)
     lines = [json.loads(x) for x in metrics.read_text().splitlines()]
     rates = [m["tokens_per_s"] for m in lines if m["step"] > warmup]
     return statistics.median(rates)

@@ -54,7 +54,7 @@ def resolve(ref: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-# One entry per stage that exists, in pipeline order. A stage appears here when its issue lands.
+# One entry per stage, in pipeline order.
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("classifier", "train fastText quality/toxicity classifiers from labelled data (held-out P/R/F1)",
           "llmray.data.filters.classifiers:ClassifierConfig", "llmray.data.filters.classifiers:run_classifier", verb="train"),
@@ -64,10 +64,10 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           "llmray.tokenizer.train:TokenizerConfig", "llmray.tokenizer.train:run_tokenizer", verb="train"),
     Stage("tokens", "tokenize the documents on Ray Data into train/val token shards",
           "llmray.tokens.tokenize:TokensConfig", "llmray.tokens.tokenize:run_tokens"),
-    Stage("pretrain", "pretrain the model on token shards with Ray Train (FSDP2 or DeepSpeed ZeRO), resumable",
+    Stage("pretrain", "pretrain the model on token shards (Ray Train or in process; FSDP2/ZeRO, TP, PP), resumable",
           "llmray.train.pretrain:PretrainConfig", "llmray.train.pretrain:run_pretrain"),
-    Stage("proxy", "train a small proxy model in one process on token shards (sweeps, data ablations)",
-          "llmray.tune.proxy:ProxyConfig", "llmray.tune.proxy:run_proxy", verb="train"),
+    Stage("proxy", "pretrain a small proxy model in this process (the unit of sweeps and data ablations)",
+          "llmray.train.pretrain:ProxyConfig", "llmray.train.pretrain:run_pretrain", verb="train"),
     Stage("sft", "instruction-tune a model on chat data (assistant-only loss, best-fit packing) on the shared Trainer",
           "llmray.align.sft:SftConfig", "llmray.align.sft:run_sft"),
     Stage("dpo", "align a model to preference pairs with DPO (reference log-probs cached, Ray actor pool)",

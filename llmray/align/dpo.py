@@ -1,10 +1,9 @@
 """``llmray dpo``: direct preference optimisation of the SFT model on preference pairs.
 
-Steps: read the pair sources (bad records to ``quarantine.jsonl``), split train/validation by
-record group, encode both replies of each pair with the chat template, get the reference
-log-probs from the cache or a Ray actor-pool pass (``reference.py``; training then holds only the
-policy), train with the DPO objective on the shared Trainer, export ``output/model``, sample
-replies to held-out prompts.
+Read the pair sources (bad records to ``quarantine.jsonl``), split train/validation by record
+group, encode both replies of each pair with the chat template, get the reference log-probs from
+the cache or a Ray actor-pool pass (``reference.py``; training then holds only the policy), then
+train with the DPO objective through the SFT/DPO skeleton (:mod:`llmray.align.stage`).
 
 Preference metrics (:class:`PreferenceMetrics`, a Trainer hook on every worker, all-reduced) at
 step 0 (the initial = reference model), every ``train.eval_every`` steps and at the end, on a
@@ -16,7 +15,6 @@ what the reference model itself "prefers": the SFT baseline in the report).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,13 +26,11 @@ from llmray import runs
 from llmray.align import samples as samples_lib
 from llmray.align.loader import RowLoader
 from llmray.align.pairs import PairRows, encode_pairs
-from llmray.align.preferences import Pair, PreferenceSource, read_source
-from llmray.align.records import Quarantined, split_sources
-from llmray.align.reference import ReferenceConfig, data_fingerprint, reference_logps
-from llmray.align.training import AlignConfig, WorkerSpec, checkpoint_location, rank_and_world, run_workers
+from llmray.align.preferences import PreferenceSource, read_source
+from llmray.align.records import split_sources
+from llmray.align.reference import ReferenceConfig, reference_logps
+from llmray.align.stage import AlignConfig, Prepared, run_alignment, source_table
 from llmray.config import param
-from llmray.tokenizer import chat
-from llmray.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -76,13 +72,12 @@ METRIC_NAMES = ("dpo_loss", "reward_accuracy", "chosen_reward", "rejected_reward
 
 
 @torch.no_grad()
-def preference_metrics(objective, model: torch.nn.Module, rows: PairRows, sha: str, batch_size: int) -> dict:
+def preference_metrics(objective, model: torch.nn.Module, rows: PairRows, batch_size: int, rank: int,
+                       world_size: int) -> dict:
     """Mean DPO loss, reward accuracy, rewards, margin, log-prob accuracy over all pairs (all ranks)."""
-    rank, world = rank_and_world()
     device = next(model.parameters()).device
     sums = torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float64, device=device)
-    for batch in RowLoader(rows, batch_size=batch_size, rank=rank, world_size=world, data_sha256=sha,
-                           shuffle=False, epochs=1):
+    for batch in RowLoader(rows, batch_size=batch_size, rank=rank, world_size=world_size, shuffle=False, epochs=1):
         batch = {k: v.to(device) for k, v in batch.items()}
         t = objective.pair_terms(model, batch)
         valid = batch["valid"].bool()
@@ -99,7 +94,7 @@ def preference_metrics(objective, model: torch.nn.Module, rows: PairRows, sha: s
 class PreferenceMetrics:
     """Hook: preference metrics on each split at step 0, every ``every`` steps and at the last step."""
 
-    def __init__(self, trainer, splits: dict[str, tuple[PairRows, str]], batch_size: int, every: int):
+    def __init__(self, trainer, splits: dict[str, PairRows], batch_size: int, every: int):
         self.trainer, self.splits, self.batch_size, self.every = trainer, splits, batch_size, every
         self.history: list[dict] = []
 
@@ -107,9 +102,9 @@ class PreferenceMetrics:
         if step and step % self.every and step != self.trainer.cfg.steps:
             return
         record = {}
-        for split, (rows, sha) in self.splits.items():
-            values = preference_metrics(self.trainer.objective, self.trainer.engine.model, rows, sha,
-                                        self.batch_size)
+        for split, rows in self.splits.items():
+            values = preference_metrics(self.trainer.objective, self.trainer.engine.model, rows, self.batch_size,
+                                        self.trainer.rank, self.trainer.world_size)
             record.update({f"{split}_{name}": value for name, value in values.items()})
         self.history.append({"step": step, **record})
         if self.trainer.rank == 0 and self.trainer.writer is not None:
@@ -118,21 +113,19 @@ class PreferenceMetrics:
 
 @dataclass
 class PreferenceMetricsFactory:
-    splits: dict[str, tuple[PairRows, str]]
+    """Makes each worker's :class:`PreferenceMetrics` hook (a :data:`~llmray.train.launch.HookFactory`)."""
+
+    splits: dict[str, PairRows]
+    batch_size: int
     every: int
 
-    def __call__(self, spec: WorkerSpec, trainer) -> PreferenceMetrics:
-        return PreferenceMetrics(trainer, self.splits, spec.batch_size, self.every)
+    def __call__(self, trainer) -> PreferenceMetrics:
+        return PreferenceMetrics(trainer, self.splits, self.batch_size, self.every)
 
 
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
-
-def read_pairs(sources: list[PreferenceSource], val_fraction: float, seed: int
-               ) -> tuple[list[Pair], list[Pair], list[Quarantined], dict]:
-    return split_sources(sources, read_source, val_fraction, seed)
-
 
 def subset(rows: PairRows, count: int) -> PairRows:
     """The first ``count`` pairs of ``rows`` (chosen and rejected rows kept aligned)."""
@@ -150,20 +143,14 @@ def make_objective(cfg: DpoConfig):
     return DPO(beta=cfg.beta, label_smoothing=cfg.label_smoothing, ipo=cfg.loss == "ipo")
 
 
-def run_dpo(cfg: DpoConfig, ctx) -> dict:
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    template = chat.ChatTemplate(tokenizer)
-    pad_id = tokenizer.token_to_id(chat.PAD)
-    train_pairs, val_pairs, quarantined, counts = read_pairs(cfg.sources, cfg.val_fraction, cfg.seed)
-    runs.write_text(ctx.output / "quarantine.jsonl", "".join(json.dumps(q.to_dict()) + "\n" for q in quarantined))
-    train_rows, _, train_stats = encode_pairs(train_pairs, template, cfg.seq_len, pad_id)
-    val_rows, kept_val, val_stats = (encode_pairs(val_pairs, template, cfg.seq_len, pad_id) if val_pairs
+def prepare_dpo(cfg: DpoConfig, ctx, template, pad_id: int) -> Prepared:
+    """Encode the pairs, attach reference log-probs (cached, or an actor-pool pass on Ray) and the metrics hook."""
+    train_pairs, val_pairs, quarantined, counts = split_sources(cfg.sources, read_source, cfg.val_fraction, cfg.seed)
+    train_rows, _, train_stats = encode_pairs(train_pairs, template, cfg.batch.seq_len, pad_id)
+    val_rows, kept_val, val_stats = (encode_pairs(val_pairs, template, cfg.batch.seq_len, pad_id) if val_pairs
                                      else (None, [], None))
     data = {"counts": counts, "quarantined": len(quarantined), "train": vars(train_stats),
             "val": vars(val_stats) if val_stats else None}
-    runs.write_json(ctx.output / "data.json", data)
-    ctx.logger.info("dpo data: %s", json.dumps(data))
-
     ctx.connect_ray()
     reference = {}
     for split, rows in (("train", train_rows), ("val", val_rows)):
@@ -172,36 +159,25 @@ def run_dpo(cfg: DpoConfig, ctx) -> dict:
             rows.reference_logps = cached.logps
             reference[split] = {"cache_hit": cached.hit, "directory": str(cached.directory)}
     ctx.log_metrics(**{f"reference_{s}_cache_hit": float(r["cache_hit"]) for s, r in reference.items()})
-
     measured = {"train": subset(train_rows, cfg.metric_pairs), "val": val_rows}
-    splits = {name: (rows, data_fingerprint(rows)) for name, rows in measured.items() if rows is not None}
-    every = cfg.train.eval_every or cfg.train.steps
-    train_sha = data_fingerprint(train_rows)
-    spec = WorkerSpec(init_dir=cfg.model, tokenizer_dir=cfg.tokenizer, output_dir=str(ctx.output / "model"),
-                      train=cfg.train, parallel=cfg.parallel, objective=make_objective(cfg), train_rows=train_rows,
-                      train_sha256=train_sha, batch_size=cfg.batch_size, seed=cfg.seed, val_rows=val_rows,
-                      val_sha256=splits["val"][1] if val_rows is not None else "",
-                      metrics_path=str(ctx.dir.root / "metrics.jsonl"),
-                      checkpoint_dir=checkpoint_location(ctx.dir.work, cfg, cfg.model, train_sha),
-                      hook_factories=[PreferenceMetricsFactory(splits, every)])
-    result = run_workers(spec, cfg)
-    history = result["hooks"][0]
-    before, after = history[0], history[-1]
+    metrics = PreferenceMetricsFactory({name: rows for name, rows in measured.items() if rows is not None},
+                                       cfg.batch.micro_batch_size, cfg.train.eval_every or cfg.train.steps)
+    return Prepared(train_rows, val_rows, make_objective(cfg), {**data, "reference": reference}, quarantined,
+                    [p.prompt for p in kept_val], hooks=[metrics])
 
-    replies = []
-    if cfg.samples.prompts and kept_val:
-        replies = samples_lib.sample_replies(ctx.output / "model", cfg.tokenizer,
-                                             [p.prompt for p in kept_val], cfg.samples)
-        samples_lib.write_samples(ctx.output, replies)
-    losses = result["losses"]
-    summary = {"steps": max(losses) if losses else 0, "first_loss": losses[min(losses)] if losses else None,
-               "final_loss": losses[max(losses)] if losses else None, "pairs": len(train_rows),
-               "val_pairs": len(val_rows) if val_rows is not None else 0, "quarantined": len(quarantined),
-               "reference": reference, "initial": before, "final": after,
+
+def run_dpo(cfg: DpoConfig, ctx) -> dict:
+    trained = run_alignment(cfg, ctx, lambda template, pad_id: prepare_dpo(cfg, ctx, template, pad_id))
+    data, replies = trained.prepared.data, trained.replies
+    history = trained.worker["hooks"][0]
+    before, after = history[0], history[-1]
+    summary = {**trained.loss_summary(), "pairs": len(trained.prepared.train_rows),
+               "val_pairs": len(trained.prepared.val_rows or []), "quarantined": data["quarantined"],
+               "reference": data["reference"], "initial": before, "final": after,
                "end_of_turn_rate": samples_lib.end_of_turn_rate(replies)}
     ctx.log_metrics(**{f"final_{k}": v for k, v in after.items() if k != "step"})
     runs.write_json(ctx.output / "preference_metrics.json", history)
-    runs.write_text(ctx.output / "report.md", "\n".join(_report(summary, counts, replies)) + "\n")
+    runs.write_text(ctx.output / "report.md", "\n".join(_report(summary, data["counts"], replies)) + "\n")
     return summary
 
 
@@ -209,9 +185,7 @@ def _report(summary: dict, counts: dict, replies: list[dict]) -> list[str]:
     before, after = summary["initial"], summary["final"]
     lines = ["# Direct preference optimisation", "",
              f"{summary['pairs']} training pairs, {summary['val_pairs']} held-out; "
-             f"{summary['quarantined']} records quarantined.", "",
-             "| source | read | train | val | quarantined |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {c['read']} | {c['train']} | {c['val']} | {c['quarantined']} |" for name, c in counts.items()]
+             f"{summary['quarantined']} records quarantined.", "", *source_table(counts)]
     lines += ["", "| metric | initial (reference) model | after DPO |", "|---|---|---|"]
     for key in sorted(k for k in after if k != "step"):
         lines.append(f"| {key} | {before[key]:.4f} | {after[key]:.4f} |")

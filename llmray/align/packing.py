@@ -23,11 +23,13 @@ Design choices:
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass
 from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
+from llmray.align.loader import fingerprint_arrays
 from llmray.tokenizer.chat import ChatTemplate
 
 IGNORE_INDEX = -100  # same value as llmray.train.objectives.IGNORE_INDEX (which imports torch)
@@ -103,6 +105,10 @@ class PackedRows:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        return fingerprint_arrays(self.tokens, self.loss_mask, self.segment_ids)
 
     def fill(self) -> float:
         """Share of row slots holding conversation tokens (the rest is padding)."""

@@ -13,11 +13,14 @@
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from llmray.align.loader import fingerprint_arrays
 from llmray.align.packing import IGNORE_INDEX
 from llmray.align.preferences import Pair
 from llmray.tokenizer.chat import ChatTemplate
@@ -33,6 +36,10 @@ class PairRows:
 
     def __len__(self) -> int:
         return len(self.pair_ids)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        return fingerprint_arrays(self.tokens, self.completion, self.lengths)
 
     def sequences(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         """``inputs``/``targets`` (n, T) of sequence rows (0 ≤ index < 2N), cut to the longest."""

@@ -14,12 +14,12 @@ others are added.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from llmray import jsonl
 
 ROLES = ("system", "user", "assistant")
 
@@ -43,29 +43,22 @@ class Quarantined:
         return {"path": self.path, "offset": self.offset, "error": self.error, "message": self.message}
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any | Quarantined]]:
-    """(line number, parsed JSON value or Quarantined) for every non-blank line of a (.gz) JSONL file."""
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict | Quarantined]]:
+    """(1-based line number, JSON object or Quarantined) for every non-blank line of a (.gz) JSONL
+    file (:func:`llmray.jsonl.read_lines`); a line that is not a JSON object is quarantined."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", errors="strict") as handle:
-        line_no = 0
-        while True:
-            line_no += 1
-            try:
-                line = handle.readline()
-            except UnicodeDecodeError as exc:
-                yield line_no, Quarantined(str(path), line_no, "invalid_utf8", str(exc))
-                continue
-            if not line:
-                return
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield line_no, Quarantined(str(path), line_no, "invalid_json", f"not JSON: {exc}")
+    for line in jsonl.read_lines(path):
+        if isinstance(line.record, jsonl.BadLine):
+            bad = line.record
+            yield line.number, Quarantined(str(path), line.number, _LINE_ERRORS[bad.reason], str(bad))
+        else:
+            yield line.number, line.record
+
+
+_LINE_ERRORS = {jsonl.INVALID_UTF8: "invalid_utf8", jsonl.INVALID_JSON: "invalid_json",
+                jsonl.NOT_AN_OBJECT: "wrong_type"}
 
 
 def read_source_items(src: Any, readers: dict[str, Callable[[Any, int, Any], Iterator[Any]]]) -> Iterator[Any]:

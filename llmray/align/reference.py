@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from llmray import runs
-from llmray.align.loader import fingerprint_arrays
 from llmray.align.pairs import PairRows
 from llmray.config import param
 
@@ -64,10 +63,6 @@ def checkpoint_fingerprint(model_dir: str | Path) -> str:
     for path in files:
         digest.update(f"{path.name}\0{runs.sha256_file(path)}\0".encode())
     return digest.hexdigest()
-
-
-def data_fingerprint(rows: PairRows) -> str:
-    return fingerprint_arrays(rows.tokens, rows.completion, rows.lengths)
 
 
 @torch.no_grad()
@@ -142,7 +137,7 @@ def cache_directory(cache_dir: str | Path, reference_sha: str, data_sha: str) ->
 
 def reference_logps(model_dir: str | Path, rows: PairRows, cfg: ReferenceConfig) -> CacheResult:
     """Cached reference log-probs of ``rows`` under the checkpoint at ``model_dir``; computes on a miss."""
-    reference_sha, data_sha = checkpoint_fingerprint(model_dir), data_fingerprint(rows)
+    reference_sha, data_sha = checkpoint_fingerprint(model_dir), rows.fingerprint
     directory = cache_directory(cfg.cache_dir, reference_sha, data_sha)
     meta_path = directory / META_FILE
     if meta_path.is_file():

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from llmray import runs
-from llmray.align.training import SamplingSection
+from llmray.align.stage import SamplingSection
 from llmray.model import generate as generate_lib
 from llmray.model import hf
 from llmray.tokenizer import load_tokenizer

@@ -7,13 +7,16 @@ The pipeline (each step a named function below; steps exchange :data:`records.RO
       └─► clean     map_batches tasks: normalize (NFC, controls, whitespace), heuristic filters
       └─► classify  actor pool (models loaded once per actor): fastText LID, quality, toxicity
       └─► redact    map_batches tasks: PII placeholders
-      └─► dedup     (optional) materialise, then exact / MinHash near-dup / decontamination
-                    (:mod:`llmray.data.dedup`) over the live rows; dropped rows are marked
+      └─► dedup     (optional) materialise, then boilerplate lines / exact / MinHash near-dup /
+                    decontamination (:mod:`llmray.data.dedup`) over the live rows; dropped rows
+                    are marked, kept rows get dedup's edits (boilerplate lines leave the text,
+                    ``decontam.action: flag`` writes ``meta.contamination``)
       └─► write     driver, in input order: documents/, rejected/, quarantine/, funnel report
 
 A step touches only live rows (see :mod:`llmray.data.records`); to drop a document it sets
-``stage``/``reason``/``value`` (dedup also ``detail``: the id of the document kept). Adding a step is
-one line in :func:`build_dataset`.
+``stage``/``reason``/``value`` (dedup also ``detail``: the id of the document kept), and a change
+to a document it keeps is counted with ``records.count_edits`` (the funnel shows it on the step's
+row). Adding a step is one line in :func:`build_dataset`.
 
 Design choices:
 
@@ -90,7 +93,9 @@ class CurateConfig:
     classify: classifiers.ClassifyConfig = param(default_factory=classifiers.ClassifyConfig,
                                                  doc="fastText language ID / quality / toxicity")
     pii: pii_lib.PIIConfig = param(default_factory=pii_lib.PIIConfig, doc="PII redaction")
-    dedup: dedup_lib.DedupConfig | None = param(None, doc="deduplication and decontamination after "
+    dedup: dedup_lib.DedupConfig | None = param(None, doc="deduplication, boilerplate-line removal "
+                                                          "(dedup.boilerplate) and decontamination "
+                                                          "(dedup.decontam: drop or flag) after "
                                                           "redaction (empty: off)")
     sample_rejected: int = param(0, doc="keep this many example texts per (stage, reason) in "
                                         "rejected_samples.jsonl", min=0)
@@ -104,11 +109,6 @@ class CurateConfig:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"source names must be unique; repeated: {duplicates}")
-        if self.dedup is not None and self.dedup.boilerplate.enabled:
-            raise ValueError("dedup.boilerplate.enabled is not supported inside curate yet "
-                             "(it rewrites kept texts); set it to false")
-        if self.dedup is not None and self.dedup.decontam.action == "flag":
-            raise ValueError("dedup.decontam.action=flag is not supported inside curate yet; use drop")
 
     def inputs(self) -> dict[str, str]:
         """The files that will be read and the model files, for the lineage cache.
@@ -180,7 +180,7 @@ def clean_step(table: pa.Table, filter_cfg: filters_lib.FilterConfig,
     """Normalize live rows, drop empty ones, and apply the heuristic filters of each row's source/domain."""
     rows = table.to_pylist()
     for row in rows:
-        if row["error"] is not None or row["reason"] is not None:
+        if not records.is_live(row):
             continue
         try:
             row["text"] = normalize.normalize(row["text"])
@@ -210,9 +210,9 @@ class ClassifyStep:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = table.to_pylist()
-        prose = [r for r in rows if r["error"] is None and r["reason"] is None and r["domain"] == "text"]
+        prose = [r for r in rows if records.is_live(r) and r["domain"] == "text"]
         for row in rows:
-            if row["error"] is None and row["reason"] is None and row["domain"] == "code":
+            if records.is_live(row) and row["domain"] == "code":
                 row["lang"] = "code"
         if self.lid is not None and prose:
             lid = self.cfg.lid
@@ -223,7 +223,7 @@ class ClassifyStep:
                     records.reject(row, "lid", f"language_{lang}", score)
                 elif score < lid.min_score:
                     records.reject(row, "lid", "low_confidence", score)
-            prose = [r for r in prose if r["reason"] is None]
+            prose = [r for r in prose if records.is_live(r)]
         for name, model in self.scorers.items():
             score_cfg: classifiers.ScoreModelConfig = getattr(self.cfg, name)
             if not prose:
@@ -235,7 +235,7 @@ class ClassifyStep:
                     records.reject(row, name, f"{name}_below_min", score)
                 elif score_cfg.max_score is not None and score > score_cfg.max_score:
                     records.reject(row, name, f"{name}_above_max", score)
-            prose = [r for r in prose if r["reason"] is None]
+            prose = [r for r in prose if records.is_live(r)]
         return records.to_table(rows)
 
 
@@ -245,7 +245,7 @@ def redact_step(table: pa.Table, pii_cfg: pii_lib.PIIConfig) -> pa.Table:
         return table
     rows = table.to_pylist()
     for row in rows:
-        if row["error"] is not None or row["reason"] is not None:
+        if not records.is_live(row):
             continue
         row["text"], counts = pii_lib.redact(row["text"], pii_cfg)
         if any(counts.values()):
@@ -259,28 +259,51 @@ def _live_documents(table: pa.Table) -> pa.Table:
     return table.filter(pa.array(records.live_mask(table), pa.bool_()))
 
 
-def _mark_dropped(table: pa.Table, dropped_ref) -> pa.Table:
-    """Reject live rows that dedup dropped (``dropped``: sorted ids with stage, reason, detail)."""
+def _mark_dropped(table: pa.Table, dropped_ref, edits: dedup_lib.KeptEdits) -> pa.Table:
+    """Reject live rows that dedup dropped (``dropped``: sorted ids with stage, reason, detail),
+    then apply dedup's ``edits`` to the rows still live."""
     dropped = fetch_broadcast(dropped_ref)
     ids = dropped.column("id").to_pylist()
-    if not ids:
+    if not ids and not edits.active:
         return table
     index = {doc_id: i for i, doc_id in enumerate(ids)}
     rows = table.to_pylist()
     for row in rows:
-        i = index.get(row["id"]) if row["error"] is None and row["reason"] is None else None
+        i = index.get(row["id"]) if records.is_live(row) else None
         if i is not None:
             records.reject(row, dropped["stage"][i].as_py(), dropped["reason"][i].as_py(), None)
-            row["detail"] = dropped["value"][i].as_py()
+            row["detail"] = dropped["value"][i].as_py() or None  # boilerplate drops keep no other id
+    if edits.active:
+        _apply_edits([row for row in rows if records.is_live(row)], edits)
     return records.to_table(rows)
 
 
+def _apply_edits(rows: list[dict], edits: dedup_lib.KeptEdits) -> None:
+    """Dedup's edits on kept rows, in place (new ``text`` and ``meta``), counted per row for the
+    funnel: lines and bytes of boilerplate removed, documents flagged as contaminated."""
+    if not rows:
+        return
+    edited, lines_removed, flagged = edits.apply(records.to_table(rows))
+    for row, text, meta, lines, flag in zip(rows, edited.column("text").to_pylist(),
+                                            edited.column("meta").to_pylist(), lines_removed.tolist(),
+                                            flagged.tolist()):
+        if lines:
+            records.count_edits(row, "boilerplate", {
+                "documents_changed": 1, "lines_removed": lines,
+                "bytes_removed": len(row["text"].encode("utf-8")) - len(text.encode("utf-8"))})
+        if flag:
+            records.count_edits(row, "decontamination", {"documents_flagged": 1})
+        row["text"], row["meta"] = text, meta
+
+
 def dedup_step(ds, cfg: dedup_lib.DedupConfig, clean_cpus: float):
-    """Deduplicate the live rows of ``ds`` and mark the dropped ones (rows keep their order).
+    """Deduplicate the live rows of ``ds``, mark the dropped ones and edit the kept ones (rows keep
+    their order).
 
     ``ds`` is materialised first because dedup reads its input twice (keys, then filtering) and
     read+classify must not run twice. Only the dropped rows' ids go to the driver and back as a
-    broadcast (bounded by the duplicates, like dedup's own removed-node array)."""
+    broadcast (bounded by the duplicates, like dedup's own removed-node array); dedup's output
+    documents are not used: its edits (boilerplate lines, flags: broadcasts too) are applied here."""
     import ray
 
     ds = ds.materialize()
@@ -288,8 +311,8 @@ def dedup_step(ds, cfg: dedup_lib.DedupConfig, clean_cpus: float):
     result = dedup_lib.deduplicate(live, cfg)
     dropped = pa.concat_tables([dedup_lib.REJECTED_SCHEMA.empty_table(),
                                 *ray.get(result.rejected.to_arrow_refs())]).sort_by("id")
-    return ds.map_batches(_mark_dropped, fn_kwargs={"dropped_ref": ray.put(dropped)}, batch_size=None,
-                          batch_format="pyarrow", num_cpus=clean_cpus), result.stats
+    return ds.map_batches(_mark_dropped, fn_kwargs={"dropped_ref": ray.put(dropped), "edits": result.edits},
+                          batch_size=None, batch_format="pyarrow", num_cpus=clean_cpus), result.stats
 
 
 def _quarantine_in_place(row: dict, exc: Exception) -> None:

@@ -5,7 +5,10 @@
 boundaries never depend on how Ray batched the stream), keeps ``sample_rejected`` example texts
 per (stage, reason), and accumulates the funnel: documents, bytes and estimated tokens entering
 and leaving each stage, per source and per reason, plus every filter signal's values for the
-histograms. :func:`write_report` writes ``funnel.json``, ``funnel.md`` and ``funnel_*.png``.
+histograms. A stage that changes documents it keeps (dedup's boilerplate lines, contamination
+flags) counts it in the rows' ``edit.*`` signals (``records.count_edits``); the sums appear on that
+stage's funnel row as ``edits`` and in a "changed" column of the tables, which exists only when
+some stage edited. :func:`write_report` writes ``funnel.json``, ``funnel.md`` and ``funnel_*.png``.
 
 Tokens are estimated as UTF-8 bytes / 4 (the usual ratio for English BPE vocabularies); the
 tokenizer stage reports exact counts later.
@@ -115,6 +118,7 @@ class CurateWriter:
         self.errors: Counter = Counter()  # (source, error) → records
         self.kept_bytes: Counter = Counter()  # source → UTF-8 bytes of the curated text
         self.pii: Counter = Counter()
+        self.edits: Counter = Counter()  # (source, stage, count) → sum of edit.<stage>.<count> signals
         self.signals: dict[str, list[float]] = defaultdict(list)
 
     def add(self, table: pa.Table) -> None:
@@ -137,7 +141,7 @@ class CurateWriter:
                 self._sample(table, i, columns)
             else:
                 self.kept_bytes[source] += len(columns["text"][i].encode("utf-8"))
-            self._collect_signals(columns, i)
+            self._collect_signals(columns, i, source)
 
     def _count(self, source: str, stage: str, reason: str | None, size: int) -> None:
         entry = self.drops[(source, stage)]
@@ -154,7 +158,7 @@ class CurateWriter:
             row = {k: table.column(k)[i].as_py() for k in ("id", "source", "stage", "reason", "value", "text")}
             self.samples[key].append(row)
 
-    def _collect_signals(self, columns: dict, i: int) -> None:
+    def _collect_signals(self, columns: dict, i: int, source: str) -> None:
         signals = json.loads(columns["signals"][i]) if columns["signals"][i] else {}
         for name in SCORE_COLUMNS:
             if columns[name][i] is not None:
@@ -162,6 +166,9 @@ class CurateWriter:
         for name, value in signals.items():
             if name.startswith("pii."):
                 self.pii[name.removeprefix("pii.")] += int(value)
+            elif name.startswith(records.EDIT_PREFIX):
+                stage, count = name.removeprefix(records.EDIT_PREFIX).split(".", 1)
+                self.edits[(source, stage, count)] += int(value)
             elif len(self.signals[name]) < MAX_SIGNAL_VALUES:
                 self.signals[name].append(value)
 
@@ -200,6 +207,13 @@ class CurateWriter:
                 return self.drops.get((source, stage), [0, 0])
             return [sum(v[k] for (s, st), v in self.drops.items() if st == stage) for k in (0, 1)]
 
+        def edits(stage: str) -> dict[str, int]:
+            found = Counter()
+            for (s, st, count), n in self.edits.items():
+                if st == stage and source in (None, s):
+                    found[count] += n
+            return dict(sorted(found.items(), key=lambda item: (not item[0].startswith("documents"), item[0])))
+
         kept = entry("kept")
         docs = sum(entry(stage)[0] for stage in self.stage_order) + kept[0]
         size = sum(entry(stage)[1] for stage in self.stage_order) + kept[1]
@@ -209,6 +223,8 @@ class CurateWriter:
             rows.append({"stage": stage, "docs_in": docs, "docs_out": docs - dropped_docs, "bytes_in": size,
                          "bytes_out": size - dropped_bytes, "est_tokens_in": size // BYTES_PER_TOKEN,
                          "est_tokens_out": (size - dropped_bytes) // BYTES_PER_TOKEN})
+            if edited := edits(stage):
+                rows[-1]["edits"] = edited
             docs, size = docs - dropped_docs, size - dropped_bytes
         return rows
 
@@ -238,12 +254,17 @@ def _stats(values: list[float]) -> dict:
 
 
 def _stage_table(stages: list[dict]) -> str:
-    lines = ["| stage | docs in | docs out | kept % | MB in | MB out | est. tokens out |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """The funnel as a markdown table; a "changed" column (kept documents a stage edited) only
+    when some stage edited."""
+    changed = any("edits" in row for row in stages)
+    lines = ["| stage | docs in | docs out | kept % | MB in | MB out | est. tokens out |" + (" changed |" * changed),
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---|" * changed)]
     for row in stages:
         share = 100.0 * row["docs_out"] / row["docs_in"] if row["docs_in"] else 100.0
+        edits = ", ".join(f"{n:,} {name.replace('_', ' ')}" for name, n in row.get("edits", {}).items())
         lines.append(f"| {row['stage']} | {row['docs_in']:,} | {row['docs_out']:,} | {share:.1f} | "
-                     f"{row['bytes_in'] / 1e6:.2f} | {row['bytes_out'] / 1e6:.2f} | {row['est_tokens_out']:,} |")
+                     f"{row['bytes_in'] / 1e6:.2f} | {row['bytes_out'] / 1e6:.2f} | {row['est_tokens_out']:,} |"
+                     + (f" {edits} |" * changed))
     return "\n".join(lines)
 
 

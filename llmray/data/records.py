@@ -9,10 +9,12 @@ stream and the driver routes them when writing:
 * neither                  → a curated document (the Document contract in DESIGN.md).
 
 **Contract for pipeline steps** (filters, classifiers, dedup): a step receives every row and
-touches only *live* rows (``error`` and ``reason`` both null, see :func:`live_mask`); to drop a
+touches only *live* rows (``error`` and ``reason`` both null, see :func:`is_live`); to drop a
 row it sets ``stage``/``reason``/``value`` and may shorten its text (rejected text is kept only
-as a preview for ``sample_rejected``). Every block carries the explicit :data:`ROW_SCHEMA`, so
-a block whose ``url`` values are all null still has a string column (no schema drift).
+as a preview for ``sample_rejected``). A step that changes a row it keeps (dedup's boilerplate
+lines, contamination flags) counts what it did with :func:`count_edits`, which the funnel sums per
+stage. Every block carries the explicit :data:`ROW_SCHEMA`, so a block whose ``url`` values are
+all null still has a string column (no schema drift).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ ROW_SCHEMA = pa.schema([
     ("detail", pa.string()),          # rejected by dedup: the id of the document kept (or the eval tasks)
     ("error", pa.string()),           # quarantine: exception type / error kind
     ("message", pa.string()),
-    ("signals", pa.string()),         # JSON {signal: value} of every rule evaluated (histograms)
+    ("signals", pa.string()),         # JSON {signal: value} of every rule evaluated (histograms),
+                                      # PII replacements (pii.*) and edits of kept rows (edit.*)
 ])
 COLUMNS = tuple(ROW_SCHEMA.names)
 
@@ -53,6 +56,7 @@ QUARANTINE_SCHEMA = pa.schema([pa.field("source", pa.string()), *(ROW_SCHEMA.fie
     "path", "offset", "error", "message"))])
 
 REJECTED_PREVIEW_CHARS = 2000  # text kept on a rejected row, for --sample-rejected inspection
+EDIT_PREFIX = "edit."  # signals edit.<stage>.<count>: what a step changed in a row it kept
 
 
 def document_id(source: str, path: str, offset: int) -> str:
@@ -83,11 +87,23 @@ def to_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
+def is_live(row: dict) -> bool:
+    """True for a row that is still a candidate document (not quarantined, not rejected)."""
+    return row["error"] is None and row["reason"] is None
+
+
 def live_mask(table: pa.Table) -> list[bool]:
-    """True for rows that are still candidate documents (not quarantined, not rejected)."""
+    """:func:`is_live` of every row of a table."""
     errors = table.column("error").to_pylist()
     reasons = table.column("reason").to_pylist()
     return [e is None and r is None for e, r in zip(errors, reasons)]
+
+
+def count_edits(row: dict, stage: str, counts: dict[str, float]) -> None:
+    """Record in a kept row's signals what ``stage`` changed in it (``{"lines_removed": 3}``)."""
+    signals = json.loads(row["signals"] or "{}")
+    signals.update({f"{EDIT_PREFIX}{stage}.{name}": float(n) for name, n in counts.items()})
+    row["signals"] = json.dumps(signals, sort_keys=True)
 
 
 def reject(row: dict, stage: str, reason: str, value: float | None) -> None:

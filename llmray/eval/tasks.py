@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
+from llmray import jsonl
 from llmray.config import param
 
 Kind = Literal["multiple_choice", "last_word", "generate", "bits_per_byte"]
@@ -177,18 +178,14 @@ def _open_text(path: Path):
 
 
 def read_jsonl(path: Path) -> Iterator[Record]:
-    """Records of a JSONL(.gz) file; blank lines are skipped, a bad line raises naming its number."""
-    with _open_text(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskFormatError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(data, dict):
-                raise TaskFormatError(f"{path}:{number}: expected a JSON object, got {type(data).__name__}")
-            yield Record(path, number, data)
+    """Records of a JSONL(.gz) file (:func:`llmray.jsonl.read_lines`); blank lines are skipped, a
+    bad line raises naming file and 1-based line number."""
+    if not path.is_file():
+        raise FileNotFoundError(f"task file {path} does not exist")
+    for line in jsonl.read_lines(path):
+        if isinstance(line.record, jsonl.BadLine):
+            raise TaskFormatError(str(line.record))
+        yield Record(path, line.number, line.record)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,21 +96,24 @@ class Pretrained:
 # ---------------------------------------------------------------------------------------------
 
 def to_hf_name(name: str) -> str:
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
-    match = _OUR_LAYER_KEY.fullmatch(name)
-    if match is None or match.group(2) not in _LAYER_NAMES:
-        raise KeyError(f"no Hugging Face name for parameter {name!r}")
-    return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+    return _rename(name, _GLOBAL_NAMES, _OUR_LAYER_KEY, _LAYER_NAMES, "model.layers",
+                   "no Hugging Face name for parameter")
 
 
 def from_hf_name(name: str) -> str:
-    if name in _GLOBAL_NAMES_FROM_HF:
-        return _GLOBAL_NAMES_FROM_HF[name]
-    match = _HF_LAYER_KEY.fullmatch(name)
-    if match is None or match.group(2) not in _LAYER_NAMES_FROM_HF:
-        raise KeyError(f"unsupported Hugging Face tensor {name!r}")
-    return f"layers.{match.group(1)}.{_LAYER_NAMES_FROM_HF[match.group(2)]}"
+    return _rename(name, _GLOBAL_NAMES_FROM_HF, _HF_LAYER_KEY, _LAYER_NAMES_FROM_HF, "layers",
+                   "unsupported Hugging Face tensor")
+
+
+def _rename(name: str, global_names: dict[str, str], layer_key: re.Pattern, layer_names: dict[str, str],
+            layers_prefix: str, unknown: str) -> str:
+    """One parameter name in the other layout: a global name, or ``<layers_prefix>.<i>.<layer name>``."""
+    if name in global_names:
+        return global_names[name]
+    match = layer_key.fullmatch(name)
+    if match is None or match.group(2) not in layer_names:
+        raise KeyError(f"{unknown} {name!r}")
+    return f"{layers_prefix}.{match.group(1)}.{layer_names[match.group(2)]}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from torch import nn
 
 from llmray.config import param
 from llmray.parallel.mesh import ParallelDims
-from llmray.parallel.pipeline import PipelineConfig
+from llmray.parallel.pipeline import PipelineScheduleConfig
 
 
 @dataclass
@@ -48,7 +48,8 @@ class ParallelConfig:
                                                "between the TP regions (norms on T/tp positions)")
     pp: int = param(1, doc="pipeline-parallel degree (pp × pipeline.virtual_stages <= n_layers); fsdp2 only",
                     min=1)
-    pipeline: PipelineConfig = param(default_factory=PipelineConfig, doc="stage split and schedule (pp > 1)")
+    pipeline: PipelineScheduleConfig = param(default_factory=PipelineScheduleConfig,
+                                             doc="stage split and schedule (pp > 1)")
     dp_replicate: int = param(1, doc="fsdp2: replica groups of HSDP (each group shards over dp_shard ranks)",
                               min=1)
     dp_shard: int = param(-1, doc="fsdp2: ranks the parameters are sharded over; -1 = world size / "

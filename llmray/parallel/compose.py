@@ -8,7 +8,7 @@ plain tensors over the data-parallel mesh, or TP DTensors into 2-D ``(dp_shard, 
 Pipeline splitting happens before all of it, so every stage is parallelized the same way.
 
 :class:`Layout` is the small per-run description (mesh sub-meshes and switches) the functions
-here take; it is derived from the parallel config by :func:`layout_for`.
+here take; :func:`llmray.parallel.build_engine` derives it from the parallel config.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ MULTI_STAGE = ("interleaved_1f1b", "interleaved_zero_bubble")
 
 
 @dataclass
-class PipelineConfig:
+class PipelineScheduleConfig:
     """How the layers are split into pipeline stages and which schedule runs them (parallel.pp > 1)."""
 
     schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble"] = param(
@@ -139,7 +139,8 @@ def stage_module(model: Transformer, layer_names: list[str], *, first: bool, las
     return stage
 
 
-def stage_modules(model: Transformer, pp_rank: int, pp: int, cfg: PipelineConfig) -> list[tuple[int, Transformer]]:
+def stage_modules(model: Transformer, pp_rank: int, pp: int,
+                  cfg: PipelineScheduleConfig) -> list[tuple[int, Transformer]]:
     """(stage index, stage module) of every stage this pipeline rank runs."""
     if model.cfg.tie_embeddings and pp > 1:
         raise ValueError("pipeline parallelism with tie_embeddings=true is not supported (the embedding and "
@@ -154,7 +155,7 @@ def stage_modules(model: Transformer, pp_rank: int, pp: int, cfg: PipelineConfig
 # Running
 # ---------------------------------------------------------------------------------------------
 
-def build_schedule(parts: list[tuple[int, nn.Module]], pp_group: dist.ProcessGroup, cfg: PipelineConfig,
+def build_schedule(parts: list[tuple[int, nn.Module]], pp_group: dist.ProcessGroup, cfg: PipelineScheduleConfig,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device):
     """The configured ``torch.distributed.pipelining`` schedule over this rank's stage modules."""
     from torch.distributed.pipelining import PipelineStage
@@ -179,7 +180,8 @@ class PipelineEngine:
     """
 
     def __init__(self, parts: list[tuple[int, nn.Module]], make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 pp_mesh: DeviceMesh, cfg: PipelineConfig, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 pp_mesh: DeviceMesh, cfg: PipelineScheduleConfig,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  device: torch.device):
         self.parts = parts
         self.modules = [module for _, module in parts]

@@ -17,19 +17,11 @@ How sequences are made and ordered:
   windows share one token and every next-token transition inside a shard is a target exactly
   once. Windows never cross shards; the < T tokens left at a shard's end are unused. Windows
   pack across documents (each starts with BOS), as in GPT-style pretraining.
-* **Shuffle**: windows are numbered globally (shard by shard, in manifest order); epoch ``e``
-  visits them in the order of a permutation drawn from ``numpy.random.default_rng([seed, e])``.
-  The permutation (8 bytes per window) is the only per-epoch state; shards are memory-mapped,
-  so a batch reads ``B`` windows and no shard is loaded into RAM.
-* **Ranks**: batch ``k`` of rank ``r`` takes permutation entries
-  ``k*B*W + r, k*B*W + r + W, ..., k*B*W + r + (B-1)*W`` (``W`` = world size). After ``k``
-  batches the ranks together have consumed exactly the first ``k*B*W`` entries, each once.
-  An epoch has ``N // (B*W)`` batches per rank (all ranks step in lockstep); the fewer than
-  ``B*W`` windows left over are skipped that epoch (they come up elsewhere in the next one).
-* **Resume**: the position is ``(epoch, consumed)`` with ``consumed`` the number of windows all
-  ranks have used this epoch; everything else is recomputed from the seed. Because the
-  consumed windows are a prefix of the permutation, a state saved with one ``(B, W)`` restores
-  exactly under another as long as ``consumed`` is a multiple of the new ``B*W``.
+* **Order**: windows are numbered globally (shard by shard, in manifest order) and visited in
+  the shared epoch order (:class:`~llmray.tokens.order.EpochOrder`: a seeded permutation per
+  epoch, ranks interleaved, position ``(epoch, consumed)``); the fewer than ``B*W`` windows left
+  at an epoch's end are skipped that epoch. Shards are memory-mapped, so a batch reads ``B``
+  windows and no shard is loaded into RAM.
 * **Integrity**: every shard's size is checked against the manifest; with ``verify=True`` (the
   default) its sha256 too, and a mismatch raises :class:`~llmray.tokens.shards.ShardError`
   naming the shard. ``state_dict()`` records a fingerprint of the shard list, and
@@ -45,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -52,6 +45,7 @@ import numpy as np
 import torch
 
 from llmray.tokens import shards as shards_lib
+from llmray.tokens.order import EpochOrder
 
 STATE_FORMAT = "llmray-loader/1"
 # Keys whose values must match for a saved state to describe this loader's sequence of batches.
@@ -66,8 +60,6 @@ class TokenLoader:
                  verify: bool = True) -> None:
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size); got rank {rank}, world_size {world_size}")
         self.directory = Path(directory)
         self.seq_len, self.batch_size = seq_len, batch_size
         self.rank, self.world_size = rank, world_size
@@ -82,17 +74,15 @@ class TokenLoader:
         windows = [max(0, (e["tokens"] - 1) // seq_len) for e in entries]
         self._first_window = np.concatenate([[0], np.cumsum(windows)]).astype(np.int64)
         self.num_windows = int(self._first_window[-1])
-        self.batches_per_epoch = self.num_windows // (batch_size * world_size)
+        self.order = EpochOrder(self.num_windows, batch_size=batch_size, rank=rank, world_size=world_size,
+                                seed=seed, shuffle=shuffle, pad=False)
+        self.batches_per_epoch = self.order.batches_per_epoch
         if self.batches_per_epoch == 0:
             raise ValueError(f"split {split!r} of {self.directory} has {self.num_windows} windows of "
                              f"{seq_len + 1} tokens, fewer than one step needs "
                              f"(batch_size {batch_size} x world_size {world_size})")
         self.data_sha256 = hashlib.sha256(json.dumps(
             [[e["path"], e["tokens"], e["sha256"]] for e in entries]).encode()).hexdigest()
-        self.epoch = 0
-        self.consumed = 0
-        self._order_epoch: int | None = None
-        self._order: np.ndarray | None = None
 
     # -- iteration ---------------------------------------------------------------------------
 
@@ -100,32 +90,17 @@ class TokenLoader:
         return self
 
     def __next__(self) -> torch.Tensor:
-        step = self.batch_size * self.world_size
-        if self.consumed + step > self.batches_per_epoch * step:
-            self.epoch += 1
-            self.consumed = 0
-        order = self._epoch_order(self.epoch)
-        start = self.consumed + self.rank
-        windows = order[start: self.consumed + step: self.world_size]
-        self.consumed += step
+        _, windows = self.order.peek()
+        self.order.advance()
         return torch.from_numpy(self._gather(windows))
 
     def windows_of_next_batch(self) -> np.ndarray:
         """Global window numbers the next batch of this rank will hold (for tests and debugging)."""
-        step = self.batch_size * self.world_size
-        epoch, consumed = self.epoch, self.consumed
-        if consumed + step > self.batches_per_epoch * step:
-            epoch, consumed = epoch + 1, 0
-        return self._epoch_order(epoch)[consumed + self.rank: consumed + step: self.world_size].copy()
+        return self.order.peek()[1].copy()
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        if self._order_epoch != epoch:
-            if self.shuffle:
-                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-            else:
-                self._order = np.arange(self.num_windows, dtype=np.int64)
-            self._order_epoch = epoch
-        return self._order
+    @property
+    def epoch(self) -> int:
+        return self.order.epoch
 
     def _gather(self, windows: np.ndarray) -> np.ndarray:
         out = np.empty((len(windows), self.seq_len + 1), dtype=np.int64)  # (B, T+1)
@@ -143,7 +118,7 @@ class TokenLoader:
     # -- exact resume ------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"format": STATE_FORMAT, "epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
+        return {"format": STATE_FORMAT, **self.order.state(), "seed": self.seed,
                 "seq_len": self.seq_len, "split": self.split, "shuffle": self.shuffle,
                 "data_sha256": self.data_sha256, "batch_size": self.batch_size, "world_size": self.world_size}
 
@@ -155,8 +130,27 @@ class TokenLoader:
                      for k in _IDENTITY_KEYS if state.get(k) != mine[k]]
         if different:
             raise ValueError("loader state belongs to a different data order; " + "; ".join(different))
-        step = self.batch_size * self.world_size
-        if state["consumed"] % step:
-            raise ValueError(f"loader state consumed {state['consumed']} windows this epoch, not a multiple "
-                             f"of batch_size x world_size = {step}; resume with a batch shape that divides it")
-        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self.order.restore(state)
+
+
+@dataclass
+class TokenData:
+    """A picklable recipe for one data-parallel shard's :class:`TokenLoader`: ``TokenData(...)(shard, shards)``.
+
+    Shards are hashed (``verify``) by the first loader a process makes from the recipe only; later
+    ones (each validation pass makes a fresh loader) skip it.
+    """
+
+    directory: str
+    split: str
+    seq_len: int
+    batch_size: int
+    seed: int = 0
+    shuffle: bool = True
+    verify: bool = True
+
+    def __call__(self, shard: int, shards: int) -> TokenLoader:
+        loader = TokenLoader(self.directory, seq_len=self.seq_len, batch_size=self.batch_size, split=self.split,
+                             rank=shard, world_size=shards, seed=self.seed, shuffle=self.shuffle, verify=self.verify)
+        self.verify = False
+        return loader

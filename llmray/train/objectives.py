@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +30,34 @@ class LossOutput:
     weight: int  # how many items were summed (target tokens, pairs)
 
 
-class Objective(Protocol):
+class Objective:
+    """What the trainer minimises; every hook the trainer calls is declared here.
+
+    Subclasses implement :meth:`weight` and :meth:`loss`. Objectives that are next-token losses on
+    ``(inputs, targets)`` pairs set ``token_targets`` and implement :meth:`inputs_and_targets` and
+    :meth:`pipeline_loss`: pipeline parallelism and bits-per-byte validation need that form.
+    """
+
+    token_targets: bool = False
+
     def weight(self, batch: Any) -> int:
         """Items the loss of ``batch`` is summed over (known before the forward pass)."""
+        raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: Any) -> LossOutput:
         """Forward ``batch`` through ``model`` and return its summed loss."""
+        raise NotImplementedError
+
+    def tokens(self, batch: Any) -> int:
+        """Tokens the batch feeds the model (for tokens/s and MFU)."""
+        return self.weight(batch)
+
+    def inputs_and_targets(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} is not a loss on (inputs, targets) pairs")
+
+    def pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The summed loss from the last pipeline stage's logits."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run under pipeline parallelism")
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -47,8 +69,10 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
                            reduction="none").view_as(targets)
 
 
-class CausalLM:
+class CausalLM(Objective):
     """Next-token prediction on packed rows: batch (B, T+1) int64 → inputs [:, :-1], targets [:, 1:]."""
+
+    token_targets = True
 
     def weight(self, batch: torch.Tensor) -> int:
         return batch.shape[0] * (batch.shape[1] - 1)
@@ -61,7 +85,6 @@ class CausalLM:
         return LossOutput(self.pipeline_loss(model(inputs), targets), self.weight(batch))
 
     def pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The summed loss from logits: all the last pipeline stage computes (the schedule feeds the first)."""
         return token_cross_entropy(logits, targets).sum()
 
 
@@ -81,7 +104,7 @@ def bits_per_byte(nats: torch.Tensor, targets: torch.Tensor, token_bytes: torch.
 # Instruction tuning and preference alignment (llmray.align builds their batches)
 # ---------------------------------------------------------------------------------------------
 
-class MaskedLM:
+class MaskedLM(Objective):
     """SFT: next-token loss on assistant tokens only.
 
     batch: ``inputs`` (B, T), ``targets`` (B, T) with :data:`IGNORE_INDEX` wherever the target is
@@ -129,7 +152,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-class DPO:
+class DPO(Objective):
     """Preference loss on pairs whose reference log-probs were precomputed (no reference model here).
 
     batch: ``inputs`` / ``targets`` (2N, T): the N chosen rows, then the N rejected rows, targets

@@ -1,79 +1,83 @@
-"""The ``llmray pretrain`` stage: the training core with the causal-LM objective on token shards, on Ray Train.
+"""``llmray pretrain`` (and ``llmray proxy train``): the causal-LM objective on token shards.
 
 Inputs: the output directory of ``llmray tokens`` (``data.tokens``; its manifest names the
-tokenizer, used for bits-per-byte and copied into the export), optionally a checkpoint to
-start from (``resume_from``). Outputs under the stage's ``output/``:
+tokenizer, used for bits per byte and copied beside the export), optionally a checkpoint to
+start from (``resume_from``). Outputs under the stage's ``output/``: ``model/`` (Hugging Face
+Llama layout) and ``training.json`` (steps, final metrics, the last checkpoint).
 
-* ``model/``: final weights in Hugging Face Llama layout (``model.safetensors``, ``config.json``,
-  tokenizer files), exported in the driver from the last complete checkpoint (DCP reshards on
-  load, so the export does not depend on how many workers trained);
-* ``training.json``: steps, final metrics, and the path of the last checkpoint.
-
-Checkpoints live in the Ray Train run ``<run>-pretrain`` under ``work/ray`` (or
-``ray.storage_path``); running the stage again with the same run name resumes from the newest
-complete checkpoint. ``metrics.jsonl`` and TensorBoard files go to the stage directory.
+Checkpoints go to ``execution.storage_path/<name>`` or the stage's ``work/checkpoints``; running
+the stage again resumes from the newest complete one. The ``proxy`` stage is this stage with
+in-process defaults sized for sweeps and data ablations (:class:`ProxyConfig`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from llmray import runs
 from llmray.config import param
 from llmray.model.config import ModelConfig, preset
 from llmray.parallel import ParallelConfig
-from llmray.train.ray_train import RayTrainConfig
+from llmray.train.launch import BatchConfig, ExecutionConfig, FreshModel, TrainJob, launch
 from llmray.train.trainer import TrainConfig
 
 log = logging.getLogger("llmray.pretrain")
 
 
 @dataclass
-class DataConfig:
-    """Which token shards, cut into which batches."""
+class TokensInput:
+    """Which token shards to train on."""
 
     tokens: str = param("{run_dir}/tokens/output", doc="output directory of `llmray tokens`")
-    seq_len: int = param(256, doc="tokens per training sequence (T; rows are T+1 long)", min=1)
-    micro_batch_size: int = param(8, doc="sequences per micro-batch on each worker", min=1)
-    seed: int = param(0, doc="seed of the sequence shuffle", min=0)
     verify: bool = param(True, doc="check every shard's sha256 against the manifest at start")
 
 
 @dataclass
 class PretrainConfig:
-    """``llmray pretrain``: model shape, data, loop, parallelism and Ray Train settings."""
+    """``llmray pretrain``: model shape, data, batches, loop, parallelism and execution."""
 
     model: ModelConfig = param(default_factory=lambda: preset("tiny"), doc="model shape (see configs/model)")
-    data: DataConfig = param(default_factory=DataConfig, doc="token shards and batch shape")
+    data: TokensInput = param(default_factory=TokensInput, doc="token shards")
+    batch: BatchConfig = param(default_factory=BatchConfig, doc="micro-batch shape and order")
     train: TrainConfig = param(default_factory=TrainConfig, doc="the training loop")
-    parallel: ParallelConfig = param(default_factory=ParallelConfig, doc="data parallelism strategy")
-    ray: RayTrainConfig = param(default_factory=RayTrainConfig, doc="Ray Train workers and checkpoints")
+    parallel: ParallelConfig = param(default_factory=ParallelConfig, doc="how the model is spread over workers")
+    execution: ExecutionConfig = param(default_factory=ExecutionConfig, doc="where the workers run")
     tokenizer: str | None = param(None, doc="tokenizer directory; null = the one named in the token manifest")
-    resume_from: str | None = param(None, doc="checkpoint directory to start from when the run has none "
-                                              "of its own (--resume-from)")
+    resume_from: str | None = param(None, doc="checkpoint to start from when the run has none of its own "
+                                              "(weights, optimizer, step, data position; the lr is this config's)")
 
     def __post_init__(self) -> None:
-        if self.data.seq_len > self.model.max_seq_len:
-            raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
+        if self.batch.seq_len > self.model.max_seq_len:
+            raise ValueError(f"batch.seq_len ({self.batch.seq_len}) exceeds model.max_seq_len "
                              f"({self.model.max_seq_len})")
         microbatches = self.parallel.pipeline.microbatches
-        if self.parallel.pp > 1 and self.data.micro_batch_size % microbatches:
-            raise ValueError(f"data.micro_batch_size ({self.data.micro_batch_size}) must be divisible by "
+        if self.parallel.pp > 1 and self.batch.micro_batch_size % microbatches:
+            raise ValueError(f"batch.micro_batch_size ({self.batch.micro_batch_size}) must be divisible by "
                              f"parallel.pipeline.microbatches ({microbatches}): the schedule cuts each "
                              f"micro-batch into that many pipeline micro-batches")
-        self.parallel.dims(self.ray.num_workers)  # degrees must multiply to the worker count
+        self.parallel.dims(self.execution.workers)  # degrees must multiply to the worker count
 
     def inputs(self) -> dict[str, str]:
         inputs = {"tokens": self.data.tokens}
+        if self.tokenizer:
+            inputs["tokenizer"] = self.tokenizer
         if self.resume_from:
             inputs["resume_from"] = self.resume_from
         return inputs
+
+
+@dataclass
+class ProxyConfig(PretrainConfig):
+    """``llmray proxy train``: pretraining of a small proxy model in this process (sweeps, ablations)."""
+
+    batch: BatchConfig = param(default_factory=lambda: BatchConfig(seq_len=128),
+                               doc="micro-batch shape and order")
+    train: TrainConfig = param(default_factory=lambda: TrainConfig(steps=100, log_every=10), doc="the training loop")
+    execution: ExecutionConfig = param(default_factory=lambda: ExecutionConfig(launcher="process",
+                                                                               threads_per_worker=1),
+                                       doc="where the workers run (a proxy trial trains in its own process)")
 
 
 def tokenizer_dir(cfg: PretrainConfig, manifest: dict) -> Path | None:
@@ -83,99 +87,55 @@ def tokenizer_dir(cfg: PretrainConfig, manifest: dict) -> Path | None:
     return Path(recorded).parent if recorded and Path(recorded).is_file() else None
 
 
-def token_byte_lengths(directory: Path, vocab_size: int) -> torch.Tensor:
-    """UTF-8 bytes of each token id (special tokens 0), for bits per byte.
-
-    Byte-level BPE spells every byte as one character of its alphabet, so a token's length in
-    bytes is its string length; other tokenizers are measured by decoding each id.
-    """
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    byte_level = (json.loads(tokenizer.to_str()).get("decoder") or {}).get("type") == "ByteLevel"
-    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
-    lengths = torch.zeros(vocab_size, dtype=torch.int64)
-    for token, index in tokenizer.get_vocab(with_added_tokens=True).items():
-        if index < vocab_size and token not in special:
-            lengths[index] = len(token) if byte_level else len(tokenizer.decode([index]).encode("utf-8"))
-    return lengths
-
-
-def pretrain_worker(config: dict[str, Any]) -> None:
-    """The per-worker training function Ray Train runs (also importable by SFT/DPO as a pattern)."""
-    from llmray.model import llama
-    from llmray.tokens.loader import TokenLoader
-    from llmray.train import ray_train
-    from llmray.train.metrics import MetricsWriter
-    from llmray.train.objectives import CausalLM
-    from llmray.train.trainer import Trainer, device_for_worker
-
-    cfg: PretrainConfig = config["cfg"]
-    ray_train.worker_setup(cfg.ray)
-    rank, world = ray_train.world()
-    shard, shards = cfg.parallel.data_shard(rank, world)
-    device = device_for_worker()
-    torch.manual_seed(cfg.train.seed)
-    model = llama.build(cfg.model, device)
-    d = cfg.data
-    data = TokenLoader(d.tokens, seq_len=d.seq_len, batch_size=d.micro_batch_size, split="train", rank=shard,
-                       world_size=shards, seed=d.seed, verify=d.verify)
-    val_data = None
-    try:
-        TokenLoader(d.tokens, seq_len=d.seq_len, batch_size=d.micro_batch_size, split="val", rank=shard,
-                    world_size=shards, shuffle=False, verify=d.verify)
-
-        def val_data():
-            return TokenLoader(d.tokens, seq_len=d.seq_len, batch_size=d.micro_batch_size, split="val",
-                               rank=shard, world_size=shards, shuffle=False, verify=False)
-    except ValueError as exc:  # no val split, or too small for one batch per worker
-        if rank == 0:
-            log.warning("no validation: %s", exc)
-    token_bytes = token_byte_lengths(Path(config["tokenizer_dir"]), cfg.model.vocab_size) \
-        if config.get("tokenizer_dir") else None
-    writer = MetricsWriter(config["metrics_path"], config["tensorboard_dir"], cfg.train.log_every) \
-        if rank == 0 else None
-    trainer = Trainer(cfg.train, model, CausalLM(), data, parallel=cfg.parallel,
-                      store=ray_train.RayCheckpointStore(log.warning), val_data=val_data,
-                      token_bytes=token_bytes, flops_per_token=cfg.model.flops_per_token(d.seq_len),
-                      writer=writer, hooks=config.get("hooks", ()))
-    try:
-        trainer.fit(resume_from=cfg.resume_from)
-    finally:
-        if writer is not None:
-            writer.close()
-
-
-def run_pretrain(cfg: PretrainConfig, ctx, hooks: tuple = ()) -> dict:
-    """Train on Ray, then export the final weights; ``hooks`` run in every worker after each step."""
-    from llmray.model import hf, llama
+def pretrain_job(cfg: PretrainConfig, checkpoint_dir: Path, metrics_path: Path | None,
+                 export_dir: Path | None = None, hooks: tuple = ()) -> TrainJob:
+    """The causal-LM training job of ``cfg``: token shards split by data-parallel shard."""
     from llmray.tokens import shards as shards_lib
-    from llmray.train import checkpoint as ckpt
-    from llmray.train import ray_train
+    from llmray.tokens.loader import TokenData
+    from llmray.train.objectives import CausalLM
 
     manifest = shards_lib.read_manifest(cfg.data.tokens)
     if manifest["vocab_size"] > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
                          f"({manifest['vocab_size']}) recorded in {cfg.data.tokens}/manifest.json")
     tokenizer = tokenizer_dir(cfg, manifest)
-    ctx.connect_ray()
-    name = cfg.ray.name or f"{ctx.run_name}-{ctx.stage}"
-    storage = Path(cfg.ray.storage_path).resolve() if cfg.ray.storage_path else ctx.dir.work / "ray"
-    ctx.logger.info("pretraining %s (%.2fM parameters) on %d worker(s), strategy %s; checkpoints in %s",
-                    name, cfg.model.num_params() / 1e6, cfg.ray.num_workers, cfg.parallel.strategy, storage / name)
-    loop_config = {"cfg": cfg, "metrics_path": str(ctx.dir.root / "metrics.jsonl"),
-                   "tensorboard_dir": str(ctx.dir.root / "tensorboard"),
-                   "tokenizer_dir": str(tokenizer) if tokenizer else None, "hooks": tuple(hooks)}
-    run = ray_train.fit(pretrain_worker, loop_config, cfg.ray, name=name, storage_path=storage)
-    if run.checkpoint is None:
-        raise ray_train.TrainingFailed(f"run {name!r} finished without a complete checkpoint in {run.storage}")
-    model = llama.build(cfg.model, "cpu", init=False)
-    ckpt.load_model_weights(run.checkpoint, model)
-    hf.export(ctx.output / "model", cfg.model, model.state_dict(), tokenizer_dir=tokenizer)
-    state = ckpt.read_trainer_state(run.checkpoint, 0)
-    summary = {"steps": int(state["step"]), "checkpoint": str(run.checkpoint),
-               **{k: run.metrics[k] for k in ("loss", "val_loss", "val_bpb", "tokens_per_s", "mfu")
-                  if k in run.metrics},
+    b = cfg.batch
+    train = TokenData(cfg.data.tokens, split="train", seq_len=b.seq_len, batch_size=b.micro_batch_size,
+                      seed=b.order_seed(cfg.train), verify=cfg.data.verify)
+    val = TokenData(cfg.data.tokens, split="val", seq_len=b.seq_len, batch_size=b.micro_batch_size,
+                    shuffle=False, verify=cfg.data.verify)
+    return TrainJob(model=FreshModel(cfg.model), objective=CausalLM(), train_data=train, val_data=val,
+                    train=cfg.train, parallel=cfg.parallel, execution=cfg.execution, seq_len=b.seq_len,
+                    checkpoint_dir=str(checkpoint_dir), export_dir=str(export_dir) if export_dir else None,
+                    tokenizer_dir=str(tokenizer) if tokenizer else None, bits_per_byte=tokenizer is not None,
+                    metrics_path=str(metrics_path) if metrics_path else None, resume_from=cfg.resume_from,
+                    hooks=list(hooks))
+
+
+def checkpoint_dir(cfg: PretrainConfig, ctx) -> Path:
+    if cfg.execution.storage_path:
+        return Path(cfg.execution.storage_path) / (cfg.execution.name or f"{ctx.run_name}-{ctx.stage}")
+    return ctx.dir.work / "checkpoints"
+
+
+def run_pretrain(cfg: PretrainConfig, ctx, hooks: tuple = ()) -> dict:
+    """Train, then export the final weights; ``hooks`` are hook factories (see :class:`TrainJob`)."""
+    checkpoints = checkpoint_dir(cfg, ctx)
+    job = pretrain_job(cfg, checkpoints, ctx.dir.root / "metrics.jsonl", ctx.output / "model", hooks)
+    ctx.logger.info("pretraining %.2fM parameters on %d worker(s) (%s), strategy %s; checkpoints in %s",
+                    cfg.model.num_params() / 1e6, cfg.execution.workers,
+                    "this process" if cfg.execution.in_process else "Ray Train", cfg.parallel.strategy, checkpoints)
+    result = launch(job, ctx.connect_ray)
+    from llmray.train import checkpoint as ckpt
+
+    state = ckpt.read_trainer_state(result.checkpoint, 0)
+    steps = int(state["step"])
+    metrics = result.worker["metrics"]
+    summary = {"steps": steps, "params": cfg.model.num_params(),
+               "tokens_seen": steps * cfg.batch.micro_batch_size * cfg.batch.seq_len * cfg.parallel.dims(
+                   cfg.execution.workers).dp * cfg.train.grad_accum,
+               "checkpoint": str(result.checkpoint),
+               **{k: metrics[k] for k in ("loss", "val_loss", "val_bpb", "tokens_per_s", "mfu") if k in metrics},
                "guard": state["guard"]["counts"]}
     runs.write_json(ctx.output / "training.json", summary)
     return summary

@@ -1,6 +1,7 @@
 """Ray Train wiring: run a per-worker training function on a ``TorchTrainer`` (Ray Train V2 APIs).
 
-This is the only training module that imports Ray. It turns :class:`RayTrainConfig` into
+This is the only training module that imports Ray. It turns an
+:class:`~llmray.train.launch.ExecutionConfig` into
 ``ScalingConfig`` / ``RunConfig(name, storage_path)`` / ``CheckpointConfig(num_to_keep)`` /
 ``FailureConfig(max_failures)`` and provides :class:`RayCheckpointStore`, the trainer's store
 inside a worker:
@@ -24,45 +25,13 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from llmray.config import param
 from llmray.train import checkpoint as ckpt
 
-
-@dataclass
-class RayTrainConfig:
-    """Workers, retries and checkpoint retention of the Ray Train run."""
-
-    num_workers: int = param(1, doc="data-parallel training workers (one process each)", min=1)
-    use_gpu: bool | None = param(None, doc="one GPU per worker; null = when the cluster has GPUs")
-    cpus_per_worker: float = param(1.0, doc="CPUs Ray reserves per worker (fractions allowed)", min=0.01)
-    resources_per_worker: dict[str, float] = param(default_factory=dict,
-                                                   doc="extra custom resources per worker")
-    threads_per_worker: int | None = param(None, doc="torch threads per worker; null = cpus_per_worker "
-                                                     "rounded down (at least 1)", min=1)
-    max_failures: int = param(2, doc="worker-group restarts from the latest checkpoint before the run fails",
-                              min=0)
-    num_to_keep: int = param(2, doc="checkpoints kept in storage (older ones are deleted)", min=1)
-    storage_path: str | None = param(None, doc="where checkpoints go (shared storage on a multi-node "
-                                               "cluster); null = the stage's work directory")
-    name: str | None = param(None, doc="Ray Train run name; reusing it resumes; null = <run>-<stage>")
-
-
-class TrainingFailed(RuntimeError):
-    """The Ray Train run failed (after its retries); the message carries the workers' error."""
-
-
-@dataclass
-class RayRun:
-    """What a finished run left: its latest complete checkpoint and last reported metrics."""
-
-    checkpoint: Path | None
-    metrics: dict = field(default_factory=dict)
-    storage: Path | None = None
-    value: Any = None  # what rank 0's training function returned
+if TYPE_CHECKING:
+    from llmray.train.launch import ExecutionConfig
 
 
 class RayCheckpointStore:
@@ -102,28 +71,18 @@ class RayCheckpointStore:
         return ckpt.latest_complete([path, *older], self.log)
 
 
+class TrainingFailed(RuntimeError):
+    """A training run failed (after its retries) or left no complete checkpoint; the message says where and why."""
+
+
 def _plain(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
 
 
-def worker_setup(cfg: RayTrainConfig) -> None:
-    """Per-worker process settings; call first in the training function."""
-    import torch
-
-    threads = cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker))
-    torch.set_num_threads(threads)
-
-
-def world() -> tuple[int, int]:
-    import ray.train
-
-    context = ray.train.get_context()
-    return context.get_world_rank(), context.get_world_size()
-
-
-def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], cfg: RayTrainConfig, *,
-        name: str, storage_path: Path) -> RayRun:
-    """Run ``train_fn(loop_config)`` on ``cfg.num_workers`` Ray Train workers; resume a run of the same name."""
+def fit(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], cfg: ExecutionConfig, *,
+        name: str, storage_path: Path) -> Any:
+    """Run ``train_fn(loop_config)`` on ``cfg.workers`` Ray Train workers and return rank 0's value; a run of
+    the same ``storage_path/name`` resumes from its latest checkpoint."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -135,23 +94,18 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], cfg: RayT
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              worker_runtime_env={"env_vars": _worker_env()}),
     )
     try:
-        result = trainer.fit()
+        return trainer.fit().return_value
     except Exception as exc:  # noqa: BLE001 - re-raised with the run's context
         raise TrainingFailed(f"Ray Train run {name!r} failed after {cfg.max_failures} allowed worker "
-                             f"failure(s) (ray.max_failures); checkpoints are in {storage_path / name}: "
+                             f"failure(s) (execution.max_failures); checkpoints are in {storage_path / name}: "
                              f"{type(exc).__name__}: {exc}") from exc
-    run_dir = storage_path / name
-    latest = ckpt.latest_complete(ckpt.checkpoint_dirs(run_dir))
-    return RayRun(checkpoint=latest, metrics=dict(result.metrics or {}), storage=run_dir,
-                  value=result.return_value)
 
 
 def _worker_env() -> dict[str, str]:

@@ -3,9 +3,10 @@
 Design choices:
 
 * A schedule is a small picklable object mapping the step (0-based count of optimizer steps
-  taken) to a multiplier of the peak learning rate. It is driven through
-  ``torch.optim.lr_scheduler.LambdaLR``, so the scheduler's ``state_dict`` is just its step
-  count and a restored run continues the curve exactly.
+  taken) to a multiplier of the peak learning rate. :class:`LRScheduler` applies it to any
+  number of optimizers (pipeline ranks hold one per stage); its state is only the step count,
+  so a restored run continues the curve exactly and the peak lr is always the config's (a run
+  started from another run's checkpoint, e.g. a PBT exploit with a mutated lr, uses its own).
 * ``cosine``: linear warmup to the peak, then a half cosine down to ``min_lr_ratio``.
 * ``wsd`` (warmup-stable-decay, Hu et al. 2024 "MiniCPM"): linear warmup, a constant plateau,
   then a linear decay to ``min_lr_ratio`` over the last ``decay_fraction`` of training. The
@@ -61,6 +62,33 @@ class Schedule:
         return 1.0 - (1 - cfg.min_lr_ratio) * progress
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(cfg, total_steps))
+class LRScheduler:
+    """Sets every optimizer's lr to ``peak_lr × schedule(step)``; ``step()`` after each optimizer step."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer], cfg: ScheduleConfig, total_steps: int,
+                 peak_lr: float):
+        self.optimizers, self.schedule, self.peak_lr = optimizers, Schedule(cfg, total_steps), peak_lr
+        self.steps_taken = 0
+        self._apply()
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next optimizer step."""
+        return self.peak_lr * self.schedule(self.steps_taken)
+
+    def step(self) -> None:
+        self.steps_taken += 1
+        self._apply()
+
+    def state_dict(self) -> dict:
+        return {"steps_taken": self.steps_taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_taken = int(state["steps_taken"])
+        self._apply()
+
+    def _apply(self) -> None:
+        lr = self.lr
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr

@@ -1,38 +1,20 @@
-"""The one training core: pretraining, SFT and DPO are this loop with a different objective and data.
+"""The one training core: pretraining, SFT, DPO and the proxy are this loop with another objective and data.
 
-``Trainer(cfg, model, objective, data, ...)`` owns the loop; everything that varies is a parameter:
+Design choices (stages build it through :mod:`llmray.train.launch`):
 
-* ``objective`` (``objectives.py``): turns a micro-batch into a summed loss and its weight;
-* ``data``: any iterator of micro-batches with ``state_dict()`` / ``load_state_dict()`` (the
-  token loader for pretraining; the SFT/DPO loaders later);
-* ``parallel`` (``llmray.parallel``): one process, FSDP2 (× TP × PP) or DeepSpeed ZeRO, behind one
-  engine API; with pipeline stages the schedule runs forward and backward of a micro-batch
-  (the objective supplies ``inputs_and_targets`` / ``pipeline_loss``), everything else is the same;
-* ``store`` (``checkpoint.py`` / ``ray_train.py``): where checkpoints go and come from;
-* ``hooks``: callables ``hook(step, record)`` run on every rank after each step.
-
-One optimizer step:
-
-1. take ``grad_accum`` micro-batches; the step's weight (target tokens) is summed over them and
-   all-reduced over ranks *before* the forward passes;
-2. forward/backward each micro-batch with its summed loss × world_size / global weight (the
-   engines average gradients over ranks), so the step's gradient is the mean over the global
-   batch however it is split: the equivalence tests rely on this;
-3. the global gradient norm is measured (and clipped to ``grad_clip``), the step's global loss
-   all-reduced, and the :class:`~llmray.train.guards.StabilityGuard` decides: step, skip (weights
-   and optimizer state untouched) or roll back to the last checkpoint (data position kept, so
-   the offending batches are skipped);
-4. the LR schedule advances (it is a function of the step count, skipped steps included).
-
-Every ``log_every`` steps rank 0 writes metrics (loss, lr, grad norm, tokens/s, MFU, step time,
-memory) and all ranks report them to the store; every ``eval_every`` steps a fixed validation
-slice gives ``val_loss`` and, when token byte lengths are known, ``val_bpb``; every
-``checkpoint_every`` steps the full state is checkpointed. A run resumes from the store's latest
-complete checkpoint (or ``resume_from``) with the step count, LR schedule, data position, RNG
-and guard history of that checkpoint, so a resumed run computes bit-identical losses on CPU.
-
-Precision: fp32 on CPU; on GPU bf16 (FSDP2 mixed-precision policy with fp32 gradient reduction,
-autocast for a single process, DeepSpeed's bf16 mode) with fp32 master weights.
+* Everything that varies is a parameter: the ``objective`` (:mod:`~llmray.train.objectives`),
+  ``data`` (any micro-batch iterator with ``state_dict``), the ``parallel`` layout behind one
+  engine API (:mod:`llmray.parallel`), the checkpoint ``store`` and per-step ``hooks``.
+* A step's weight (target tokens, pairs) is all-reduced before the forward passes and each
+  micro-batch's summed loss is scaled by ``world_size / weight``, so the gradient is the mean
+  over the global batch however it is split into micro-batches and ranks (the equivalence tests
+  rely on this).
+* The :class:`~llmray.train.guards.StabilityGuard` decides per step: step, skip (weights and
+  optimizer untouched) or roll back to the last checkpoint (the data position is kept, so the
+  offending batches are passed over); the LR schedule counts skipped steps.
+* A checkpoint holds the step, schedule position, data position, RNG and guard history, so a
+  resumed run computes bit-identical losses on CPU.
+* Precision: fp32 on CPU; on GPU bf16 compute with fp32 master weights.
 """
 
 from __future__ import annotations
@@ -56,7 +38,7 @@ from llmray.train import checkpoint as ckpt
 from llmray.train import metrics as metrics_lib
 from llmray.train.guards import GuardConfig, StabilityGuard, Verdict
 from llmray.train.objectives import IGNORE_INDEX, Objective, bits_per_byte, token_cross_entropy
-from llmray.train.schedule import ScheduleConfig, build_scheduler
+from llmray.train.schedule import LRScheduler, ScheduleConfig
 
 log = logging.getLogger("llmray.train")
 
@@ -114,6 +96,7 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)
     guard_counts: dict = field(default_factory=dict)
     resumed_from: str | None = None
+    last_metrics: dict = field(default_factory=dict)  # of the last step trained in this process
 
     @property
     def losses(self) -> dict[int, float]:
@@ -185,12 +168,12 @@ class Trainer:
         self.batch_copies = dims.world_size // dims.dp
         self.engine = build_engine(model, optimizer_factory(cfg.optimizer, self.device), parallel,
                                    world_size=self.world_size, param_dtype=self.dtype, grad_clip=cfg.grad_clip,
-                                   pipeline_loss=getattr(objective, "pipeline_loss", None))
+                                   pipeline_loss=objective.pipeline_loss if objective.token_targets else None)
         self.pipelined = isinstance(self.engine, PipelineEngine)
         # FSDP2 and DeepSpeed apply bf16 themselves; a plain single process needs autocast.
         self.autocast = self.dtype is not None and parallel.strategy == "none"
-        # one schedule per optimizer (pipeline ranks hold one optimizer per stage), stepped together
-        self.schedulers = [build_scheduler(optimizer, cfg.schedule, cfg.steps) for optimizer in self.engine.optimizers]
+        # pipeline ranks hold one optimizer per stage: one schedule drives them all
+        self.scheduler = LRScheduler(self.engine.optimizers, cfg.schedule, cfg.steps, cfg.optimizer.lr)
         self.guard = StabilityGuard(cfg.guards)
         self.token_bytes = token_bytes.to(self.device) if token_bytes is not None else None
         self.step = 0
@@ -224,6 +207,7 @@ class Trainer:
                 self.writer.write(self.step, metrics)
             for hook in self.hooks:
                 hook(self.step, metrics)
+            self.result.last_metrics = metrics
         self.result.steps = self.step
         self.result.guard_counts = dict(self.guard.counts)
         return self.result
@@ -232,7 +216,7 @@ class Trainer:
         start = time.perf_counter()
         batches = [next(self.data) for _ in range(self.cfg.grad_accum)]
         weight = self._all_reduce(float(sum(self.objective.weight(b) for b in batches)))
-        tokens = int(self._all_reduce(float(sum(_tokens(self.objective, b) for b in batches)))) // self.batch_copies
+        tokens = int(self._all_reduce(float(sum(self.objective.tokens(b) for b in batches)))) // self.batch_copies
         scale = self.world_size / weight
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for i, batch in enumerate(batches):
@@ -246,7 +230,7 @@ class Trainer:
             loss_sum += out.loss_sum.detach().double()
         loss = self._all_reduce(loss_sum) / weight
         grad_norm = self.engine.clip_grad_norm(self.cfg.grad_clip)
-        lr = self.schedulers[0].get_last_lr()[0]
+        lr = self.scheduler.lr
         verdict = self.guard.check(self.step + 1, loss, grad_norm if grad_norm is not None else 0.0)
         if verdict is Verdict.STEP:
             self.engine.step()
@@ -259,8 +243,7 @@ class Trainer:
         if verdict is Verdict.ROLLBACK:
             self.rollback()
         else:
-            for scheduler in self.schedulers:
-                scheduler.step()
+            self.scheduler.step()
             self.step += 1
         if verdict is not Verdict.STEP:
             log.warning("step %d: %s (loss %.4g, grad norm %s)", record.step, verdict.value, loss, grad_norm)
@@ -279,7 +262,7 @@ class Trainer:
                 continue
             batch = _to_device(batch, self.device)
             with self._autocast():
-                if self.token_bytes is not None and hasattr(self.objective, "inputs_and_targets"):
+                if self.token_bytes is not None and self.objective.token_targets:
                     inputs, targets = self.objective.inputs_and_targets(batch)
                     totals += self._validation_sums(self.engine.model(inputs), targets)
                 else:
@@ -307,12 +290,11 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def trainer_state(self) -> dict:
-        scheduler = {k: v for k, v in self.schedulers[0].state_dict().items() if k != "lr_lambdas"}
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"step": self.step, "world_size": self.world_size, "rank": self.rank,
-                "data": self.data.state_dict(), "scheduler": scheduler, "rng": rng,
+                "data": self.data.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng,
                 "guard": self.guard.state_dict()}
 
     def save_checkpoint(self, metrics: dict) -> None:
@@ -343,8 +325,7 @@ class Trainer:
         state = ckpt.read_trainer_state(directory, saved_rank)
         self.engine.load(directory)
         self.step = int(state["step"])
-        for scheduler in self.schedulers:  # all optimizers follow one schedule: one saved state
-            scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
+        self.scheduler.load_state_dict(state["scheduler"])  # the step count; the peak lr stays this config's
         if data:  # the loader's position is global, so any rank's state restores any world size
             self.data.load_state_dict(state["data"])
         if guard:
@@ -406,11 +387,6 @@ class Trainer:
             log.warning("model FLOP/s exceeded the measured peak; re-measured the peak: %.1f GFLOP/s per worker "
                         "(the start-up measurement was taken under load)", self.peak_flops / 1e9)
         return metrics_lib.mfu(self.flops_per_token, tokens_per_s, self.peak_flops, self.world_size)
-
-
-def _tokens(objective: Objective, batch: Any) -> int:
-    counter = getattr(objective, "tokens", None)
-    return counter(batch) if counter is not None else objective.weight(batch)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -5,7 +5,7 @@ as under ``stages:`` of a pipeline config), the search space over their dotted k
 (:mod:`llmray.tune.space`), the metric, the search algorithm and the scheduler::
 
     stages:
-      proxy: {include: ../train/proxy_tiny.yaml}
+      proxy: {model: {include: ../model/tiny.yaml}, train: {steps: 200}}
     space:
       proxy.train.optimizer.lr: {loguniform: [1.0e-4, 3.0e-1]}
     metric: val_loss
@@ -90,7 +90,7 @@ class TuneCheckpointConfig:
     stage: str | None = param(None, doc="stage whose checkpoints are reported to Tune (needed by pbt)")
     subdir: str = param("work/checkpoints", doc="where that stage writes step_* checkpoints, relative to "
                                                 "its stage directory")
-    restore_key: str = param("init_from", doc="that stage's config key set to a checkpoint Tune hands back")
+    restore_key: str = param("resume_from", doc="that stage's config key set to a checkpoint Tune hands back")
 
 
 @dataclass

@@ -1,30 +1,22 @@
 """One trial of a sweep: its stages, run with unchanged upstream stages shared between trials.
 
-A trial is the sweep's base stage configs with the trial's sampled values set at their dotted
-keys (:func:`llmray.tune.space.with_values`), run in order through
-:func:`llmray.stages.run_stage`, exactly as ``llmray pipeline`` would run them.
+Design choices:
 
-**Sharing stages between trials (the lineage cache).** Each stage of a trial gets a *lineage
-key*: the hash of its raw config (``{run_dir}`` left unexpanded) chained with the key of the
-stage before it. The stage runs in ``work/stages/<stage>-<key>/<stage>/``, a run root of its
-own whose earlier stages are symlinks to *their* keyed directories, so ``{run_dir}/curate/output``
-means the curate output of this lineage. Two trials with the same curation thresholds therefore
-compute the same curate key, meet in the same directory, and the second finds a complete
-manifest with an unchanged config hash and input fingerprints: ``run_stage`` skips it (the
-Foundation's lineage cache, unchanged). A trial that differs only in its LR shares everything
-up to the training stage. Chaining the keys is conservative: a stage reruns whenever anything
-upstream of it changed, even if that change happened not to alter upstream outputs. A file lock
-per keyed directory makes concurrent trials that need the same stage wait for one another
-instead of computing it twice. ``work/trials/<trial_id>/`` holds symlinks to the directories a
-trial used and ``trial.json``, its record of which stages it ran and which it reused.
-
-**Metrics.** While a stage runs (in a helper thread), the trial's own thread tails the stage's
-``metrics.jsonl`` (the run directory's metrics path, written by the training core every
-``log_every`` steps) and reports each new record to Tune, so ASHA and PBT see per-step results
-from any stage without the stage knowing about Tune. When the configured checkpoint stage writes
-a new complete checkpoint under ``work/checkpoints``, it goes to Tune with the next report, so
-a PBT exploit can hand it to another trial. The last report adds every stage's summary
-(``<stage>.<key>``) and ``trial_completed: 1``.
+* A trial is the sweep's base stage configs with the trial's sampled values set at their dotted
+  keys (:func:`llmray.tune.space.with_values`), run in order through
+  :func:`llmray.stages.run_stage`, exactly as ``llmray pipeline`` would run them.
+* **Lineage keys**: each stage's key is the hash of its raw config (``{run_dir}`` unexpanded)
+  chained with the previous stage's key; the stage runs in ``work/stages/<stage>-<key>/``, a run
+  root whose earlier stages are symlinks to *their* keyed directories. Trials with the same
+  upstream settings meet in the same directory and ``run_stage``'s lineage cache skips the
+  repeat (conservative: anything upstream changing reruns the stage). A file lock per keyed
+  directory makes concurrent trials wait instead of computing a stage twice.
+  ``work/trials/<trial_id>/`` records which stages a trial ran and which it reused.
+* **Metrics**: while a stage runs in a helper thread, the trial tails its ``metrics.jsonl`` and
+  reports each record to Tune (ASHA/PBT see per-step results without the stage knowing Tune);
+  a new complete checkpoint of the checkpoint stage goes with the next report, so a PBT exploit
+  can hand it to another trial. The last report adds every stage's summary and
+  ``trial_completed: 1``.
 """
 
 from __future__ import annotations
@@ -68,7 +60,7 @@ class TrialPlan:
     ray: cluster.RayConfig = field(default_factory=cluster.RayConfig)
     checkpoint_stage: str | None = None  # whose checkpoints go to Tune
     checkpoint_subdir: str = "work/checkpoints"  # where that stage writes step_* checkpoints
-    restore_key: str = "init_from"  # its config key that receives a checkpoint Tune hands back
+    restore_key: str = "resume_from"  # its config key that receives a checkpoint Tune hands back
 
 
 def lineage_keys(stages: dict[str, dict]) -> list[str]:

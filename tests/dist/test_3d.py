@@ -16,13 +16,13 @@ import torch.distributed as dist
 
 from llmray.parallel.compose import Layout, parallelize_part
 from llmray.parallel.mesh import ParallelDims
-from llmray.parallel.pipeline import PipelineConfig, PipelineEngine, stage_modules
+from llmray.parallel.pipeline import PipelineScheduleConfig, PipelineEngine, stage_modules
 from tests.dist import parallel_support as ps
 from tests.dist.test_pp import ATOL_PARAMS, BATCH, RTOL, STEPS, model
 from tests.train_support import spawn_gloo
 
 LAYOUTS = {"pp_dp": dict(pp=2, tp=1), "pp_tp": dict(pp=2, tp=2)}
-PIPELINE = PipelineConfig(schedule="1f1b", microbatches=2)
+PIPELINE = PipelineScheduleConfig(schedule="1f1b", microbatches=2)
 
 
 def train(dims: ParallelDims, out, name):

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from llmray.parallel.mesh import ParallelDims
 from llmray.parallel import state
-from llmray.parallel.pipeline import PipelineConfig, PipelineEngine, stage_modules
+from llmray.parallel.pipeline import PipelineScheduleConfig, PipelineEngine, stage_modules
 from tests.dist import parallel_support as ps
 from tests.train_support import spawn_gloo
 
@@ -26,11 +26,11 @@ ATOL_PARAMS = 5e-5  # Adam (lr 3e-3) turns 1e-7 gradient differences into ~1e-5 
 LAYERS = 4
 BATCH = 4
 SCHEDULES = {
-    "gpipe": PipelineConfig(schedule="gpipe", microbatches=4),
-    "1f1b": PipelineConfig(schedule="1f1b", microbatches=4),
-    "interleaved_1f1b": PipelineConfig(schedule="interleaved_1f1b", microbatches=4, virtual_stages=2),
-    "interleaved_zero_bubble": PipelineConfig(schedule="interleaved_zero_bubble", microbatches=4,
-                                              virtual_stages=2),
+    "gpipe": PipelineScheduleConfig(schedule="gpipe", microbatches=4),
+    "1f1b": PipelineScheduleConfig(schedule="1f1b", microbatches=4),
+    "interleaved_1f1b": PipelineScheduleConfig(schedule="interleaved_1f1b", microbatches=4, virtual_stages=2),
+    "interleaved_zero_bubble": PipelineScheduleConfig(schedule="interleaved_zero_bubble", microbatches=4,
+                                                      virtual_stages=2),
 }
 
 
@@ -38,7 +38,7 @@ def model():
     return ps.tiny(n_layers=LAYERS, tie_embeddings=False)
 
 
-def train_pipelined(cfg: PipelineConfig, mesh, batches, out, name):
+def train_pipelined(cfg: PipelineScheduleConfig, mesh, batches, out, name):
     parts = stage_modules(model(), mesh["pp"].get_local_rank(), mesh["pp"].size(), cfg)
     engine = PipelineEngine(parts, ps.make_optimizer, mesh["pp"], cfg, ps.summed_loss, torch.device("cpu"))
     losses, norms = [], []

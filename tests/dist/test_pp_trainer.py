@@ -17,7 +17,7 @@ import pytest
 import torch.distributed as dist
 
 from llmray.parallel import ParallelConfig
-from llmray.parallel.pipeline import PipelineConfig
+from llmray.parallel.pipeline import PipelineScheduleConfig
 from llmray.train.checkpoint import LocalCheckpointStore, step_dir_name
 from tests.dist import parallel_support as ps
 from tests.dist.test_tp import RTOL, STEPS
@@ -25,9 +25,9 @@ from tests.dist.test_tp import RTOL, STEPS
 
 MODEL = dict(n_layers=4, tie_embeddings=False)
 LAYOUTS = {
-    "pp_1f1b": ParallelConfig(pp=2, pipeline=PipelineConfig(schedule="1f1b", microbatches=4)),
-    "pp_interleaved": ParallelConfig(pp=2, pipeline=PipelineConfig(schedule="interleaved_1f1b", microbatches=4,
-                                                                   virtual_stages=2)),
+    "pp_1f1b": ParallelConfig(pp=2, pipeline=PipelineScheduleConfig(schedule="1f1b", microbatches=4)),
+    "pp_interleaved": ParallelConfig(pp=2, pipeline=PipelineScheduleConfig(schedule="interleaved_1f1b",
+                                                                           microbatches=4, virtual_stages=2)),
 }
 
 

@@ -34,11 +34,11 @@ def tiny_pipeline(pretrain_steps: int) -> PipelineConfig:
     stages["tokens"].update(actors=1)
     pretrain = stages["pretrain"]
     pretrain["model"] = {**config_lib.read_yaml(CONFIGS / "model" / "tiny.yaml"), "vocab_size": 512}
-    pretrain["data"].update(seq_len=64, micro_batch_size=4)
+    pretrain["batch"].update(seq_len=64, micro_batch_size=4)
     pretrain["train"].update(steps=pretrain_steps, log_every=2, eval_every=0, checkpoint_every=0)
     for name in ("sft", "dpo"):
         stage = stages[name]
-        stage.update(seq_len=127, batch_size=2, samples={"prompts": 1, "max_new_tokens": 4})
+        stage.update(batch={"seq_len": 127, "micro_batch_size": 2}, samples={"prompts": 1, "max_new_tokens": 4})
         stage["train"].update(steps=2, log_every=1, eval_every=0, eval_batches=1)
         for source in stage["sources"]:
             source["max_records"] = 30

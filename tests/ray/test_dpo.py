@@ -60,7 +60,8 @@ def test_reference_cache_hits_only_for_the_same_checkpoint_and_data(ray_session,
 
 def _dpo_config(shared_data, model_dir, cache, **overrides):
     raw = {
-        "model": str(model_dir), "tokenizer": str(tokenizer_dir(shared_data)), "seq_len": 160, "batch_size": 8,
+        "model": str(model_dir), "tokenizer": str(tokenizer_dir(shared_data)),
+        "batch": {"seq_len": 160, "micro_batch_size": 8},
         "val_fraction": 0.2, "beta": 0.5, "metric_pairs": 64,
         "sources": [{"kind": "hh_rlhf", "path": str(shared_data / "hh_rlhf_harmless_base" / "test.jsonl.gz"),
                      "max_records": 40}],
@@ -107,9 +108,9 @@ def test_dpo_stage_raises_implicit_reward_accuracy_and_reuses_the_reference_cach
 
 def test_two_fsdp2_workers_on_ray_train_match_one_worker(ray_session, shared_data, pairs, tmp_path):
     """Per-step DPO losses of 2 FSDP2 workers (2 pairs each) equal 1 worker (4 pairs) for 5 steps."""
-    from llmray.align.reference import data_fingerprint
-    from llmray.align.training import AlignConfig, WorkerSpec, run_workers, train_worker
+    from llmray.align.loader import RowData
     from llmray.parallel import ParallelConfig
+    from llmray.train.launch import ExecutionConfig, PretrainedModel, TrainJob, launch
     from llmray.train.objectives import DPO
     from llmray.train.schedule import ScheduleConfig
     from llmray.train.trainer import OptimizerConfig, TrainConfig
@@ -118,16 +119,17 @@ def test_two_fsdp2_workers_on_ray_train_match_one_worker(ray_session, shared_dat
     init = export_tiny_model(tmp_path / "init", shared_data)
     rows.reference_logps = score_in_process(hf.load(init).model, rows, batch_size=16)
 
-    def spec(name, batch_size, strategy):
-        return WorkerSpec(init_dir=str(init), tokenizer_dir=str(tokenizer_dir(shared_data)),
-                          output_dir=str(tmp_path / name), checkpoint_dir=str(tmp_path / name / "checkpoints"),
-                          train=TrainConfig(steps=5, log_every=1, peak_flops=1e11, optimizer=OptimizerConfig(lr=1e-3),
-                                            schedule=ScheduleConfig(warmup_steps=1)),
-                          parallel=ParallelConfig(strategy=strategy), objective=DPO(beta=0.5), train_rows=rows,
-                          train_sha256=data_fingerprint(rows), batch_size=batch_size, seed=0)
+    def job(name, batch_size, strategy, execution):
+        return TrainJob(model=PretrainedModel(str(init)), objective=DPO(beta=0.5),
+                        train_data=RowData(rows, batch_size),
+                        train=TrainConfig(steps=5, log_every=1, peak_flops=1e11, optimizer=OptimizerConfig(lr=1e-3),
+                                          schedule=ScheduleConfig(warmup_steps=1)),
+                        parallel=ParallelConfig(strategy=strategy), execution=execution,
+                        seq_len=rows.tokens.shape[1] - 1, checkpoint_dir=str(tmp_path / name / "checkpoints"))
 
-    one = train_worker(spec("one", 4, "none"))
-    two = run_workers(spec("two", 2, "fsdp2"), AlignConfig(workers=2, cpus_per_worker=0.5))
+    one = launch(job("one", 4, "none", ExecutionConfig()), connect_ray=lambda: None).worker
+    two = launch(job("two", 2, "fsdp2", ExecutionConfig(workers=2, cpus_per_worker=0.5)),
+                 connect_ray=lambda: None).worker
     assert one["losses"][1] == pytest.approx(math.log(2), abs=1e-4)
     assert sorted(two["losses"]) == [1, 2, 3, 4, 5]
     # A DPO loss is a function of differences of ~10^2-nat sequence log-prob sums, so the fp32 rounding of

@@ -23,7 +23,8 @@ from llmray.model import hf
 from llmray.tokenizer import train as tokenizer_train
 from llmray.tokens.tokenize import TokensConfig
 from llmray.train import ray_train
-from llmray.train.pretrain import PretrainConfig, pretrain_worker
+from llmray.train.launch import launch
+from llmray.train.pretrain import PretrainConfig, pretrain_job
 
 pytestmark = pytest.mark.ray
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "train"
@@ -90,18 +91,21 @@ class KillOnce:
 
 def run_direct(token_run, tmp_path, name, hooks=(), max_failures=1):
     cfg = pretrain_config(token_run, "train.steps=10", "train.log_every=1", "train.eval_every=0",
-                          "train.checkpoint_every=4", f"ray.max_failures={max_failures}")
+                          "train.checkpoint_every=4", f"execution.max_failures={max_failures}")
     metrics = tmp_path / f"{name}.jsonl"
-    loop_config = {"cfg": cfg, "metrics_path": str(metrics), "tensorboard_dir": None, "tokenizer_dir": None,
-                   "hooks": tuple(hooks)}
-    ray_train.fit(pretrain_worker, loop_config, cfg.ray, name=name, storage_path=tmp_path / "ray")
+    launch(pretrain_job(cfg, tmp_path / "ray" / name, metrics, hooks=hooks), connect_ray=lambda: None)
     lines = [json.loads(x) for x in metrics.read_text().splitlines()]
     return lines
 
 
+def kill_once(step: int, marker: Path):
+    """A hook factory: every worker gets a :class:`KillOnce` hook."""
+    return lambda trainer: KillOnce(step, marker)
+
+
 def test_killed_worker_restores_from_checkpoint_and_matches_the_clean_run(token_run, tmp_path):
     clean = {m["step"]: m["loss"] for m in run_direct(token_run, tmp_path, "clean")}
-    lines = run_direct(token_run, tmp_path, "killed", hooks=[KillOnce(6, tmp_path / "killed.marker")])
+    lines = run_direct(token_run, tmp_path, "killed", hooks=[kill_once(6, tmp_path / "killed.marker")])
     assert (tmp_path / "killed.marker").exists()
     steps = [m["step"] for m in lines]
     assert steps.count(5) == 2  # steps after the step-4 checkpoint were trained again
@@ -112,10 +116,12 @@ def test_killed_worker_restores_from_checkpoint_and_matches_the_clean_run(token_
 
 def test_max_failures_zero_fails_with_a_clear_error(token_run, tmp_path):
     with pytest.raises(ray_train.TrainingFailed, match=r"failed after 0 allowed worker failure"):
-        run_direct(token_run, tmp_path, "fatal", hooks=[KillOnce(3, tmp_path / "fatal.marker")], max_failures=0)
+        run_direct(token_run, tmp_path, "fatal", hooks=[kill_once(3, tmp_path / "fatal.marker")], max_failures=0)
 
 
-LAYOUTS = {"one_process": ("ray.num_workers=1", "parallel.strategy=none"),
+LAYOUTS = {"one_process": ("execution.workers=1", "parallel.strategy=none"),
+           "in_process": ("execution.workers=1", "execution.launcher=process", "parallel.strategy=none",
+                          "execution.threads_per_worker=1"),
            "tp2": ("parallel.tp=2",),
            "pp2": ("parallel.pp=2", "parallel.pipeline.microbatches=2")}
 
@@ -134,8 +140,8 @@ def layout_runs(token_run, tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
-def test_tensor_and_pipeline_parallel_pretrain_match_one_process(layout_runs, layout):
+@pytest.mark.parametrize("layout", ["in_process", "tp2", "pp2"])
+def test_in_process_tensor_and_pipeline_parallel_pretrain_match_one_ray_train_worker(layout_runs, layout):
     reference, run = layout_runs["one_process"], layout_runs[layout]
     assert sorted(run["losses"]) == [1, 2, 3, 4]
     for step, loss in reference["losses"].items():

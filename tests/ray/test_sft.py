@@ -14,9 +14,10 @@ from llmray import config as config_lib
 from llmray import stages
 from llmray.align.conversations import SftSource, build_mixture
 from llmray.align.packing import pack_conversations
-from llmray.align.sft import SftConfig, rows_fingerprint
-from llmray.align.training import AlignConfig, WorkerSpec, run_workers, train_worker
+from llmray.align.loader import RowData
+from llmray.align.sft import SftConfig
 from llmray.parallel import ParallelConfig
+from llmray.train.launch import ExecutionConfig, PretrainedModel, TrainJob, launch
 from llmray.train.objectives import MaskedLM
 from llmray.train.schedule import ScheduleConfig
 from llmray.train.trainer import OptimizerConfig, TrainConfig
@@ -33,7 +34,8 @@ def test_sft_stage_trains_exports_samples_and_quarantines(shared_data, tmp_path)
                    + json.dumps({"messages": [{"role": "user", "content": ""}]}) + "\n")
     cfg = config_lib.from_dict(SftConfig, {
         "model": str(export_tiny_model(tmp_path / "init", shared_data)),
-        "tokenizer": str(tokenizer_dir(shared_data)), "seq_len": 255, "batch_size": 4, "val_fraction": 0.1,
+        "tokenizer": str(tokenizer_dir(shared_data)), "batch": {"seq_len": 255, "micro_batch_size": 4},
+        "val_fraction": 0.1,
         "sources": [{"kind": "oasst", "path": str(shared_data / "oasst1_en_100" / "en_100_tree.jsonl")},
                     {"kind": "gsm8k", "path": str(shared_data / "gsm8k" / "train.jsonl.gz"), "max_records": 60},
                     {"kind": "messages", "path": str(bad), "name": "user"}],
@@ -56,25 +58,23 @@ def test_sft_stage_trains_exports_samples_and_quarantines(shared_data, tmp_path)
     assert 0.5 < data["row_fill"] <= 1.0
 
 
-def _spec(shared_data, tmp_path, name, batch_size, rows, parallel):
-    return WorkerSpec(
-        init_dir=str(export_tiny_model(tmp_path / "init", shared_data)) if not (tmp_path / "init").exists()
-        else str(tmp_path / "init"),
-        tokenizer_dir=str(tokenizer_dir(shared_data)), output_dir=str(tmp_path / name),
-        checkpoint_dir=str(tmp_path / name / "checkpoints"),
-        train=TrainConfig(steps=5, log_every=1, peak_flops=1e11, optimizer=OptimizerConfig(lr=3e-3),
-                          schedule=ScheduleConfig(warmup_steps=1)),
-        parallel=parallel, objective=MaskedLM(), train_rows=rows, train_sha256=rows_fingerprint(rows),
-        batch_size=batch_size, seed=0)
+def _job(init, tmp_path, name, batch_size, rows, parallel, execution):
+    return TrainJob(model=PretrainedModel(str(init)), objective=MaskedLM(), train_data=RowData(rows, batch_size),
+                    train=TrainConfig(steps=5, log_every=1, peak_flops=1e11, optimizer=OptimizerConfig(lr=3e-3),
+                                      schedule=ScheduleConfig(warmup_steps=1)),
+                    parallel=parallel, execution=execution, seq_len=rows.tokens.shape[1] - 1,
+                    checkpoint_dir=str(tmp_path / name / "checkpoints"))
 
 
 def test_two_fsdp2_workers_on_ray_train_match_one_worker(ray_session, shared_data, tmp_path):
     mixture = build_mixture([SftSource(kind="gsm8k", path=str(shared_data / "gsm8k" / "train.jsonl.gz"),
                                        max_records=80)], val_fraction=0.0)
     rows, _ = pack_conversations([c.messages for c in mixture.train], template(shared_data), seq_len=127, pad_id=2)
-    one = train_worker(_spec(shared_data, tmp_path, "one", 4, rows, ParallelConfig(strategy="none")))
-    two = run_workers(_spec(shared_data, tmp_path, "two", 2, rows, ParallelConfig(strategy="fsdp2")),
-                      AlignConfig(workers=2, cpus_per_worker=0.5))
+    init = export_tiny_model(tmp_path / "init", shared_data)
+    one = launch(_job(init, tmp_path, "one", 4, rows, ParallelConfig(strategy="none"), ExecutionConfig()),
+                 connect_ray=lambda: None).worker
+    two = launch(_job(init, tmp_path, "two", 2, rows, ParallelConfig(strategy="fsdp2"),
+                      ExecutionConfig(workers=2, cpus_per_worker=0.5)), connect_ray=lambda: None).worker
     assert sorted(one["losses"]) == sorted(two["losses"]) == [1, 2, 3, 4, 5]
     for step, loss in one["losses"].items():
         assert two["losses"][step] == pytest.approx(loss, rel=RTOL)

@@ -33,10 +33,10 @@ def shards(tmp_path_factory) -> Path:
 
 
 def proxy_stage(shards: Path, steps: int = STEPS) -> dict:
-    return {"tokens": str(shards), "tokenizer": None,
+    return {"data": {"tokens": str(shards)}, "tokenizer": None,
             "model": {"vocab_size": 257, "dim": 32, "n_layers": 1, "n_heads": 2, "ffn_hidden_dim": 64,
                       "max_seq_len": 64},
-            "seq_len": 32, "batch_size": 8,
+            "batch": {"seq_len": 32, "micro_batch_size": 8},
             "train": {"steps": steps, "log_every": 10, "eval_every": 10, "eval_batches": 2,
                       "schedule": {"warmup_steps": 5}}}
 

@@ -16,7 +16,7 @@ from llmray import stages
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tune" / "data_ablation_tiny.yaml"
-SMALLER = ["stages.tokenizer.vocab_size=512", "stages.proxy.seq_len=64", "stages.proxy.train.steps=20",
+SMALLER = ["stages.tokenizer.vocab_size=512", "stages.proxy.batch.seq_len=64", "stages.proxy.train.steps=20",
            "stages.proxy.train.eval_every=20", "stages.eval.limit=3", "stages.eval.tasks=[bpb_wikipedia,arc_easy]"]
 
 

@@ -1,5 +1,6 @@
 """The curate stage's dedup section: eval tasks whose files are missing are skipped (the demo runs
-without ../shared/data), the funnel lists the dedup stages, unsupported options are refused."""
+without ../shared/data), the funnel lists the dedup stages, boilerplate removal and flag mode are
+accepted."""
 
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ def test_present_task_files_are_kept_and_fingerprinted(tmp_path):
     assert cfg.stage_order()[-4:] == ["boilerplate", "exact_dedup", "near_dedup", "decontamination"]
 
 
-def test_dedup_off_by_default_and_unsupported_options_refused(tmp_path):
+def test_dedup_off_by_default_boilerplate_and_flag_accepted(tmp_path):
     assert curate.CurateConfig().dedup is None and "exact_dedup" not in curate.CurateConfig().stage_order()
-    with pytest.raises(ValueError, match="boilerplate"):
-        _cfg(tmp_path, boilerplate={"enabled": True})
-    with pytest.raises(ValueError, match="flag"):
-        _cfg(tmp_path, decontam={"action": "flag"})
+    cfg = _cfg(tmp_path, boilerplate={"enabled": True, "min_words": 5}, decontam={"action": "flag"})
+    assert cfg.dedup.boilerplate.enabled and cfg.dedup.decontam.action == "flag"
+    assert cfg.dedup.boilerplate.reject_reason() == "too_short_after_boilerplate"
+    assert _cfg(tmp_path).dedup.boilerplate.reject_reason() == "empty_after_boilerplate"
+    with pytest.raises(ValueError):
+        _cfg(tmp_path, decontam={"action": "mark"})

@@ -8,7 +8,7 @@ from llmray.config import ConfigError, from_dict
 from llmray.model.config import preset
 from llmray.parallel import ParallelConfig
 from llmray.parallel.mesh import ParallelDims
-from llmray.parallel.pipeline import PipelineConfig, split_layers, stage_indices
+from llmray.parallel.pipeline import PipelineScheduleConfig, split_layers, stage_indices
 
 
 def test_dp_shard_is_inferred_from_the_world_size():
@@ -74,7 +74,7 @@ def test_pipeline_config_checks_schedule_against_virtual_stages():
     with pytest.raises(ConfigError, match="virtual_stages >= 2"):
         from_dict(ParallelConfig, {"pp": 2, "pipeline": {"schedule": "interleaved_1f1b"}})
     with pytest.raises(ValueError, match="needs an interleaved schedule"):
-        PipelineConfig(schedule="1f1b", virtual_stages=2)
+        PipelineScheduleConfig(schedule="1f1b", virtual_stages=2)
 
 
 def test_tensor_and_pipeline_peers_read_the_same_data_shard():

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from llmray.align.conversations import SftSource, build_mixture
-from llmray.align.loader import RowLoader, fingerprint_arrays
+from llmray.align.loader import RowLoader
 from llmray.align.packing import IGNORE_INDEX, best_fit, pack, pack_conversations, render_all
 from llmray.tokenizer.chat import END
 from llmray.train.objectives import MaskedLM
@@ -115,14 +115,13 @@ def test_packed_rows_hold_every_conversation_whole_and_compute_as_if_alone(templ
 
 def test_every_row_appears_once_per_epoch_on_any_world_size_and_resume_is_exact(template, conversations):
     rows, _ = pack_conversations(conversations, template, seq_len=128, pad_id=2, overlong="truncate")
-    sha = fingerprint_arrays(rows.tokens, rows.loss_mask, rows.segment_ids)
     n = len(rows)
 
     def epoch_rows(world_size, batch_size):
-        loaders = [RowLoader(rows, batch_size=batch_size, rank=r, world_size=world_size, data_sha256=sha, seed=1)
+        loaders = [RowLoader(rows, batch_size=batch_size, rank=r, world_size=world_size, seed=1)
                    for r in range(world_size)]
         seen = []
-        for _ in range(loaders[0].batches_per_epoch()):
+        for _ in range(loaders[0].order.batches_per_epoch):
             for loader in loaders:
                 batch = next(loader)
                 for inputs, targets in zip(batch["inputs"], batch["targets"]):
@@ -136,17 +135,19 @@ def test_every_row_appears_once_per_epoch_on_any_world_size_and_resume_is_exact(
         keys = {tuple(x.tolist()) for x in real}
         assert keys == {tuple(t[:-1].tolist()) for t in rows.tokens}
 
-    single = RowLoader(rows, batch_size=4, data_sha256=sha, seed=1)
+    single = RowLoader(rows, batch_size=4, seed=1)
     for _ in range(3):
         next(single)
     state = single.state_dict()
     expected = [next(single) for _ in range(2)]
-    pair = [RowLoader(rows, batch_size=2, rank=r, world_size=2, data_sha256=sha, seed=1) for r in range(2)]
+    pair = [RowLoader(rows, batch_size=2, rank=r, world_size=2, seed=1) for r in range(2)]
     for loader in pair:
         loader.load_state_dict(state)
     for want in expected:  # the same global batch, split over two ranks (rank r takes rows r, r+2)
         halves = [next(loader) for loader in pair]
         assert torch.equal(want["inputs"][0::2], halves[0]["inputs"])
         assert torch.equal(want["inputs"][1::2], halves[1]["inputs"])
+    other, _ = pack_conversations(conversations[:-1], template, seq_len=128, pad_id=2, overlong="truncate")
+    assert other.fingerprint != rows.fingerprint
     with pytest.raises(ValueError, match="data_sha256"):
-        RowLoader(rows, batch_size=4, data_sha256="other", seed=1).load_state_dict(state)
+        RowLoader(other, batch_size=4, seed=1).load_state_dict(state)

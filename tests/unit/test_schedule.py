@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from llmray.train.schedule import Schedule, ScheduleConfig, build_scheduler
+from llmray.train.schedule import LRScheduler, Schedule, ScheduleConfig
 
 
 def test_cosine_warms_up_linearly_then_decays_to_the_floor():
@@ -34,18 +34,37 @@ def test_constant_and_zero_warmup():
 def test_scheduler_state_restores_the_curve_exactly():
     def make():
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-        return opt, build_scheduler(opt, ScheduleConfig(kind="cosine", warmup_steps=3), total_steps=20)
+        return opt, LRScheduler([opt], ScheduleConfig(kind="cosine", warmup_steps=3), total_steps=20, peak_lr=2.0)
 
     opt, sched = make()
     for _ in range(7):
         opt.step()
         sched.step()
-    state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
     opt2, sched2 = make()
-    sched2.load_state_dict({**state, "lr_lambdas": [None]})
+    sched2.load_state_dict(sched.state_dict())
     for _ in range(5):
         for o, s in ((opt, sched), (opt2, sched2)):
             o.step()
             s.step()
-        assert sched.get_last_lr() == sched2.get_last_lr()
-    assert math.isclose(opt.param_groups[0]["lr"], opt2.param_groups[0]["lr"])
+        assert sched.lr == sched2.lr
+    assert opt.param_groups[0]["lr"] == opt2.param_groups[0]["lr"] == sched.lr
+
+
+def test_lr_matches_torch_lambda_lr_bit_for_bit():
+    """The curve is torch's LambdaLR's (peak × multiplier), so runs trained before and after agree exactly."""
+    cfg = ScheduleConfig(kind="cosine", warmup_steps=5, min_lr_ratio=0.1)
+    reference_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
+    reference = torch.optim.lr_scheduler.LambdaLR(reference_opt, Schedule(cfg, 40))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
+    ours = LRScheduler([opt], cfg, 40, peak_lr=3e-3)
+    for _ in range(45):
+        assert opt.param_groups[0]["lr"] == reference_opt.param_groups[0]["lr"]
+        reference_opt.step(), opt.step()
+        reference.step(), ours.step()
+
+
+def test_peak_lr_comes_from_the_config_not_the_restored_state():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = LRScheduler([opt], ScheduleConfig(kind="constant", warmup_steps=0), total_steps=10, peak_lr=0.5)
+    sched.load_state_dict({"steps_taken": 4})
+    assert opt.param_groups[0]["lr"] == 0.5

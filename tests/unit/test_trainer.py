@@ -177,4 +177,4 @@ def test_repeated_spikes_roll_back_to_the_checkpoint_and_skip_the_batches(shards
     assert [r.step for r in result.records][9:] == [7, 8, 9, 10]  # back to step 6, then on to the end
     assert result.guard_counts["rollbacks"] == 1 and result.steps == 10
     # 13 batches were drawn for 10 steps: the data moved on past the spiking batches.
-    assert trainer.data.consumed == 13 * 4
+    assert trainer.data.order.consumed == 13 * 4

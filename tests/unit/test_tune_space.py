@@ -10,10 +10,10 @@ from llmray import config as config_lib
 from llmray import stages
 from llmray.config import ConfigError
 from llmray.tune import results, space, trial
-from llmray.tune.proxy import ProxyConfig
+from llmray.train.pretrain import ProxyConfig
 from llmray.tune.sweep import TuneConfig
 
-PROXY = {"tokens": "/data/shards", "tokenizer": None, "train": {"steps": 20}}
+PROXY = {"data": {"tokens": "/data/shards"}, "tokenizer": None, "train": {"steps": 20}}
 
 
 def test_flat_and_nested_space_parse_to_the_same_domains():
@@ -63,7 +63,7 @@ def test_keys_are_checked_against_each_stage_config_class():
     with pytest.raises(ConfigError, match="is a section"):
         space.check_key("proxy.train.optimizer", classes)
     with pytest.raises(ConfigError, match="holds a value"):
-        space.check_key("proxy.seq_len.x", classes)
+        space.check_key("proxy.batch.seq_len.x", classes)
     with pytest.raises(ConfigError, match="address an item by index"):
         space.check_key("curate.sources.web.max_docs_per_file", classes)
 
@@ -97,7 +97,7 @@ def test_tune_config_validates_stages_keys_search_and_pbt():
     cases = [
         ({"space": {"proxy.train.optimizer.lrr": {"choice": [1]}}}, "did you mean 'lr'"),
         ({"stages": {"proxi": PROXY}}, "did you mean 'proxy'"),
-        ({"stages": {"proxy": {**PROXY, "seq_len": 0}}}, r"stages.proxy: seq_len"),
+        ({"stages": {"proxy": {**PROXY, "batch": {"seq_len": 0}}}}, r"stages.proxy: batch.seq_len"),
         ({"search": "nosuch"}, "not one of random, grid"),
         ({"scheduler": {"kind": "pbt"}}, "needs checkpoint.stage"),
         ({"scheduler": {"kind": "pbt", "mutate": ["proxy.x"]}, "checkpoint": {"stage": "proxy"}}, "not keys of space"),
@@ -128,11 +128,11 @@ def test_best_row_prefers_completed_trials_and_yaml_is_ready_to_use(tmp_path):
 def test_run_dir_paths_of_the_sweep_are_rebased_onto_each_stage_lineage_root(tmp_path):
     """{run_dir} in a trial's stage config means that stage's lineage root, not the sweep's run."""
     base = {"tokens": {"documents": "runs/x/curate/output/documents", "tokenizer": "runs/xy/tok"},
-            "proxy": {"tokens": "runs/x/tokens/output", "tokenizer": None}}
+            "proxy": {"data": {"tokens": "runs/x/tokens/output"}, "tokenizer": None}}
     slots = trial.stage_slots(base, tmp_path / "stages")
     assert trial.rebase(base["proxy"], "runs/x", slots[1].root) == {
-        "tokens": f"{slots[1].root}/tokens/output", "tokenizer": None}
+        "data": {"tokens": f"{slots[1].root}/tokens/output"}, "tokenizer": None}
     assert trial.rebase(base["tokens"], "runs/x", slots[0].root)["tokenizer"] == "runs/xy/tok"  # a prefix only
     typed = trial.build_stage_configs({"proxy": {**base["proxy"], "train": {"steps": 5}}},
                                       trial.stage_slots({"proxy": {}}, tmp_path / "stages"), "runs/x")
-    assert typed[0][1].tokens.endswith("/tokens/output") and str(tmp_path) in typed[0][1].tokens
+    assert typed[0][1].data.tokens.endswith("/tokens/output") and str(tmp_path) in typed[0][1].data.tokens

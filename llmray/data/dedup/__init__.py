@@ -1,11 +1,14 @@
 """Deduplication and decontamination of a Ray Dataset of documents.
 
 ``deduplicate(documents, cfg)`` returns the kept documents, a rejected dataset (``id, source,
-stage, reason, value``; for duplicates ``value`` is the id of the document kept instead) and
-funnel statistics. The stages, in the order they claim a document:
+stage, reason, value``; for duplicates ``value`` is the id of the document kept instead), the
+edits it made to kept documents (:class:`KeptEdits`, which a caller that keeps its own copy of the
+rows, like curate, applies itself) and funnel statistics. The stages, in the order they claim a
+document:
 
 1. **boilerplate**: lines repeated in more than ``boilerplate.max_documents`` documents are
-   removed (``boilerplate.py``); a document left empty is rejected.
+   removed (``boilerplate.py``); a document left with fewer than ``boilerplate.min_words`` words
+   is rejected.
 2. **exact_dedup**: xxh3-128 of the lower-cased, whitespace-collapsed text; hash-partitioned
    on the hash, one document kept per hash by the keep rule.
 3. **near_dedup**: MinHash LSH (``minhash.py``): band keys are shuffled by key, each bucket
@@ -108,6 +111,12 @@ class BoilerplateConfig:
     max_documents: int = param(100, doc="a line found in more documents than this is boilerplate", min=1)
     min_chars: int = param(20, doc="lines shorter than this (after whitespace collapse) are never "
                                    "counted or removed", min=1)
+    min_words: int = param(1, doc="a document that loses lines and is left with fewer words than this is "
+                                  "rejected (1: only emptied ones, reason empty_after_boilerplate; more: "
+                                  "too_short_after_boilerplate)", min=1)
+
+    def reject_reason(self) -> str:
+        return "empty_after_boilerplate" if self.min_words <= 1 else "too_short_after_boilerplate"
 
 
 @dataclass
@@ -167,11 +176,43 @@ class DedupConfig:
                 for i, path in enumerate(paths)}
 
 
+@dataclass(frozen=True)
+class KeptEdits:
+    """What dedup changes in the documents it keeps: boilerplate lines leave ``text`` and, with
+    ``decontam.action: flag``, ``meta.contamination`` lists the tasks a document overlaps.
+
+    Dedup's own output pass applies it, and so does curate, which marks its rows in place instead
+    of taking dedup's output, so both write the same texts and flags. The arrays travel as object
+    refs (fetched once per worker, see ``shuffle.fetch_broadcast``) or, without Ray, as values."""
+
+    boilerplate_ref: Any = None  # sorted uint64 hashes of boilerplate lines; None: none removed
+    min_chars: int = 0
+    flags_ref: Any = None  # (sorted node ids, task bitmasks) of the documents to flag; None: none
+    task_names: tuple[str, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        return self.boilerplate_ref is not None or self.flags_ref is not None
+
+    def apply(self, batch: pa.Table) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+        """``batch`` (``id``, ``text``, optionally ``meta``) edited, and per row the lines removed
+        and whether it was flagged."""
+        lines_removed, flagged = np.zeros(batch.num_rows, np.int64), np.zeros(batch.num_rows, bool)
+        if self.boilerplate_ref is not None:
+            texts, lines_removed = boilerplate_lib.remove_from_texts(
+                batch.column("text").to_pylist(), fetch_broadcast(self.boilerplate_ref), self.min_chars)
+            batch = batch.set_column(batch.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
+        if self.flags_ref is not None:
+            batch, flagged = _flag_contaminated(batch, fetch_broadcast(self.flags_ref), self.task_names)
+        return batch, lines_removed, flagged
+
+
 @dataclass
 class DedupResult:
     documents: Any  # ray.data.Dataset, same schema as the input
     rejected: Any  # ray.data.Dataset with REJECTED_SCHEMA
     stats: dict = field(default_factory=dict)
+    edits: KeptEdits = field(default_factory=KeptEdits)  # already applied to ``documents``
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,9 +233,7 @@ def _clean_texts(batch: pa.Table, cfg: DedupConfig, boilerplate_ref: Any) -> tup
     texts = batch.column("text").to_pylist()
     if not cfg.boilerplate.enabled:
         return texts, np.zeros(len(texts), dtype=np.int64)
-    lines = fetch_broadcast(boilerplate_ref)
-    cleaned = [boilerplate_lib.remove_lines(t, lines, cfg.boilerplate.min_chars) for t in texts]
-    return [t for t, _ in cleaned], np.array([n for _, n in cleaned], dtype=np.int64)
+    return boilerplate_lib.remove_from_texts(texts, fetch_broadcast(boilerplate_ref), cfg.boilerplate.min_chars)
 
 
 def _line_counts_batch(batch: pa.Table, min_chars: int) -> pa.Table:
@@ -230,39 +269,35 @@ def _keys_batch(batch: pa.Table, cfg: DedupConfig, boilerplate_ref: Any, index_r
         "bands": pa.FixedSizeListArray.from_arrays(pa.array(bands.reshape(-1), pa.uint64()), bands.shape[1])
         if bands.shape[1] else pa.nulls(n, pa.list_(pa.uint64())),
         "has_shingles": has_shingles, "contaminated": contaminated,
-        "empty": (lines_removed > 0) & np.array([not t.strip() for t in texts], dtype=bool),
+        "too_short": boilerplate_lib.too_short(texts, lines_removed, cfg.boilerplate.min_words),
         **verify_columns,
     })
 
 
-def _filter_batch(batch: pa.Table, cfg: DedupConfig, removed_ref: Any, boilerplate_ref: Any,
-                  flags_ref: Any, task_names: list[str]) -> pa.Table:
+def _filter_batch(batch: pa.Table, removed_ref: Any, edits: KeptEdits) -> pa.Table:
     nodes = node_ids(batch.column("id").to_pylist())
     batch = batch.filter(pa.array(~partition.contains(fetch_broadcast(removed_ref), nodes)))
-    if cfg.boilerplate.enabled:
-        texts, _ = _clean_texts(batch, cfg, boilerplate_ref)
-        batch = batch.set_column(batch.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
-    if cfg.decontam.enabled and cfg.decontam.action == "flag":
-        batch = _flag_contaminated(batch, fetch_broadcast(flags_ref), task_names)
-    return batch
+    return edits.apply(batch)[0]
 
 
-def _flag_contaminated(batch: pa.Table, flags: tuple[np.ndarray, np.ndarray], task_names: list[str]) -> pa.Table:
+def _flag_contaminated(batch: pa.Table, flags: tuple[np.ndarray, np.ndarray],
+                       task_names: tuple[str, ...]) -> tuple[pa.Table, np.ndarray]:
+    """Set ``meta.contamination`` (the task names) on the flagged rows; return the rows flagged."""
     flagged_nodes, masks = flags
     nodes = node_ids(batch.column("id").to_pylist())
     hit = partition.contains(flagged_nodes, nodes)
     if not hit.any():
-        return batch
+        return batch, hit
     meta = batch.column("meta").to_pylist() if "meta" in batch.column_names else [None] * batch.num_rows
     for i in np.flatnonzero(hit):
         mask = int(masks[np.searchsorted(flagged_nodes, nodes[i])])
         record = json.loads(meta[i]) if meta[i] else {}
         record["contamination"] = [t for bit, t in enumerate(task_names) if mask >> bit & 1]
-        meta[i] = json.dumps(record, sort_keys=True)
+        meta[i] = json.dumps(record, sort_keys=True, ensure_ascii=False)
     column_ = pa.array(meta, pa.string())
     if "meta" in batch.column_names:
-        return batch.set_column(batch.schema.get_field_index("meta"), "meta", column_)
-    return batch.append_column("meta", column_)
+        return batch.set_column(batch.schema.get_field_index("meta"), "meta", column_), hit
+    return batch.append_column("meta", column_), hit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,12 +305,12 @@ def _flag_contaminated(batch: pa.Table, flags: tuple[np.ndarray, np.ndarray], ta
 # ---------------------------------------------------------------------------------------------
 
 def _exact_rows(keys: pa.Table) -> pa.Table:
-    keys = keys.filter(pc.invert(keys["empty"]))
+    keys = keys.filter(pc.invert(keys["too_short"]))
     return keys.select(partition.INFO_COLUMNS + ["exact_hi", "exact_lo"])
 
 
 def _band_rows(keys: pa.Table) -> pa.Table:
-    keys = keys.filter(pc.and_(keys["has_shingles"], pc.invert(keys["empty"])))
+    keys = keys.filter(pc.and_(keys["has_shingles"], pc.invert(keys["too_short"])))
     bands = keys["bands"].combine_chunks()
     width = bands.type.list_size if keys.num_rows else 0
     return pa.table({"band_key": bands.flatten() if keys.num_rows else pa.array([], pa.uint64()),
@@ -323,9 +358,10 @@ def _to_rejected(table: pa.Table, stage: str, reason: str) -> pa.Table:
 def _keys_summary(keys: pa.Table) -> dict:
     contaminated = column(keys, "contaminated")
     return {"documents": keys.num_rows, "bytes": int(pc.sum(keys["bytes"]).as_py() or 0), "key_bytes": keys.nbytes,
-            "emptied": int(pc.sum(pc.cast(keys["empty"], pa.int64())).as_py() or 0),
-            "emptied_bytes": int(pc.sum(pc.if_else(keys["empty"], keys["bytes"], 0)).as_py() or 0),
-            "boilerplate_bytes": int(pc.sum(pc.if_else(keys["empty"], 0, keys["boilerplate_bytes"])).as_py() or 0),
+            "too_short": int(pc.sum(pc.cast(keys["too_short"], pa.int64())).as_py() or 0),
+            "too_short_bytes": int(pc.sum(pc.if_else(keys["too_short"], keys["bytes"], 0)).as_py() or 0),
+            "boilerplate_bytes": int(pc.sum(pc.if_else(keys["too_short"], 0, keys["boilerplate_bytes"])).as_py()
+                                     or 0),
             "lines_removed": int(pc.sum(keys["lines_removed"]).as_py() or 0),
             "task_hits": [int(((contaminated >> np.uint64(b)) & np.uint64(1)).sum()) for b in range(64)]}
 
@@ -333,7 +369,8 @@ def _keys_summary(keys: pa.Table) -> dict:
 def _contaminated_rows(keys: pa.Table, duplicates_removed: np.ndarray, task_names: list[str]) -> pa.Table:
     """Documents that survive dedup and overlap an evaluation task: id, source, tasks, bytes."""
     contaminated = column(keys, "contaminated")
-    mask = (contaminated != 0) & ~column(keys, "empty") & ~partition.contains(duplicates_removed, column(keys, "node"))
+    mask = (contaminated != 0) & ~column(keys, "too_short") & ~partition.contains(duplicates_removed,
+                                                                                  column(keys, "node"))
     rows = keys.filter(pa.array(mask))
     tasks = [",".join(t for bit, t in enumerate(task_names) if int(m) >> bit & 1)
              for m in column(rows, "contaminated")]
@@ -341,8 +378,8 @@ def _contaminated_rows(keys: pa.Table, duplicates_removed: np.ndarray, task_name
                      "mask": rows["contaminated"], "kept_id": pa.array(tasks, pa.string())})
 
 
-def _empty_rows(keys: pa.Table) -> pa.Table:
-    rows = keys.filter(keys["empty"])
+def _too_short_rows(keys: pa.Table) -> pa.Table:
+    rows = keys.filter(keys["too_short"])
     return pa.table({"node": rows["node"], "id": rows["id"], "source": rows["source"], "bytes": rows["bytes"],
                      "kept_id": pa.array([""] * rows.num_rows, pa.string())})
 
@@ -385,10 +422,10 @@ def deduplicate(documents: Any, cfg: DedupConfig) -> DedupResult:
     stats["partitions"] = parts
     stats["boilerplate"] = {"enabled": cfg.boilerplate.enabled, "lines_flagged": stats.pop("boilerplate_lines", 0),
                             "lines_removed": sum(s["lines_removed"] for s in summaries),
-                            "documents_removed": sum(s["emptied"] for s in summaries),
-                            "bytes_removed": sum(s["emptied_bytes"] + s["boilerplate_bytes"] for s in summaries)}
-    rejected_parts = [shuffler.run(_to_rejected, shuffler.run(_empty_rows, k), "boilerplate",
-                                   "empty_after_boilerplate") for k in keys]
+                            "documents_removed": sum(s["too_short"] for s in summaries),
+                            "bytes_removed": sum(s["too_short_bytes"] + s["boilerplate_bytes"] for s in summaries)}
+    rejected_parts = [shuffler.run(_to_rejected, shuffler.run(_too_short_rows, k), "boilerplate",
+                                   cfg.boilerplate.reject_reason()) for k in keys]
 
     exact_removed: list = []
     if cfg.exact:
@@ -405,7 +442,7 @@ def deduplicate(documents: Any, cfg: DedupConfig) -> DedupResult:
         stats["near_dedup"] = {**_stage_stats(ray, shuffler, near_removed), **near_stats}
         rejected_parts += [shuffler.run(_to_rejected, r, "near_dedup", "near_duplicate") for r in near_removed]
 
-    dropped = [shuffler.run(_empty_rows, k) for k in keys] + exact_removed + near_removed
+    dropped = [shuffler.run(_too_short_rows, k) for k in keys] + exact_removed + near_removed
     flags_ref = None
     if cfg.decontam.enabled:
         duplicate_set = shuffler.run(_sorted_nodes, *exact_removed, *near_removed)
@@ -419,15 +456,14 @@ def deduplicate(documents: Any, cfg: DedupConfig) -> DedupResult:
             flags_ref = shuffler.run(_flag_table, *contaminated)
 
     removed_ref = shuffler.run(_sorted_nodes, *dropped)
-    kept = documents.map_batches(_filter_batch, fn_kwargs={
-        "cfg": cfg, "removed_ref": removed_ref, "boilerplate_ref": boilerplate_ref, "flags_ref": flags_ref,
-        "task_names": index.tasks if index else []}, **map_args)
+    edits = KeptEdits(boilerplate_ref, cfg.boilerplate.min_chars, flags_ref, tuple(index.tasks if index else ()))
+    kept = documents.map_batches(_filter_batch, fn_kwargs={"removed_ref": removed_ref, "edits": edits}, **map_args)
     removed_docs = int(ray.get(shuffler.run(len, removed_ref)))
     removed_bytes = sum(stats.get(s, {}).get("bytes_removed", 0) for s in STAGES)
     stats["output"] = {"documents": stats["input"]["documents"] - removed_docs,
                        "bytes": stats["input"]["bytes"] - removed_bytes}
     rejected = ray.data.from_arrow_refs(rejected_parts)
-    return DedupResult(kept, rejected, stats)
+    return DedupResult(kept, rejected, stats, edits)
 
 
 def _near_duplicates(ray, shuffler: RayShuffler, keys: list, exact_set: Any, cfg: DedupConfig,

@@ -4,9 +4,11 @@ Cookie banners, navigation menus, license headers and "share this" footers repea
 across many pages of a crawl; one copy of the page they decorate is useful, the line is not.
 A line is compared after lower-casing and collapsing whitespace; lines shorter than
 ``min_chars`` (blank lines, "}", "Home") are never counted or removed, so code and short
-headings survive. Counting is distributed (see ``dedup.py``): each batch contributes every
-line hash *once per document*, partial counts are summed per hash partition, and only the
-hashes over the threshold come back, as one sorted uint64 array.
+headings survive. Counting is distributed (see :mod:`llmray.data.dedup`): each batch contributes
+every line hash *once per document*, partial counts are summed per hash partition, and only the
+hashes over the threshold come back, as one sorted uint64 array. A document that loses lines and
+is left with fewer than ``min_words`` words (:func:`too_short`) is rejected rather than kept as a
+fragment.
 """
 
 from __future__ import annotations
@@ -55,3 +57,14 @@ def remove_lines(text: str, boilerplate: np.ndarray, min_chars: int) -> tuple[st
                 continue
         kept.append(line)
     return ("\n".join(kept) if removed else text), removed
+
+
+def remove_from_texts(texts: list[str], boilerplate: np.ndarray, min_chars: int) -> tuple[list[str], np.ndarray]:
+    """:func:`remove_lines` over a batch: the cleaned texts and the lines removed from each."""
+    cleaned = [remove_lines(t, boilerplate, min_chars) for t in texts]
+    return [t for t, _ in cleaned], np.array([n for _, n in cleaned], dtype=np.int64)
+
+
+def too_short(texts: list[str], lines_removed: np.ndarray, min_words: int) -> np.ndarray:
+    """Per text: it lost boilerplate lines and has fewer than ``min_words`` words left."""
+    return np.array([n > 0 and len(t.split()) < min_words for t, n in zip(texts, lines_removed)], dtype=bool)

@@ -20,14 +20,13 @@ to workers through the object store.
 
 from __future__ import annotations
 
-import gzip
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
+from llmray import jsonl
 from llmray.data.dedup.minhash import MinHasher
 
 MAX_TASKS = 64
@@ -46,19 +45,13 @@ def record_strings(value: Any) -> Iterator[str]:
 
 
 def read_task_texts(path: Path) -> list[str]:
-    """All strings of a JSONL(.gz) task file; a malformed line is an error naming file and line."""
-    opener = gzip.open if path.suffix == ".gz" else open
+    """All strings of a JSONL(.gz) task file (a line may be any JSON value); a line that is not
+    valid JSON or UTF-8 is an error naming file and line."""
     texts: list[str] = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not a JSON record ({exc.msg}); "
-                                 f"decontamination task files must be JSONL") from exc
-            texts.extend(record_strings(record))
+    for line in jsonl.read_lines(path, require_object=False):
+        if isinstance(line.record, jsonl.BadLine):
+            raise ValueError(f"{line.record}; decontamination task files must be JSONL")
+        texts.extend(record_strings(line.record))
     return texts
 
 

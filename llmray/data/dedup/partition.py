@@ -1,8 +1,8 @@
 """The per-partition steps of deduplication, on Arrow tables: pure functions, no Ray.
 
-``dedup.py`` wires them into shuffles (``shuffle.py``); each one sees one hash partition, so
-everything it groups by is complete inside the table it gets. Kept apart from the wiring so
-they read (and test) as plain table transformations.
+:mod:`llmray.data.dedup` wires them into shuffles (``shuffle.py``); each one sees one hash
+partition, so everything it groups by is complete inside the table it gets. Kept apart from the
+wiring so they read (and test) as plain table transformations.
 
 The keep rule is one sort: rows are ordered by group, then by the rule's preference, then by
 document id, and the first row of each group is kept. Ties always end at the smallest id, so

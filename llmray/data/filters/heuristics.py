@@ -4,8 +4,10 @@ Each rule group is one function ``group(view, cfg) -> Verdict | None`` over a :c
 (the document's text with its words, lines and paragraphs computed once, lazily, and shared by
 every group). A group evaluates its rules in a fixed order and stops at the first failure,
 returning ``Verdict(reason, value)``: the rule's name and the measured value that failed it, so
-every drop is explained. Every value a rule measures is also recorded in ``view.signals``
-(``"<group>.<signal>"``) for the funnel report's histograms.
+every drop is explained. A rule reads as one check (:class:`Checks`: measure, compare with the
+limit, name the reason), the way datatrove's filters read; every value a rule measures is also
+recorded in ``view.signals`` (``"<group>.<signal>"``) for the funnel report's histograms, so a
+rule after the first failure is neither measured nor recorded.
 
 Defaults are the published thresholds:
 
@@ -104,6 +106,23 @@ class TextView:
         return value
 
 
+class Checks:
+    """One group's rules on a view: ``below``/``above`` record ``value`` as the signal
+    ``<group>.<name>`` and return ``Verdict(reason or name, value)`` when it is past ``limit``
+    (a ``None`` limit turns the rule off), else ``None``."""
+
+    def __init__(self, view: TextView, group: str) -> None:
+        self.view, self.group = view, group
+
+    def below(self, name: str, value: float, limit: float | None, reason: str | None = None) -> Verdict | None:
+        self.view.record(self.group, name, value)
+        return Verdict(reason or name, value) if limit is not None and value < limit else None
+
+    def above(self, name: str, value: float, limit: float | None, reason: str | None = None) -> Verdict | None:
+        self.view.record(self.group, name, value)
+        return Verdict(reason or name, value) if limit is not None and value > limit else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Gopher quality
 # ---------------------------------------------------------------------------------------------
@@ -129,42 +148,36 @@ class GopherQualityConfig:
 
 
 def gopher_quality(view: TextView, cfg: GopherQualityConfig) -> Verdict | None:
-    group = "gopher_quality"
-    words = view.words
+    check = Checks(view, "gopher_quality")
+    text, words, lines = view.text, view.words, view.lines or [""]
     n_words = max(1, len(words))
     content = [w for w in words if not _is_symbol(w)]
-    count = view.record(group, "words", len(content))
-    if cfg.min_words is not None and count < cfg.min_words:
-        return Verdict("too_few_words", count)
-    if cfg.max_words is not None and count > cfg.max_words:
-        return Verdict("too_many_words", count)
-    mean_length = view.record(group, "mean_word_length", sum(map(len, content)) / max(1, len(content)))
-    if cfg.min_mean_word_length is not None and mean_length < cfg.min_mean_word_length:
-        return Verdict("mean_word_length_low", mean_length)
-    if cfg.max_mean_word_length is not None and mean_length > cfg.max_mean_word_length:
-        return Verdict("mean_word_length_high", mean_length)
-    text = view.text
-    hashes = view.record(group, "hash_ratio", text.count("#") / n_words)
-    if cfg.max_symbol_word_ratio is not None and hashes > cfg.max_symbol_word_ratio:
-        return Verdict("hash_ratio", hashes)
-    ellipses = view.record(group, "ellipsis_ratio", (text.count("...") + text.count("…")) / n_words)
-    if cfg.max_symbol_word_ratio is not None and ellipses > cfg.max_symbol_word_ratio:
-        return Verdict("ellipsis_ratio", ellipses)
-    lines = view.lines or [""]
-    bullets = view.record(group, "bullet_lines_ratio",
-                          sum(line.lstrip().startswith(("•", "-")) for line in lines) / len(lines))
-    if cfg.max_bullet_lines_ratio is not None and bullets > cfg.max_bullet_lines_ratio:
-        return Verdict("bullet_lines_ratio", bullets)
-    trailing = view.record(group, "ellipsis_lines_ratio",
-                           sum(line.rstrip().endswith(("...", "…")) for line in lines) / len(lines))
-    if cfg.max_ellipsis_lines_ratio is not None and trailing > cfg.max_ellipsis_lines_ratio:
-        return Verdict("ellipsis_lines_ratio", trailing)
-    alpha = view.record(group, "alpha_words_ratio", sum(_has_alpha(w) for w in words) / n_words)
-    if cfg.min_alpha_words_ratio is not None and alpha < cfg.min_alpha_words_ratio:
-        return Verdict("alpha_words_ratio", alpha)
-    stop_words = view.record(group, "stop_words", len(set(cfg.stop_words).intersection(words)))
-    if cfg.min_stop_words is not None and stop_words < cfg.min_stop_words:
-        return Verdict("too_few_stop_words", stop_words)
+    if verdict := check.below("words", len(content), cfg.min_words, "too_few_words"):
+        return verdict
+    if verdict := check.above("words", len(content), cfg.max_words, "too_many_words"):
+        return verdict
+    mean_length = sum(map(len, content)) / max(1, len(content))
+    if verdict := check.below("mean_word_length", mean_length, cfg.min_mean_word_length, "mean_word_length_low"):
+        return verdict
+    if verdict := check.above("mean_word_length", mean_length, cfg.max_mean_word_length, "mean_word_length_high"):
+        return verdict
+    if verdict := check.above("hash_ratio", text.count("#") / n_words, cfg.max_symbol_word_ratio):
+        return verdict
+    ellipses = text.count("...") + text.count("…")
+    if verdict := check.above("ellipsis_ratio", ellipses / n_words, cfg.max_symbol_word_ratio):
+        return verdict
+    bullets = sum(line.lstrip().startswith(("•", "-")) for line in lines)
+    if verdict := check.above("bullet_lines_ratio", bullets / len(lines), cfg.max_bullet_lines_ratio):
+        return verdict
+    trailing = sum(line.rstrip().endswith(("...", "…")) for line in lines)
+    if verdict := check.above("ellipsis_lines_ratio", trailing / len(lines), cfg.max_ellipsis_lines_ratio):
+        return verdict
+    alpha = sum(_has_alpha(w) for w in words)
+    if verdict := check.below("alpha_words_ratio", alpha / n_words, cfg.min_alpha_words_ratio):
+        return verdict
+    stop_words = len(set(cfg.stop_words).intersection(words))
+    if verdict := check.below("stop_words", stop_words, cfg.min_stop_words, "too_few_stop_words"):
+        return verdict
     return None
 
 
@@ -200,38 +213,30 @@ class GopherRepetitionConfig:
 
 
 def gopher_repetition(view: TextView, cfg: GopherRepetitionConfig) -> Verdict | None:
-    group = "gopher_repetition"
+    check = Checks(view, "gopher_repetition")
     text = view.text
     if not text:
         return Verdict("empty", 0.0)
     size = len(text)
     paragraphs = _PARAGRAPH_BREAK.split(text.strip())
     duplicates, chars = _duplicates(paragraphs)
-    value = view.record(group, "dup_para_frac", duplicates / len(paragraphs))
-    if cfg.max_dup_para_frac is not None and value > cfg.max_dup_para_frac:
-        return Verdict("dup_para_frac", value)
-    value = view.record(group, "dup_para_char_frac", chars / size)
-    if cfg.max_dup_para_char_frac is not None and value > cfg.max_dup_para_char_frac:
-        return Verdict("dup_para_char_frac", value)
+    if verdict := check.above("dup_para_frac", duplicates / len(paragraphs), cfg.max_dup_para_frac):
+        return verdict
+    if verdict := check.above("dup_para_char_frac", chars / size, cfg.max_dup_para_char_frac):
+        return verdict
     lines = _LINE_BREAKS.split(text)
     duplicates, chars = _duplicates(lines)
-    value = view.record(group, "dup_line_frac", duplicates / len(lines))
-    if cfg.max_dup_line_frac is not None and value > cfg.max_dup_line_frac:
-        return Verdict("dup_line_frac", value)
-    value = view.record(group, "dup_line_char_frac", chars / size)
-    if cfg.max_dup_line_char_frac is not None and value > cfg.max_dup_line_char_frac:
-        return Verdict("dup_line_char_frac", value)
-    words = view.words
+    if verdict := check.above("dup_line_frac", duplicates / len(lines), cfg.max_dup_line_frac):
+        return verdict
+    if verdict := check.above("dup_line_char_frac", chars / size, cfg.max_dup_line_char_frac):
+        return verdict
     for n, limit in sorted((int(k), v) for k, v in cfg.top_ngram_max_frac.items()):
-        if len(words) < n:
-            continue
-        value = view.record(group, f"top_{n}gram_frac", _top_ngram_chars(view, n) / size)
-        if value > limit:
-            return Verdict(f"top_{n}gram_frac", value)
+        if len(view.words) >= n and (verdict := check.above(f"top_{n}gram_frac", _top_ngram_chars(view, n) / size,
+                                                            limit)):
+            return verdict
     for n, limit in sorted((int(k), v) for k, v in cfg.dup_ngram_max_frac.items()):
-        value = view.record(group, f"dup_{n}gram_frac", _duplicated_ngram_chars(view, n) / size)
-        if value > limit:
-            return Verdict(f"dup_{n}gram_frac", value)
+        if verdict := check.above(f"dup_{n}gram_frac", _duplicated_ngram_chars(view, n) / size, limit):
+            return verdict
     return None
 
 
@@ -331,43 +336,43 @@ class C4Config:
 
 
 def c4(view: TextView, cfg: C4Config) -> Verdict | None:
-    group = "c4"
+    check = Checks(view, "c4")
     kept: list[str] = []
-    sentences = removed = 0
     for raw in view.lines:
-        line = raw.strip()
-        words = line.split()
-        if any(len(w) > cfg.max_word_length for w in words):
-            removed += 1
-            continue
-        if cfg.remove_citations:
-            line = _CITATION.sub("", line)
-        if cfg.require_terminal_punctuation and (not line.endswith((".", "?", "!", '"', "'"))
-                                                 or line.endswith("...")):
-            removed += 1
-            continue
-        if len(words) < cfg.min_words_per_line:
-            removed += 1
-            continue
-        lowered = line.lower()
-        if cfg.drop_lorem_ipsum and "lorem ipsum" in lowered:
-            return Verdict("lorem_ipsum", 1.0)
-        if cfg.remove_javascript_lines and "javascript" in lowered:
-            removed += 1
-            continue
-        if cfg.drop_curly_bracket and "{" in line:
-            return Verdict("curly_bracket", 1.0)
-        if cfg.remove_policy_lines and any(p in lowered for p in C4_POLICY_PHRASES):
-            removed += 1
-            continue
-        sentences += count_sentences(line)
-        kept.append(line)
-    view.record(group, "removed_lines_frac", removed / max(1, len(view.lines)))
-    view.record(group, "sentences", sentences)
-    if sentences < cfg.min_sentences:
-        return Verdict("too_few_sentences", sentences)
+        line = _c4_line(raw.strip(), cfg)
+        if isinstance(line, Verdict):
+            return line
+        if line is not None:
+            kept.append(line)
+    view.record("c4", "removed_lines_frac", (len(view.lines) - len(kept)) / max(1, len(view.lines)))
+    if verdict := check.below("sentences", sum(map(count_sentences, kept)), cfg.min_sentences, "too_few_sentences"):
+        return verdict
     view.set_text("\n".join(kept).strip())
     return None
+
+
+def _c4_line(line: str, cfg: C4Config) -> str | Verdict | None:
+    """A stripped line under C4's line rules: the line to keep, ``None`` to remove it, or a
+    ``Verdict`` dropping the whole document (the rules apply in this order)."""
+    words = line.split()
+    if any(len(w) > cfg.max_word_length for w in words):
+        return None
+    if cfg.remove_citations:
+        line = _CITATION.sub("", line)
+    if cfg.require_terminal_punctuation and (not line.endswith((".", "?", "!", '"', "'")) or line.endswith("...")):
+        return None
+    if len(words) < cfg.min_words_per_line:
+        return None
+    lowered = line.lower()
+    if cfg.drop_lorem_ipsum and "lorem ipsum" in lowered:
+        return Verdict("lorem_ipsum", 1.0)
+    if cfg.remove_javascript_lines and "javascript" in lowered:
+        return None
+    if cfg.drop_curly_bracket and "{" in line:
+        return Verdict("curly_bracket", 1.0)
+    if cfg.remove_policy_lines and any(p in lowered for p in C4_POLICY_PHRASES):
+        return None
+    return line
 
 
 def count_sentences(line: str) -> int:
@@ -396,25 +401,23 @@ class FineWebConfig:
 
 
 def fineweb(view: TextView, cfg: FineWebConfig) -> Verdict | None:
-    group = "fineweb"
-    lines = [line for line in view.text.split("\n") if line.strip()]
+    check = Checks(view, "fineweb")
+    text = view.text
+    lines = [line for line in text.split("\n") if line.strip()]
     if not lines:
         return Verdict("empty", 0.0)
-    value = view.record(group, "line_punct_ratio",
-                        sum(line.endswith(TERMINAL_PUNCTUATION) for line in lines) / len(lines))
-    if value < cfg.min_line_punct_ratio:
-        return Verdict("line_punct_ratio", value)
-    value = view.record(group, "short_line_ratio",
-                        sum(len(line) <= cfg.short_line_chars for line in lines) / len(lines))
-    if value > cfg.max_short_line_ratio:
-        return Verdict("short_line_ratio", value)
-    value = view.record(group, "dup_line_char_ratio",
-                        _duplicates(lines)[1] / max(1, len(view.text) - view.text.count("\n")))
-    if value > cfg.max_dup_line_char_ratio:
-        return Verdict("dup_line_char_ratio", value)
-    value = view.record(group, "newline_word_ratio", view.text.count("\n") / max(1, len(view.words)))
-    if value > cfg.max_newline_word_ratio:
-        return Verdict("newline_word_ratio", value)
+    punctuated = sum(line.endswith(TERMINAL_PUNCTUATION) for line in lines)
+    if verdict := check.below("line_punct_ratio", punctuated / len(lines), cfg.min_line_punct_ratio):
+        return verdict
+    short = sum(len(line) <= cfg.short_line_chars for line in lines)
+    if verdict := check.above("short_line_ratio", short / len(lines), cfg.max_short_line_ratio):
+        return verdict
+    duplicated = _duplicates(lines)[1] / max(1, len(text) - text.count("\n"))
+    if verdict := check.above("dup_line_char_ratio", duplicated, cfg.max_dup_line_char_ratio):
+        return verdict
+    newlines = text.count("\n") / max(1, len(view.words))
+    if verdict := check.above("newline_word_ratio", newlines, cfg.max_newline_word_ratio):
+        return verdict
     return None
 
 
@@ -436,19 +439,16 @@ class CodeConfig:
 
 
 def code(view: TextView, cfg: CodeConfig) -> Verdict | None:
-    group = "code"
-    lines = view.lines or [""]
+    check = Checks(view, "code")
+    text, lines = view.text, view.lines or [""]
     lengths = [len(line) for line in lines]
-    value = view.record(group, "max_line_length", max(lengths))
-    if value > cfg.max_line_length:
-        return Verdict("max_line_length", value)
-    value = view.record(group, "mean_line_length", sum(lengths) / len(lines))
-    if value > cfg.max_mean_line_length:
-        return Verdict("mean_line_length", value)
-    text = view.text
-    value = view.record(group, "alnum_fraction", sum(ch.isalnum() for ch in text) / max(1, len(text)))
-    if value < cfg.min_alnum_fraction:
-        return Verdict("alnum_fraction", value)
+    if verdict := check.above("max_line_length", max(lengths), cfg.max_line_length):
+        return verdict
+    if verdict := check.above("mean_line_length", sum(lengths) / len(lines), cfg.max_mean_line_length):
+        return verdict
+    alnum = sum(ch.isalnum() for ch in text) / max(1, len(text))
+    if verdict := check.below("alnum_fraction", alnum, cfg.min_alnum_fraction):
+        return verdict
     head = "\n".join(lines[:cfg.generated_marker_lines]).lower()
     if any(marker in head for marker in GENERATED_MARKERS):
         return Verdict("autogenerated", 1.0)

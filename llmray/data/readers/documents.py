@@ -9,7 +9,9 @@ parquet of the curate stage (the Document contract in DESIGN.md: ``id``, ``text`
 * :func:`read_batches` yields column batches ``{"id", "text", "source", "error", "message",
   "offset"}`` from one file. A record that cannot become a document (malformed JSON, missing
   or non-string ``text``, text that is not valid Unicode) is *not* raised: it comes out with
-  ``error`` set so the caller can quarantine it and carry on.
+  ``error`` set so the caller can quarantine it and carry on. JSONL is read by
+  :func:`llmray.jsonl.read_lines`; ``offset`` is the 0-based line index (JSONL, blank lines
+  counted) or row index (parquet), while messages name the 1-based line (``file:12: ...``).
 * A missing ``id`` is derived from the file's path relative to the input root and the record
   offset (stable when the corpus moves); a missing ``source`` is the file's name without its
   suffixes, so a folder of raw dumps (``c4.jsonl``, ``wiki.parquet``) is a source mixture.
@@ -21,13 +23,13 @@ parquet of the curate stage (the Document contract in DESIGN.md: ``id``, ``text`
 from __future__ import annotations
 
 import glob
-import gzip
 import hashlib
-import json
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow.parquet as pq
+
+from llmray import jsonl
 
 SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json", ".json.gz")
 COLUMNS = ("id", "text", "source", "error", "message", "offset")
@@ -105,8 +107,9 @@ def read_batches(path: str | Path, root: str | Path, batch_docs: int = 1024,
     records = _parquet_records(path) if path.name.endswith(".parquet") else _jsonl_records(path)
     batch = _empty_batch()
     chars = 0
-    for offset, record in records:
-        row = _document_row(record, relative, offset, source_name(path))
+    for offset, line, record in records:
+        where = f"{relative}:{line}" if line is not None else f"{relative} row {offset}"
+        row = _document_row(record, relative, offset, where, source_name(path))
         for column in COLUMNS:
             batch[column].append(row[column])
         chars += len(row["text"])
@@ -128,7 +131,10 @@ def _empty_batch() -> dict[str, list]:
     return {column: [] for column in COLUMNS}
 
 
-def _parquet_records(path: Path) -> Iterator[tuple[int, dict | Exception]]:
+# Records come as (offset, line, record): ``offset`` is the 0-based row / line index that ids are
+# made of, ``line`` the 1-based line number messages name (None for parquet rows).
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, None, dict]]:
     parquet = pq.ParquetFile(path)
     names = set(parquet.schema_arrow.names)
     if "text" not in names:
@@ -137,30 +143,25 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, dict | Exception]]:
     offset = 0
     for batch in parquet.iter_batches(batch_size=1024, columns=columns):
         for record in batch.to_pylist():
-            yield offset, record
+            yield offset, None, record
             offset += 1
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, dict | Exception]]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        for offset, line in enumerate(handle):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                yield offset, exc
-                continue
-            yield offset, record if isinstance(record, dict) else TypeError(
-                f"line is a JSON {type(record).__name__}, expected an object with a 'text' field")
+def _jsonl_records(path: Path) -> Iterator[tuple[int, int, dict | jsonl.BadLine]]:
+    for line in jsonl.read_lines(path):
+        yield line.index, line.number, line.record
 
 
-def _document_row(record: dict | Exception, relative: str, offset: int, default_source: str) -> dict:
+_LINE_ERRORS = {jsonl.INVALID_JSON: "JSONDecodeError", jsonl.INVALID_UTF8: "UnicodeDecodeError",
+                jsonl.NOT_AN_OBJECT: "TypeError"}
+
+
+def _document_row(record: dict | jsonl.BadLine, relative: str, offset: int, where: str,
+                  default_source: str) -> dict:
     row = {"id": derived_id(relative, offset), "text": "", "source": default_source,
            "error": None, "message": None, "offset": offset}
-    if isinstance(record, Exception):
-        return {**row, "error": type(record).__name__, "message": f"{relative}:{offset}: {record}"}
+    if isinstance(record, jsonl.BadLine):
+        return {**row, "error": _LINE_ERRORS[record.reason], "message": f"{where}: {record.detail}"}
     if isinstance(record.get("id"), (str, int)) and str(record["id"]):
         row["id"] = str(record["id"])
     if isinstance(record.get("source"), str) and record["source"]:
@@ -168,12 +169,12 @@ def _document_row(record: dict | Exception, relative: str, offset: int, default_
     text = record.get("text")
     if not isinstance(text, str):
         found = "missing" if "text" not in record else f"of type {type(text).__name__}"
-        return {**row, "error": "BadText", "message": f"{relative}:{offset}: 'text' is {found}, expected a string"}
+        return {**row, "error": "BadText", "message": f"{where}: 'text' is {found}, expected a string"}
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         return {**row, "error": "BadUnicode",
-                "message": f"{relative}:{offset}: text is not valid Unicode ({exc.reason} at {exc.start})"}
+                "message": f"{where}: text is not valid Unicode ({exc.reason} at {exc.start})"}
     row["text"] = text
     return row
 

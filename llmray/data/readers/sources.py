@@ -26,16 +26,17 @@ Design choices:
   or a broken WARC record becomes a *quarantine* row (path, offset, error, message) and reading
   goes on with the next record; only a truncated stream ends its own file (what was read before
   the break is kept). Ray Data fails a whole dataset on one raised exception, so this matters.
-* ``offset`` is the record's position in its file: line number for JSONL and line-split text,
-  paragraph index, row index for parquet, member index for archives, byte offset of the record
-  for WARC (the compressed offset for ``.gz``, as Common Crawl's indexes use).
+* ``offset`` is the record's position in its file: 0-based line index for JSONL (blank lines
+  counted) and line-split text, paragraph index, row index for parquet, member index for
+  archives, byte offset of the record for WARC (the compressed offset for ``.gz``, as Common
+  Crawl's indexes use). JSONL is read by :func:`llmray.jsonl.read_lines`, and its messages name
+  the 1-based line (``path:12: ...``), as an editor shows it.
 """
 
 from __future__ import annotations
 
 import glob
 import gzip
-import json
 import logging
 import tarfile
 import zlib
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
+from llmray import jsonl
 from llmray.config import param
 from llmray.data.readers import html as html_lib
 from llmray.data.readers import latex as latex_lib
@@ -221,89 +223,95 @@ class RawRecord:
     error: str | None = None
     message: str | None = None
     invalid_utf8: int = 0  # bytes a reader already replaced while decoding (JSON lines)
+    location: str | None = None  # what messages call it (JSONL: ``path:line``); default ``path@offset``
 
 
 def _row(record: RawRecord, source: str, path: str, id_path: str, domain: str, limits: ReadLimits) -> dict:
     if record.error is not None:
         return records.quarantine_row(source, path, record.offset, record.error, record.message or "")
+    at = record.location or f"{path}@{record.offset}"
     text = record.text
     meta = dict(record.meta or {})
     if isinstance(text, bytes):
         if len(text) > limits.max_doc_bytes:
-            return _too_large(source, path, record.offset, len(text), limits)
+            return _too_large(source, path, record.offset, at, len(text), limits)
         if machine_text.looks_binary(text):
-            return records.quarantine_row(source, path, record.offset, "BinaryContent",
-                                          f"{path}@{record.offset}: NUL bytes, not text")
+            return records.quarantine_row(source, path, record.offset, "BinaryContent", f"{at}: NUL bytes, not text")
         text, invalid = normalize.decode(text)
         if normalize.invalid_fraction(text, invalid) > limits.max_invalid_utf8_fraction:
-            return _invalid_utf8(source, path, record.offset, invalid, text)
+            return _invalid_utf8(source, path, record.offset, at, invalid, text)
         if invalid:
             meta["repaired_utf8"] = invalid
     elif not isinstance(text, str):
         return records.quarantine_row(source, path, record.offset, "NotText",
-                                      f"{path}@{record.offset}: expected a string, got {type(text).__name__}")
+                                      f"{at}: expected a string, got {type(text).__name__}")
     else:
         text, surrogates = normalize.repair_surrogates(text)
         invalid = record.invalid_utf8 + surrogates
         if normalize.invalid_fraction(text, invalid) > limits.max_invalid_utf8_fraction:
-            return _invalid_utf8(source, path, record.offset, invalid, text)
+            return _invalid_utf8(source, path, record.offset, at, invalid, text)
         if invalid:
             meta["repaired_utf8"] = invalid
         if len(text) > limits.max_doc_bytes // 4 and len(text.encode("utf-8")) > limits.max_doc_bytes:
-            return _too_large(source, path, record.offset, len(text.encode("utf-8")), limits)
+            return _too_large(source, path, record.offset, at, len(text.encode("utf-8")), limits)
     return records.document_row(source, path, record.offset, text, domain=domain, url=record.url, meta=meta,
                                 id_path=id_path)
 
 
-def _invalid_utf8(source: str, path: str, offset: int, invalid: int, text: str) -> dict:
+def _invalid_utf8(source: str, path: str, offset: int, at: str, invalid: int, text: str) -> dict:
     return records.quarantine_row(source, path, offset, "InvalidUTF8",
-                                  f"{path}@{offset}: {invalid} invalid UTF-8 sequences in {len(text)} characters")
+                                  f"{at}: {invalid} invalid UTF-8 sequences in {len(text)} characters")
 
 
-def _too_large(source: str, path: str, offset: int, size: int, limits: ReadLimits) -> dict:
+def _too_large(source: str, path: str, offset: int, at: str, size: int, limits: ReadLimits) -> dict:
     return records.quarantine_row(source, path, offset, "DocumentTooLarge",
-                                  f"{path}@{offset}: {size} bytes > max_doc_bytes {limits.max_doc_bytes}")
+                                  f"{at}: {size} bytes > max_doc_bytes {limits.max_doc_bytes}")
 
 
 def _open_binary(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
+_JSONL_ERRORS = {jsonl.INVALID_JSON: "JSONDecodeError", jsonl.NOT_AN_OBJECT: "NotAnObject",
+                 jsonl.INVALID_UTF8: "InvalidUTF8"}
+
+
 def _jsonl_records(path: str, source: SourceConfig, unit: dict) -> Iterator[RawRecord]:
-    with _open_binary(path) as handle:
-        for line_number, line in enumerate(handle):
-            if not line.strip():
-                continue
-            decoded, invalid = normalize.decode(line)  # repair bad bytes inside strings, judged in _row
-            try:
-                obj = json.loads(decoded)
-            except ValueError as exc:
-                yield RawRecord(line_number, None, error=type(exc).__name__,
-                                message=f"{path} line {line_number}: malformed JSON: {exc}")
-                continue
-            for record in _field_records(obj, line_number, source, path):
-                record.invalid_utf8 = invalid
-                yield record
+    """Records of a JSONL(.gz) file; offset = 0-based line index (blank lines counted).
+
+    Bad bytes inside a line are repaired (``normalize.decode``) and judged in :func:`_row`.
+    """
+    for line in jsonl.read_lines(path, decode=normalize.decode):
+        location = f"{path}:{line.number}"
+        if isinstance(line.record, jsonl.BadLine):
+            yield RawRecord(line.index, None, error=_JSONL_ERRORS[line.record.reason], message=str(line.record),
+                            location=location)
+            continue
+        for record in _field_records(line.record, line.index, source, path, location):
+            record.invalid_utf8 = line.repaired
+            yield record
 
 
-def _field_records(obj, offset: int, source: SourceConfig, path: str) -> Iterator[RawRecord]:
+def _field_records(obj, offset: int, source: SourceConfig, path: str, location: str | None = None
+                   ) -> Iterator[RawRecord]:
     """The record of one JSON object / row, or nothing when ``where`` does not select it."""
+    at = location or f"{path} record {offset}"
     if not isinstance(obj, dict):
         yield RawRecord(offset, None, error="NotAnObject",
-                        message=f"{path} record {offset}: expected a JSON object, got {type(obj).__name__}")
+                        message=f"{at}: expected a JSON object, got {type(obj).__name__}", location=location)
         return
     if all(str(obj.get(key)) in values for key, values in source.where.items()):
-        yield _field_record(obj, offset, source, path)
+        yield _field_record(obj, offset, source, at, location)
 
 
-def _field_record(obj: dict, offset: int, source: SourceConfig, path: str) -> RawRecord:
+def _field_record(obj: dict, offset: int, source: SourceConfig, at: str, location: str | None) -> RawRecord:
     if source.text_field not in obj:
-        return RawRecord(offset, None, error="MissingField",
-                         message=f"{path} record {offset}: no '{source.text_field}' field "
-                                 f"(has {sorted(obj)[:10]})")
+        return RawRecord(offset, None, error="MissingField", location=location,
+                         message=f"{at}: no '{source.text_field}' field (has {sorted(obj)[:10]})")
     meta = {"source_id": str(obj.get(source.id_field))} if source.id_field and source.id_field in obj else {}
     url = obj.get(source.url_field) if source.url_field else None
-    return RawRecord(offset, obj[source.text_field], url=url if isinstance(url, str) else None, meta=meta)
+    return RawRecord(offset, obj[source.text_field], url=url if isinstance(url, str) else None, meta=meta,
+                     location=location)
 
 
 def _parquet_records(path: str, source: SourceConfig, unit: dict) -> Iterator[RawRecord]:

@@ -1,0 +1,278 @@
+"""The one way a training stage runs: model + objective + data + ``Trainer``, in process or on Ray Train.
+
+Design choices:
+
+* A stage describes its run as a picklable :class:`TrainJob` (how to build the model, the
+  objective, per-shard data recipes, the loop / parallel / execution settings, where
+  checkpoints, metrics and the export go); :func:`launch` runs it. Every worker executes
+  :func:`train_worker`, so the in-process path and the Ray Train path are the same code, and
+  pretraining, SFT, DPO and the tune proxy differ only in their objective and data.
+* ``execution.launcher: auto`` trains in this process when there is one worker and no GPU is
+  asked for (no worker group to start: proxy trials, a laptop), else on Ray Train (worker
+  restarts from the latest checkpoint, multi-node).
+* Checkpoints are one directory of ``step_*`` folders under either launcher (a local store, or
+  Ray Train's run directory ``storage_path/name``), and the exported weights are read back from
+  its last complete checkpoint (DCP reshards on load, so the export does not depend on the
+  layout that trained).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal
+
+import torch
+import torch.distributed as dist
+
+from llmray.config import param
+from llmray.model.config import ModelConfig
+from llmray.parallel import ParallelConfig
+from llmray.train.objectives import Objective
+from llmray.train.ray_train import TrainingFailed
+from llmray.train.trainer import TrainConfig
+
+log = logging.getLogger("llmray.train")
+
+
+@dataclass
+class ExecutionConfig:
+    """Where the training workers run and what each one gets."""
+
+    launcher: Literal["auto", "process", "ray_train"] = param(
+        "auto", doc="process: train in this process (one worker); ray_train: a Ray Train worker group "
+                    "(restarts from the latest checkpoint after failures, multi-node); auto: process when "
+                    "workers is 1 and use_gpu is not true, else ray_train")
+    workers: int = param(1, doc="training workers, one process each (the parallel degrees multiply to this)",
+                         min=1)
+    use_gpu: bool | None = param(None, doc="one GPU per worker; null = when the Ray cluster (or this process) "
+                                           "has GPUs")
+    cpus_per_worker: float = param(1.0, doc="CPUs Ray reserves per worker (fractions allowed)", min=0.01)
+    threads_per_worker: int | None = param(None, doc="torch threads per worker; null = cpus_per_worker "
+                                                     "rounded down (at least 1)", min=1)
+    resources_per_worker: dict[str, float] = param(default_factory=dict, doc="extra custom Ray resources per worker")
+    max_failures: int = param(2, doc="ray_train: worker-group restarts from the latest checkpoint before the "
+                                     "run fails", min=0)
+    num_to_keep: int = param(2, doc="checkpoints kept (older ones are deleted)", min=1)
+    storage_path: str | None = param(None, doc="where checkpoint runs go (shared storage on a multi-node "
+                                               "cluster); null = the stage's work directory")
+    name: str | None = param(None, doc="checkpoint run name under storage_path; reusing it resumes; "
+                                       "null = <run>-<stage>")
+
+    def __post_init__(self) -> None:
+        if self.launcher == "process" and self.workers > 1:
+            raise ValueError(f"launcher=process trains in this one process, but workers={self.workers}; "
+                             f"set workers: 1 or launcher: ray_train")
+
+    @property
+    def in_process(self) -> bool:
+        if self.launcher == "auto":
+            return self.workers == 1 and self.use_gpu is not True
+        return self.launcher == "process"
+
+    @property
+    def threads(self) -> int:
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+
+
+@dataclass
+class BatchConfig:
+    """The shape and order of micro-batches, per worker."""
+
+    seq_len: int = param(256, doc="tokens per training row (pretraining window T, a packed SFT row, one DPO "
+                                   "sequence)", min=1)
+    micro_batch_size: int = param(8, doc="rows (DPO: pairs) per micro-batch on each data-parallel worker", min=1)
+    seed: int | None = param(None, doc="seed of the row order; null = train.seed", min=0)
+
+    def order_seed(self, train: TrainConfig) -> int:
+        return train.seed if self.seed is None else self.seed
+
+
+@dataclass
+class FreshModel:
+    """A model initialized from ``train.seed`` (pretraining)."""
+
+    config: ModelConfig
+
+    def build(self, device: torch.device, seed: int) -> tuple[torch.nn.Module, ModelConfig]:
+        from llmray.model import llama
+
+        torch.manual_seed(seed)
+        return llama.build(self.config, device), self.config
+
+
+@dataclass
+class PretrainedModel:
+    """A model loaded from a Hugging Face-layout directory (SFT, DPO)."""
+
+    directory: str
+
+    @property
+    def config(self) -> ModelConfig:
+        from llmray.model import hf
+
+        path = Path(self.directory) / hf.CONFIG_FILE
+        return hf.config_from_hf(json.loads(path.read_text()), str(path))
+
+    def build(self, device: torch.device, seed: int) -> tuple[torch.nn.Module, ModelConfig]:
+        from llmray.model import hf
+
+        pretrained = hf.load(self.directory, device=device)
+        torch.manual_seed(seed)
+        return pretrained.model.train(), pretrained.config
+
+
+# A data recipe: (data-parallel shard, shard count) -> micro-batch iterator (training) or iterable
+# (validation; called again for every validation pass). Raises ValueError when the split is too
+# small for one batch per worker.
+DataRecipe = Callable[[int, int], Any]
+# A hook factory: trainer -> hook(step, metrics), run on every rank at step 0 and after each step.
+HookFactory = Callable[[Any], Callable[[int, dict], None]]
+
+
+@dataclass
+class TrainJob:
+    """Everything a training worker needs (pickled to each worker)."""
+
+    model: FreshModel | PretrainedModel
+    objective: Objective
+    train_data: DataRecipe
+    train: TrainConfig
+    parallel: ParallelConfig
+    execution: ExecutionConfig
+    seq_len: int
+    checkpoint_dir: str  # step_* checkpoints go here under either launcher
+    val_data: DataRecipe | None = None
+    export_dir: str | None = None  # final weights in Hugging Face layout
+    tokenizer_dir: str | None = None  # copied beside the export
+    bits_per_byte: bool = False  # validation bits per byte (needs tokenizer_dir)
+    metrics_path: str | None = None  # rank 0 writes metrics.jsonl here, TensorBoard files beside it
+    resume_from: str | None = None  # a checkpoint to start from when checkpoint_dir has none
+    hooks: list[HookFactory] = field(default_factory=list)
+
+
+@dataclass
+class LaunchResult:
+    checkpoint: Path  # the last complete checkpoint
+    model_config: ModelConfig
+    worker: dict  # rank 0's report: losses, evals, guard counts, hook histories, last metrics
+
+
+def launch(job: TrainJob, connect_ray: Callable[[], Any]) -> LaunchResult:
+    """Run ``job`` in this process or on Ray Train (``connect_ray`` is called only for the latter),
+    then export the last complete checkpoint when ``job.export_dir`` is set."""
+    from llmray.train import checkpoint as ckpt
+
+    checkpoints = Path(job.checkpoint_dir).resolve()
+    if job.execution.in_process:
+        store = ckpt.LocalCheckpointStore(checkpoints, num_to_keep=job.execution.num_to_keep, log=log.warning)
+        with _torch_threads(job.execution.threads):
+            report = train_worker(job, store)
+    else:
+        from llmray.train import ray_train
+
+        connect_ray()
+        report = ray_train.fit(_ray_train_entry, {"job": job}, job.execution, name=checkpoints.name,
+                               storage_path=checkpoints.parent)
+    latest = ckpt.latest_complete(ckpt.checkpoint_dirs(checkpoints))
+    if latest is None:
+        raise TrainingFailed(f"training finished without a complete checkpoint in {checkpoints}")
+    model_config = job.model.config
+    if job.export_dir:
+        export_checkpoint(latest, model_config, job.export_dir, job.tokenizer_dir)
+    return LaunchResult(latest, model_config, report)
+
+
+def export_checkpoint(checkpoint: Path, model_config: ModelConfig, out_dir: str | Path,
+                      tokenizer_dir: str | None) -> None:
+    """Full fp32 weights of ``checkpoint`` in Hugging Face layout, with the tokenizer files beside them."""
+    from llmray.model import hf, llama
+    from llmray.train import checkpoint as ckpt
+
+    model = llama.build(model_config, "cpu", init=False)
+    ckpt.load_model_weights(checkpoint, model)
+    hf.export(out_dir, model_config, model.state_dict(), tokenizer_dir=tokenizer_dir)
+
+
+def train_worker(job: TrainJob, store) -> dict:
+    """Build and run the Trainer on this worker's share of the data; rank 0's return value is the report."""
+    from llmray.train.metrics import MetricsWriter
+    from llmray.train.trainer import Trainer, device_for_worker
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    shard, shards = job.parallel.data_shard(rank, world)
+    model, model_config = job.model.build(device_for_worker(), job.train.seed)
+    writer = None
+    if rank == 0 and job.metrics_path:
+        path = Path(job.metrics_path)
+        writer = MetricsWriter(path, path.parent / "tensorboard", console_every=job.train.log_every)
+    token_bytes = token_byte_lengths(Path(job.tokenizer_dir), model_config.vocab_size) \
+        if job.bits_per_byte and job.tokenizer_dir else None
+    trainer = Trainer(job.train, model, job.objective, job.train_data(shard, shards), parallel=job.parallel,
+                      store=store, val_data=_validation(job.val_data, shard, shards, rank),
+                      token_bytes=token_bytes, flops_per_token=model_config.flops_per_token(job.seq_len),
+                      writer=writer)
+    hooks = [factory(trainer) for factory in job.hooks]
+    trainer.hooks.extend(hooks)
+    for hook in hooks:  # a baseline of the initial model
+        hook(0, {})
+    try:
+        result = trainer.fit(resume_from=job.resume_from)
+    finally:
+        if writer is not None:
+            writer.close()
+    return {"steps": trainer.step, "losses": result.losses, "evals": result.evals,
+            "guard_counts": result.guard_counts, "metrics": result.last_metrics,
+            "hooks": [getattr(hook, "history", None) for hook in hooks]}
+
+
+def _validation(recipe: DataRecipe | None, shard: int, shards: int, rank: int) -> Callable[[], Iterable] | None:
+    if recipe is None:
+        return None
+    try:
+        recipe(shard, shards)
+    except ValueError as exc:  # no validation split, or too small for one batch per worker
+        if rank == 0:
+            log.warning("no validation: %s", exc)
+        return None
+    return functools.partial(recipe, shard, shards)
+
+
+def _ray_train_entry(config: dict) -> dict:
+    from llmray.train import ray_train
+
+    job: TrainJob = config["job"]
+    torch.set_num_threads(job.execution.threads)
+    return train_worker(job, ray_train.RayCheckpointStore(log.warning))
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def token_byte_lengths(directory: Path, vocab_size: int) -> torch.Tensor:
+    """UTF-8 bytes of each token id (special tokens 0), for bits per byte.
+
+    Byte-level BPE spells every byte as one character of its alphabet, so a token's length in
+    bytes is its string length; other tokenizers are measured by decoding each id.
+    """
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    byte_level = (json.loads(tokenizer.to_str()).get("decoder") or {}).get("type") == "ByteLevel"
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    lengths = torch.zeros(vocab_size, dtype=torch.int64)
+    for token, index in tokenizer.get_vocab(with_added_tokens=True).items():
+        if index < vocab_size and token not in special:
+            lengths[index] = len(token) if byte_level else len(tokenizer.decode([index]).encode("utf-8"))
+    return lengths

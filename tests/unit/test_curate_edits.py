@@ -1,0 +1,92 @@
+"""Dedup's edits of kept rows inside curate, without Ray: boilerplate lines leave the text, flagged
+documents get ``meta.contamination``, rows already dropped are untouched, and the funnel shows the
+counts on the stage's row (and only then grows a "changed" column)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+from llmray.data import curate, funnel, records
+from llmray.data.dedup import REJECTED_SCHEMA, KeptEdits, boilerplate, node_ids
+
+BANNER = "Sign up for our newsletter to get the latest stories every week."
+BODY = "The river rose overnight and the town moved its market to the hill."
+
+
+def _row(doc_id: str, text: str, meta: dict | None = None) -> dict:
+    row = records.document_row("web", "site.jsonl", int(doc_id[-1]), text, domain="text", meta=meta)
+    row["id"] = doc_id
+    return row
+
+
+def _rows() -> list[dict]:
+    rows = [_row("doc-1", f"{BANNER}\n{BODY}"), _row("doc-2", f"{BODY} Again.\n{BANNER}", {"title": "Café"}),
+            _row("doc-3", f"{BANNER}\nA duplicate of something kept."), _row("doc-4", f"{BANNER}\nRejected early.")]
+    records.reject(rows[3], "c4", "too_few_sentences", 1.0)
+    return rows
+
+
+def _edits(flag_ids: list[str], masks: list[int]) -> KeptEdits:
+    lines = np.array([boilerplate.line_hash(boilerplate.line_key(BANNER))], dtype=np.uint64)
+    nodes = node_ids(flag_ids)
+    order = np.argsort(nodes)
+    return KeptEdits(lines, 20, (nodes[order], np.array(masks, np.uint64)[order]), ("arc", "piqa"))
+
+
+def _dropped(ids: list[str]) -> pa.Table:
+    return pa.table({"id": ids, "source": ["web"] * len(ids), "stage": ["exact_dedup"] * len(ids),
+                     "reason": ["exact_duplicate"] * len(ids), "value": ["doc-1"] * len(ids)},
+                    schema=REJECTED_SCHEMA)
+
+
+def test_kept_rows_lose_boilerplate_lines_and_flagged_ones_name_their_tasks():
+    table = records.to_table(_rows())
+    rows = curate._mark_dropped(table, _dropped(["doc-3"]), _edits(["doc-2"], [0b10])).to_pylist()
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["doc-1"]["text"] == BODY and by_id["doc-2"]["text"] == f"{BODY} Again."
+    assert json.loads(by_id["doc-2"]["meta"]) == {"title": "Café", "contamination": ["piqa"]}
+    assert "Café" in by_id["doc-2"]["meta"]  # same JSON form as records.document_row (no \\u escapes)
+    assert json.loads(by_id["doc-1"]["meta"]) == {}
+    signals = json.loads(by_id["doc-2"]["signals"])
+    assert signals == {"edit.boilerplate.documents_changed": 1.0, "edit.boilerplate.lines_removed": 1.0,
+                       "edit.boilerplate.bytes_removed": float(len(BANNER) + 1),
+                       "edit.decontamination.documents_flagged": 1.0}
+    # rows dropped by dedup or earlier keep their text (a preview for sample_rejected) and get no edits
+    assert (by_id["doc-3"]["stage"], by_id["doc-3"]["detail"]) == ("exact_dedup", "doc-1")
+    assert by_id["doc-3"]["text"].startswith(BANNER) and by_id["doc-4"]["text"].startswith(BANNER)
+    assert by_id["doc-3"]["signals"] is None and by_id["doc-4"]["signals"] is None
+
+
+def test_no_drops_and_no_edits_return_the_block_unchanged():
+    table = records.to_table(_rows())
+    assert curate._mark_dropped(table, _dropped([]), KeptEdits()) is table
+
+
+def test_funnel_rows_and_tables_show_edits(tmp_path):
+    rows = curate._mark_dropped(records.to_table(_rows()), _dropped(["doc-3"]), _edits(["doc-2"], [0b11]))
+    stages = ["c4", "boilerplate", "exact_dedup", "near_dedup", "decontamination"]
+    writer = funnel.CurateWriter(tmp_path, curate.OutputConfig(), stages, 0)
+    writer.add(rows)
+    summary = writer.finish()
+    by_stage = {s["stage"]: s for s in summary["stages"]}
+    assert by_stage["boilerplate"]["edits"] == {"documents_changed": 2, "bytes_removed": 2 * (len(BANNER) + 1),
+                                                "lines_removed": 2}
+    assert by_stage["decontamination"]["edits"] == {"documents_flagged": 1}
+    assert by_stage["decontamination"]["docs_in"] == by_stage["decontamination"]["docs_out"] == 2
+    assert "edits" not in by_stage["exact_dedup"] and summary["per_source"]["web"][1]["edits"]["lines_removed"] == 2
+    assert not any(name.startswith("edit.") for name in summary["signals"])  # counts, not histograms
+    table = funnel._stage_table(summary["stages"]).splitlines()
+    assert table[0].endswith("| changed |")
+    assert table[3].endswith(f"| 2 documents changed, {2 * (len(BANNER) + 1)} bytes removed, 2 lines removed |")
+    assert table[6].endswith("| 1 documents flagged |") and table[5].endswith("|  |")
+
+
+def test_funnel_table_without_edits_keeps_its_columns(tmp_path):
+    writer = funnel.CurateWriter(tmp_path, curate.OutputConfig(), ["c4"], 0)
+    writer.add(records.to_table(_rows()))
+    table = funnel._stage_table(writer.finish()["stages"]).splitlines()
+    assert table[0] == "| stage | docs in | docs out | kept % | MB in | MB out | est. tokens out |"
+    assert all("edits" not in row for row in writer.summary({})["stages"])
