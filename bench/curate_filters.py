@@ -40,10 +40,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llmray.data.filters import classifiers
-from llmray.data.filters import heuristics as filters
-from llmray.data.readers import machine_text
-from llmray.data.filters import normalize
+from llmray.data.filters import classifiers, normalize  # noqa: E402
+from llmray.data.filters import heuristics as filters  # noqa: E402
 from llmray.data.readers import sources  # noqa: E402
 
 OUT = REPO / "bench" / "out"

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from llmray import jsonl
+
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
 
@@ -189,9 +191,15 @@ class StageDir:
             handle.write(json.dumps(record, default=float) + "\n")
 
     def read_metrics(self) -> list[dict]:
+        """Every record of ``metrics.jsonl``; a bad line is a bug here (this file is ours), so it raises."""
         if not self._metrics_file.exists():
             return []
-        return [json.loads(line) for line in self._metrics_file.read_text().splitlines() if line.strip()]
+        records = []
+        for line in jsonl.read_lines(self._metrics_file):
+            if isinstance(line.record, jsonl.BadLine):
+                raise line.record
+            records.append(line.record)
+        return records
 
 
 def fingerprint_inputs(inputs: dict[str, str | Path]) -> dict[str, dict]:

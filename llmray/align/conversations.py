@@ -27,7 +27,7 @@ from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
-from llmray.align.records import (Quarantined, RecordError, check_conversation, field, read_source_items,
+from llmray.align.records import (Quarantined, RecordError, RecordSource, check_conversation, field, read_source_items,
                                   split_sources, unit_hash)
 from llmray.config import param
 
@@ -44,26 +44,13 @@ class Conversation:
 
 
 @dataclass
-class SftSource:
+class SftSource(RecordSource):
     """One instruction dataset in the SFT mixture."""
 
     kind: Literal["oasst", "self_instruct", "gsm8k", "messages"] = param(
         "messages", doc="format: oasst (message trees), self_instruct, gsm8k, messages (user JSONL)")
-    path: str = param("", doc="JSONL(.gz) file")
-    name: str | None = param(None, doc="source name in metrics and ids; null = the kind")
     weight: float = param(1.0, doc="times each training conversation appears per epoch (fractions sample "
                                    "by hash)", min=0.0)
-    max_records: int | None = param(None, doc="use at most this many conversations of the source "
-                                              "(first ones in file order); null = all", min=1)
-    include_synthetic: bool = param(False, doc="oasst only: keep model-written (synthetic) trees")
-
-    def __post_init__(self) -> None:
-        if not self.path:
-            raise ValueError(f"sft source of kind {self.kind!r} needs a path")
-
-    @property
-    def label(self) -> str:
-        return self.name or self.kind
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,11 +43,13 @@ class Rendered:
 
 @dataclass
 class RenderStats:
-    conversations: int = 0
-    dropped_overlong: int = 0
-    truncated: int = 0
-    tokens: int = 0
-    assistant_tokens: int = 0
+    """What one rendering pass did (written to the stage's data.json)."""
+
+    conversations: int = 0  # rendered and kept
+    dropped_overlong: int = 0  # longer than a row, overlong=drop
+    truncated: int = 0  # longer than a row, cut to fit (overlong=truncate)
+    tokens: int = 0  # in the kept conversations
+    assistant_tokens: int = 0  # of those, targets of the loss
 
 
 def render_all(conversations: Iterable[Sequence[dict]], template: ChatTemplate, row_len: int,

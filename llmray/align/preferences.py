@@ -22,7 +22,7 @@ from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
-from llmray.align.records import Quarantined, RecordError, check_messages, field, read_source_items
+from llmray.align.records import Quarantined, RecordError, RecordSource, check_messages, field, read_source_items
 from llmray.config import param
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -40,25 +40,12 @@ class Pair:
 
 
 @dataclass
-class PreferenceSource:
+class PreferenceSource(RecordSource):
     """One preference dataset in the DPO mixture."""
 
     kind: Literal["hh_rlhf", "oasst", "preferences"] = param(
         "preferences", doc="format: hh_rlhf (Human/Assistant dialogues), oasst (ranked sibling replies), "
                            "preferences (user JSONL)")
-    path: str = param("", doc="JSONL(.gz) file")
-    name: str | None = param(None, doc="source name in metrics and ids; null = the kind")
-    max_records: int | None = param(None, doc="use at most this many pairs (first in file order); null = all",
-                                    min=1)
-    include_synthetic: bool = param(False, doc="oasst only: keep model-written (synthetic) trees")
-
-    def __post_init__(self) -> None:
-        if not self.path:
-            raise ValueError(f"preference source of kind {self.kind!r} needs a path")
-
-    @property
-    def label(self) -> str:
-        return self.name or self.kind
 
 
 def parse_hh_dialogue(text: str, where: str) -> list[dict[str, str]]:

@@ -20,8 +20,28 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from llmray import jsonl
+from llmray.config import param
 
 ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class RecordSource:
+    """What every SFT and DPO data source names: a JSONL file of one ``kind`` and how much of it to use."""
+
+    path: str = param("", doc="JSONL(.gz) file")
+    name: str | None = param(None, doc="source name in metrics and ids; null = the kind")
+    max_records: int | None = param(None, doc="use at most this many records' items (conversations, pairs), "
+                                              "the first in file order; null = all", min=1)
+    include_synthetic: bool = param(False, doc="oasst only: keep model-written (synthetic) trees")
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError(f"{self.kind} source needs a path")  # kind: the subclass's format field
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
 
 
 class RecordError(ValueError):

@@ -1,40 +1,20 @@
 """``llmray curate``: raw sources → curated documents, on a streaming Ray Data pipeline.
 
-The pipeline (each step a named function below; steps exchange :data:`records.ROW_SCHEMA` blocks)::
-
-    plan (driver, sorted work units: one per file)
-      └─► read      map_batches task per file: records → rows; bad records → quarantine rows
-      └─► clean     map_batches tasks: normalize (NFC, controls, whitespace), heuristic filters
-      └─► classify  actor pool (models loaded once per actor): fastText LID, quality, toxicity
-      └─► redact    map_batches tasks: PII placeholders
-      └─► dedup     (optional) materialise, then boilerplate lines / exact / MinHash near-dup /
-                    decontamination (:mod:`llmray.data.dedup`) over the live rows; dropped rows
-                    are marked, kept rows get dedup's edits (boilerplate lines leave the text,
-                    ``decontam.action: flag`` writes ``meta.contamination``)
-      └─► write     driver, in input order: documents/, rejected/, quarantine/, funnel report
-
-A step touches only live rows (see :mod:`llmray.data.records`); to drop a document it sets
-``stage``/``reason``/``value`` (dedup also ``detail``: the id of the document kept), and a change
-to a document it keeps is counted with ``records.count_edits`` (the funnel shows it on the step's
-row). Adding a step is one line in :func:`build_dataset`.
+plan (sorted work units, one per file) → read (readers; bad records → quarantine rows) → clean
+(normalize, heuristic filters) → classify (fastText actor pool: LID, quality, toxicity) → redact
+(PII) → dedup (optional: boilerplate lines, exact, MinHash, decontamination) → write (documents/,
+rejected/, quarantine/, funnel report). Adding a step is one line in :func:`build_dataset`.
 
 Design choices:
 
-* **Streaming**: nothing is materialised; blocks flow from readers to the driver's writers,
-  which keep only the current parquet row group in memory.
-* **Determinism**: work units are sorted, each file is read in record order, every step is a
-  pure function of its row, and Ray Data runs with ``preserve_order=True``; the driver cuts
-  parquet files and row groups by row count (not by arrival batches). The same input and config
-  give byte-identical parquet across runs and across ``num_cpus`` (tested).
-* **Restart**: the stage output is built in a temporary directory and swapped in only on
-  success (``stages.run_stage``), so a run killed with SIGKILL leaves nothing half-written, and
-  running it again produces exactly the output of a clean run (tested). Curation is a single
-  pass whose cost is dominated by reading; per-unit checkpoints were not worth their state.
-* **Bad input**: readers turn every bad record into a quarantine row; a step that raises on a
-  batch would fail the whole dataset (Ray Data's ``max_errored_blocks=0``), so steps catch per
-  row and quarantine the row instead.
-* **CPU sharing**: read/clean/redact tasks ask for fractional CPUs and actors for ``actor_cpus``
-  so that on a 2-CPU laptop the read tasks are never starved by the actor pool (PITFALLS).
+* A step touches only live rows (:func:`llmray.data.records.is_live`): it drops a document by
+  setting ``stage``/``reason``/``value`` and counts a change to a kept one with
+  ``records.count_edits``, so the funnel explains every drop and edit.
+* Deterministic: sorted work units, record order within a file, pure per-row steps,
+  ``preserve_order=True`` and parquet cut by row count give byte-identical output for the same
+  input and config, whatever ``num_cpus``.
+* Nothing half-written: the output is built in a temporary directory and swapped in on success.
+* CPU sharing: tasks ask for fractional CPUs so an actor pool never starves the readers on 2 cores.
 """
 
 from __future__ import annotations
@@ -49,15 +29,13 @@ import pyarrow as pa
 
 from llmray import runs as runs_lib
 from llmray.config import param
-from llmray.data.filters import classifiers
-from llmray.data import funnel
-from llmray.data.filters import normalize
-from llmray.data import records
 from llmray.data import dedup as dedup_lib
+from llmray.data import funnel, records
+from llmray.data.dedup.shuffle import fetch_broadcast
+from llmray.data.filters import classifiers, normalize
 from llmray.data.filters import heuristics as filters_lib
 from llmray.data.filters import pii as pii_lib
 from llmray.data.readers import sources as sources_lib
-from llmray.data.dedup.shuffle import fetch_broadcast
 
 
 @dataclass

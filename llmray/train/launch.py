@@ -130,7 +130,8 @@ class PretrainedModel:
 # (validation; called again for every validation pass). Raises ValueError when the split is too
 # small for one batch per worker.
 DataRecipe = Callable[[int, int], Any]
-# A hook factory: trainer -> hook(step, metrics), run on every rank at step 0 and after each step.
+# A hook factory: trainer -> hook(step, metrics), run on every rank at step 0 and after each step;
+# a hook's ``history`` list, when it keeps one, comes back in rank 0's report.
 HookFactory = Callable[[Any], Callable[[int, dict], None]]
 
 

@@ -7,8 +7,7 @@ import dataclasses
 import fasttext
 import pytest
 
-from llmray.data.filters import classifiers
-from llmray.data.filters import fasttext_train
+from llmray.data.filters import classifiers, fasttext_train
 from llmray.data.readers import sources
 
 

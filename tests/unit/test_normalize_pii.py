@@ -7,8 +7,7 @@ import unicodedata
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmray.data.filters import normalize
-from llmray.data.filters import pii
+from llmray.data.filters import normalize, pii
 
 
 def test_decode_repairs_a_few_invalid_bytes_and_counts_them():

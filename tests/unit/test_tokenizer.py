@@ -144,7 +144,7 @@ def test_report_compares_with_the_byte_baseline(trained):
     assert "byte-level baseline" in (trained[1] / "report.md").read_text()
 
 
-def test_document_inputs_resolve_files_globs_and_stable_ids(trained, tmp_path):
+def test_lineage_inputs_resolve_files_globs_and_stable_ids(trained, tmp_path):
     corpus = trained[0]
     names = [p.name for p in documents.list_files(corpus)]
     assert names == ["c4.jsonl", "shakespeare.jsonl", "wiki.parquet"]

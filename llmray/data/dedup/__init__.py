@@ -1,39 +1,19 @@
-"""Deduplication and decontamination of a Ray Dataset of documents.
+"""Deduplication and decontamination of a Ray Dataset of documents: the orchestration.
 
-``deduplicate(documents, cfg)`` returns the kept documents, a rejected dataset (``id, source,
-stage, reason, value``; for duplicates ``value`` is the id of the document kept instead), the
-edits it made to kept documents (:class:`KeptEdits`, which a caller that keeps its own copy of the
-rows, like curate, applies itself) and funnel statistics. The stages, in the order they claim a
-document:
+``deduplicate(documents, cfg)`` returns the kept documents, the rejected ones (``value`` of a
+duplicate is the id kept instead), the edits made to kept documents (:class:`KeptEdits`) and
+funnel statistics. Stages, in the order they claim a document: **boilerplate** lines
+(``boilerplate.py``), **exact_dedup** (xxh3-128 of normalized text), **near_dedup** (MinHash LSH
+candidates in ``minhash.py``, verified by exact shingle Jaccard, clustered by ``components.py``),
+**decontamination** (``decontam.py``: drop, or keep with ``meta.contamination``).
 
-1. **boilerplate**: lines repeated in more than ``boilerplate.max_documents`` documents are
-   removed (``boilerplate.py``); a document left with fewer than ``boilerplate.min_words`` words
-   is rejected.
-2. **exact_dedup**: xxh3-128 of the lower-cased, whitespace-collapsed text; hash-partitioned
-   on the hash, one document kept per hash by the keep rule.
-3. **near_dedup**: MinHash LSH (``minhash.py``): band keys are shuffled by key, each bucket
-   becomes a star (plus, when verifying, a chain) of candidate edges, edges below the exact
-   shingle Jaccard threshold are dropped (``minhash.verify``, on by default), connected
-   components (``components.py``) turn edges into clusters, and the keep rule keeps one
-   document per cluster. Exact duplicates already removed take no part.
-4. **decontamination**: documents sharing a word n-gram with an evaluation item
-   (``decontam.py``) are dropped, or kept with their ``meta`` flagged.
+Design choices:
 
-Data flow (why it scales): the documents are read twice (three times with boilerplate removal):
-one ``map_batches`` pass computes a key row per document (a 64-bit node id hashed from the
-document id, the text hash, band keys, the decontamination mask, length and quality, and with
-verification the shingle hashes), and a last pass filters the documents. Input blocks larger
-than ``block_rows`` are split on the way in (a streaming repartition, no barrier) so every CPU
-gets work. Everything in between is shuffles of key rows and edges between Ray tasks
-(``shuffle.py``) over ``num_partitions`` partitions (by default one per cluster CPU, more for
-large key sets), held in the object store and spilled to disk under memory pressure; the driver
-only sees references and counters. The broadcasts are sorted uint64 node-id arrays bounded by
-the duplicates: the documents in candidate edges (verification) and the removed documents
-(8 bytes each) that the final filter reads.
-
-Node ids are xxh3-64 hashes of document ids: they make cluster labels independent of block
-layout and partition count (so results are deterministic), at the cost of a ~n²/2^65 chance of
-two ids colliding (about 3e-8 for a million documents).
+* One pass makes a small key row per document; everything after is hash-partitioned shuffles of
+  key rows and edges between Ray tasks (``shuffle.py``, per-partition steps in ``partition.py``),
+  so the driver holds only references and counters, and a last pass filters the documents.
+* Node ids are xxh3-64 hashes of document ids, so clusters do not depend on block layout or
+  partition count (deterministic), at a ~n²/2^65 collision risk (3e-8 for a million documents).
 """
 
 from __future__ import annotations

@@ -39,8 +39,7 @@ from pathlib import Path
 
 from llmray import runs
 from llmray.config import param
-from llmray.data.filters import fasttext_train
-from llmray.data.filters import normalize
+from llmray.data.filters import fasttext_train, normalize
 from llmray.data.readers import sources
 
 log = logging.getLogger("llmray.data.filters.classifiers")
