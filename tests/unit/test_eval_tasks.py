@@ -111,7 +111,7 @@ def test_hellaswag_format_and_preprocessing(tmp_path):
 
 
 def test_generic_multiple_choice_schema(tmp_path):
-    path = write_lines(tmp_path / "mine.jsonl", [
+    write_lines(tmp_path / "mine.jsonl", [
         {"context": "2 + 2 =", "choices": ["3", "4", "5"], "gold": 1, "id": "sum"},
         "",
         {"context": "The sky is", "choices": ["blue", "green"], "gold": 0},

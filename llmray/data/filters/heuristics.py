@@ -21,7 +21,7 @@ Defaults are the published thresholds:
   and auto-generated markers.
 
 The rules are meant to decide like datatrove's implementations of the same papers (checked on
-real documents by ``bench/filters_agreement.py``); words come from one regular expression
+real documents by ``bench/curate_filters.py``); words come from one regular expression
 (:data:`WORD_PATTERN`) instead of spaCy, which is where the two can differ.
 """
 
