@@ -1,7 +1,7 @@
 """Parallelism applied from outside to a plain model, in one fixed order known by one function.
 
 ``train/`` builds the plain :class:`~llmray.model.llama.Transformer` and an optimizer factory
-and asks :func:`build_engine` for an :class:`~llmray.parallel.fsdp.Engine`: the object the
+and asks :func:`build_engine` for an :class:`~llmray.parallel.fsdp.TorchEngine`: the object the
 training loop drives (backward, gradient norm, optimizer step, checkpoint save/load). Two data-
 parallel strategies exist, chosen by ``ParallelConfig.strategy``:
 

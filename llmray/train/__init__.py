@@ -1,4 +1,6 @@
-"""Training: the one training core (trainer.py) that pretraining, SFT and DPO configure.
+"""Training: the one training core (``trainer.py``) and the one way to launch it (``launch.py``).
 
-Ray appears only in ``ray_train.py``; everything else runs and is tested in a single process.
+Pretraining and the proxy (``pretrain.py``), SFT and DPO (:mod:`llmray.align`) are objectives and
+data on that launch. Ray appears only in ``ray_train.py``; everything else runs and is tested in
+a single process.
 """

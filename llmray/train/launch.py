@@ -11,9 +11,9 @@ Design choices:
   asked for (no worker group to start: proxy trials, a laptop), else on Ray Train (worker
   restarts from the latest checkpoint, multi-node).
 * Checkpoints are one directory of ``step_*`` folders under either launcher (a local store, or
-  Ray Train's run directory ``storage_path/name``), and the exported weights are read back from
-  its last complete checkpoint (DCP reshards on load, so the export does not depend on the
-  layout that trained).
+  Ray Train's run directory ``storage_path/name``); either launcher resumes from the newest
+  complete one there, and the exported weights are read back from it (DCP reshards on load, so
+  the export does not depend on the layout that trained).
 """
 
 from __future__ import annotations
@@ -49,19 +49,21 @@ class ExecutionConfig:
                     "workers is 1 and use_gpu is not true, else ray_train")
     workers: int = param(1, doc="training workers, one process each (the parallel degrees multiply to this)",
                          min=1)
-    use_gpu: bool | None = param(None, doc="one GPU per worker; null = when the Ray cluster (or this process) "
-                                           "has GPUs")
+    use_gpu: bool | None = param(None, doc="one GPU per worker; null = when the Ray cluster (in process: this "
+                                           "machine) has GPUs; false = CPU even where a GPU is visible")
     cpus_per_worker: float = param(1.0, doc="CPUs Ray reserves per worker (fractions allowed)", min=0.01)
-    threads_per_worker: int | None = param(None, doc="torch threads per worker; null = cpus_per_worker "
-                                                     "rounded down (at least 1)", min=1)
+    threads_per_worker: int | None = param(None, doc="torch threads per worker; null = cpus_per_worker rounded "
+                                                     "down (at least 1) on Ray Train, torch's default in process",
+                                           min=1)
     resources_per_worker: dict[str, float] = param(default_factory=dict, doc="extra custom Ray resources per worker")
     max_failures: int = param(2, doc="ray_train: worker-group restarts from the latest checkpoint before the "
                                      "run fails", min=0)
     num_to_keep: int = param(2, doc="checkpoints kept (older ones are deleted)", min=1)
-    storage_path: str | None = param(None, doc="where checkpoint runs go (shared storage on a multi-node "
-                                               "cluster); null = the stage's work directory")
-    name: str | None = param(None, doc="checkpoint run name under storage_path; reusing it resumes; "
-                                       "null = <run>-<stage>")
+    storage_path: str | None = param(None, doc="where checkpoint folders go (shared storage on a multi-node "
+                                               "cluster); null = the stage's work/checkpoints")
+    name: str | None = param(None, doc="pretraining with storage_path: its checkpoint folder there (reusing it "
+                                       "resumes); null = <run>-<stage>. SFT/DPO key theirs by config, weights "
+                                       "and data")
 
     def __post_init__(self) -> None:
         if self.launcher == "process" and self.workers > 1:
@@ -75,7 +77,8 @@ class ExecutionConfig:
         return self.launcher == "process"
 
     @property
-    def threads(self) -> int:
+    def worker_threads(self) -> int:
+        """torch threads of a Ray Train worker."""
         return self.threads_per_worker or max(1, int(self.cpus_per_worker))
 
 
@@ -171,7 +174,7 @@ def launch(job: TrainJob, connect_ray: Callable[[], Any]) -> LaunchResult:
     checkpoints = Path(job.checkpoint_dir).resolve()
     if job.execution.in_process:
         store = ckpt.LocalCheckpointStore(checkpoints, num_to_keep=job.execution.num_to_keep, log=log.warning)
-        with _torch_threads(job.execution.threads):
+        with _torch_threads(job.execution.threads_per_worker):
             report = train_worker(job, store)
     else:
         from llmray.train import ray_train
@@ -206,7 +209,8 @@ def train_worker(job: TrainJob, store) -> dict:
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard, shards = job.parallel.data_shard(rank, world)
-    model, model_config = job.model.build(device_for_worker(), job.train.seed)
+    device = torch.device("cpu") if job.execution.use_gpu is False else device_for_worker()
+    model, model_config = job.model.build(device, job.train.seed)
     writer = None
     if rank == 0 and job.metrics_path:
         path = Path(job.metrics_path)
@@ -247,12 +251,15 @@ def _ray_train_entry(config: dict) -> dict:
     from llmray.train import ray_train
 
     job: TrainJob = config["job"]
-    torch.set_num_threads(job.execution.threads)
-    return train_worker(job, ray_train.RayCheckpointStore(log.warning))
+    torch.set_num_threads(job.execution.worker_threads)
+    return train_worker(job, ray_train.RayCheckpointStore(Path(job.checkpoint_dir).resolve(), log.warning))
 
 
 @contextlib.contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    if threads is None:
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

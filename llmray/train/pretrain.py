@@ -12,6 +12,7 @@ in-process defaults sized for sweeps and data ablations (:class:`ProxyConfig`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,12 @@ class PretrainConfig:
     batch: BatchConfig = param(default_factory=BatchConfig, doc="micro-batch shape and order")
     train: TrainConfig = param(default_factory=TrainConfig, doc="the training loop")
     parallel: ParallelConfig = param(default_factory=ParallelConfig, doc="how the model is spread over workers")
-    execution: ExecutionConfig = param(default_factory=ExecutionConfig, doc="where the workers run")
+    execution: ExecutionConfig = param(default_factory=lambda: ExecutionConfig(launcher="ray_train"),
+                                       doc="where the workers run (by default Ray Train workers, restarted from "
+                                           "the latest checkpoint after failures)")
     tokenizer: str | None = param(None, doc="tokenizer directory; null = the one named in the token manifest")
+    vocab_from_tokens: bool = param(False, doc="set model.vocab_size to the token shards' vocabulary (sweeps over "
+                                               "tokenizer sizes need no model edits)")
     resume_from: str | None = param(None, doc="checkpoint to start from when the run has none of its own "
                                               "(weights, optimizer, step, data position; the lr is this config's)")
 
@@ -78,6 +83,7 @@ class ProxyConfig(PretrainConfig):
     execution: ExecutionConfig = param(default_factory=lambda: ExecutionConfig(launcher="process",
                                                                                threads_per_worker=1),
                                        doc="where the workers run (a proxy trial trains in its own process)")
+    vocab_from_tokens: bool = param(True, doc="set model.vocab_size to the token shards' vocabulary")
 
 
 def tokenizer_dir(cfg: PretrainConfig, manifest: dict) -> Path | None:
@@ -95,8 +101,10 @@ def pretrain_job(cfg: PretrainConfig, checkpoint_dir: Path, metrics_path: Path |
     from llmray.train.objectives import CausalLM
 
     manifest = shards_lib.read_manifest(cfg.data.tokens)
-    if manifest["vocab_size"] > cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
+    model = dataclasses.replace(cfg.model, vocab_size=int(manifest["vocab_size"])) if cfg.vocab_from_tokens \
+        else cfg.model
+    if manifest["vocab_size"] > model.vocab_size:
+        raise ValueError(f"model.vocab_size ({model.vocab_size}) is smaller than the tokenizer's vocabulary "
                          f"({manifest['vocab_size']}) recorded in {cfg.data.tokens}/manifest.json")
     tokenizer = tokenizer_dir(cfg, manifest)
     b = cfg.batch
@@ -104,7 +112,7 @@ def pretrain_job(cfg: PretrainConfig, checkpoint_dir: Path, metrics_path: Path |
                       seed=b.order_seed(cfg.train), verify=cfg.data.verify)
     val = TokenData(cfg.data.tokens, split="val", seq_len=b.seq_len, batch_size=b.micro_batch_size,
                     shuffle=False, verify=cfg.data.verify)
-    return TrainJob(model=FreshModel(cfg.model), objective=CausalLM(), train_data=train, val_data=val,
+    return TrainJob(model=FreshModel(model), objective=CausalLM(), train_data=train, val_data=val,
                     train=cfg.train, parallel=cfg.parallel, execution=cfg.execution, seq_len=b.seq_len,
                     checkpoint_dir=str(checkpoint_dir), export_dir=str(export_dir) if export_dir else None,
                     tokenizer_dir=str(tokenizer) if tokenizer else None, bits_per_byte=tokenizer is not None,
@@ -123,7 +131,7 @@ def run_pretrain(cfg: PretrainConfig, ctx, hooks: tuple = ()) -> dict:
     checkpoints = checkpoint_dir(cfg, ctx)
     job = pretrain_job(cfg, checkpoints, ctx.dir.root / "metrics.jsonl", ctx.output / "model", hooks)
     ctx.logger.info("pretraining %.2fM parameters on %d worker(s) (%s), strategy %s; checkpoints in %s",
-                    cfg.model.num_params() / 1e6, cfg.execution.workers,
+                    job.model.config.num_params() / 1e6, cfg.execution.workers,
                     "this process" if cfg.execution.in_process else "Ray Train", cfg.parallel.strategy, checkpoints)
     result = launch(job, ctx.connect_ray)
     from llmray.train import checkpoint as ckpt
@@ -131,7 +139,7 @@ def run_pretrain(cfg: PretrainConfig, ctx, hooks: tuple = ()) -> dict:
     state = ckpt.read_trainer_state(result.checkpoint, 0)
     steps = int(state["step"])
     metrics = result.worker["metrics"]
-    summary = {"steps": steps, "params": cfg.model.num_params(),
+    summary = {"steps": steps, "params": result.model_config.num_params(),
                "tokens_seen": steps * cfg.batch.micro_batch_size * cfg.batch.seq_len * cfg.parallel.dims(
                    cfg.execution.workers).dp * cfg.train.grad_accum,
                "checkpoint": str(result.checkpoint),

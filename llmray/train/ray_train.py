@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 class RayCheckpointStore:
     """The trainer's :class:`~llmray.train.checkpoint.CheckpointStore` inside a Ray Train worker."""
 
-    def __init__(self, log: Callable[[str], None] | None = None):
-        self.log = log
+    def __init__(self, root: Path, log: Callable[[str], None] | None = None):
+        self.root, self.log = root, log  # the run's folder (storage_path/name)
 
     def staging_dir(self, step: int) -> Path:
         return ckpt.local_staging_dir(step)
@@ -61,8 +61,8 @@ class RayCheckpointStore:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
+        if checkpoint is None:  # none registered with Ray: an in-process run may have filled the folder
+            return ckpt.latest_complete(ckpt.checkpoint_dirs(self.root), self.log)
         path = Path(checkpoint.path)
         if not path.is_dir():  # remote storage: download the registered checkpoint only
             path = Path(checkpoint.to_directory())

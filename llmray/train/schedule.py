@@ -84,7 +84,8 @@ class LRScheduler:
         return {"steps_taken": self.steps_taken}
 
     def load_state_dict(self, state: dict) -> None:
-        self.steps_taken = int(state["steps_taken"])
+        # checkpoints written through torch's LambdaLR hold the same count as ``last_epoch``
+        self.steps_taken = int(state["steps_taken"] if "steps_taken" in state else state["last_epoch"])
         self._apply()
 
     def _apply(self) -> None:

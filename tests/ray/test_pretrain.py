@@ -119,6 +119,18 @@ def test_max_failures_zero_fails_with_a_clear_error(token_run, tmp_path):
         run_direct(token_run, tmp_path, "fatal", hooks=[kill_once(3, tmp_path / "fatal.marker")], max_failures=0)
 
 
+def test_a_ray_train_run_resumes_what_an_in_process_run_left_in_its_folder(token_run, tmp_path):
+    """Both launchers share one checkpoint folder: switching launcher continues the run, never restarts it."""
+    common = ("train.log_every=1", "train.eval_every=0", "train.checkpoint_every=2", "execution.workers=1",
+              "parallel.strategy=none", "execution.threads_per_worker=1")
+    first = pretrain_config(token_run, "train.steps=4", "execution.launcher=process", *common)
+    launch(pretrain_job(first, tmp_path / "ckpt", tmp_path / "first.jsonl"), connect_ray=lambda: None)
+    second = pretrain_config(token_run, "train.steps=6", "execution.launcher=ray_train", *common)
+    result = launch(pretrain_job(second, tmp_path / "ckpt", tmp_path / "second.jsonl"), connect_ray=lambda: None)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "second.jsonl").read_text().splitlines()]
+    assert steps == [5, 6] and result.checkpoint.name == "step_00000006"
+
+
 LAYOUTS = {"one_process": ("execution.workers=1", "parallel.strategy=none"),
            "in_process": ("execution.workers=1", "execution.launcher=process", "parallel.strategy=none",
                           "execution.threads_per_worker=1"),

@@ -27,7 +27,8 @@ def test_auto_launcher_trains_in_process_only_for_one_worker_without_a_gpu():
     assert ExecutionConfig(launcher="process", use_gpu=True).in_process
     with pytest.raises(ValueError, match="launcher=process trains in this one process, but workers=2"):
         ExecutionConfig(launcher="process", workers=2)
-    assert ProxyConfig().execution.in_process and ProxyConfig().execution.threads == 1
+    assert ProxyConfig().execution.in_process and ProxyConfig().execution.threads_per_worker == 1
+    assert not PretrainConfig().execution.in_process  # pretraining restarts failed workers by default
 
 
 def test_batch_seed_defaults_to_the_train_seed():
@@ -46,6 +47,15 @@ def test_batch_seed_defaults_to_the_train_seed():
 def test_old_key_names_fail_with_the_unknown_key_error(cls, raw, message):
     with pytest.raises(ConfigError, match=message):
         config_lib.from_dict(cls, raw)
+
+
+def test_the_proxy_sizes_its_vocabulary_from_the_token_shards_and_pretraining_checks_it(tmp_path):
+    shards = write_byte_shards(tmp_path / "shards", stdlib_texts(6))  # 257 token ids
+    proxy = ProxyConfig(model=preset("tiny", vocab_size=100), data=TokensInput(str(shards)))
+    assert pretrain_job(proxy, tmp_path / "c", None).model.config.vocab_size == 257
+    small = PretrainConfig(model=preset("tiny", vocab_size=100), data=TokensInput(str(shards)))
+    with pytest.raises(ValueError, match=r"model.vocab_size \(100\) is smaller than the tokenizer's vocabulary \(257\)"):
+        pretrain_job(small, tmp_path / "c", None)
 
 
 def test_resume_from_another_run_keeps_its_state_but_takes_this_configs_peak_lr(tmp_path):
@@ -71,3 +81,10 @@ def test_resume_from_another_run_keeps_its_state_but_takes_this_configs_peak_lr(
     assert [m["step"] for m in second_metrics] == [5, 6]  # step, optimizer and data position came along
     assert [m["lr"] for m in second_metrics] == [5e-3, 5e-3]  # the peak lr is this config's
     assert second.worker["steps"] == 6 and second.checkpoint.name == "step_00000006"
+
+
+def test_help_shows_the_defaults_of_each_stage_s_own_sections():
+    rows = {key: value for key, value, _ in config_lib.describe(ProxyConfig)}
+    assert rows["batch.seq_len"] == "int = 128" and rows["execution.launcher"] == "Literal = 'process'"
+    assert rows["model.dim"] == "int = 64"  # the tiny preset, not ModelConfig's class defaults
+    assert {key: value for key, value, _ in config_lib.describe(SftConfig)}["batch.seq_len"] == "int = 512"
