@@ -292,25 +292,17 @@ def load(cls: type, path: str | Path | None = None, overrides: list[str] | None 
     return from_dict(cls, data)
 
 
-def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
-    """(dotted key, type and default, doc) for every field, recursing into nested configs.
-
-    ``defaults`` is the instance a nested field's ``default_factory`` makes, so a section whose
-    defaults differ from its class's (the proxy's ``batch``, a model preset) shows its own.
-    """
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, type and default, doc) for every field, recursing into nested configs."""
     rows = []
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         key = _join(prefix, field.name)
         tp = hints[field.name]
         if dataclasses.is_dataclass(tp):
-            nested = getattr(defaults, field.name) if defaults is not None else (
-                field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
-            rows.extend(describe(tp, key, nested))
+            rows.extend(describe(tp, key))
             continue
-        if defaults is not None:
-            default = repr(getattr(defaults, field.name))
-        elif field.default is not dataclasses.MISSING:
+        if field.default is not dataclasses.MISSING:
             default = repr(field.default)
         elif field.default_factory is not dataclasses.MISSING:
             default = repr(field.default_factory())

@@ -38,6 +38,11 @@ class SamplingSection:
 
 
 @dataclass
+class AlignBatch(BatchConfig):
+    seq_len: int = param(512, doc="tokens per training row (a packed SFT row, one DPO sequence)", min=1)
+
+
+@dataclass
 class AlignConfig:
     """Fields SFT and DPO share."""
 
@@ -47,8 +52,7 @@ class AlignConfig:
     val_fraction: float = param(0.05, doc="share of record groups held out for validation and samples",
                                 min=0.0, max=0.5)
     seed: int = param(0, doc="seed of the train/validation split and the mixture sampling", min=0)
-    batch: BatchConfig = param(default_factory=lambda: BatchConfig(seq_len=512),
-                               doc="micro-batch shape and order (seq_len: a packed SFT row, one DPO sequence)")
+    batch: AlignBatch = param(default_factory=AlignBatch, doc="micro-batch shape and order")
     train: TrainConfig = param(default_factory=TrainConfig, doc="the training loop (steps, optimizer, schedule)")
     parallel: ParallelConfig = param(default_factory=ParallelConfig, doc="how the model is spread over workers")
     execution: ExecutionConfig = param(default_factory=ExecutionConfig, doc="where the workers run")

@@ -38,15 +38,17 @@ from llmray.train.trainer import TrainConfig
 
 log = logging.getLogger("llmray.train")
 
+Launcher = Literal["auto", "process", "ray_train"]
+LAUNCHER_DOC = ("process: train in this process (one worker); ray_train: a Ray Train worker group (restarts "
+                "from the latest checkpoint after failures, multi-node); auto: process when workers is 1 and "
+                "use_gpu is not true, else ray_train")
+
 
 @dataclass
 class ExecutionConfig:
-    """Where the training workers run and what each one gets."""
+    """Where the training workers run and what each one gets (a stage's subclass may change defaults)."""
 
-    launcher: Literal["auto", "process", "ray_train"] = param(
-        "auto", doc="process: train in this process (one worker); ray_train: a Ray Train worker group "
-                    "(restarts from the latest checkpoint after failures, multi-node); auto: process when "
-                    "workers is 1 and use_gpu is not true, else ray_train")
+    launcher: Launcher = param("auto", doc=LAUNCHER_DOC)
     workers: int = param(1, doc="training workers, one process each (the parallel degrees multiply to this)",
                          min=1)
     use_gpu: bool | None = param(None, doc="one GPU per worker; null = when the Ray cluster (in process: this "

@@ -21,7 +21,7 @@ from llmray import runs
 from llmray.config import param
 from llmray.model.config import ModelConfig, preset
 from llmray.parallel import ParallelConfig
-from llmray.train.launch import BatchConfig, ExecutionConfig, FreshModel, TrainJob, launch
+from llmray.train.launch import LAUNCHER_DOC, BatchConfig, ExecutionConfig, FreshModel, Launcher, TrainJob, launch
 from llmray.train.trainer import TrainConfig
 
 log = logging.getLogger("llmray.pretrain")
@@ -36,6 +36,26 @@ class TokensInput:
 
 
 @dataclass
+class PretrainExecution(ExecutionConfig):
+    """Pretraining runs on Ray Train workers unless told otherwise (restarts after worker failures)."""
+
+    launcher: Launcher = param("ray_train", doc=LAUNCHER_DOC)
+
+
+@dataclass
+class ProxyExecution(ExecutionConfig):
+    """A proxy trial trains in its own process with one torch thread."""
+
+    launcher: Launcher = param("process", doc=LAUNCHER_DOC)
+    threads_per_worker: int | None = param(1, doc="torch threads (null: torch's default)", min=1)
+
+
+@dataclass
+class ProxyBatch(BatchConfig):
+    seq_len: int = param(128, doc="tokens per training window", min=1)
+
+
+@dataclass
 class PretrainConfig:
     """``llmray pretrain``: model shape, data, batches, loop, parallelism and execution."""
 
@@ -44,9 +64,7 @@ class PretrainConfig:
     batch: BatchConfig = param(default_factory=BatchConfig, doc="micro-batch shape and order")
     train: TrainConfig = param(default_factory=TrainConfig, doc="the training loop")
     parallel: ParallelConfig = param(default_factory=ParallelConfig, doc="how the model is spread over workers")
-    execution: ExecutionConfig = param(default_factory=lambda: ExecutionConfig(launcher="ray_train"),
-                                       doc="where the workers run (by default Ray Train workers, restarted from "
-                                           "the latest checkpoint after failures)")
+    execution: PretrainExecution = param(default_factory=PretrainExecution, doc="where the workers run")
     tokenizer: str | None = param(None, doc="tokenizer directory; null = the one named in the token manifest")
     vocab_from_tokens: bool = param(False, doc="set model.vocab_size to the token shards' vocabulary (sweeps over "
                                                "tokenizer sizes need no model edits)")
@@ -77,12 +95,9 @@ class PretrainConfig:
 class ProxyConfig(PretrainConfig):
     """``llmray proxy train``: pretraining of a small proxy model in this process (sweeps, ablations)."""
 
-    batch: BatchConfig = param(default_factory=lambda: BatchConfig(seq_len=128),
-                               doc="micro-batch shape and order")
+    batch: ProxyBatch = param(default_factory=ProxyBatch, doc="micro-batch shape and order")
     train: TrainConfig = param(default_factory=lambda: TrainConfig(steps=100, log_every=10), doc="the training loop")
-    execution: ExecutionConfig = param(default_factory=lambda: ExecutionConfig(launcher="process",
-                                                                               threads_per_worker=1),
-                                       doc="where the workers run (a proxy trial trains in its own process)")
+    execution: ProxyExecution = param(default_factory=ProxyExecution, doc="where the worker runs")
     vocab_from_tokens: bool = param(True, doc="set model.vocab_size to the token shards' vocabulary")
 
 

@@ -83,8 +83,12 @@ def test_resume_from_another_run_keeps_its_state_but_takes_this_configs_peak_lr(
     assert second.worker["steps"] == 6 and second.checkpoint.name == "step_00000006"
 
 
-def test_help_shows_the_defaults_of_each_stage_s_own_sections():
-    rows = {key: value for key, value, _ in config_lib.describe(ProxyConfig)}
-    assert rows["batch.seq_len"] == "int = 128" and rows["execution.launcher"] == "Literal = 'process'"
-    assert rows["model.dim"] == "int = 64"  # the tiny preset, not ModelConfig's class defaults
-    assert {key: value for key, value, _ in config_lib.describe(SftConfig)}["batch.seq_len"] == "int = 512"
+
+def test_a_partly_given_section_keeps_its_stage_s_defaults():
+    """configs/train/cpu-small.yaml names execution.workers only: pretraining must stay on Ray Train."""
+    pretrain = config_lib.from_dict(PretrainConfig, {"execution": {"workers": 1}})
+    assert pretrain.execution.launcher == "ray_train" and not pretrain.execution.in_process
+    proxy = config_lib.from_dict(ProxyConfig, {"execution": {"num_to_keep": 3}, "batch": {"micro_batch_size": 4}})
+    assert (proxy.execution.launcher, proxy.execution.threads_per_worker, proxy.batch.seq_len) == ("process", 1, 128)
+    sft = config_lib.from_dict(SftConfig, {"sources": [{"path": "x"}], "batch": {"micro_batch_size": 4}})
+    assert sft.batch.seq_len == 512 and sft.execution.in_process
