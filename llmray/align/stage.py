@@ -95,8 +95,7 @@ class Trained:
 def checkpoint_location(cfg: AlignConfig, work: Path, train_rows: RowSource) -> Path:
     """Where a run checkpoints, keyed by the stage config, the initial weights and the training rows."""
     key = json.dumps({"config": config_hash(cfg), "init": runs.fingerprint(cfg.model), "train": train_rows.fingerprint})
-    root = Path(cfg.execution.storage_path) if cfg.execution.storage_path else Path(work) / "checkpoints"
-    return root / hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cfg.execution.checkpoint_root(work) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def alignment_job(cfg: AlignConfig, prepared: Prepared, checkpoint_dir: Path, export_dir: Path | None,

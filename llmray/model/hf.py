@@ -346,14 +346,24 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def read_config(path: str | Path) -> ModelConfig:
+    """The model shape of a directory in HF layout, from its config.json alone (no weights read)."""
+    raw, config_path = _config_json(Path(path))
+    return config_from_hf(raw, str(config_path))
+
+
+def _config_json(path: Path) -> tuple[dict, Path]:
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: not a model directory")
+    return json.loads(config_path.read_text()), config_path
+
+
 def load(path: str | Path, device: torch.device | str = "cpu",
          dtype: torch.dtype = torch.float32) -> Pretrained:
     """Load a directory in HF layout (an export, or a checkpoint's exported weights)."""
     path = Path(path)
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: not a model directory")
-    raw = json.loads(config_path.read_text())
+    raw, config_path = _config_json(path)
     cfg = config_from_hf(raw, str(config_path))
     special = special_tokens_from(raw)
     generation_path = path / GENERATION_CONFIG_FILE

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from llmray.config import param
 from llmray.model.config import ModelConfig
 from llmray.parallel import ParallelConfig
+from llmray.tokenizer import TOKENIZER_FILE
 from llmray.train.objectives import Objective
 from llmray.train.ray_train import TrainingFailed
 from llmray.train.trainer import TrainConfig
@@ -78,6 +79,10 @@ class ExecutionConfig:
             return self.workers == 1 and self.use_gpu is not True
         return self.launcher == "process"
 
+    def checkpoint_root(self, work: Path) -> Path:
+        """Where a stage's checkpoint folders go: ``storage_path``, else the stage's ``work/checkpoints``."""
+        return Path(self.storage_path) if self.storage_path else Path(work) / "checkpoints"
+
     @property
     def worker_threads(self) -> int:
         """torch threads of a Ray Train worker."""
@@ -120,8 +125,7 @@ class PretrainedModel:
     def config(self) -> ModelConfig:
         from llmray.model import hf
 
-        path = Path(self.directory) / hf.CONFIG_FILE
-        return hf.config_from_hf(json.loads(path.read_text()), str(path))
+        return hf.read_config(self.directory)
 
     def build(self, device: torch.device, seed: int) -> tuple[torch.nn.Module, ModelConfig]:
         from llmray.model import hf
@@ -278,7 +282,7 @@ def token_byte_lengths(directory: Path, vocab_size: int) -> torch.Tensor:
     """
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
     byte_level = (json.loads(tokenizer.to_str()).get("decoder") or {}).get("type") == "ByteLevel"
     special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
     lengths = torch.zeros(vocab_size, dtype=torch.int64)

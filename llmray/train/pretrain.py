@@ -136,9 +136,9 @@ def pretrain_job(cfg: PretrainConfig, checkpoint_dir: Path, metrics_path: Path |
 
 
 def checkpoint_dir(cfg: PretrainConfig, ctx) -> Path:
-    if cfg.execution.storage_path:
-        return Path(cfg.execution.storage_path) / (cfg.execution.name or f"{ctx.run_name}-{ctx.stage}")
-    return ctx.dir.work / "checkpoints"
+    """The run's own folder under ``storage_path`` (shared by many runs), else the work directory's."""
+    root = cfg.execution.checkpoint_root(ctx.dir.work)
+    return root / (cfg.execution.name or f"{ctx.run_name}-{ctx.stage}") if cfg.execution.storage_path else root
 
 
 def run_pretrain(cfg: PretrainConfig, ctx, hooks: tuple = ()) -> dict:
@@ -149,16 +149,12 @@ def run_pretrain(cfg: PretrainConfig, ctx, hooks: tuple = ()) -> dict:
                     job.model.config.num_params() / 1e6, cfg.execution.workers,
                     "this process" if cfg.execution.in_process else "Ray Train", cfg.parallel.strategy, checkpoints)
     result = launch(job, ctx.connect_ray)
-    from llmray.train import checkpoint as ckpt
-
-    state = ckpt.read_trainer_state(result.checkpoint, 0)
-    steps = int(state["step"])
-    metrics = result.worker["metrics"]
+    steps, metrics = result.worker["steps"], result.worker["metrics"]
     summary = {"steps": steps, "params": result.model_config.num_params(),
                "tokens_seen": steps * cfg.batch.micro_batch_size * cfg.batch.seq_len * cfg.parallel.dims(
                    cfg.execution.workers).dp * cfg.train.grad_accum,
                "checkpoint": str(result.checkpoint),
                **{k: metrics[k] for k in ("loss", "val_loss", "val_bpb", "tokens_per_s", "mfu") if k in metrics},
-               "guard": state["guard"]["counts"]}
+               "guard": result.worker["guard_counts"]}
     runs.write_json(ctx.output / "training.json", summary)
     return summary
