@@ -19,9 +19,14 @@ SHARED_DATA = Path(os.environ.get("LLMRAY_SHARED_DATA", REPO_ROOT.parent / "shar
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The real public datasets beside the checkout; tests that need them skip, saying why."""
+    """The real public datasets beside the checkout. Outside CI the tests that need them skip,
+    saying where they looked; in CI (``CI`` set, where shared/ lies beside the clone) their absence
+    fails those tests instead of skipping them silently."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared datasets not found at {SHARED_DATA} (set LLMRAY_SHARED_DATA)")
+        message = f"shared datasets not found at {SHARED_DATA} (set LLMRAY_SHARED_DATA)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     return SHARED_DATA
 
 
