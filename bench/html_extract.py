@@ -45,7 +45,7 @@ def pages() -> list[tuple[str, str]]:
 
 
 def wet_text(url: str) -> str | None:
-    for doc in html.iter_warc(WARCS / "whirlwind.warc.wet.gz", "wet"):
+    for doc in html.iter_warc(WARCS / "whirlwind.warc.wet.gz", "wet", "resiliparse", 10 << 20):
         if doc.url == url:
             return doc.text
     return None

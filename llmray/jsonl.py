@@ -7,37 +7,43 @@ Curate, documents, alignment data, evaluation tasks and decontamination all read
   in an editor) that every message uses, the ``byte_offset`` of its first byte in the
   decompressed file, and ``index`` (``number - 1``), the 0-based position that curate and
   document ids are made of; callers store whichever value their contract names.
-* **Error policy.** A line that is not valid UTF-8, not valid JSON, or not a JSON object comes
-  out as a :class:`BadLine` in place of the record, whose ``str()`` is
+* **Error policy.** A line that is not valid UTF-8, not valid JSON, not a JSON object, or longer
+  than ``max_line_bytes`` comes out as a :class:`BadLine` in place of the record, whose ``str()`` is
   ``path:number: what is wrong``; it is never skipped and never ends the file, so the caller
   decides to quarantine it or raise it. Blank lines (ASCII whitespace only) are skipped.
-  Stream errors (a missing file, a truncated ``.gz``) are raised: they end the file, not a line.
+  Stream errors (a missing file, a truncated or damaged ``.gz``) are raised after every line
+  before the damage was delivered: they end the file, not a line.
   Only decontamination, which indexes every string of a line whatever its layout, passes
   ``require_object=False`` to accept any JSON value.
 * **Bytes first.** The file is split on ``\\n`` as bytes and each line decoded on its own, so a
   bad byte affects only its line and a file cut inside a multi-byte character ends with one bad
   line. A caller that repairs bad bytes instead passes ``decode`` and gets the count back in
   ``Line.repaired``. A UTF-8 byte-order mark at the start of the file is ignored.
+* **Bounded.** Lines come from :func:`llmray.byte_streams.bounded_lines`: at most
+  ``max_line_bytes + 1`` bytes of a line are ever in memory, so a 1 GB line is skipped, not parsed.
 """
 
 from __future__ import annotations
 
 import codecs
-import gzip
 import json
 import os
-from typing import IO, Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
+
+from llmray import byte_streams
 
 INVALID_UTF8 = "invalid_utf8"
 INVALID_JSON = "invalid_json"
 NOT_AN_OBJECT = "not_an_object"
+TOO_LARGE = "too_large"
+DEFAULT_MAX_LINE_BYTES = 256 << 20  # callers with a size contract (curate's max_doc_bytes) pass theirs
 
 Decoder = Callable[[bytes], tuple[str, int]]
 
 
 class BadLine(ValueError):
     """A line that is not a record; ``reason`` is one of :data:`INVALID_UTF8`,
-    :data:`INVALID_JSON`, :data:`NOT_AN_OBJECT`, ``detail`` says what is wrong."""
+    :data:`INVALID_JSON`, :data:`NOT_AN_OBJECT`, :data:`TOO_LARGE`; ``detail`` says what is wrong."""
 
     def __init__(self, path: str, number: int, reason: str, detail: str):
         super().__init__(f"{path}:{number}: {detail}")
@@ -64,27 +70,27 @@ class Line(NamedTuple):
         return self.number - 1
 
 
-def open_binary(path: str | os.PathLike) -> IO[bytes]:
-    """``path`` opened for reading bytes, decompressed when its name ends in ``.gz``."""
-    return gzip.open(path, "rb") if os.fspath(path).endswith(".gz") else open(path, "rb")
-
-
-def read_lines(path: str | os.PathLike, *, decode: Decoder | None = None,
-               require_object: bool = True) -> Iterator[Line]:
+def read_lines(path: str | os.PathLike, *, decode: Decoder | None = None, require_object: bool = True,
+               max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[Line]:
     """Every non-blank line of a JSONL(.gz) file, in file order.
 
     ``decode`` turns a line's bytes into ``(text, repaired)``; by default a line that is not
-    strict UTF-8 is a :class:`BadLine`. ``require_object=False`` accepts any JSON value.
+    strict UTF-8 is a :class:`BadLine`. ``require_object=False`` accepts any JSON value. A line
+    longer than ``max_line_bytes`` (newline excluded) is a :class:`BadLine` of reason
+    :data:`TOO_LARGE`, read no further than its first ``max_line_bytes + 1`` bytes.
     """
     name = os.fspath(path)
-    with open_binary(path) as handle:
-        offset = 0
-        for number, raw in enumerate(handle, start=1):
-            start, offset = offset, offset + len(raw)
-            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+    with byte_streams.open_binary(path) as handle:
+        for line in byte_streams.bounded_lines(handle, max_line_bytes):
+            raw = line.data
+            if raw is None:
+                yield Line(line.number, line.offset, BadLine(
+                    name, line.number, TOO_LARGE, f"line of {line.size} bytes > limit {max_line_bytes}"))
+                continue
+            if line.number == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8):]
             if raw.strip():
-                yield _parse(name, number, start, raw, decode, require_object)
+                yield _parse(name, line.number, line.offset, raw, decode, require_object)
 
 
 def _parse(name: str, number: int, offset: int, raw: bytes, decode: Decoder | None, require_object: bool

@@ -169,6 +169,7 @@ def copies(conversation_id: str, weight: float, seed: int) -> int:
     return whole + (1 if unit_hash(f"copies\0{conversation_id}", seed) < weight - whole else 0)
 
 
-def build_mixture(sources: list[SftSource], val_fraction: float, seed: int = 0) -> Mixture:
-    return Mixture(*split_sources(sources, read_source, val_fraction, seed,
+def build_mixture(sources: list[SftSource], val_fraction: float, seed: int = 0,
+                  max_quarantine_fraction: float = 0.5) -> Mixture:
+    return Mixture(*split_sources(sources, read_source, val_fraction, seed, max_quarantine_fraction,
                                   copies=lambda item, src: copies(item.id, src.weight, seed)))

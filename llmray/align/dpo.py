@@ -145,7 +145,8 @@ def make_objective(cfg: DpoConfig):
 
 def prepare_dpo(cfg: DpoConfig, ctx, template, pad_id: int) -> Prepared:
     """Encode the pairs, attach reference log-probs (cached, or an actor-pool pass on Ray) and the metrics hook."""
-    train_pairs, val_pairs, quarantined, counts = split_sources(cfg.sources, read_source, cfg.val_fraction, cfg.seed)
+    train_pairs, val_pairs, quarantined, counts = split_sources(cfg.sources, read_source, cfg.val_fraction, cfg.seed,
+                                                                  cfg.max_quarantine_fraction)
     train_rows, _, train_stats = encode_pairs(train_pairs, template, cfg.batch.seq_len, pad_id)
     val_rows, kept_val, val_stats = (encode_pairs(val_pairs, template, cfg.batch.seq_len, pad_id) if val_pairs
                                      else (None, [], None))

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 
 from llmray import jsonl
 from llmray.config import param
+from llmray.data.readers.errors import QuarantineExceeded
 
 ROLES = ("system", "user", "assistant")
 
@@ -78,7 +79,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict | Quarantined]]:
 
 
 _LINE_ERRORS = {jsonl.INVALID_UTF8: "invalid_utf8", jsonl.INVALID_JSON: "invalid_json",
-                jsonl.NOT_AN_OBJECT: "wrong_type"}
+                jsonl.NOT_AN_OBJECT: "wrong_type", jsonl.TOO_LARGE: "too_large"}
 
 
 def read_source_items(src: Any, readers: dict[str, Callable[[Any, int, Any], Iterator[Any]]]) -> Iterator[Any]:
@@ -161,15 +162,19 @@ def split_of(group: str, val_fraction: float, seed: int = 0) -> str:
 
 
 def split_sources(sources: list[Any], read: Callable[[Any], Iterator[Any]], val_fraction: float, seed: int,
-                  copies: Callable[[Any, Any], int] | None = None) -> tuple[list, list, list[Quarantined], dict]:
+                  max_quarantine_fraction: float, copies: Callable[[Any, Any], int] | None = None
+                  ) -> tuple[list, list, list[Quarantined], dict]:
     """Read every source and split its items into train and validation by group hash.
 
     Returns ``(train, val, quarantined, counts)`` with per-source counts of read / train / val /
     quarantined items; ``copies(item, src)`` repeats a training item (mixture weights; default 1).
+    A source with more than ``max_quarantine_fraction`` of its records quarantined raises
+    :class:`~llmray.data.readers.errors.QuarantineExceeded` (a wrong format or a bug, not dirt).
     """
     train, val, quarantined, counts = [], [], [], {}
     for src in sources:
         count = counts.setdefault(src.label, {"read": 0, "train": 0, "val": 0, "quarantined": 0})
+        first_bad = len(quarantined)
         for item in read(src):
             if isinstance(item, Quarantined):
                 quarantined.append(item)
@@ -183,4 +188,16 @@ def split_sources(sources: list[Any], read: Callable[[Any], Iterator[Any]], val_
             n = copies(item, src) if copies else 1
             train.extend([item] * n)
             count["train"] += n
+        _check_quarantine(src, count, quarantined[first_bad:first_bad + 3], max_quarantine_fraction)
     return train, val, quarantined, counts
+
+
+def _check_quarantine(src: Any, count: dict, first: list[Quarantined], max_fraction: float) -> None:
+    records = count["read"] + count["quarantined"]
+    if records and count["quarantined"] / records > max_fraction:
+        errors = "".join(f"\n    {q.error}: " + (q.message if q.message.startswith(f"{q.path}:")
+                                                   else f"{q.path}:{q.offset}: {q.message}") for q in first)
+        raise QuarantineExceeded(
+            f"source '{src.label}' ({src.path}): {count['quarantined']} of {records} records quarantined, more "
+            f"than max_quarantine_fraction={max_fraction} (check the source's kind and format; raise the "
+            f"limit if the data is really this dirty); first errors:{errors}")

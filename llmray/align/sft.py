@@ -49,7 +49,7 @@ def _stats(stats: RenderStats) -> dict:
 def prepare_sft(cfg: SftConfig, template, pad_id: int) -> Prepared:
     from llmray.train.objectives import MaskedLM
 
-    mixture = build_mixture(cfg.sources, cfg.val_fraction, cfg.seed)
+    mixture = build_mixture(cfg.sources, cfg.val_fraction, cfg.seed, cfg.max_quarantine_fraction)
     seq_len = cfg.batch.seq_len
     train_rows, train_stats = pack_conversations([c.messages for c in mixture.train], template, seq_len, pad_id,
                                                  cfg.overlong)

@@ -52,6 +52,9 @@ class AlignConfig:
     val_fraction: float = param(0.05, doc="share of record groups held out for validation and samples",
                                 min=0.0, max=0.5)
     seed: int = param(0, doc="seed of the train/validation split and the mixture sampling", min=0)
+    max_quarantine_fraction: float = param(0.5, doc="fail when more than this share of one source's records "
+                                                    "is quarantined (a wrong format or a bug, not dirt)",
+                                           min=0.0, max=1.0)
     batch: AlignBatch = param(default_factory=AlignBatch, doc="micro-batch shape and order")
     train: TrainConfig = param(default_factory=TrainConfig, doc="the training loop (steps, optimizer, schedule)")
     parallel: ParallelConfig = param(default_factory=ParallelConfig, doc="how the model is spread over workers")

@@ -14,6 +14,10 @@ Design choices:
   ``preserve_order=True`` and parquet cut by row count give byte-identical output for the same
   input and config, whatever ``num_cpus``.
 * Nothing half-written: the output is built in a temporary directory and swapped in on success.
+* Bugs fail loudly: steps quarantine nothing themselves (only readers do, for the data errors of
+  :mod:`llmray.data.readers.errors`), and a source with more than ``max_quarantine_fraction`` of
+  its records quarantined fails the stage, so a regression cannot produce an empty corpus that
+  is marked complete.
 * CPU sharing: tasks ask for fractional CPUs so an actor pool never starves the readers on 2 cores.
 """
 
@@ -160,19 +164,16 @@ def clean_step(table: pa.Table, filter_cfg: filters_lib.FilterConfig,
     for row in rows:
         if not records.is_live(row):
             continue
-        try:
-            row["text"] = normalize.normalize(row["text"])
-            if not row["text"]:
-                records.reject(row, "normalize", "empty", 0.0)
-                continue
-            groups = filter_cfg.groups_for(row["domain"], source_groups.get(row["source"]))
-            result = filters_lib.apply_filters(row["text"], groups, filter_cfg)
-            row["signals"] = json.dumps(result.signals, sort_keys=True)
-            row["text"] = result.text
-            if result.reason is not None:
-                records.reject(row, result.stage, result.reason, result.value)
-        except Exception as exc:  # noqa: BLE001 - one pathological document is quarantined, not fatal
-            _quarantine_in_place(row, exc)
+        row["text"] = normalize.normalize(row["text"])
+        if not row["text"]:
+            records.reject(row, "normalize", "empty", 0.0)
+            continue
+        groups = filter_cfg.groups_for(row["domain"], source_groups.get(row["source"]))
+        result = filters_lib.apply_filters(row["text"], groups, filter_cfg)
+        row["signals"] = json.dumps(result.signals, sort_keys=True)
+        row["text"] = result.text
+        if result.reason is not None:
+            records.reject(row, result.stage, result.reason, result.value)
     return records.to_table(rows)
 
 
@@ -293,11 +294,6 @@ def dedup_step(ds, cfg: dedup_lib.DedupConfig, clean_cpus: float):
                           batch_size=None, batch_format="pyarrow", num_cpus=clean_cpus), result.stats
 
 
-def _quarantine_in_place(row: dict, exc: Exception) -> None:
-    row["error"], row["message"] = type(exc).__name__, f"{row['path']}@{row['offset']}: {exc}"[:1000]
-    row["text"] = None
-
-
 # ---------------------------------------------------------------------------------------------
 # The dataset and the stage
 # ---------------------------------------------------------------------------------------------
@@ -354,6 +350,7 @@ def run_curate(cfg: CurateConfig, ctx) -> dict:
                 runs_lib.write_json(ctx.output / "dedup_stats.json", dedup_stats)
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 writer.add(batch)
+        writer.check_quarantine(cfg.limits.max_quarantine_fraction)
         summary = writer.finish()
     except BaseException:
         writer.abort()

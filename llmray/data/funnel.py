@@ -27,10 +27,12 @@ import pyarrow.parquet as pq
 
 from llmray import runs
 from llmray.data import records
+from llmray.data.readers import errors
 
 BYTES_PER_TOKEN = 4
 MAX_SIGNAL_VALUES = 200_000  # per signal, for histograms (first values in stream order)
 SCORE_COLUMNS = ("lang_score", "quality_score", "toxicity_score")
+FIRST_ERRORS = 3  # quarantine messages kept per source for the max_quarantine_fraction error
 
 
 class ParquetSetWriter:
@@ -116,6 +118,8 @@ class CurateWriter:
         self.drops: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         self.reasons: Counter = Counter()  # (source, stage, reason) → docs
         self.errors: Counter = Counter()  # (source, error) → records
+        self.rows: Counter = Counter()  # source → records read (quarantined included)
+        self.first_errors: dict[str, list[str]] = defaultdict(list)  # source → first quarantine messages
         self.kept_bytes: Counter = Counter()  # source → UTF-8 bytes of the curated text
         self.pii: Counter = Counter()
         self.edits: Counter = Counter()  # (source, stage, count) → sum of edit.<stage>.<count> signals
@@ -130,10 +134,14 @@ class CurateWriter:
         self.quarantine.add(table.filter(pa.array(quarantined)))
         self.rejected.add(table.filter(pa.array(rejected)))
         self.documents.add(table.filter(pa.array(kept)))
+        messages = table.column("message").to_pylist()
         for i, source in enumerate(columns["source"]):
+            self.rows[source] += 1
             if quarantined[i]:
                 self._count(source, "read", "quarantined:" + columns["error"][i], 0)
                 self.errors[(source, columns["error"][i])] += 1
+                if len(self.first_errors[source]) < FIRST_ERRORS:
+                    self.first_errors[source].append(f"{columns['error'][i]}: {messages[i]}")
                 continue
             stage = columns["stage"][i] if rejected[i] else "kept"
             self._count(source, stage, columns["reason"][i] if rejected[i] else None, columns["bytes"][i] or 0)
@@ -171,6 +179,22 @@ class CurateWriter:
                 self.edits[(source, stage, count)] += int(value)
             elif len(self.signals[name]) < MAX_SIGNAL_VALUES:
                 self.signals[name].append(value)
+
+    def check_quarantine(self, max_fraction: float) -> None:
+        """Raise :class:`~llmray.data.readers.errors.QuarantineExceeded` naming every source whose quarantined share of
+        records is above ``max_fraction``, with its first errors."""
+        over = []
+        for source, rows in sorted(self.rows.items()):
+            share = sum(n for (s, _), n in self.errors.items() if s == source) / rows
+            if share > max_fraction:
+                first = "\n    ".join(self.first_errors[source])
+                over.append(f"source '{source}': {share:.0%} of {rows} records quarantined; first errors:\n    "
+                            f"{first}")
+        if over:
+            raise errors.QuarantineExceeded(
+                f"more than max_quarantine_fraction={max_fraction} of a source's records could not be read "
+                f"(a wrong reader or field, or a bug; raise limits.max_quarantine_fraction if the data is "
+                f"really this dirty):\n  " + "\n  ".join(over))
 
     def finish(self) -> dict:
         files = {"documents": self.documents.finish(), "rejected": self.rejected.finish(),

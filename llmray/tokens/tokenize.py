@@ -120,19 +120,10 @@ class Encoder:
         return pa.table({**rows, "tokens": pa.array(rows["tokens"], type=pa.binary())})
 
     def encode(self, texts: list[str]) -> list[tuple[bytes | None, str | None, str | None]]:
-        """``(token bytes, error, message)`` per text; a failing batch is retried one text at a time."""
-        try:
-            encodings = self.tokenizer.encode_batch_fast(texts)
-            return [(np.asarray(e.ids, dtype=self.dtype).tobytes(), None, None) for e in encodings]
-        except Exception:  # noqa: BLE001 - isolate the bad document below
-            results = []
-            for text in texts:
-                try:
-                    ids = self.tokenizer.encode(text).ids
-                    results.append((np.asarray(ids, dtype=self.dtype).tobytes(), None, None))
-                except Exception as exc:  # noqa: BLE001 - quarantined with its message
-                    results.append((None, type(exc).__name__, f"{exc}"))
-            return results
+        """``(token bytes, None, None)`` per text. The texts are valid strings (the reader
+        quarantined the rest), so an exception here is a bug and fails the stage."""
+        encodings = self.tokenizer.encode_batch_fast(texts)
+        return [(np.asarray(e.ids, dtype=self.dtype).tobytes(), None, None) for e in encodings]
 
 
 # ---------------------------------------------------------------------------------------------

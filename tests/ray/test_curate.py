@@ -52,7 +52,7 @@ def corpus(shared_data, tmp_path_factory) -> dict:
     table = pa.table({"content": [json.loads(line)["text"] for line in c4_lines(shared_data, 40)[30:40]]})
     pq.write_table(table, root / "slice.parquet")
     warc = shared_data / "web_cc_warc" / "resiliparse_warcfile.warc.gz"
-    records = list(html.iter_warc(warc, "warc"))
+    records = list(html.iter_warc(warc, "warc", "resiliparse", 10 << 20))
     data = warc.read_bytes()
     victim = records[3].offset
     (root / "broken.warc.gz").write_bytes(data[:victim + 30] + b"\x00" * 64 + data[victim + 94:])

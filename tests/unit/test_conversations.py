@@ -9,6 +9,7 @@ import pytest
 
 from llmray.align.conversations import SftSource, build_mixture, oasst_threads, read_source
 from llmray.align.records import Quarantined
+from llmray.data.readers.errors import QuarantineExceeded
 
 
 def _node(mid, role, text, rank=None, replies=(), **extra):
@@ -92,7 +93,11 @@ def test_bad_records_are_quarantined_with_a_reason_and_good_ones_kept(tmp_path):
     ]
     path = tmp_path / "user.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    mixture = build_mixture([SftSource(kind="messages", path=str(path))], val_fraction=0.0)
+    with pytest.raises(QuarantineExceeded, match=r"source 'messages' \(.*user.jsonl\): 10 of 12 records "
+                                                 r"quarantined(.|\n)*invalid_json: .*user.jsonl:2: not valid JSON"):
+        build_mixture([SftSource(kind="messages", path=str(path))], val_fraction=0.0)  # default limit 0.5
+    mixture = build_mixture([SftSource(kind="messages", path=str(path))], val_fraction=0.0,
+                            max_quarantine_fraction=1.0)
     assert len(mixture.train) == 2 and mixture.train[0].messages == good["messages"]
     reasons = {q.offset: q.error for q in mixture.quarantined}
     assert reasons == {2: "invalid_json", 3: "missing_field", 4: "bad_role", 5: "empty_content",

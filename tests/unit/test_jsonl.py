@@ -131,12 +131,12 @@ def test_bad_line_survives_pickling():
 MIXED = b'{"text": "one"}\n\n{"text": \n[1]\n{"text": "five"}\n'
 
 
-def test_curate_offsets_stay_0_based_line_indexes_and_messages_name_the_line(tmp_path):
+def test_curate_documents_keep_0_based_line_indexes_quarantine_rows_and_messages_name_the_line(tmp_path):
     path = write(tmp_path / "c.jsonl", MIXED)
     source = sources.SourceConfig(name="c", kind="jsonl", paths=[str(path)])
     rows = [r for unit in sources.plan([source]) for r in sources.read_unit(unit, source, sources.ReadLimits())]
     assert [(r["offset"], r["error"]) for r in rows] == \
-        [(0, None), (2, "JSONDecodeError"), (3, "NotAnObject"), (4, None)]
+        [(0, None), (3, "JSONDecodeError"), (4, "NotAnObject"), (4, None)]
     assert rows[1]["message"].startswith(f"{path}:3: not valid JSON")
     assert rows[2]["message"] == f"{path}:4: expected a JSON object, got list"
 

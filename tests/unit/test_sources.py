@@ -49,8 +49,8 @@ def test_jsonl_malformed_line_bad_utf8_and_non_object_are_quarantined(tmp_path):
     assert [d["offset"] for d in good] == [0, 1, 6, 7, 8]
     assert docs(rows)[0]["url"] == "https://e.com/0"
     bad = quarantined(rows)
-    assert [(q["offset"], q["error"]) for q in bad] == [(2, "JSONDecodeError"), (3, "InvalidUTF8"),
-                                                        (4, "NotAnObject"), (5, "MissingField")]
+    assert [(q["offset"], q["error"]) for q in bad] == [(3, "JSONDecodeError"), (4, "InvalidUTF8"),
+                                                        (5, "NotAnObject"), (6, "MissingField")]  # 1-based lines
     assert all(q["path"].endswith("a.jsonl") for q in bad)
 
 
@@ -60,7 +60,7 @@ def test_truncated_gzip_keeps_records_before_the_break(tmp_path):
     rows = read_all(sources.SourceConfig(name="j", kind="jsonl", paths=[str(tmp_path)]))
     good, bad = docs(rows), quarantined(rows)
     assert 0 < len(good) < 2000 and [d["text"] for d in good] == [f"good document {i}" for i in range(len(good))]
-    assert len(bad) == 1 and bad[0]["error"] == "EOFError" and bad[0]["offset"] == len(good)
+    assert len(bad) == 1 and bad[0]["error"] == "EOFError" and bad[0]["offset"] == len(good) + 1
 
 
 def test_binary_invalid_utf8_too_large_and_empty_documents(tmp_path):

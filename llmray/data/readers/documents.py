@@ -153,7 +153,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, int, dict | jsonl.BadLine]
 
 
 _LINE_ERRORS = {jsonl.INVALID_JSON: "JSONDecodeError", jsonl.INVALID_UTF8: "UnicodeDecodeError",
-                jsonl.NOT_AN_OBJECT: "TypeError"}
+                jsonl.NOT_AN_OBJECT: "TypeError", jsonl.TOO_LARGE: "DocumentTooLarge"}
 
 
 def _document_row(record: dict | jsonl.BadLine, relative: str, offset: int, where: str,

@@ -15,12 +15,14 @@ Reading is per file so Ray Data can spread files over tasks.
 
 from __future__ import annotations
 
-import gzip
 import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+from llmray import byte_streams
+from llmray.data.readers import errors
 
 KINDS = ("python_stdlib", "pydoc_topics", "doc", "man")
 DOC_ROOT = Path("/usr/share/doc")
@@ -97,9 +99,13 @@ _DISCOVER = {"python_stdlib": _stdlib_sources, "pydoc_topics": _pydoc_topics,
 # Reading
 # ---------------------------------------------------------------------------------------------
 
-def read_bytes(path: str) -> bytes:
-    data = Path(path).read_bytes()
-    return gzip.decompress(data) if path.endswith(".gz") else data
+def read_bytes(path: str, limit: int) -> bytes:
+    """The file's (decompressed) bytes; over ``limit`` raises :class:`~llmray.data.readers.errors.RecordTooLarge`."""
+    with byte_streams.open_binary(path) as handle:
+        data = byte_streams.read_at_most(handle, limit)
+    if len(data) > limit:
+        raise errors.RecordTooLarge(f"{path}: more than {limit} bytes (read stopped there)", len(data))
+    return data
 
 
 def looks_binary(data: bytes) -> bool:
@@ -107,17 +113,18 @@ def looks_binary(data: bytes) -> bool:
     return b"\0" in data[:8192]
 
 
-def read_documents(file: MachineFile) -> Iterator[tuple[int, str, dict]]:
+def read_documents(file: MachineFile, max_bytes: int) -> Iterator[tuple[int, str, dict]]:
     """Yield ``(record_offset, text, meta)`` for each document in one machine file.
 
-    Raises ``ValueError`` for a file that is binary or not text, so the caller can quarantine it.
+    Raises a :class:`~llmray.data.readers.errors.DataError` for a file that is binary or larger
+    than ``max_bytes``, so the caller can quarantine it.
     """
     if file.kind == "pydoc_topics":
         yield from _pydoc_topic_documents()
         return
-    data = read_bytes(file.path)
+    data = read_bytes(file.path, max_bytes)
     if looks_binary(data):
-        raise ValueError(f"{file.path} is binary, expected text")
+        raise errors.DataError(f"{file.path} is binary, expected text")
     text = data.decode("utf-8", errors="replace")
     if file.kind == "man":
         text = strip_roff(text)
