@@ -260,6 +260,11 @@ def _check_bounds(value: Any, where: str, field: dataclasses.Field | None) -> An
 
 
 def _type_name(tp: Any) -> str:
+    """How ``--help`` and errors spell a type: ``bool | 'auto'``, not ``Union``."""
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(map(repr, typing.get_args(tp)))
+    if typing.get_origin(tp) is Union:
+        return " | ".join(map(_type_name, typing.get_args(tp)))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

@@ -6,14 +6,21 @@ Built only from what the stages already wrote, so it can be regenerated at any t
 * ``manifest.json`` of each stage: status, wall time, resources, summary → the stage table and the
   cost accounting (CPU-hours and GPU-hours = wall time × the resources the stage had);
 * ``metrics.jsonl`` of each stage: every numeric series is plotted against ``step`` (or record
-  order) into ``<stage>_metrics.png``;
+  order) into ``<stage>_metrics.png``; unreadable lines (a writer killed mid-line) are skipped
+  and counted in the section;
 * ``output/report.md`` of a stage, when it writes one (curation funnel, tokenizer stats, eval
   table, sample completions): included as that stage's section, with its images re-linked.
+
+The report directory is meant to be shared, and fragments embed text taken from data (held-out
+prompts, sampled replies). So stages write such text through :func:`escape_markdown`, and the
+report copies an image only from inside that stage's own output directory; any other image link
+stays as inert text.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import shutil
@@ -22,10 +29,24 @@ from typing import Any
 
 from llmray import runs
 
+log = logging.getLogger("llmray.report")
 REPORT_DIR = "report"
 _MAX_SERIES_PER_PLOT = 9
 _IGNORED_SERIES = {"time", "step", "epoch"}
 _IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)]+)\)")
+_MARKDOWN_SYNTAX = re.compile(r"([\\`*_\[\]()<>!|~&#])")
+
+
+def escape_markdown(text: str) -> str:
+    """``text`` taken from data (a prompt, a reply, a token, an error message), made plain markdown.
+
+    Why: stage fragments embed such text and the run report includes the fragments; unescaped, a
+    held-out prompt like ``![x](../../secret)`` would be an image link the report resolves (and
+    ``<img>``/links would render). A backslash before every character that can start markdown or
+    HTML syntax keeps the text readable, works inline and inside table cells (``|``), and leaves
+    no ``![`` for the report's link matching to find.
+    """
+    return _MARKDOWN_SYNTAX.sub(r"\\\1", text)
 
 
 def stage_dirs(run_root: Path) -> list[runs.StageDir]:
@@ -123,15 +144,17 @@ def _stage_fragment(stage_dir: runs.StageDir, report_dir: Path) -> str:
     if not fragment.is_file():
         return ""
     text = fragment.read_text(encoding="utf-8")
+    root = stage_dir.output.resolve()
 
     def relink(match: re.Match) -> str:
+        """Copy a file of the stage's own output (symlinks resolved, so neither ``..`` nor a link
+        leads out of it) beside the report; anything else stays as text and nothing is copied."""
         target = match.group(2)
-        if re.match(r"^[a-z]+://", target):
-            return match.group(0)
+        source = (stage_dir.output / target).resolve()
+        if not (source.is_relative_to(root) and source.is_file()):
+            return escape_markdown(match.group(0))
         copied = f"{stage_dir.stage}_{Path(target).name}"
-        source = stage_dir.output / target
-        if source.is_file():
-            shutil.copyfile(source, report_dir / copied)
+        shutil.copyfile(source, report_dir / copied)
         return f"![{match.group(1)}]({copied})"
 
     # Demote the fragment's headings so they nest under the stage heading.
@@ -175,9 +198,14 @@ def _stage_section(stage_dir: runs.StageDir, manifest: dict, out: Path) -> str:
         parts += [f"| {key} | {_format(value)} |" for key, value in summary.items()]
         parts.append("")
     image = f"{stage_dir.stage}_metrics.png"
-    plotted = plot_metrics(stage_dir.read_metrics(), f"{stage_dir.stage} metrics", out / image)
+    metrics, bad = stage_dir.read_metrics()
+    plotted = plot_metrics(metrics, f"{stage_dir.stage} metrics", out / image)
     if plotted:
         parts += [f"![{stage_dir.stage}: {', '.join(plotted)}]({image})", ""]
+    if bad:
+        log.warning("[%s] skipped %d unreadable metrics line(s); the first: %s", stage_dir.stage, len(bad), bad[0])
+        parts += [f"*metrics.jsonl: {len(bad)} unreadable line(s) skipped (the first: line {bad[0].number}, "
+                  f"{bad[0].detail}).*", ""]
     fragment = _stage_fragment(stage_dir, out)
     if fragment:
         parts += [fragment, ""]

@@ -190,16 +190,19 @@ class StageDir:
         with open(self._metrics_file, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, default=float) + "\n")
 
-    def read_metrics(self) -> list[dict]:
-        """Every record of ``metrics.jsonl``; a bad line is a bug here (this file is ours), so it raises."""
+    def read_metrics(self) -> tuple[list[dict], list[jsonl.BadLine]]:
+        """The records of ``metrics.jsonl`` and, apart, its lines that are not records.
+
+        Bad lines are returned, not raised: several processes append to this file (the stage,
+        trainer rank 0) and one killed mid-write leaves a torn line, which must not cost the rest
+        of the file; the caller says how many it skipped.
+        """
         if not self._metrics_file.exists():
-            return []
-        records = []
+            return [], []
+        records, bad = [], []
         for line in jsonl.read_lines(self._metrics_file):
-            if isinstance(line.record, jsonl.BadLine):
-                raise line.record
-            records.append(line.record)
-        return records
+            (bad if isinstance(line.record, jsonl.BadLine) else records).append(line.record)
+        return records, bad
 
 
 def fingerprint_inputs(inputs: dict[str, str | Path]) -> dict[str, dict]:

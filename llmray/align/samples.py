@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmray import runs
+from llmray import report, runs
 from llmray.align.stage import SamplingSection
 from llmray.model import generate as generate_lib
 from llmray.model import hf
@@ -68,5 +68,6 @@ def markdown(samples: list[dict], limit: int = 8) -> list[str]:
 
 
 def _quote(text: str, chars: int = 400) -> str:
+    """One line of at most ``chars`` characters of the text, escaped: prompts and replies are data."""
     text = " ".join(text.split())
-    return text if len(text) <= chars else text[:chars] + " …"
+    return report.escape_markdown(text if len(text) <= chars else text[:chars] + " …")

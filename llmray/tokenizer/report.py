@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmray import runs
+from llmray.report import escape_markdown
 
 LONGEST = 20
 
@@ -92,5 +93,7 @@ def render_markdown(report: dict, training: dict) -> str:
     usage = report["vocab_usage"]
     lines += ["", f"Vocabulary usage on the report text: {usage['used']:,} of {report['vocab_size']:,} ids "
                   f"({usage['fraction']:.1%}).", "", "Longest tokens:", ""]
-    lines += [f"- {entry['bytes']} bytes, id {entry['id']}: `{entry['text']!r}`" for entry in report["longest_tokens"]]
+    # tokens are learnt from the data: escaped, not in a code span (a token may hold backticks)
+    lines += [f"- {entry['bytes']} bytes, id {entry['id']}: {escape_markdown(repr(entry['text']))}"
+              for entry in report["longest_tokens"]]
     return "\n".join(lines) + "\n"

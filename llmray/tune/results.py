@@ -24,6 +24,7 @@ import yaml
 
 from llmray import runs
 from llmray import stages as stages_lib
+from llmray.report import escape_markdown
 from llmray.tune import ablation
 from llmray.tune import space as space_lib
 from llmray.tune.trial import COMPLETED
@@ -104,7 +105,7 @@ def table_markdown(rows: list[dict], cfg, keys: list[str]) -> str:
     for r in rows:
         cells = [r["trial_id"], *(_fmt(r["config"].get(k)) for k in keys), _fmt(r["metric"]),
                  *(_fmt(r["extra"].get(m)) for m in cfg.table_metrics), r["status"], _fmt(r["steps"]),
-                 r["error"].replace("|", "\\|")]
+                 escape_markdown(r["error"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

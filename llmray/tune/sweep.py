@@ -21,10 +21,14 @@ Design choices:
   ``grid`` (every ``choice`` enumerated too), or a model-based searcher by name when its library
   is installed (optuna, hyperopt, ...). **Schedulers**: ASHA (default), PBT (needs a checkpoint
   stage: exploited trials restart from the winner's checkpoint with mutated values), FIFO.
-* **Resume**: the Tune experiment lives in ``work/ray_results/sweep``; ``resume=true`` continues
-  it with ``Tuner.restore``: finished trials keep their results and are not run again,
-  unfinished ones restart and find their finished stages in the lineage cache and their
-  training checkpoints in their stage's work directory. Without ``resume`` a new sweep starts
+* **Resume**: the Tune experiment lives in ``work/ray_results/sweep``, and ``sweep.json`` beside
+  it records the config it was started from and whether it finished. An interrupted sweep is
+  continued with ``Tuner.restore`` (``resume=auto``, the default, or ``true``): finished trials
+  keep their results and are not run again, unfinished ones restart and find their finished
+  stages in the lineage cache and their training checkpoints in their stage's work directory.
+  It is never deleted: ``resume=false``, or a changed config, refuses to run and names the
+  folder to delete (:func:`plan_start`). A *finished* sweep is replaced by a new one: the stage
+  reruns only when its config changed or on ``--force``, and its results are in the output
   (the stage cache is kept: unchanged stages are still reused).
 * **Outputs** (:mod:`llmray.tune.results`): ``trials.csv``/``trials.md`` (config, metric,
   status, steps, error), ``best_config.yaml`` ready to run, plots, and ``report.md``, which the
@@ -33,8 +37,10 @@ Design choices:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -43,6 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmray import config as config_lib
+from llmray import runs
 from llmray import stages as stages_lib
 from llmray.config import param
 from llmray.tune import space as space_lib
@@ -117,8 +124,10 @@ class TuneConfig:
     checkpoint: TuneCheckpointConfig = param(default_factory=TuneCheckpointConfig, doc="trial checkpoints")
     table_metrics: list[str] = param(default_factory=list, doc="further reported metrics shown per trial in "
                                      "the results table, e.g. curate.documents, eval.base.core")
-    resume: bool = param(False, doc="continue the interrupted sweep in work/ (Tuner.restore): finished "
-                                    "trials are kept, unfinished ones resume")
+    resume: bool | Literal["auto"] = param("auto", doc="auto: continue the interrupted sweep in work/ "
+                                           "(Tuner.restore: finished trials are kept, unfinished ones resume), "
+                                           "else start one; true: continue it, fail if there is none; false: "
+                                           "start a new sweep, fail if an interrupted one is there")
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -196,8 +205,47 @@ def experiment_path(work: Path) -> Path:
     return Path(work).resolve() / RAY_RESULTS / EXPERIMENT
 
 
+def sweep_key(cfg: TuneConfig) -> str:
+    """The config hash of the sweep itself: how a sweep is continued (``resume``) is not part of it."""
+    return config_lib.config_hash(dataclasses.replace(cfg, resume="auto"))
+
+
+def _record_path(work: Path) -> Path:
+    return experiment_path(work).with_suffix(".json")
+
+
+def record_sweep(work: Path, key: str, finished: bool) -> None:
+    runs.write_json(_record_path(work), {"config_sha256": key, "finished": finished})
+
+
+def plan_start(resume: bool | str, work: Path, key: str, restorable: bool) -> Literal["restore", "fresh"]:
+    """Restore the sweep in ``work`` or start a new one; raise rather than delete an interrupted one.
+
+    ``restorable`` is ``Tuner.can_restore`` of the experiment folder. A restorable sweep that its
+    record does not mark finished is *interrupted*: ``auto``/``true`` restore it when it was started
+    from this config (``key``), and refuse otherwise, since restoring keeps the old space and
+    trials under the new config's lineage; ``false`` refuses. A finished sweep (its results are in
+    the output) or an unrestorable folder gives way to a new sweep, except under ``true``.
+    """
+    path, record_file = experiment_path(work), _record_path(work)
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    if not restorable or record.get("finished"):
+        if resume is True:
+            raise FileNotFoundError(f"resume=true, but {path} holds no interrupted sweep to continue; "
+                                    "resume=auto starts a new sweep when there is none")
+        return "fresh"
+    to_delete = f"delete {path} and {Path(work) / trial_lib.TRIALS} to start over"
+    if resume is False:
+        raise FileExistsError(f"{path} holds an interrupted sweep, which resume=false does not delete: "
+                              f"pass resume=auto to continue it, or {to_delete}")
+    if record.get("config_sha256") != key:
+        raise FileExistsError(f"{path} holds an unfinished sweep started from another config (or by an "
+                              f"older llmray); continue it with its own config, or {to_delete}")
+    return "restore"
+
+
 def build_tuner(cfg: TuneConfig, work: Path, run_root: Path, ray_cfg):
-    """A new :class:`ray.tune.Tuner`, or the interrupted one restored when ``cfg.resume`` and it exists."""
+    """The interrupted :class:`ray.tune.Tuner` restored, or a new one (see :func:`plan_start`)."""
     from ray import tune
 
     work = Path(work).resolve()
@@ -214,14 +262,16 @@ def build_tuner(cfg: TuneConfig, work: Path, run_root: Path, ray_cfg):
                                     {"CPU": cfg.resources.cpu, "GPU": cfg.resources.gpu})
     param_space = {key: domain.to_tune(enumerate_choices=cfg.search == "grid") for key, domain in domains.items()}
     path = experiment_path(work)
-    if cfg.resume and tune.Tuner.can_restore(str(path)):
+    key = sweep_key(cfg)
+    if plan_start(cfg.resume, work, key, tune.Tuner.can_restore(str(path))) == "restore":
         log.info("resuming the sweep in %s: finished trials are kept", path)
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False, param_space=param_space)
-    if cfg.resume:
-        log.info("resume=true but %s holds no sweep to restore; starting a new one", path)
+    if path.exists():
+        log.info("starting a new sweep in place of the finished (or unrestorable) one in %s", path)
     shutil.rmtree(path, ignore_errors=True)
     shutil.rmtree(work / trial_lib.TRIALS, ignore_errors=True)
+    record_sweep(work, key, finished=False)
     tune_config = tune.TuneConfig(
         metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples, search_alg=build_searcher(cfg),
         scheduler=build_scheduler(cfg, domains), max_concurrent_trials=cfg.max_concurrent_trials,
@@ -240,6 +290,7 @@ def run_tune(cfg: TuneConfig, ctx) -> dict:
     ctx.connect_ray()
     tuner = build_tuner(cfg, ctx.dir.work, ctx.run_root, ctx.ray)
     grid = tuner.fit()
+    record_sweep(ctx.dir.work, sweep_key(cfg), finished=True)
     summary, rows = results_lib.write_results(grid, cfg, ctx.dir.work, ctx.output, ctx.run_root.name)
     for row in rows:
         ctx.log_metrics(trial=row["trial_id"], status=row["status"], steps=row["steps"],

@@ -1,6 +1,6 @@
 """``llmray tune`` on the session's Ray: an LR sweep of the proxy trainer with ASHA (early stops, a
 sensible winner, a bad value errored with its message while the sweep goes on), and a sweep whose
-driver is killed and resumed without re-running finished trials.
+driver is killed, refused a fresh start over it, and resumed without re-running finished trials.
 
 Trials train a tiny Llama on real text (Python standard-library sources as byte tokens) through
 the one training core; nothing is mocked.
@@ -82,6 +82,8 @@ def test_lr_sweep_asha_stops_bad_trials_and_reports_a_bad_value(ray_session, sha
         assert (result.output / name).stat().st_size > 0
     report = (result.output / "report.md").read_text()
     assert "out of range" in report and "best_config.yaml" in report
+    record = json.loads((tmp_path / "lr" / "tune" / "work" / "ray_results" / "sweep.json").read_text())
+    assert record["finished"]  # a rerun (changed config, --force) starts a new sweep rather than restore this one
 
 
 @pytest.mark.slow
@@ -116,8 +118,9 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_session, sha
     before = finished()
     assert 2 <= len(before) < 4
 
-    raw["resume"] = True
-    result = run_tune(raw, runs_dir / "sweep")
+    with pytest.raises(FileExistsError, match="holds an interrupted sweep, which resume=false does not delete"):
+        run_tune({**raw, "resume": False}, runs_dir / "sweep")
+    result = run_tune(raw, runs_dir / "sweep")  # resume=auto, the default
     rows = read_rows(result.output)
     assert len(rows) == 4 and all(row["status"] == "completed" for row in rows.values()), rows
     for trial_id in before:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -72,3 +73,50 @@ def test_hook_figures_at_the_same_step_are_merged_and_stepless_records_are_not_p
     assert series["val_reward_accuracy"] == ([0, 10, 20], [0.0, 0.4, 0.6])
     assert "reference_cache_hit" not in series
 
+
+
+def test_fragment_links_outside_the_stage_output_are_inert_and_nothing_is_copied(tmp_path):
+    """A held-out prompt that reaches a fragment cannot make the shareable report copy a file."""
+    from llmray.align import samples
+
+    run_root = tmp_path / "run3"
+    stages.run_stage(CURVE, CurveConfig(steps=3), run_root)
+    (tmp_path / "secret").write_bytes(b"token-abc123")
+    output = run_root / "curve" / "output"
+    (output / "escape.png").symlink_to(tmp_path / "secret")
+    prompt = "describe ![x](../../../secret) and <img src=x>"
+    replies = [{"prompt": [{"role": "user", "content": prompt}], "reply": "![y](../../../secret)", "finished": True}]
+    crafted = ["![a](../../../secret)", f"![b]({tmp_path / 'secret'})", "![c](escape.png)", "![d](missing.png)"]
+    fragment = (output / "report.md").read_text() + "\n".join(samples.markdown(replies) + crafted) + "\n"
+    (output / "report.md").write_text(fragment)
+
+    path = report.build_report(run_root)
+    text = path.read_text()
+    assert "![hist](curve_hist.png)" in text and (path.parent / "curve_hist.png").is_file()  # its own image still is
+    for file in path.parent.iterdir():
+        assert "secret" not in file.name and "escape" not in file.name
+        assert b"token-abc123" not in file.read_bytes()
+    assert report.escape_markdown(prompt) in text and r"\!\[x\]\(../../../secret\)" in text
+    assert r"\!\[a\]\(../../../secret\)" in text and r"\!\[c\]\(escape.png\)" in text
+    assert not re.search(r"(?<!\\)<img", text) and "](" not in text.replace("](curve_", "")
+
+
+def test_escaped_text_reads_the_same_and_forms_no_markup():
+    text = r"a \![x](y) `b` <i>|*_~&#"
+    escaped = report.escape_markdown(text)
+    assert re.sub(r"\\(.)", r"\1", escaped) == text  # a markdown renderer shows the original
+    assert not re.search(r"(?<!\\)[!\[\]()<>`|*_~&#]", re.sub(r"\\.", "", escaped))
+
+
+def test_torn_and_garbage_metrics_lines_are_skipped_and_counted(tmp_path, caplog):
+    run_root = tmp_path / "run4"
+    stages.run_stage(CURVE, CurveConfig(steps=6), run_root)
+    metrics = run_root / "curve" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    lines.insert(3, "garbage, not json")
+    metrics.write_text("\n".join(lines) + '\n{"step": 6, "loss": 0.5')  # killed mid-write
+    with caplog.at_level("WARNING", logger="llmray.report"):
+        text = report.build_report(run_root).read_text()
+    assert "![curve: loss, lr](curve_metrics.png)" in text
+    assert "metrics.jsonl: 2 unreadable line(s) skipped (the first: line 4," in text
+    assert f"{metrics}:4: not valid JSON" in caplog.text
