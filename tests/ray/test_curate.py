@@ -140,8 +140,8 @@ def test_bad_inputs_are_quarantined_and_good_records_kept(clean_run, corpus):
     output = clean_run.output
     quarantine = table(output, "quarantine").to_pylist()
     by_kind = {(Path(q["path"]).name, q["error"]): q for q in quarantine}
-    assert by_kind[("good_and_bad.jsonl", "JSONDecodeError")]["offset"] == 10
-    assert by_kind[("good_and_bad.jsonl", "InvalidUTF8")]["offset"] == 11
+    assert by_kind[("good_and_bad.jsonl", "JSONDecodeError")]["offset"] == 11  # quarantine: 1-based lines
+    assert by_kind[("good_and_bad.jsonl", "InvalidUTF8")]["offset"] == 12
     assert ("truncated.jsonl.gz", "EOFError") in by_kind
     assert ("binary.txt", "BinaryContent") in by_kind
     assert by_kind[("huge.txt", "DocumentTooLarge")]["offset"] == 0
@@ -154,9 +154,9 @@ def test_bad_inputs_are_quarantined_and_good_records_kept(clean_run, corpus):
     ids = set(documents.column("id").to_pylist()) | set(rejected.column("id").to_pylist())
     good_offsets = list(range(10)) + list(range(12, 22))
     assert {records.document_id("faults", "good_and_bad.jsonl", o) for o in good_offsets} <= ids
-    truncated_read = by_kind[("truncated.jsonl.gz", "EOFError")]["offset"]
-    assert truncated_read > 0
-    assert {records.document_id("faults", "truncated.jsonl.gz", o) for o in range(truncated_read)} <= ids
+    first_unread_line = by_kind[("truncated.jsonl.gz", "EOFError")]["offset"]
+    assert first_unread_line > 1
+    assert {records.document_id("faults", "truncated.jsonl.gz", o) for o in range(first_unread_line - 1)} <= ids
     empty = {r["id"]: r["reason"] for r in rejected.to_pylist() if r["stage"] == "normalize"}
     assert empty[records.document_id("texts", "empty.txt", 0)] == "empty"
     funnel = json.loads((output / "funnel.json").read_text())
