@@ -49,7 +49,7 @@ def base_documents(max_words: int = 400, min_words: int = 20) -> list[str]:
     texts = _shared_texts()
     for file in discover(["doc", "pydoc_topics"], max_files_per_kind=1500):
         try:
-            texts += [text for _, text, _ in read_documents(file)]
+            texts += [text for _, text, _ in read_documents(file, 10 << 20)]
         except ValueError:
             continue
     docs = []

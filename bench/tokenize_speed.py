@@ -77,7 +77,7 @@ def shared_documents():
 def machine_documents():
     for file in machine_text.discover(["python_stdlib", "man"]):
         try:
-            for _, text, _ in machine_text.read_documents(file):
+            for _, text, _ in machine_text.read_documents(file, 10 << 20):
                 yield file.kind, text
         except (ValueError, OSError):
             continue

@@ -41,7 +41,7 @@ def corpus(shared_data) -> list[dict]:
     docs += [{"id": f"wiki-{i:02d}", "text": t, "source": "wiki"} for i, t in enumerate(wiki) if t.strip()]
     copyright_files = [f for f in discover(["doc"]) if f.path.endswith("/copyright")][:60]
     docs += [{"id": f"doc-{i:02d}", "text": text, "source": "doc"}
-             for i, f in enumerate(copyright_files) for _, text, _ in read_documents(f)]
+             for i, f in enumerate(copyright_files) for _, text, _ in read_documents(f, 10 << 20)]
     long_c4 = [t for t in c4[150:] if len(t.split()) > 300]
     for i, text in enumerate(long_c4[:8]):
         docs.append({"id": f"p{i}-a-orig", "text": text, "source": "planted"})
