@@ -84,8 +84,8 @@ def test_tokens_stage_equals_reference_and_is_deterministic(ray_session, corpus_
 
     # Bad records are quarantined with where they came from; the run still finished.
     quarantine = [json.loads(line) for line in (output / shards.QUARANTINE).read_text().splitlines()]
-    assert [(q["offset"], q["error"]) for q in quarantine] == [(0, "BadText"), (1, "JSONDecodeError"),
-                                                                (2, "BadUnicode")]
+    assert [(q["offset"], q["error"]) for q in quarantine] == [(1, "BadText"), (2, "JSONDecodeError"),
+                                                                (3, "BadUnicode")]  # 1-based lines
     assert all(q["path"].endswith("zz_bad.jsonl") for q in quarantine)
     assert manifest["quarantined"] == 3 and manifest["skipped_empty"] == 1
 

@@ -141,10 +141,10 @@ def test_curate_documents_keep_0_based_line_indexes_quarantine_rows_and_messages
     assert rows[2]["message"] == f"{path}:4: expected a JSON object, got list"
 
 
-def test_document_ids_use_the_0_based_line_index_and_messages_the_line(tmp_path):
+def test_document_ids_use_the_0_based_line_index_and_bad_records_the_line(tmp_path):
     write(tmp_path / "d.jsonl", MIXED)
     batch = next(documents.read_batches(tmp_path / "d.jsonl", tmp_path))
-    assert batch["offset"] == [0, 2, 3, 4]
+    assert batch["offset"] == [0, 3, 4, 4]
     assert batch["id"][3] == documents.derived_id("d.jsonl", 4)
     assert batch["error"] == [None, "JSONDecodeError", "TypeError", None]
     assert batch["message"][1].startswith("d.jsonl:3: not valid JSON")

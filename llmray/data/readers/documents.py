@@ -10,8 +10,9 @@ parquet of the curate stage (the Document contract in DESIGN.md: ``id``, ``text`
   "offset"}`` from one file. A record that cannot become a document (malformed JSON, missing
   or non-string ``text``, text that is not valid Unicode) is *not* raised: it comes out with
   ``error`` set so the caller can quarantine it and carry on. JSONL is read by
-  :func:`llmray.jsonl.read_lines`; ``offset`` is the 0-based line index (JSONL, blank lines
-  counted) or row index (parquet), while messages name the 1-based line (``file:12: ...``).
+  :func:`llmray.jsonl.read_lines`; a document's ``offset`` is the 0-based line index (JSONL,
+  blank lines counted) or row index (parquet), which ids are made of, while a record that comes
+  out with ``error`` has the 1-based line as ``offset``, as its message names it (``file:12: ...``).
 * A missing ``id`` is derived from the file's path relative to the input root and the record
   offset (stable when the corpus moves); a missing ``source`` is the file's name without its
   suffixes, so a folder of raw dumps (``c4.jsonl``, ``wiki.parquet``) is a source mixture.
@@ -110,6 +111,8 @@ def read_batches(path: str | Path, root: str | Path, batch_docs: int = 1024,
     for offset, line, record in records:
         where = f"{relative}:{line}" if line is not None else f"{relative} row {offset}"
         row = _document_row(record, relative, offset, where, source_name(path))
+        if row["error"] is not None and line is not None:
+            row["offset"] = line  # a quarantine row names the 1-based line, as its message does
         for column in COLUMNS:
             batch[column].append(row[column])
         chars += len(row["text"])
