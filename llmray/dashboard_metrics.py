@@ -4,10 +4,20 @@ Why a separate path next to ``metrics.jsonl``: the JSONL file is the durable rec
 report, while these gauges and counters are what an operator watches live on the Ray dashboard
 or scrapes with Prometheus while a long curation or training run is in progress.
 
-Every numeric value a stage logs becomes a gauge ``llmray_<key>`` tagged with the run and stage
-(``llmray_loss{stage="pretrain"}``, ``llmray_tokens_per_s``, ``llmray_docs_per_s``); counts of
-dropped documents become the counter ``llmray_docs_dropped_total`` tagged with the reason. Outside a
-Ray process this is a no-op, so library code can call it unconditionally.
+Three families, each with one fixed set of tags and its own prefix (Ray keeps the tag keys a
+metric name was first registered with, in any process, and silently drops any other tag, so a
+name must never be set with two tag sets):
+
+* ``llmray_<key>{run, stage}``: every numeric value a stage logs on the driver
+  (``llmray_docs_per_s``, ``llmray_final_reward_accuracy``).
+* ``llmray_worker_<key>{run, stage, rank}``: set by every training worker, from its own process,
+  at every logged step: ``llmray_worker_loss``, ``llmray_worker_tokens_per_s``,
+  ``llmray_worker_mfu``, ``llmray_worker_memory_mb``, ``llmray_worker_step`` ... (loss and
+  throughput are global, memory is the worker's own).
+* ``llmray_docs_dropped_total{run, stage, reason}``: documents curation dropped, per reason,
+  counted as the curated stream is written.
+
+Outside a Ray process this is a no-op, so library code can call it unconditionally.
 """
 
 from __future__ import annotations
@@ -18,7 +28,8 @@ import sys
 from typing import Any
 
 _NAME = re.compile(r"[^a-zA-Z0-9_]")
-_TAG_KEYS = ("run", "stage")
+_STAGE_TAGS = ("run", "stage")
+_WORKER_TAGS = ("run", "stage", "rank")
 _gauges: dict[str, Any] = {}
 _counters: dict[str, Any] = {}
 
@@ -28,24 +39,33 @@ def _ray_ready() -> bool:
     return ray is not None and ray.is_initialized()
 
 
-def metric_name(key: str) -> str:
-    return "llmray_" + _NAME.sub("_", key)
+def metric_name(key: str, prefix: str = "llmray_") -> str:
+    return prefix + _NAME.sub("_", key)
 
 
-def publish(run: str, stage: str, values: dict[str, Any]) -> None:
-    """Set one gauge per finite numeric value; non-numeric values are ignored."""
+def _set_gauges(prefix: str, tags: dict[str, str], values: dict[str, Any]) -> None:
+    """One gauge ``<prefix><key>`` per finite numeric value (non-numeric values are ignored)."""
     if not _ray_ready():
         return
     from ray.util.metrics import Gauge
 
-    tags = {"run": run, "stage": stage}
     for key, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             continue
-        name = metric_name(key)
+        name = metric_name(key, prefix)
         if name not in _gauges:
-            _gauges[name] = Gauge(name, description=f"llmray stage metric '{key}'", tag_keys=_TAG_KEYS)
+            _gauges[name] = Gauge(name, description=f"llmray metric '{key}'", tag_keys=tuple(tags))
         _gauges[name].set(float(value), tags=tags)
+
+
+def publish(run: str, stage: str, values: dict[str, Any]) -> None:
+    """Set ``llmray_<key>{run, stage}`` for each finite numeric value a stage logs."""
+    _set_gauges("llmray_", dict(zip(_STAGE_TAGS, (run, stage))), values)
+
+
+def publish_worker(run: str, stage: str, rank: int, step: int, values: dict[str, Any]) -> None:
+    """Set ``llmray_worker_<key>{run, stage, rank}`` (and ``llmray_worker_step``) from a training worker."""
+    _set_gauges("llmray_worker_", dict(zip(_WORKER_TAGS, (run, stage, str(rank)))), {"step": step, **values})
 
 
 def count_dropped(run: str, stage: str, reason: str, count: int) -> None:
@@ -57,5 +77,5 @@ def count_dropped(run: str, stage: str, reason: str, count: int) -> None:
     name = "llmray_docs_dropped_total"
     if name not in _counters:
         _counters[name] = Counter(name, description="documents dropped by curation, per reason",
-                                  tag_keys=(*_TAG_KEYS, "reason"))
+                                  tag_keys=(*_STAGE_TAGS, "reason"))
     _counters[name].inc(count, tags={"run": run, "stage": stage, "reason": reason})

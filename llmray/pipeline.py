@@ -25,6 +25,7 @@ from llmray import cluster, report
 from llmray import config as config_lib
 from llmray import stages as stages_lib
 from llmray.config import param
+from llmray.tracking import TrackingConfig
 
 log = logging.getLogger("llmray")
 
@@ -35,6 +36,8 @@ class PipelineConfig:
 
     name: str = param("default", doc="run name: outputs go to <runs-dir>/<name>/<stage>/")
     ray: cluster.RayConfig = param(default_factory=cluster.RayConfig, doc="how to reach Ray")
+    tracking: TrackingConfig = param(default_factory=TrackingConfig, doc="MLflow: each stage becomes an MLflow "
+                                                                         "run when it ends")
     stages: dict[str, dict] = param(default_factory=dict,
                                     doc="stage name -> that stage's config, run in this order")
 
@@ -90,7 +93,7 @@ def run_pipeline(cfg: PipelineConfig, runs_dir: Path, force: bool = False) -> li
         raise config_lib.ConfigError("the pipeline config lists no stages under 'stages'")
     for index, (stage, stage_cfg) in enumerate(typed, 1):
         log.info("pipeline %s: stage %d/%d: %s", cfg.name, index, len(typed), stage.name)
-        results.append(stages_lib.run_stage(stage, stage_cfg, run_root, cfg.ray, force=force))
+        results.append(stages_lib.run_stage(stage, stage_cfg, run_root, cfg.ray, force=force, tracking=cfg.tracking))
     return results
 
 

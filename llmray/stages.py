@@ -8,7 +8,9 @@ a metrics log and a logger. Everything around that is here, once, for every stag
 * inputs (``cfg.inputs()``) are fingerprinted; if the manifest of a complete earlier run has the
   same config hash and input fingerprints, the stage is skipped and says so (lineage cache);
 * the output directory is built under a temporary name and swapped in only on success;
-* the manifest records inputs and outputs with sha256, timings and the stage's summary.
+* the manifest records inputs and outputs with sha256, timings and the stage's summary;
+* with ``tracking`` on, the stage's config and ``metrics.jsonl`` become an MLflow run when it ends
+  (:mod:`llmray.tracking`), failed or not; the manifest records the MLflow run id.
 
 Registering a stage is one entry in :data:`STAGES`; modules are imported lazily so that
 ``llmray --help`` does not import torch or Ray.
@@ -26,6 +28,7 @@ from typing import Any, Callable
 from llmray import cluster, dashboard_metrics
 from llmray import config as config_lib
 from llmray import runs
+from llmray.tracking import TrackingConfig
 
 RUN_DIR_PLACEHOLDER = "{run_dir}"
 log = logging.getLogger("llmray")
@@ -150,7 +153,7 @@ def _stage_logger(stage_dir: runs.StageDir) -> tuple[logging.Logger, logging.Han
 
 
 def run_stage(stage: Stage, cfg: Any, run_root: Path, ray_cfg: cluster.RayConfig | None = None,
-              force: bool = False) -> StageResult:
+              force: bool = False, tracking: TrackingConfig | None = None) -> StageResult:
     """Run one stage (or skip it when its lineage is unchanged) and return what it produced."""
     run_root = Path(run_root)
     stage_dir = runs.StageDir(run_root / stage.name, stage.name)
@@ -177,6 +180,7 @@ def run_stage(stage: Stage, cfg: Any, run_root: Path, ray_cfg: cluster.RayConfig
             summary = stage.run_fn(cfg, ctx) or {}
     except BaseException as exc:
         manifest.update(status="failed", error=f"{type(exc).__name__}: {exc}", finished_at=_iso(time.time()))
+        _track(tracking, manifest, cfg, run_root, stage_dir, failed=True)
         stage_dir.write_manifest(manifest)
         raise
     finally:
@@ -186,9 +190,30 @@ def run_stage(stage: Stage, cfg: Any, run_root: Path, ray_cfg: cluster.RayConfig
     manifest.update(status="complete", outputs=runs.fingerprint_outputs(stage_dir.output),
                     summary=summary, finished_at=_iso(finished), seconds=round(finished - started, 3),
                     resources=cluster.resources_in_use())
+    _track(tracking, manifest, cfg, run_root, stage_dir, failed=False)
     stage_dir.write_manifest(manifest)
     log.info("[%s] done in %.1fs; outputs in %s", stage.name, finished - started, stage_dir.output)
     return StageResult(stage.name, False, stage_dir.output, manifest, reason)
+
+
+def _track(tracking: TrackingConfig | None, manifest: dict, cfg: Any, run_root: Path, stage_dir: runs.StageDir,
+           failed: bool) -> None:
+    """Record the stage in MLflow (``manifest["mlflow"]``); a tracking server that fails is logged, not
+    raised: the stage's own outputs are complete and the run directory holds the same record."""
+    if tracking is None or not tracking.enabled:
+        return
+    from llmray import tracking as tracking_lib
+
+    metrics, _ = stage_dir.read_metrics()
+    try:
+        manifest["mlflow"] = tracking_lib.log_stage(
+            tracking, run=run_root.name, stage=stage_dir.stage, config=config_lib.to_dict(cfg), metrics=metrics,
+            tags={"llmray.config_sha256": manifest["config_sha256"], "llmray.stage_dir": str(stage_dir.root)},
+            failed=failed)
+    except Exception as exc:  # noqa: BLE001 - reported in the log and the manifest
+        log.error("[%s] MLflow tracking at %s failed: %s: %s", stage_dir.stage, tracking.mlflow_uri,
+                  type(exc).__name__, exc)
+        manifest["mlflow"] = {"uri": tracking.mlflow_uri, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _iso(timestamp: float) -> str:

@@ -108,7 +108,7 @@ class PreferenceMetrics:
             record.update({f"{split}_{name}": value for name, value in values.items()})
         self.history.append({"step": step, **record})
         if self.trainer.rank == 0 and self.trainer.writer is not None:
-            self.trainer.writer.write(step, record)
+            self.trainer.writer.write(step, record, console=False)
 
 
 @dataclass

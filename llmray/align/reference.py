@@ -32,6 +32,7 @@ import torch
 from llmray import runs
 from llmray.align.pairs import PairRows
 from llmray.config import param
+from llmray.progress import Progress
 
 LOGPS_FILE = "reference_logps.npy"
 META_FILE = "meta.json"
@@ -113,11 +114,14 @@ def score_on_ray(model_dir: str | Path, rows: PairRows, cfg: ReferenceConfig) ->
     actors = [scorer.remote(str(model_dir), threads) for _ in range(cfg.actors)]
     rows_ref = ray.put(PairRows(rows.tokens, rows.completion, rows.lengths, []))
     out = np.zeros(len(rows.lengths), dtype=np.float64)
+    progress = Progress("dpo: reference log-probs", len(rows.lengths), "sequences", logger=log)
     try:
         pool = ActorPool(actors)
         for indices, logps in pool.map_unordered(lambda actor, chunk: actor.score.remote(rows_ref, chunk),
                                                  length_sorted_chunks(rows, cfg.batch_size)):
             out[indices] = logps
+            progress.advance(len(indices))
+        progress.finish()
     finally:
         for actor in actors:
             ray.kill(actor)

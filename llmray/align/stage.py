@@ -4,9 +4,10 @@ A stage supplies only :class:`Prepared` (its rows, objective, hooks, held-out pr
 report); the skeleton loads the tokenizer and chat template, writes ``quarantine.jsonl`` and
 ``data.json``, trains with :func:`llmray.train.launch.launch` from the initial weights,
 exports ``output/model`` with the tokenizer beside it (so the next stage, eval and chat load it
-like any model) and samples replies to held-out prompts. Checkpoints are keyed by everything
-that decides the result (stage config, initial weights, training rows): an interrupted identical
-run resumes, a new base model or setting starts afresh.
+like any model; as a chat model, whose generation stops at end of turn) and samples replies to
+held-out prompts. Checkpoints are keyed by everything that decides the result (stage config,
+initial weights, training rows): an interrupted identical run resumes, a new base model or
+setting starts afresh. The workers' figures are live on the Ray dashboard (``llmray_worker_*``).
 """
 
 from __future__ import annotations
@@ -102,8 +103,9 @@ def checkpoint_location(cfg: AlignConfig, work: Path, train_rows: RowSource) -> 
 
 
 def alignment_job(cfg: AlignConfig, prepared: Prepared, checkpoint_dir: Path, export_dir: Path | None,
-                  metrics_path: Path | None) -> TrainJob:
-    """The training job of an SFT/DPO stage: the rows split by data-parallel shard, from ``cfg.model``."""
+                  metrics_path: Path | None, tags: dict[str, str] | None = None) -> TrainJob:
+    """The training job of an SFT/DPO stage: the rows split by data-parallel shard, from ``cfg.model``;
+    a chat model (its export stops generation at end of turn)."""
     b = cfg.batch
     seed = b.order_seed(cfg.train)
     val = RowData(prepared.val_rows, b.micro_batch_size, shuffle=False, epochs=1) \
@@ -113,7 +115,8 @@ def alignment_job(cfg: AlignConfig, prepared: Prepared, checkpoint_dir: Path, ex
                     train=cfg.train, parallel=cfg.parallel, execution=cfg.execution,
                     seq_len=prepared.train_rows.tokens.shape[1] - 1, checkpoint_dir=str(checkpoint_dir),
                     export_dir=str(export_dir) if export_dir else None, tokenizer_dir=cfg.tokenizer,
-                    metrics_path=str(metrics_path) if metrics_path else None, hooks=prepared.hooks)
+                    metrics_path=str(metrics_path) if metrics_path else None, hooks=prepared.hooks, chat=True,
+                    tags=dict(tags or {}))
 
 
 def run_alignment(cfg: AlignConfig, ctx, prepare: Callable[[Any, int], Prepared]) -> Trained:
@@ -131,7 +134,8 @@ def run_alignment(cfg: AlignConfig, ctx, prepare: Callable[[Any, int], Prepared]
     ctx.logger.info("%s data: %s", ctx.stage, json.dumps(prepared.data))
 
     job = alignment_job(cfg, prepared, checkpoint_location(cfg, ctx.dir.work, prepared.train_rows),
-                        ctx.output / "model", ctx.dir.root / "metrics.jsonl")
+                        ctx.output / "model", ctx.dir.root / "metrics.jsonl",
+                        tags={"run": ctx.run_name, "stage": ctx.stage})
     result = launch(job, ctx.connect_ray)
     replies = []
     if cfg.samples.prompts and prepared.prompts:

@@ -19,11 +19,14 @@ Design choices:
   its records quarantined fails the stage, so a regression cannot produce an empty corpus that
   is marked complete.
 * CPU sharing: tasks ask for fractional CPUs so an actor pool never starves the readers on 2 cores.
+* Live: drops are counted per reason into ``llmray_docs_dropped_total`` (Ray dashboard,
+  Prometheus) as the stream is written, the same counts as the funnel's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from llmray import dashboard_metrics
 from llmray import runs as runs_lib
 from llmray.config import param
 from llmray.data import dedup as dedup_lib
@@ -342,7 +346,8 @@ def run_curate(cfg: CurateConfig, ctx) -> dict:
     preserve_order = data_context.execution_options.preserve_order
     data_context.execution_options.preserve_order = True
     started = time.perf_counter()
-    writer = funnel.CurateWriter(ctx.output, cfg.output, cfg.stage_order(), cfg.sample_rejected)
+    writer = funnel.CurateWriter(ctx.output, cfg.output, cfg.stage_order(), cfg.sample_rejected,
+                                 functools.partial(dashboard_metrics.count_dropped, ctx.run_name, ctx.stage))
     try:
         if units:
             dataset, dedup_stats = build_dataset(cfg, units, actors, dedup)

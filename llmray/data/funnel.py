@@ -9,6 +9,8 @@ histograms. A stage that changes documents it keeps (dedup's boilerplate lines, 
 flags) counts it in the rows' ``edit.*`` signals (``records.count_edits``); the sums appear on that
 stage's funnel row as ``edits`` and in a "changed" column of the tables, which exists only when
 some stage edited. :func:`write_report` writes ``funnel.json``, ``funnel.md`` and ``funnel_*.png``.
+Each batch's drops per reason also go to ``on_dropped`` as they are counted (curate feeds the
+live counter ``llmray_docs_dropped_total{reason}``), so the dashboard and the funnel agree.
 
 Tokens are estimated as UTF-8 bytes / 4 (the usual ratio for English BPE vocabularies); the
 tokenizer stage reports exact counts later.
@@ -20,6 +22,7 @@ import contextlib
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -102,7 +105,8 @@ class ParquetSetWriter:
 class CurateWriter:
     """Routes ordered rows to the three datasets and accumulates the funnel statistics."""
 
-    def __init__(self, output: Path, output_cfg, stage_order: list[str], sample_rejected: int) -> None:
+    def __init__(self, output: Path, output_cfg, stage_order: list[str], sample_rejected: int,
+                 on_dropped: Callable[[str, int], None] | None = None) -> None:
         def parquet_set(name: str, schema: pa.Schema) -> ParquetSetWriter:
             return ParquetSetWriter(output / name, schema, output_cfg.rows_per_file, output_cfg.row_group_rows,
                                     output_cfg.compression)
@@ -124,6 +128,7 @@ class CurateWriter:
         self.pii: Counter = Counter()
         self.edits: Counter = Counter()  # (source, stage, count) → sum of edit.<stage>.<count> signals
         self.signals: dict[str, list[float]] = defaultdict(list)
+        self.on_dropped = on_dropped  # (reason, documents) of each batch, e.g. a live counter
 
     def add(self, table: pa.Table) -> None:
         columns = {name: table.column(name).to_pylist() for name in
@@ -135,9 +140,11 @@ class CurateWriter:
         self.rejected.add(table.filter(pa.array(rejected)))
         self.documents.add(table.filter(pa.array(kept)))
         messages = table.column("message").to_pylist()
+        dropped: Counter = Counter()  # reason -> documents of this batch
         for i, source in enumerate(columns["source"]):
             self.rows[source] += 1
             if quarantined[i]:
+                dropped["quarantined:" + columns["error"][i]] += 1
                 self._count(source, "read", "quarantined:" + columns["error"][i], 0)
                 self.errors[(source, columns["error"][i])] += 1
                 if len(self.first_errors[source]) < FIRST_ERRORS:
@@ -146,10 +153,14 @@ class CurateWriter:
             stage = columns["stage"][i] if rejected[i] else "kept"
             self._count(source, stage, columns["reason"][i] if rejected[i] else None, columns["bytes"][i] or 0)
             if rejected[i]:
+                dropped[columns["reason"][i]] += 1
                 self._sample(table, i, columns)
             else:
                 self.kept_bytes[source] += len(columns["text"][i].encode("utf-8"))
             self._collect_signals(columns, i, source)
+        if self.on_dropped is not None:
+            for reason, count in dropped.items():
+                self.on_dropped(reason, count)
 
     def _count(self, source: str, stage: str, reason: str | None, size: int) -> None:
         entry = self.drops[(source, stage)]

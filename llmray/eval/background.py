@@ -1,11 +1,12 @@
 """In-training evaluation: score each checkpoint the trainer saves, on Ray, without blocking training.
 
-The trainer (when its eval switch names an eval config) calls :meth:`BackgroundEvaluator.submit`
-with each exported checkpoint directory. ``submit`` only launches a Ray task and returns: the
-task runs the ordinary evaluation (:func:`llmray.eval.stage.evaluate_to`, so the files are the
-same as ``llmray eval``'s) on its **own actor pool**, separate from the training workers, and
-writes ``<output_root>/<name>/`` atomically. The trainer logs finished results with
-:meth:`poll` between steps and collects the rest with :meth:`wait` at the end.
+In-training evaluation (a training stage's ``eval`` section, :mod:`llmray.train.periodic_eval`)
+calls :meth:`BackgroundEvaluator.submit` with each exported checkpoint directory, from a
+coordinator actor that outlives the training workers. ``submit`` only launches a Ray task and
+returns: the task runs the ordinary evaluation (:func:`llmray.eval.stage.evaluate_to`, so the
+files are the same as ``llmray eval``'s) on its **own actor pool**, separate from the training
+workers, and writes ``<output_root>/<name>/`` atomically. Finished results are collected with
+:meth:`poll` between training steps and with :meth:`wait` at the end.
 
 The coordinating task reserves no CPU when the pool has actors (it only waits on them); with
 ``runner.num_actors: 0`` it runs the model itself and reserves what one actor would.

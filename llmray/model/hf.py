@@ -14,6 +14,10 @@ Why this shape:
   ``rope_theta``/``rope_scaling`` pair (transformers 4, vLLM, llama.cpp converters).
 * Tied embeddings: ``lm_head.weight`` is not stored and ``tie_word_embeddings`` is true, which
   is what HF expects (safetensors also refuses to store one tensor under two names).
+* A chat model (SFT/DPO export, ``chat=True``) ends each reply with the end-of-turn token
+  ``<|end|>``, not ``<|eos|>``: its ``eos_token_id`` (config.json and generation_config.json)
+  lists end-of-turn then end-of-sequence, as Llama 3 Instruct does, so ``transformers``'
+  ``generate`` (and vLLM, TGI) stop at the end of the turn instead of running into the next one.
 * Safetensors only, nothing unpickled; written through :func:`llmray.runs.atomic_dir` so a killed
   export never leaves a half-written directory at the final path.
 * :func:`load` is the one loader for anything in this layout: an export, or the
@@ -35,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from llmray import runs
 from llmray.model.config import ModelConfig, RopeScaling
 from llmray.model.llama import Transformer, build
+from llmray.tokenizer.chat import END
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -250,8 +255,9 @@ def _prefer(first: SpecialTokens, second: SpecialTokens) -> SpecialTokens:
         pad_token_id=second.pad_token_id if first.pad_token_id is None else first.pad_token_id)
 
 
-def special_tokens_from_tokenizer(tokenizer_dir: str | Path) -> SpecialTokens:
-    """bos/eos/pad ids named by tokenizer_config.json (strings), looked up in tokenizer.json."""
+def special_tokens_from_tokenizer(tokenizer_dir: str | Path, chat: bool = False) -> SpecialTokens:
+    """bos/eos/pad ids named by tokenizer_config.json (strings), looked up in tokenizer.json;
+    ``chat``: the end-of-turn token first among the eos ids."""
     from tokenizers import Tokenizer
 
     tokenizer_dir = Path(tokenizer_dir)
@@ -272,8 +278,14 @@ def special_tokens_from_tokenizer(tokenizer_dir: str | Path) -> SpecialTokens:
         return token
 
     eos = token_id("eos_token")
-    return SpecialTokens(bos_token_id=token_id("bos_token"), eos_token_ids=[] if eos is None else [eos],
-                         pad_token_id=token_id("pad_token"))
+    eos_ids = [] if eos is None else [eos]
+    if chat:
+        end = tokenizer.token_to_id(END)
+        if end is None:
+            raise HFFormatError(f"{tokenizer_dir / 'tokenizer.json'} has no end-of-turn token {END}: "
+                                f"not a chat tokenizer (train it with `llmray tokenizer train`)")
+        eos_ids = [end, *(i for i in eos_ids if i != end)]
+    return SpecialTokens(bos_token_id=token_id("bos_token"), eos_token_ids=eos_ids, pad_token_id=token_id("pad_token"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,13 +294,16 @@ def special_tokens_from_tokenizer(tokenizer_dir: str | Path) -> SpecialTokens:
 
 def export(out_dir: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *,
            tokenizer_dir: str | Path | None = None, special_tokens: SpecialTokens | None = None,
-           dtype: torch.dtype = torch.float32) -> Path:
+           dtype: torch.dtype = torch.float32, chat: bool = False) -> Path:
     """Write ``out_dir`` in HF layout from a full (unsharded) llmray state dict.
 
-    Special token ids come from ``special_tokens``, else from the tokenizer's own config.
+    Special token ids come from ``special_tokens``, else from the tokenizer's own config, with
+    end-of-turn among the eos ids of a ``chat`` model.
     """
+    if chat and (tokenizer_dir is None or special_tokens is not None):
+        raise ValueError("chat=True reads the end-of-turn id from tokenizer_dir (give it, and no special_tokens)")
     if special_tokens is None:
-        special_tokens = special_tokens_from_tokenizer(tokenizer_dir) if tokenizer_dir else SpecialTokens()
+        special_tokens = special_tokens_from_tokenizer(tokenizer_dir, chat) if tokenizer_dir else SpecialTokens()
     tensors = {}
     for name, tensor in state_dict.items():
         if name == "output.weight" and cfg.tie_embeddings:

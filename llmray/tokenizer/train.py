@@ -21,6 +21,9 @@ Design choices:
   the report measures compression on them.
 * Outputs are Hugging Face files: ``tokenizer.json`` and ``tokenizer_config.json`` (special
   tokens and the Jinja chat template), loadable with ``AutoTokenizer.from_pretrained(dir)``.
+* Long runs report progress (:mod:`llmray.progress`): characters counted, then characters of
+  the sample fed to BPE against the expected sample size (rate, ETA); the merges that follow
+  have no progress hook in ``tokenizers``, so the last line says they started.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from llmray import runs
 from llmray.config import param
 from llmray.data.readers import documents
+from llmray.progress import Progress
 from llmray.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TRAINING_FILE, chat, special_ids
 
 BYTE_ALPHABET = 256
@@ -201,13 +205,23 @@ def sample_texts(cfg: TokenizerConfig, sample: Sample, batch_chars: int = 1 << 2
         yield batch
 
 
-def count_chars(cfg: TokenizerConfig) -> dict[str, int]:
+def count_chars(cfg: TokenizerConfig, progress: Progress | None = None) -> dict[str, int]:
     """Characters of training-split text per source (documents clipped to ``max_doc_chars``)."""
     counts: dict[str, int] = {}
     for doc_id, source, text in _training_rows(cfg):
+        if progress is not None:
+            progress.advance(len(text))
         if documents.split_of(doc_id, cfg.val_fraction) == "train":
             counts[source] = counts.get(source, 0) + len(text)
     return counts
+
+
+def counted(batches: Iterable[list[str]], progress: Progress, note: str = "") -> Iterator[list[str]]:
+    """``batches`` unchanged, their characters counted into ``progress`` as BPE consumes them."""
+    for batch in batches:
+        progress.advance(sum(map(len, batch)))
+        yield batch
+    progress.finish(note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,13 +233,18 @@ def run_tokenizer(cfg: TokenizerConfig, ctx) -> dict:
     from llmray.tokenizer import report as report_lib
 
     started = time.perf_counter()
-    available = count_chars(cfg)
+    counting = Progress("tokenizer: counting characters", unit="chars", logger=ctx.logger)
+    available = count_chars(cfg, counting)
+    counting.finish()
     if not available:
         raise ValueError(f"no readable training documents with text at {cfg.documents!r}")
     sample = Sample(available, keep_probabilities(available, cfg), {}, {}, {}, [])
     ctx.logger.info("sampling %s chars from %s", f"{cfg.char_budget:,}",
                     {s: f"{c:,}" for s, c in available.items()})
-    tokenizer = train_tokenizer(sample_texts(cfg, sample), cfg.vocab_size, cfg.min_frequency)
+    expected = sum(available[s] * p for s, p in sample.keep_probability.items())  # the sample's expected size
+    feeding = Progress("tokenizer: reading the sample into BPE", expected, "chars", logger=ctx.logger)
+    texts = counted(sample_texts(cfg, sample), feeding, f"computing the merges of {cfg.vocab_size:,} tokens ...")
+    tokenizer = train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency)
     train_seconds = time.perf_counter() - started
     ids = save(tokenizer, ctx.output)
     training = {"seconds": round(train_seconds, 3), "chars": sample.chars, "documents": sample.documents,

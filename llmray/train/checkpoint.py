@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -123,8 +124,9 @@ def latest_complete(candidates: list[Path], log=None) -> Path | None:
 def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
     """Load a checkpoint's model weights, at any saved world size, into a plain (unsharded) model.
 
-    Used in the driver to export final weights: DCP reshards on load; DeepSpeed ZeRO partitions
-    are consolidated with DeepSpeed's own fp32 reconstruction.
+    Used in the driver to export final weights, and by rank 0 alone for in-training evaluation
+    (``no_dist``: no collective with the other ranks): DCP reshards on load; DeepSpeed ZeRO
+    partitions are consolidated with DeepSpeed's own fp32 reconstruction.
     """
     directory = Path(directory)
     if (directory / ".metadata").is_file():
@@ -132,7 +134,9 @@ def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
         state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=str(directory))
+        with warnings.catch_warnings():  # DCP notes that it loads in one process: that is the point here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(state, checkpoint_id=str(directory), no_dist=True)
         set_model_state_dict(model, state["model"])
         return
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

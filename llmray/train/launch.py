@@ -13,7 +13,13 @@ Design choices:
 * Checkpoints are one directory of ``step_*`` folders under either launcher (a local store, or
   Ray Train's run directory ``storage_path/name``); either launcher resumes from the newest
   complete one there, and the exported weights are read back from it (DCP reshards on load, so
-  the export does not depend on the layout that trained).
+  the export does not depend on the layout that trained). A chat model's export (``chat``)
+  names end-of-turn as well as end-of-sequence as its ``eos_token_id``, so ``generate`` in
+  ``transformers`` stops at the end of the reply.
+* Observability, the same under either launcher: every worker sets its live gauges
+  (:func:`llmray.dashboard_metrics.publish_worker`) at each logged step when the job has
+  ``tags``; rank 0 writes ``metrics.jsonl`` and one console line per logged step; an
+  ``evaluation`` section scores checkpoints while training (:mod:`llmray.train.periodic_eval`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ from llmray.config import param
 from llmray.model.config import ModelConfig
 from llmray.parallel import ParallelConfig
 from llmray.tokenizer import TOKENIZER_FILE
+from llmray.train import periodic_eval
 from llmray.train.objectives import Objective
+from llmray.train.periodic_eval import PeriodicEval, TrainingEvalConfig
 from llmray.train.ray_train import TrainingFailed
 from llmray.train.trainer import TrainConfig
 
@@ -163,6 +171,10 @@ class TrainJob:
     metrics_path: str | None = None  # rank 0 writes metrics.jsonl here, TensorBoard files beside it
     resume_from: str | None = None  # a checkpoint to start from when checkpoint_dir has none
     hooks: list[HookFactory] = field(default_factory=list)
+    chat: bool = False  # a chat model (SFT, DPO): its export stops generation at end of turn
+    tags: dict[str, str] = field(default_factory=dict)  # {"run", "stage"} of the live gauges; empty = none
+    evaluation: TrainingEvalConfig | None = None  # in-training evaluation of checkpoints
+    evaluation_dir: str | None = None  # its results (step_N/) and the weights being scored (weights/)
 
 
 @dataclass
@@ -170,46 +182,64 @@ class LaunchResult:
     checkpoint: Path  # the last complete checkpoint
     model_config: ModelConfig
     worker: dict  # rank 0's report: losses, evals, guard counts, hook histories, last metrics
+    evaluations: list[dict] = field(default_factory=list)  # in-training evaluation records, as finished
 
 
 def launch(job: TrainJob, connect_ray: Callable[[], Any]) -> LaunchResult:
-    """Run ``job`` in this process or on Ray Train (``connect_ray`` is called only for the latter),
-    then export the last complete checkpoint when ``job.export_dir`` is set."""
+    """Run ``job`` in this process or on Ray Train (``connect_ray`` is called only for the latter, or for
+    in-training evaluation), then export the last complete checkpoint when ``job.export_dir`` is set."""
     from llmray.train import checkpoint as ckpt
 
     checkpoints = Path(job.checkpoint_dir).resolve()
-    if job.execution.in_process:
-        store = ckpt.LocalCheckpointStore(checkpoints, num_to_keep=job.execution.num_to_keep, log=log.warning)
-        with _torch_threads(job.execution.threads_per_worker):
-            report = train_worker(job, store)
-    else:
-        from llmray.train import ray_train
-
+    coordinator = None
+    if job.evaluation is not None:
         connect_ray()
-        report = ray_train.fit(_ray_train_entry, {"job": job}, job.execution, name=checkpoints.name,
-                               storage_path=checkpoints.parent)
+        coordinator = periodic_eval.start_coordinator(job.evaluation, Path(job.evaluation_dir), job.chat)
+    try:
+        report = _train(job, checkpoints, coordinator, connect_ray)
+        evaluations = periodic_eval.finish(coordinator, job.metrics_path) if coordinator is not None else []
+    finally:
+        if coordinator is not None:
+            periodic_eval.stop(coordinator)
     latest = ckpt.latest_complete(ckpt.checkpoint_dirs(checkpoints))
     if latest is None:
         raise TrainingFailed(f"training finished without a complete checkpoint in {checkpoints}")
     model_config = job.model.config
     if job.export_dir:
-        export_checkpoint(latest, model_config, job.export_dir, job.tokenizer_dir)
-    return LaunchResult(latest, model_config, report)
+        export_checkpoint(latest, model_config, job.export_dir, job.tokenizer_dir, chat=job.chat)
+    return LaunchResult(latest, model_config, report, evaluations)
+
+
+def _train(job: TrainJob, checkpoints: Path, coordinator: Any, connect_ray: Callable[[], Any]) -> dict:
+    from llmray.train import checkpoint as ckpt
+
+    if job.execution.in_process:
+        store = ckpt.LocalCheckpointStore(checkpoints, num_to_keep=job.execution.num_to_keep, log=log.warning)
+        with _torch_threads(job.execution.threads_per_worker):
+            return train_worker(job, store, coordinator)
+    from llmray.train import ray_train
+
+    connect_ray()
+    return ray_train.fit(_ray_train_entry, {"job": job, "coordinator": coordinator}, job.execution,
+                         name=checkpoints.name, storage_path=checkpoints.parent)
 
 
 def export_checkpoint(checkpoint: Path, model_config: ModelConfig, out_dir: str | Path,
-                      tokenizer_dir: str | None) -> None:
-    """Full fp32 weights of ``checkpoint`` in Hugging Face layout, with the tokenizer files beside them."""
+                      tokenizer_dir: str | None, chat: bool = False) -> None:
+    """Full fp32 weights of ``checkpoint`` in Hugging Face layout, with the tokenizer files beside them
+    (``chat``: generation stops at end of turn too)."""
     from llmray.model import hf, llama
     from llmray.train import checkpoint as ckpt
 
     model = llama.build(model_config, "cpu", init=False)
     ckpt.load_model_weights(checkpoint, model)
-    hf.export(out_dir, model_config, model.state_dict(), tokenizer_dir=tokenizer_dir)
+    hf.export(out_dir, model_config, model.state_dict(), tokenizer_dir=tokenizer_dir, chat=chat)
 
 
-def train_worker(job: TrainJob, store) -> dict:
-    """Build and run the Trainer on this worker's share of the data; rank 0's return value is the report."""
+def train_worker(job: TrainJob, store, coordinator: Any = None) -> dict:
+    """Build and run the Trainer on this worker's share of the data; rank 0's return value is the report.
+
+    ``coordinator``: the in-training evaluation actor (:mod:`llmray.train.periodic_eval`), when on."""
     from llmray.train.metrics import MetricsWriter
     from llmray.train.trainer import Trainer, device_for_worker
 
@@ -227,6 +257,13 @@ def train_worker(job: TrainJob, store) -> dict:
                       store=store, val_data=_validation(job.val_data, shard, shards, rank),
                       token_bytes=token_bytes, flops_per_token=model_config.flops_per_token(job.seq_len),
                       writer=writer)
+    if job.tags:  # before the job's hooks, which may read the gauges of the step
+        trainer.hooks.append(WorkerGauges(job.tags["run"], job.tags["stage"], rank, job.train.log_every))
+    if coordinator is not None:
+        export = functools.partial(export_checkpoint, model_config=model_config, tokenizer_dir=job.tokenizer_dir,
+                                   chat=job.chat)
+        trainer.hooks.append(PeriodicEval(trainer, coordinator, job.evaluation, Path(job.checkpoint_dir).resolve(),
+                                          Path(job.evaluation_dir) / "weights", export))
     hooks = [factory(trainer) for factory in job.hooks]
     trainer.hooks.extend(hooks)
     for hook in hooks:  # a baseline of the initial model
@@ -239,6 +276,19 @@ def train_worker(job: TrainJob, store) -> dict:
     return {"steps": trainer.step, "losses": result.losses, "evals": result.evals,
             "guard_counts": result.guard_counts, "metrics": result.last_metrics,
             "hooks": [getattr(hook, "history", None) for hook in hooks]}
+
+
+class WorkerGauges:
+    """Hook: this worker's figures of every logged step on the Ray dashboard / Prometheus endpoint."""
+
+    def __init__(self, run: str, stage: str, rank: int, log_every: int):
+        self.run, self.stage, self.rank, self.log_every = run, stage, rank, log_every
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        from llmray import dashboard_metrics
+
+        if step and (step % self.log_every == 0 or "val_loss" in metrics):
+            dashboard_metrics.publish_worker(self.run, self.stage, self.rank, step, metrics)
 
 
 def _validation(recipe: DataRecipe | None, shard: int, shards: int, rank: int) -> Callable[[], Iterable] | None:
@@ -257,8 +307,10 @@ def _ray_train_entry(config: dict) -> dict:
     from llmray.train import ray_train
 
     job: TrainJob = config["job"]
+    ray_train.quiet_worker_logging()
     torch.set_num_threads(job.execution.worker_threads)
-    return train_worker(job, ray_train.RayCheckpointStore(Path(job.checkpoint_dir).resolve(), log.warning))
+    return train_worker(job, ray_train.RayCheckpointStore(Path(job.checkpoint_dir).resolve(), log.warning),
+                        config["coordinator"])
 
 
 @contextlib.contextmanager

@@ -6,7 +6,9 @@
 * MFU = model FLOPs per token (PaLM's 6N + 12·L·H·Q·T, from ``ModelConfig.flops_per_token``)
   × tokens per second / (peak per worker × workers).
 * :class:`MetricsWriter` appends one JSON line per logged step to ``metrics.jsonl`` (the run
-  directory's format), mirrors scalars to TensorBoard and prints a console progress line.
+  directory's format), mirrors scalars to TensorBoard and prints one console line per logged
+  step (:func:`format_progress`); figures written beside a step (validation by a hook, an
+  in-training evaluation) print their own line or none, so a step's line appears once.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import time
 from pathlib import Path
 
 import torch
+
+EVAL_PREFIX = "eval/"  # in-training evaluation results in metrics.jsonl: eval/<task>/<metric>, eval/core
 
 
 def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -57,7 +61,11 @@ def mfu(flops_per_token: int, tokens_per_s: float, peak_flops_per_worker: float,
 
 
 class MetricsWriter:
-    """Rank 0's sink: metrics.jsonl lines, TensorBoard scalars and a console line every ``console_every`` steps."""
+    """Rank 0's sink: metrics.jsonl lines, TensorBoard scalars and a console line every ``console_every`` steps.
+
+    The console line is written to stderr directly (not ``print``), and Ray Train workers run with
+    Ray's print patch off (:mod:`llmray.train.ray_train`), so a line is never echoed twice.
+    """
 
     def __init__(self, jsonl: Path | None, tensorboard_dir: Path | None, console_every: int = 10):
         self.jsonl = Path(jsonl) if jsonl else None
@@ -68,7 +76,8 @@ class MetricsWriter:
 
             self.tb = SummaryWriter(str(tensorboard_dir))
 
-    def write(self, step: int, metrics: dict) -> None:
+    def write(self, step: int, metrics: dict, console: bool = True) -> None:
+        """Record ``metrics`` of ``step``; ``console=False`` for figures that are not the step's own."""
         if self.jsonl is not None:
             self.jsonl.parent.mkdir(parents=True, exist_ok=True)
             with open(self.jsonl, "a", encoding="utf-8") as handle:  # one write per line: never half a line
@@ -77,12 +86,24 @@ class MetricsWriter:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tb.add_scalar(key, value, step)
-        if self.console_every and (step % self.console_every == 0 or "val_loss" in metrics):
-            print(format_progress(step, metrics), file=sys.stderr, flush=True)
+        if console and self.console_every and (step % self.console_every == 0 or "val_loss" in metrics):
+            self.say(format_progress(step, metrics))
+
+    @staticmethod
+    def say(line: str) -> None:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def format_evaluation(step: int, results: dict) -> str:
+    """``step 20 eval | core 0.0123 | arc_easy/acc 0.2600 | ...``: the CORE aggregate first."""
+    scores = {key.removeprefix(EVAL_PREFIX): value for key, value in results.items() if key.startswith(EVAL_PREFIX)}
+    return " | ".join([f"step {step} eval"] + [f"{key} {scores[key]:.4f}"
+                                               for key in sorted(scores, key=lambda key: (key != "core", key))])
 
 
 def format_progress(step: int, m: dict) -> str:

@@ -8,6 +8,10 @@ Llama layout) and ``training.json`` (steps, final metrics, the last checkpoint).
 Checkpoints go to ``execution.storage_path/<name>`` or the stage's ``work/checkpoints``; running
 the stage again resumes from the newest complete one. The ``proxy`` stage is this stage with
 in-process defaults sized for sweeps and data ablations (:class:`ProxyConfig`).
+
+An ``eval`` section scores checkpoints on benchmark tasks while training
+(:mod:`llmray.train.periodic_eval`; results in ``metrics.jsonl`` and the stage's ``evals/``), and
+every worker's figures are live on the Ray dashboard (``llmray_worker_*``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from llmray.config import param
 from llmray.model.config import ModelConfig, preset
 from llmray.parallel import ParallelConfig
 from llmray.train.launch import LAUNCHER_DOC, BatchConfig, ExecutionConfig, FreshModel, Launcher, TrainJob, launch
+from llmray.train.periodic_eval import TrainingEvalConfig
 from llmray.train.trainer import TrainConfig
 
 log = logging.getLogger("llmray.pretrain")
@@ -70,8 +75,13 @@ class PretrainConfig:
                                                "tokenizer sizes need no model edits)")
     resume_from: str | None = param(None, doc="checkpoint to start from when the run has none of its own "
                                               "(weights, optimizer, step, data position; the lr is this config's)")
+    eval: TrainingEvalConfig | None = param(None, doc="in-training evaluation: an `llmray eval` config "
+                                                      "(include: ../eval/tiny.yaml) plus `every`; its runner's "
+                                                      "resources are reserved beside the workers; null = off")
 
     def __post_init__(self) -> None:
+        if self.eval is not None:
+            self.eval.check_schedule(self.train.checkpoint_every)
         if self.batch.seq_len > self.model.max_seq_len:
             raise ValueError(f"batch.seq_len ({self.batch.seq_len}) exceeds model.max_seq_len "
                              f"({self.model.max_seq_len})")
@@ -109,8 +119,14 @@ def tokenizer_dir(cfg: PretrainConfig, manifest: dict) -> Path | None:
 
 
 def pretrain_job(cfg: PretrainConfig, checkpoint_dir: Path, metrics_path: Path | None,
-                 export_dir: Path | None = None, hooks: tuple = ()) -> TrainJob:
-    """The causal-LM training job of ``cfg``: token shards split by data-parallel shard."""
+                 export_dir: Path | None = None, hooks: tuple = (), tags: dict[str, str] | None = None,
+                 evaluation_dir: Path | None = None) -> TrainJob:
+    """The causal-LM training job of ``cfg``: token shards split by data-parallel shard.
+
+    ``tags`` (``run``, ``stage``) turn on the workers' live gauges; ``evaluation_dir`` is where
+    the ``eval`` section's results go (required when it is set)."""
+    if cfg.eval is not None and evaluation_dir is None:
+        raise ValueError("pretrain_job: the config has an eval section but no evaluation_dir was given")
     from llmray.tokens import shards as shards_lib
     from llmray.tokens.loader import TokenData
     from llmray.train.objectives import CausalLM
@@ -132,7 +148,8 @@ def pretrain_job(cfg: PretrainConfig, checkpoint_dir: Path, metrics_path: Path |
                     checkpoint_dir=str(checkpoint_dir), export_dir=str(export_dir) if export_dir else None,
                     tokenizer_dir=str(tokenizer) if tokenizer else None, bits_per_byte=tokenizer is not None,
                     metrics_path=str(metrics_path) if metrics_path else None, resume_from=cfg.resume_from,
-                    hooks=list(hooks))
+                    hooks=list(hooks), tags=dict(tags or {}), evaluation=cfg.eval,
+                    evaluation_dir=str(evaluation_dir) if evaluation_dir else None)
 
 
 def checkpoint_dir(cfg: PretrainConfig, ctx) -> Path:
@@ -144,7 +161,8 @@ def checkpoint_dir(cfg: PretrainConfig, ctx) -> Path:
 def run_pretrain(cfg: PretrainConfig, ctx, hooks: tuple = ()) -> dict:
     """Train, then export the final weights; ``hooks`` are hook factories (see :class:`TrainJob`)."""
     checkpoints = checkpoint_dir(cfg, ctx)
-    job = pretrain_job(cfg, checkpoints, ctx.dir.root / "metrics.jsonl", ctx.output / "model", hooks)
+    job = pretrain_job(cfg, checkpoints, ctx.dir.root / "metrics.jsonl", ctx.output / "model", hooks,
+                       tags={"run": ctx.run_name, "stage": ctx.stage}, evaluation_dir=ctx.dir.root / "evals")
     ctx.logger.info("pretraining %.2fM parameters on %d worker(s) (%s), strategy %s; checkpoints in %s",
                     job.model.config.num_params() / 1e6, cfg.execution.workers,
                     "this process" if cfg.execution.in_process else "Ray Train", cfg.parallel.strategy, checkpoints)
@@ -156,5 +174,7 @@ def run_pretrain(cfg: PretrainConfig, ctx, hooks: tuple = ()) -> dict:
                "checkpoint": str(result.checkpoint),
                **{k: metrics[k] for k in ("loss", "val_loss", "val_bpb", "tokens_per_s", "mfu") if k in metrics},
                "guard": result.worker["guard_counts"]}
+    if result.evaluations:
+        summary["eval"] = result.evaluations[-1]
     runs.write_json(ctx.output / "training.json", summary)
     return summary

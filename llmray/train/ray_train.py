@@ -1,7 +1,7 @@
 """Ray Train wiring: run a per-worker training function on a ``TorchTrainer`` (Ray Train V2 APIs).
 
-This is the only training module that imports Ray. It turns an
-:class:`~llmray.train.launch.ExecutionConfig` into
+With the in-training evaluation's actor (``periodic_eval.py``), this is the only training module
+that uses Ray. It turns an :class:`~llmray.train.launch.ExecutionConfig` into
 ``ScalingConfig`` / ``RunConfig(name, storage_path)`` / ``CheckpointConfig(num_to_keep)`` /
 ``FailureConfig(max_failures)`` and provides :class:`RayCheckpointStore`, the trainer's store
 inside a worker:
@@ -19,10 +19,19 @@ run's latest checkpoint (``resume_from_checkpoint`` is deprecated). Worker failu
 up to ``max_failures`` times, each time from the latest checkpoint; a worker SIGKILLed just
 after reporting may come back from the checkpoint before, which exact resume makes harmless.
 gloo is used on CPU and NCCL on GPU (TorchTrainer's default per device).
+
+The console shows one line per logged step and nothing per ``ray.train.report``: Ray Train V2
+patches ``print`` in its workers to tee every line to stderr *and* to the root logger (each line
+twice on the driver's console), and logs every report's full result dict at INFO from a logger
+named after its source file, which ``LoggingConfig(log_level)`` (it covers ``ray.train.*`` only)
+does not reach. So the workers run with ``RAY_TRAIN_ENABLE_PRINT_PATCH=0``, Ray Train's own
+loggers at ``WARNING`` (:data:`TRAIN_LOG_LEVEL`), and :func:`quiet_worker_logging` sets the
+worker's root logger to ``WARNING`` with ``llmray`` kept at ``INFO``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -71,6 +80,15 @@ class RayCheckpointStore:
         return ckpt.latest_complete([path, *older], self.log)
 
 
+TRAIN_LOG_LEVEL = "WARNING"
+
+
+def quiet_worker_logging() -> None:
+    """In a Ray Train worker: only warnings from other libraries, llmray's own lines at INFO."""
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("llmray").setLevel(logging.INFO)
+
+
 class TrainingFailed(RuntimeError):
     """A training run failed (after its retries) or left no complete checkpoint; the message says where and why."""
 
@@ -84,7 +102,7 @@ def fit(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], cfg: Execu
     """Run ``train_fn(loop_config)`` on ``cfg.workers`` Ray Train workers and return rank 0's value; a run of
     the same ``storage_path/name`` resumes from its latest checkpoint."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
@@ -98,6 +116,7 @@ def fit(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], cfg: Execu
         run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
                              worker_runtime_env={"env_vars": _worker_env()}),
     )
     try:
@@ -111,4 +130,5 @@ def fit(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], cfg: Execu
 def _worker_env() -> dict[str, str]:
     from llmray.parallel.deepspeed import extensions_dir
 
-    return {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(extensions_dir()))}
+    return {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(extensions_dir())),
+            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}

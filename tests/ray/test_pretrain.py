@@ -1,17 +1,21 @@
-"""`llmray pretrain` on Ray Train: real `llmray tokens` output, fault tolerance, clear failure.
+"""`llmray pretrain` on Ray Train: real `llmray tokens` output, fault tolerance, clear failure, observability.
 
 The token shards come from the real tokenizer and tokens stages run on Python standard-library
 sources of this machine. Every run uses 2 FSDP2 workers with 1 CPU and 1 thread each (the whole
-2-CPU test cluster).
+2-CPU test cluster), except the observed run, whose workers leave half a CPU to its in-training
+evaluation.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import sysconfig
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,6 +29,7 @@ from llmray.tokens.tokenize import TokensConfig
 from llmray.train import ray_train
 from llmray.train.launch import launch
 from llmray.train.pretrain import PretrainConfig, pretrain_job
+from tests.ray.test_dashboard_metrics import metrics_url
 
 pytestmark = pytest.mark.ray
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "train"
@@ -73,6 +78,67 @@ def test_pretrain_stage_trains_on_real_token_shards(token_run):
     exported = hf.load(result.output / "model")  # HF layout with the tokenizer copied in
     assert exported.config.vocab_size == cfg.model.vocab_size
     assert (result.output / "model" / "tokenizer.json").is_file()
+
+
+class GaugeProbe:
+    """Rank 0 at ``step``: poll the node's Prometheus endpoint until this worker's loss gauge shows the
+    step's loss. Training waits meanwhile, so whatever is seen was published while the run was in
+    progress; ``history`` (returned in rank 0's report) says what was seen."""
+
+    def __init__(self, url: str, run: str, step: int):
+        self.url, self.run, self.step = url, run, step
+        self.history: list[dict] = []
+
+    def __call__(self, step, metrics):
+        import ray.train
+
+        if step != self.step or ray.train.get_context().get_world_rank() != 0:
+            return
+        seen, deadline = None, time.time() + 60  # Ray's agent exports every ~10 s
+        while time.time() < deadline and (seen is None or abs(seen - metrics["loss"]) > 1e-6):
+            for line in urllib.request.urlopen(self.url, timeout=10).read().decode().splitlines():
+                if line.startswith("ray_llmray_worker_loss{") and f'run="{self.run}"' in line and 'rank="0"' in line:
+                    seen = float(line.rsplit(" ", 1)[1])
+            time.sleep(1)
+        self.history.append({"step": step, "loss": metrics["loss"], "seen": seen})
+
+
+def test_a_run_is_observable_while_it_trains(token_run, shared_data, tmp_path, capfd):
+    """Live worker gauges, one console line per logged step and no Ray Train result dicts, and
+    in-training evaluation results in metrics.jsonl, from one Ray Train run."""
+    raw = config_lib.apply_overrides(config_lib.read_yaml(CONFIGS / "tiny.yaml"), [
+        "train.steps=4", "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=2",
+        "execution.cpus_per_worker=0.75"])
+    raw["eval"] = {"every": 2, "data_dir": str(shared_data), "limit": 5, "bootstrap_iters": 10,
+                   "task_specs": {"copa": {"format": "icl_mc", "path": "copa/copa.jsonl"}},
+                   "runner": {"num_actors": 0, "num_cpus_per_actor": 0.5}}
+    cfg = stages.build_config(stages.STAGES["pretrain"], raw, token_run)
+    run = f"observed-{os.getpid()}"
+    probe = GaugeProbe(metrics_url(), run, step=2)
+    job = pretrain_job(cfg, tmp_path / "checkpoints", tmp_path / "metrics.jsonl", hooks=[lambda trainer: probe],
+                       tags={"run": run, "stage": "pretrain"}, evaluation_dir=tmp_path / "evals")
+    result = launch(job, connect_ray=lambda: None)
+
+    (seen,) = result.worker["hooks"][0]
+    assert seen["seen"] == pytest.approx(seen["loss"], rel=1e-6)  # the worker's gauge, before the run ended
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3, 4]
+    evaluated = {m["step"]: m for m in lines if "eval/copa/acc" in m}
+    assert sorted(evaluated) == [2, 4] and [e["step"] for e in result.evaluations] == sorted(evaluated)
+    assert 0 <= evaluated[4]["eval/copa/acc"] <= 1 and "eval/core" in evaluated[4]
+    assert (tmp_path / "evals" / "step_00000004" / "results.json").is_file()
+    assert not list((tmp_path / "evals" / "weights").iterdir())  # exported weights go once scored
+
+    console = ""
+    deadline = time.time() + 30  # worker output reaches the driver through Ray's log monitor
+    while time.time() < deadline and not re.search(r"step 4 \| loss", console):
+        console += capfd.readouterr().err
+        time.sleep(0.5)
+    for step in (1, 2, 3, 4):
+        assert len(re.findall(rf"step {step} \| loss", console)) == 1, (step, console)
+    for step in (2, 4):
+        assert len(re.findall(rf"step {step} eval \| core -?[0-9.]+ \| copa/acc", console)) == 1, (step, console)
+    assert "Reporting training result" not in console and "TrainingReport(" not in console
 
 
 class KillOnce:

@@ -14,6 +14,9 @@ Design choices:
   so the driver holds only references and counters, and a last pass filters the documents.
 * Node ids are xxh3-64 hashes of document ids, so clusters do not depend on block layout or
   partition count (deterministic), at a ~n²/2^65 collision risk (3e-8 for a million documents).
+* The driver blocks only where it needs a count; each such wait names its phase in a progress
+  line (tasks done, rate, ETA: :mod:`llmray.progress`) when it lasts, so a long shuffle is seen
+  to move.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
+from llmray import progress
 from llmray.config import param
 from llmray.data.dedup import boilerplate as boilerplate_lib
 from llmray.data.dedup import partition
 from llmray.data.dedup.components import connected_components
 from llmray.data.dedup.decontam import EvalIndex
 from llmray.data.dedup.minhash import MinHasher, distinct_rows, sorted_distinct
-from llmray.data.dedup.shuffle import RayShuffler, column, fetch_broadcast
+from llmray.data.dedup.shuffle import RayShuffler, column, fetch_broadcast, log
 
 REJECTED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("stage", pa.string()),
                              ("reason", pa.string()), ("value", pa.string())])
@@ -385,6 +389,7 @@ def deduplicate(documents: Any, cfg: DedupConfig) -> DedupResult:
                                        **map_args).to_arrow_refs()
         frequent = shuffler.shuffle(counts, "line", parts, _frequent_lines(cfg.boilerplate.max_documents)) \
             if counts else []
+        progress.wait(frequent, "dedup: boilerplate line counts", logger=log)
         boilerplate_ref = shuffler.run(_concat_sorted, *frequent)
         stats["boilerplate_lines"] = int(ray.get(shuffler.run(len, boilerplate_ref)))
 
@@ -411,14 +416,14 @@ def deduplicate(documents: Any, cfg: DedupConfig) -> DedupResult:
     if cfg.exact:
         results = shuffler.shuffle(keys, "exact_hi", parts, _keep_exact(cfg.keep), map_fn=_exact_rows, num_returns=2)
         exact_removed = [r for r, _ in results]
-        sizes = np.concatenate(ray.get([s for _, s in results]))
+        sizes = np.concatenate(shuffler.get([s for _, s in results], "dedup: exact duplicates"))
         stats["exact_dedup"] = _stage_stats(ray, shuffler, exact_removed, duplicate_groups=int(sizes.size))
         rejected_parts += [shuffler.run(_to_rejected, r, "exact_dedup", "exact_duplicate") for r in exact_removed]
     exact_set = shuffler.run(_sorted_nodes, *exact_removed)
 
     near_removed: list = []
     if cfg.minhash.enabled:
-        near_removed, near_stats = _near_duplicates(ray, shuffler, keys, exact_set, cfg, parts)
+        near_removed, near_stats = _near_duplicates(shuffler, keys, exact_set, cfg, parts)
         stats["near_dedup"] = {**_stage_stats(ray, shuffler, near_removed), **near_stats}
         rejected_parts += [shuffler.run(_to_rejected, r, "near_dedup", "near_duplicate") for r in near_removed]
 
@@ -446,14 +451,16 @@ def deduplicate(documents: Any, cfg: DedupConfig) -> DedupResult:
     return DedupResult(kept, rejected, stats, edits)
 
 
-def _near_duplicates(ray, shuffler: RayShuffler, keys: list, exact_set: Any, cfg: DedupConfig,
+def _near_duplicates(shuffler: RayShuffler, keys: list, exact_set: Any, cfg: DedupConfig,
                      parts: int) -> tuple[list, dict]:
     edges = shuffler.shuffle(keys, "band_key", parts, partition.bucket_edges(chain=cfg.minhash.verify), map_fn=_band_rows,
                              side_inputs=[(exact_set,)] * parts)
-    counts = {"candidate_edges": sum(ray.get([shuffler.run(len, e) for e in edges]))}
+    counts = {"candidate_edges": sum(shuffler.get([shuffler.run(len, e) for e in edges],
+                                                  "dedup: LSH buckets (candidate edges)"))}
     if cfg.minhash.verify and counts["candidate_edges"]:
         edges = _verified_edges(shuffler, keys, edges, cfg, parts)
-        counts["verified_edges"] = sum(ray.get([shuffler.run(len, e) for e in edges]))
+        counts["verified_edges"] = sum(shuffler.get([shuffler.run(len, e) for e in edges],
+                                                    "dedup: verifying candidate edges"))
     num_edges = counts.get("verified_edges", counts["candidate_edges"])
     if num_edges == 0:
         return [], {**counts, "clusters": 0, "cluster_size_histogram": {}, "rounds": 0}
@@ -463,7 +470,7 @@ def _near_duplicates(ray, shuffler: RayShuffler, keys: list, exact_set: Any, cfg
     clustered = shuffler.shuffle(keys, "node", parts, partition.attach_roots, map_fn=_info_rows,
                                  side_inputs=[(m,) for m in members])
     results = shuffler.shuffle(clustered, "root", parts, _keep_cluster(cfg.keep), num_returns=2)
-    sizes = np.concatenate(ray.get([s for _, s in results]))
+    sizes = np.concatenate(shuffler.get([s for _, s in results], "dedup: one document per cluster"))
     histogram = {int(size): int(count) for size, count in zip(*np.unique(sizes, return_counts=True))}
     return [r for r, _ in results], {**counts, "clusters": int(sizes.size),
                                      "cluster_size_histogram": histogram, "rounds": rounds}

@@ -26,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 
 from llmray.data.dedup.minhash import mix64
-from llmray.data.dedup.shuffle import column
+from llmray.data.dedup.shuffle import column, log
+from llmray.progress import Progress
 
 SRC, DST = "src", "dst"
 MAX_ROUNDS = 64
@@ -114,12 +115,15 @@ def connected_components(edge_parts: list, shuffler, num_partitions: int,
     """
     parts = list(edge_parts)
     previous = None
+    progress = Progress("dedup: connected components", unit="rounds", logger=log)  # no ETA: rounds are unknown
     for rounds in range(1, max_rounds + 1):
         results = shuffler.shuffle(parts, SRC, num_partitions, large_star, map_fn=both_directions,
                                    num_returns=2)
-        digest = sum(shuffler.get([d for _, d in results])) % 2**64
+        digest = sum(shuffler.get([d for _, d in results], f"dedup: connected components, round {rounds}")) % 2**64
+        progress.advance()
         parts = [edges for edges, _ in results]
         if digest == previous:
+            progress.finish(f"converged after {rounds} rounds")
             return shuffler.shuffle(parts, SRC, num_partitions, star_roots), rounds
         previous = digest
         parts = shuffler.shuffle(parts, SRC, num_partitions, small_star, map_fn=larger_first)

@@ -22,6 +22,7 @@ inputs can skip Ray entirely.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -29,6 +30,7 @@ import pyarrow as pa
 
 from llmray.data.dedup.minhash import mix64
 
+log = logging.getLogger("llmray.dedup")
 MapFn = Callable[[pa.Table], pa.Table]
 ReduceFn = Callable[[pa.Table], Any]
 
@@ -95,7 +97,7 @@ class LocalShuffler:
     def put(self, value: Any) -> Any:
         return value
 
-    def get(self, value: Any) -> Any:
+    def get(self, value: Any, what: str | None = None) -> Any:
         return value
 
     def shuffle(self, parts: Sequence[pa.Table], key: str, num_partitions: int, reduce_fn: ReduceFn,
@@ -124,7 +126,13 @@ class RayShuffler:
     def put(self, value: Any) -> Any:
         return self._ray.put(value)
 
-    def get(self, value: Any) -> Any:
+    def get(self, value: Any, what: str | None = None) -> Any:
+        """The values of refs; ``what`` names the phase in a progress line when waiting on a list of
+        refs takes long (:mod:`llmray.progress`)."""
+        if what is not None and isinstance(value, list):
+            from llmray import progress
+
+            progress.wait(value, what, logger=log)
         return self._ray.get(value)
 
     def shuffle(self, parts: Sequence[Any], key: str, num_partitions: int, reduce_fn: ReduceFn,
