@@ -29,6 +29,7 @@ TOOLS: dict[str, str] = {
     "generate": "llmray.model.generate_cli:add_generate_parser",
     "chat": "llmray.model.generate_cli:add_chat_parser",
     "report": "llmray.report:add_parser",
+    "serve": "llmray.serve.cli:add_parser",
 }
 
 

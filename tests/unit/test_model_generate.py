@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmray.model.config import preset
-from llmray.model.generate import FINISHED, SamplingConfig, filter_logits, generate, sample, stream
+from llmray.model.generate import FINISHED, SamplingConfig, batch_fits, filter_logits, generate, sample, stream
 from llmray.model.llama import build
 
 GREEDY = SamplingConfig(max_new_tokens=64, temperature=0.0)
@@ -109,3 +109,46 @@ def test_sampling_follows_the_tempered_distribution():
     top_two = sample(logits, SamplingConfig(temperature=1.0, top_k=2), generator)
     assert set(top_two.tolist()) == {2, 3}
     assert math.isclose((top_two == 3).float().mean().item(), 4 / 7, abs_tol=0.015)
+
+
+def test_per_row_settings_batched_equal_each_row_alone():
+    """Unrelated requests decode together (a server's batch): each row keeps its own budget, stop
+    tokens, temperature and seed, and gets exactly the tokens it gets alone."""
+    model = _model()
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4, 3], list(range(30, 42)), [77, 78]]
+    free = generate(model, [prompts[1]], SamplingConfig(max_new_tokens=12, temperature=0.0))[0]
+    rows = [SamplingConfig(max_new_tokens=5, temperature=0.0),
+            SamplingConfig(max_new_tokens=12, temperature=0.0, stop_tokens=[free[6]]),
+            SamplingConfig(max_new_tokens=9, temperature=0.9, top_p=0.9, seed=7),
+            SamplingConfig(max_new_tokens=12, temperature=1.2, top_k=20, seed=7)]
+    batched = generate(model, prompts, rows)
+    alone = [generate(model, [prompt], cfg)[0] for prompt, cfg in zip(prompts, rows)]
+    assert batched == alone
+    assert [len(c) for c in batched[:1] + batched[2:]] == [5, 9, 12]
+    assert batched[1] == free[:free.index(free[6])]  # cut before the stop token's first occurrence
+    greedy = generate(model, prompts[2:], SamplingConfig(max_new_tokens=12, temperature=0.0))
+    assert batched[2] != greedy[0][:9] and batched[3] != greedy[1]  # the sampled rows really sampled
+
+
+def test_finished_rows_yield_finished_and_a_sent_mask_ends_rows_early():
+    model = _model()
+    prompts = [[10, 11, 12], [20, 21, 22, 23]]
+    rows = [SamplingConfig(max_new_tokens=3, temperature=0.0), SamplingConfig(max_new_tokens=8, temperature=0.0)]
+    steps = torch.stack(list(stream(model, prompts, rows)))  # (8, 2)
+    assert steps.shape == (8, 2) and steps[3:, 0].tolist() == [FINISHED] * 5
+    decoder = stream(model, prompts, rows)
+    first = next(decoder)
+    second = decoder.send(torch.tensor([False, True]))  # row 1 finishes after its first token
+    assert second[1].item() == FINISHED and second[0].item() == steps[1, 0].item()
+    assert first.tolist() == steps[0].tolist()
+    assert decoder.send(None)[0].item() == steps[2, 0].item()
+    with pytest.raises(StopIteration):  # both rows done: no further model step
+        decoder.send(None)
+
+
+def test_per_row_configs_must_match_prompts_and_batch_fits_counts_the_shared_cache():
+    model = _model()
+    with pytest.raises(ValueError, match="1 sampling configs for 2 prompts"):
+        generate(model, [[1], [2]], [GREEDY])
+    assert batch_fits([10, 3], [6, 6], 16)
+    assert not batch_fits([10, 3], [2, 13], 16)  # each fits alone (12, 16), together 10 + 13 > 16
