@@ -48,6 +48,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of an embedded local Ray")
+    parser.add_argument("--mlflow-uri", default=os.environ.get("LLMRAY_MLFLOW_URI"),
+                        help="record each stage as an MLflow run at this tracking URI (env LLMRAY_MLFLOW_URI; "
+                             "a pipeline config's tracking section otherwise)")
+    parser.add_argument("--mlflow-experiment", default="llmray", help="MLflow experiment (default: %(default)s)")
 
 
 def _config_epilog(cls: type) -> str:

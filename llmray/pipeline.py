@@ -71,6 +71,13 @@ def _ray_config(args: argparse.Namespace, base: cluster.RayConfig | None = None)
     return ray_cfg
 
 
+def _tracking(args: argparse.Namespace, base: TrackingConfig | None = None) -> TrackingConfig:
+    """The command line's MLflow settings, over the config's when given."""
+    if args.mlflow_uri:
+        return TrackingConfig(mlflow_uri=args.mlflow_uri, experiment=args.mlflow_experiment)
+    return base or TrackingConfig()
+
+
 def _raw_config(args: argparse.Namespace) -> dict:
     raw = config_lib.read_yaml(args.config) if args.config else {}
     return config_lib.apply_overrides(raw, args.overrides)
@@ -80,7 +87,8 @@ def run_stage_command(stage: stages_lib.Stage, args: argparse.Namespace) -> stag
     run_name = args.run or (args.config.stem if args.config else stage.name)
     run_root = Path(args.runs_dir) / run_name
     cfg = stages_lib.build_config(stage, _raw_config(args), run_root)
-    result = stages_lib.run_stage(stage, cfg, run_root, _ray_config(args), force=args.force)
+    result = stages_lib.run_stage(stage, cfg, run_root, _ray_config(args), force=args.force,
+                                  tracking=_tracking(args))
     _print_results([result], run_root)
     return result
 
@@ -102,6 +110,7 @@ def run_pipeline_command(args: argparse.Namespace) -> list[stages_lib.StageResul
     if args.run:
         cfg.name = args.run
     cfg.ray = _ray_config(args, cfg.ray)
+    cfg.tracking = _tracking(args, cfg.tracking)
     results = run_pipeline(cfg, Path(args.runs_dir), force=args.force)
     run_root = Path(args.runs_dir) / cfg.name
     _print_results(results, run_root)

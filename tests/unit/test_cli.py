@@ -60,3 +60,16 @@ def test_relative_runs_dir_becomes_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = cli.build_parser("pretrain").parse_args(["pretrain", "--runs-dir", "runs"])
     assert args.runs_dir == tmp_path / "runs"
+
+
+def test_mlflow_flags_override_the_configs_tracking_section(monkeypatch):
+    from llmray import pipeline
+    from llmray.tracking import TrackingConfig
+
+    monkeypatch.delenv("LLMRAY_MLFLOW_URI", raising=False)
+    configured = TrackingConfig(mlflow_uri="file:///from/config", experiment="cfg")
+    plain = cli.build_parser().parse_args(["curate"])
+    assert pipeline._tracking(plain, configured) == configured and not pipeline._tracking(plain).enabled
+    flagged = cli.build_parser().parse_args(["pipeline", "--mlflow-uri", "file:///tmp/mlruns",
+                                             "--mlflow-experiment", "ablation"])
+    assert pipeline._tracking(flagged, configured) == TrackingConfig("file:///tmp/mlruns", "ablation")
