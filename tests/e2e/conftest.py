@@ -73,6 +73,9 @@ def ray_head(tmp_path_factory):
     proc = subprocess.Popen(
         [_ray_cli(), "start", "--head", f"--port={_free_port()}", "--num-cpus=1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+         # the agent's default port (52365) is taken by any other Ray on this machine, and an agent
+         # that cannot bind leaves the head without a job agent ("No available agent to submit job")
+         f"--dashboard-agent-listen-port={_free_port()}",
          "--disable-usage-stats", "--block"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard_port}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,10 +28,22 @@ def _documents(tmp_path: Path) -> Path:
     return path
 
 
+AGENT_NOT_READY = "No available agent to submit job"
+AGENT_WAIT_S = 120
+
+
 def _submit(head, *job_args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [_ray_cli(), "job", "submit", "--working-dir", str(REPO), "--", "python", *job_args],
-        env=head.env, capture_output=True, text=True, timeout=400)
+    """``ray job submit``, retried while the head answers that its job agent has not registered
+    yet: the dashboard comes up before the agent, later still on a loaded machine, and Ray's
+    answer is to try again."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        done = subprocess.run(
+            [_ray_cli(), "job", "submit", "--working-dir", str(REPO), "--", "python", *job_args],
+            env=head.env, capture_output=True, text=True, timeout=400)
+        if AGENT_NOT_READY not in done.stderr + done.stdout or time.monotonic() > deadline:
+            return done
+        time.sleep(2)
 
 
 def test_jobs_api_refuses_requests_without_token(ray_head):
