@@ -72,7 +72,7 @@ def main() -> None:
         model_dir = build_model(Path(tmp), args.preset)
         plan = plan_requests(model_dir, tasks)
         base = RunnerConfig(batch_size=args.batch_size, num_cpus_per_actor=0.5, threads_per_actor=1)
-        order = make_batches(plan.requests, base.batch_size, base.max_batch_tokens)
+        order = make_batches(plan.requests, base, plan.info.max_seq_len)
         batches = [[plan.requests[i] for i in batch] for batch in order]
         tokens = sum(r.length for r in plan.requests)
         print(f"{len(plan.requests)} requests ({tokens} tokens) in {len(batches)} batches, model {args.preset}, "

@@ -22,15 +22,13 @@ Greedy decoding is batch-invariant, so both peers must produce the same texts (c
     python bench/serve_load.py --quick    # 32 tokens per answer, 1 round (under 5 minutes idle)
 
 The last line printed is one JSON object: serve_tokens_per_s, sequential_tokens_per_s, speedup,
-p50_ms, p95_ms (serve request latency), load averages and ``idle`` (false when the 1-minute load
-average before or after exceeded 1.5x the 2 cores used: other work shared the machine).
+p50_ms, p95_ms (serve request latency), and ``_load.LoadWatch``'s load averages and ``idle``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import statistics
 import sys
@@ -38,6 +36,8 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from _load import LoadWatch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -128,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     max_tokens = 32 if args.quick else 128
     rounds = args.rounds or (1 if args.quick else 3)
-    load_before = os.getloadavg()[0]
+    load = LoadWatch(THREADS)
 
     import openai
     from tokenizers import Tokenizer
@@ -161,7 +161,6 @@ def main() -> None:
     from ray import serve
 
     serve.shutdown()
-    load_after = os.getloadavg()[0]
     serve_tps = statistics.median(r["tokens"] / r["seconds"] for r in serve_runs)
     sequential_tps = statistics.median(r["tokens"] / r["seconds"] for r in sequential_runs)
     print(json.dumps({
@@ -172,8 +171,7 @@ def main() -> None:
         "p50_ms": round(statistics.median(r["p50_ms"] for r in serve_runs)),
         "p95_ms": round(statistics.median(r["p95_ms"] for r in serve_runs)),
         "outputs_match": all(s["texts"] == q["texts"] for s, q in zip(serve_runs, sequential_runs)),
-        "rounds": rounds, "load_average_before": round(load_before, 2), "load_average_after": round(load_after, 2),
-        "idle": max(load_before, load_after) <= 1.5 * THREADS}))
+        "rounds": rounds, **load.fields()}))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ Design choices:
   (:mod:`llmray.tokenizer.chat`): each demonstration is a user turn (context) and an assistant
   turn (answer), the question a final user turn, then the assistant header; the continuation is
   the bare answer text. Generation then also stops at the end-of-turn token.
+* A request longer than the model's ``max_seq_len + 1`` tokens (the last one is only predicted)
+  loses context tokens from the left, as in lm-evaluation-harness (:func:`fit`); requests are
+  built already fitted, so the batches the runner forms are the ones the workers compute.
 * Held-out text is cut into windows of at most ``max_seq_len`` predicted tokens; each window is
   conditioned on the tokens just before it (one token, or more for the last, shorter window),
   as lm-evaluation-harness's rolling log-likelihood does, so every token is predicted once.
@@ -81,8 +84,8 @@ class Encoder:
         whole = self.encode(context + continuation)
         return [self.start_id] + context_ids, whole[len(context_ids):]
 
-    def chat_prompt(self, shots: list[Example], context: str) -> list[int]:
-        messages = []
+    def chat_prompt(self, shots: list[Example], context: str, description: str = "") -> list[int]:
+        messages = [{"role": "system", "content": description.strip()}] if description.strip() else []
         for shot in shots:
             messages.append({"role": "user", "content": shot.contexts[shot.gold].strip()})
             messages.append({"role": "assistant", "content": shot.continuations[shot.gold].strip()})
@@ -108,19 +111,32 @@ def example_requests(task: Task, index: int, encoder: Encoder, seed: int, max_se
     shots = fewshot_examples(task, index, seed)
     if task.kind == "generate":
         return [_generation_request(task, example, shots, encoder, max_seq_len)]
-    prefix = "".join(shot.solved() + task.spec.fewshot_delimiter for shot in shots)
+    prefix = fewshot_prefix(task, example, shots)
     requests = []
     for choice, (context, continuation) in enumerate(zip(example.contexts, example.continuations)):
         if encoder.chat is not None:
-            context_ids, continuation_ids = encoder.chat_prompt(shots, context), \
+            context_ids, continuation_ids = encoder.chat_prompt(shots, context, example.description), \
                 encoder.chat.encode_text(continuation.strip())
         else:
             context_ids, continuation_ids = encoder.pair(prefix + context, continuation)
         if not continuation_ids:
             raise PromptError(f"task {task.name}, example {example.id}, choice {choice}: continuation "
                               f"{continuation!r} encodes to no tokens")
-        requests.append(LoglikelihoodRequest(tuple(context_ids), tuple(continuation_ids)))
+        requests.append(fit(LoglikelihoodRequest(tuple(context_ids), tuple(continuation_ids)), max_seq_len))
     return requests
+
+
+def fewshot_prefix(task: Task, example: Example, shots: list[Example]) -> str:
+    """What goes before the question: the task description, then each demonstration and its delimiter."""
+    return example.description + "".join(shot.solved() + task.spec.fewshot_delimiter for shot in shots)
+
+
+def fit(request: LoglikelihoodRequest, max_seq_len: int) -> LoglikelihoodRequest:
+    """``request`` with context cut from the left to at most ``max_seq_len + 1`` tokens in all."""
+    if len(request.continuation) > max_seq_len:
+        raise PromptError(f"a continuation of {len(request.continuation)} tokens exceeds max_seq_len ({max_seq_len})")
+    excess = request.length - (max_seq_len + 1)
+    return request if excess <= 0 else LoglikelihoodRequest(request.context[excess:], request.continuation)
 
 
 def _generation_request(task: Task, example: Example, shots: list[Example], encoder: Encoder,
@@ -131,12 +147,35 @@ def _generation_request(task: Task, example: Example, shots: list[Example], enco
                           f"for a prompt within max_seq_len ({max_seq_len})")
     stop_ids = encoder.eos_ids
     if encoder.chat is not None:
-        prompt = encoder.chat_prompt(shots, example.contexts[0])
+        prompt = encoder.chat_prompt(shots, example.contexts[0], example.description)
         stop_ids = tuple(dict.fromkeys(stop_ids + encoder.chat.stop_ids))
     else:
-        prefix = "".join(shot.solved() + task.spec.fewshot_delimiter for shot in shots)
-        prompt = [encoder.start_id] + encoder.encode(prefix + example.contexts[0])
+        prompt = [encoder.start_id] + encoder.encode(fewshot_prefix(task, example, shots) + example.contexts[0])
     return GenerationRequest(tuple(prompt[-room:]), task.spec.max_new_tokens, tuple(task.spec.stop), stop_ids)
+
+
+def packed_length(context: tuple[int, ...], continuation_lengths: list[int]) -> int:
+    """Tokens of a row holding ``context`` once and each continuation but its last token."""
+    return len(context) + sum(n - 1 for n in continuation_lengths)
+
+
+def shared_context_rows(requests: list[LoglikelihoodRequest], max_row_tokens: int) -> list[list[int]]:
+    """Indices of ``requests`` grouped into packed rows, in order.
+
+    Consecutive requests with the same context share a row (the context is computed once) while
+    the row stays within ``max_row_tokens``; a request alone always fits (:func:`fit`).
+    """
+    rows: list[list[int]] = []
+    length = 0  # of the last row
+    for i, request in enumerate(requests):
+        tail = len(request.continuation) - 1
+        if rows and requests[rows[-1][0]].context == request.context and length + tail <= max_row_tokens:
+            rows[-1].append(i)
+            length += tail
+        else:
+            rows.append([i])
+            length = len(request.context) + tail
+    return rows
 
 
 def rolling_windows(start_id: int, ids: list[int], max_seq_len: int) -> list[LoglikelihoodRequest]:

@@ -1,6 +1,10 @@
-"""Evaluation results as files: results.json, a markdown table of checkpoints, per-example samples.
+"""Evaluation results as files: results.json, a markdown table of checkpoints, per-example samples,
+and lm-evaluation-harness-schema results.
 
 The table is ``report.md``, the stage fragment that the run report includes.
+``lm_eval_results.json`` (:mod:`llmray.eval.lm_eval_results`) holds the checkpoint's results in
+lm-evaluation-harness's schema; lm-eval's file describes one model, so with several checkpoints
+each gets its own ``lm_eval_results.<checkpoint>.json``.
 
 The JSON is the record (every metric with its standard error, the CORE aggregate with each
 task's centered score, and what was evaluated how); the markdown is derived from it: one row
@@ -15,6 +19,7 @@ from pathlib import Path
 from llmray import runs
 
 RESULTS_FILE = "results.json"
+LM_EVAL_FILE = "lm_eval_results.json"
 TABLE_FILE = "report.md"  # the stage fragment the run report includes
 SAMPLES_DIR = "samples"
 
@@ -42,10 +47,19 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(output: Path, results: dict, samples: dict[str, dict[str, list[dict]]] | None) -> None:
-    """results.json, report.md (the table) and (optionally) samples/<checkpoint>/<task>.jsonl under ``output``."""
+def lm_eval_file(checkpoint: str, checkpoints: int) -> str:
+    """``lm_eval_results.json``, or ``lm_eval_results.<checkpoint>.json`` when a run has several."""
+    return LM_EVAL_FILE if checkpoints == 1 else LM_EVAL_FILE.replace(".json", f".{checkpoint}.json")
+
+
+def write(output: Path, results: dict, samples: dict[str, dict[str, list[dict]]] | None,
+          lm_eval: dict[str, dict]) -> None:
+    """results.json, report.md (the table), the lm-eval-schema files of ``lm_eval`` (checkpoint ->
+    dict) and (optionally) samples/<checkpoint>/<task>.jsonl under ``output``."""
     runs.write_json(output / RESULTS_FILE, results)
     runs.write_text(output / TABLE_FILE, table(results))
+    for checkpoint, lm_eval_dict in lm_eval.items():
+        runs.write_json(output / lm_eval_file(checkpoint, len(lm_eval)), lm_eval_dict)
     for checkpoint, tasks in (samples or {}).items():
         for task, scores in tasks.items():
             runs.write_text(output / SAMPLES_DIR / checkpoint / f"{task}.jsonl",

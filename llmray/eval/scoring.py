@@ -3,14 +3,20 @@
 Design choices (lm-evaluation-harness and nanochat/DCLM conventions):
 
 * Multiple choice: the prediction is the choice with the highest total log-likelihood of its
-  continuation (``acc``) or the highest log-likelihood per UTF-8 byte of the continuation text
-  as scored (``acc_norm``), so long answers are not penalised for their length. Ties go to
-  the first choice. Winogrande-style partial scoring needs nothing special here: its choices
-  share a continuation and differ in context, so ``acc`` compares the same scored text.
+  continuation (``acc``) or the highest log-likelihood per **character of the answer text as
+  written**, without the delimiter before it (``acc_norm``), so long answers are not penalised
+  for their length. That is lm-evaluation-harness's ``acc_norm`` (``ll / len(choice)`` over its
+  ``doc_to_choice`` strings), so the numbers agree with it; dividing by the UTF-8 bytes of the
+  scored continuation instead moved acc_norm by 0.1–0.3 points. Ties go to the first choice.
+  Winogrande-style partial scoring needs nothing special here: its choices share a continuation
+  and differ in context, so ``acc`` compares the same scored text (its acc_norm divides by the
+  options' lengths, as lm-evaluation-harness's does).
 * LAMBADA: ``acc`` is 1 when every target token is the model's argmax (greedy), ``perplexity``
   is ``exp(−mean log-likelihood)`` over passages (lm-evaluation-harness's definition).
 * GSM8K: the number after ``####`` in the completion, else its last number, compared after
   normalization (commas, ``$`` and trailing dots removed) with the reference: ``exact_match``.
+  A task with its own ``answer_of`` (an lm-eval ``generate_until`` YAML) compares
+  ``answer_of(completion)`` with ``answer_of(reference)`` instead.
 * Bits per byte on held-out text: total negative log-likelihood in bits over total UTF-8
   bytes, which does not depend on the tokenizer, so models with different vocabularies compare.
 * Standard errors: ``std/√n`` (ddof 1) for means of per-example scores; a seeded bootstrap over
@@ -39,10 +45,10 @@ _MARKED_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 # Per example
 # ---------------------------------------------------------------------------------------------
 
-def choose(loglikelihoods: list[float], byte_lengths: list[int]) -> tuple[int, int]:
-    """(argmax of log-likelihood, argmax of log-likelihood per byte); ties go to the first choice."""
-    per_byte = [ll / max(n, 1) for ll, n in zip(loglikelihoods, byte_lengths)]
-    return int(np.argmax(loglikelihoods)), int(np.argmax(per_byte))
+def choose(loglikelihoods: list[float], lengths: list[int]) -> tuple[int, int]:
+    """(argmax of log-likelihood, argmax of log-likelihood per character); ties go to the first choice."""
+    per_char = [ll / max(n, 1) for ll, n in zip(loglikelihoods, lengths)]
+    return int(np.argmax(loglikelihoods)), int(np.argmax(per_char))
 
 
 def extract_answer(completion: str) -> str:
@@ -62,8 +68,7 @@ def score_example(task: Task, example: Example, results: list) -> dict:
     """
     if task.kind == "multiple_choice":
         lls = [float(ll) for ll, _ in results]
-        sizes = [len(c.encode("utf-8")) for c in example.continuations]
-        pred, pred_norm = choose(lls, sizes)
+        pred, pred_norm = choose(lls, example.norm_lengths())
         return {"id": example.id, "gold": example.gold, "loglikelihoods": lls, "pred": pred,
                 "pred_norm": pred_norm, "acc": int(pred == example.gold), "acc_norm": int(pred_norm == example.gold)}
     if task.kind == "last_word":
@@ -71,9 +76,12 @@ def score_example(task: Task, example: Example, results: list) -> dict:
         return {"id": example.id, "loglikelihood": float(ll), "acc": int(bool(greedy))}
     if task.kind == "generate":
         completion, = results
-        prediction = extract_answer(completion)
-        return {"id": example.id, "completion": completion, "prediction": prediction, "answer": example.answer,
-                "exact_match": int(prediction == example.answer)}
+        if task.answer_of is None:
+            prediction, answer = extract_answer(completion), example.answer
+        else:
+            prediction, answer = task.answer_of(completion), task.answer_of(example.answer)
+        return {"id": example.id, "completion": completion, "prediction": prediction, "answer": answer,
+                "exact_match": int(prediction == answer)}
     nll = -math.fsum(ll for ll, _ in results)
     return {"id": example.id, "nll": nll, "bytes": len(example.continuations[0].encode("utf-8"))}
 

@@ -12,7 +12,10 @@ Design choices:
 * Lineage: the inputs are every checkpoint directory and every task file, so re-running an
   unchanged evaluation is skipped and a new checkpoint or edited task file re-runs it.
 * :func:`evaluate_to` is the stage body without the stage machinery, so the trainer's
-  background evaluation (:mod:`llmray.eval.background`) writes the very same files.
+  background evaluation (:mod:`llmray.eval.background`) writes the very same files, including
+  each checkpoint's results in lm-evaluation-harness's schema (:mod:`llmray.eval.lm_eval_results`).
+* A task can be an lm-evaluation-harness task YAML on local files
+  (``task_specs.<name>: {format: lm_eval_yaml, path: my_task.yaml}``, :mod:`llmray.eval.lm_eval_tasks`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any, Callable
 from llmray.config import param
 from llmray.eval import results as results_lib
 from llmray.eval import scoring
+from llmray.eval.lm_eval_results import lm_eval_results
 from llmray.eval.runner import RunnerConfig, evaluate_model
 from llmray.eval.tasks import Task, TaskSpec, load_task, task_files, with_fewshot
 
@@ -92,21 +96,25 @@ def evaluate_to(cfg: EvalConfig, output: Path, log_metrics: Callable[..., Any] |
     tasks = cfg.load_tasks()
     checkpoints: dict[str, dict] = {}
     samples: dict[str, dict[str, list[dict]]] = {}
+    lm_eval: dict[str, dict] = {}
+    run = {"batch_size": cfg.runner.batch_size, "device": cfg.runner.device, "model_dtype": cfg.runner.precision,
+           "limit": cfg.limit, "bootstrap_iters": cfg.bootstrap_iters, "fewshot_seed": cfg.seed}
     for name, model_dir in cfg.checkpoints.items():
         started = time.time()
         evaluated = evaluate_model(model_dir, tasks, cfg.runner, chat=name in cfg.chat_models, seed=cfg.seed,
-                                   tokenizer_dir=cfg.tokenizer, bootstrap_iters=cfg.bootstrap_iters)
+                                   tokenizer_dir=cfg.tokenizer, bootstrap_iters=cfg.bootstrap_iters, label=name)
         entry = checkpoint_entry(model_dir, name in cfg.chat_models, tasks, evaluated)
         entry["seconds"] = round(time.time() - started, 3)
         checkpoints[name] = entry
         samples[name] = {task: result["scores"] for task, result in evaluated.items()}
+        lm_eval[name] = lm_eval_results(entry, tasks, run)
         if log_metrics is not None:
             log_metrics(checkpoint=name, **flat_metrics(entry))
         if logger is not None:
             core = entry["core"]
             logger.info("%s: CORE %s in %.1fs", name, f"{core['value']:.4f}" if core else "n/a", entry["seconds"])
     results = {"checkpoints": checkpoints, "seed": cfg.seed, "limit": cfg.limit}
-    results_lib.write(output, results, samples if cfg.write_samples else None)
+    results_lib.write(output, results, samples if cfg.write_samples else None, lm_eval)
     return results
 
 

@@ -18,6 +18,11 @@ Design choices:
 * Four kinds of task, fixed by the format: ``multiple_choice`` (acc, acc_norm), ``last_word``
   (LAMBADA: acc, perplexity), ``generate`` (GSM8K: exact match of the final number) and
   ``bits_per_byte`` (held-out text).
+* ``format: lm_eval_yaml`` runs an lm-evaluation-harness task YAML on local files
+  (:mod:`llmray.eval.lm_eval_tasks`); its kind comes from the YAML's ``output_type``.
+* Every multiple-choice example keeps its answer texts as written (``choice_texts``, what
+  lm-evaluation-harness's ``doc_to_choice`` returns): their character counts are the acc_norm
+  denominators, so acc_norm is lm-evaluation-harness's.
 * A bad record fails loudly: :class:`TaskFormatError` names the file, the line and the field,
   and what was expected.
 """
@@ -37,7 +42,7 @@ from llmray.config import param
 
 Kind = Literal["multiple_choice", "last_word", "generate", "bits_per_byte"]
 Format = Literal["arc", "openbookqa", "piqa", "icl_mc", "winogrande", "hellaswag", "mc_jsonl",
-                 "lambada", "gsm8k", "text"]
+                 "lambada", "gsm8k", "text", "lm_eval_yaml"]
 
 
 class TaskFormatError(ValueError):
@@ -52,12 +57,17 @@ class TaskSpec:
                                            "icl_mc (LLM-Foundry query/choices/gold), winogrande (LLM-Foundry "
                                            "context_options/continuation/gold), hellaswag, mc_jsonl "
                                            "(context/choices/gold), lambada, gsm8k, text (held-out text "
-                                           "for bits-per-byte: .txt one document per line, or JSONL 'text')")
-    path: str = param("", doc="examples file; relative paths are resolved against data_dir")
+                                           "for bits-per-byte: .txt one document per line, or JSONL 'text'), "
+                                           "lm_eval_yaml (an lm-evaluation-harness task YAML on local files; "
+                                           "its prompts, delimiters, shots and generation settings come from "
+                                           "the YAML)")
+    path: str = param("", doc="examples file (or the lm-eval task YAML); relative paths are resolved "
+                              "against data_dir")
     labels_path: str | None = param(None, doc="label file, one integer per line (piqa)")
     fewshot_path: str | None = param(None, doc="file (same format) to draw few-shot examples from; "
                                                "null = the examples file itself, never the example itself")
-    num_fewshot: int = param(0, doc="solved examples put before each question", min=0)
+    num_fewshot: int | None = param(None, doc="solved examples put before each question; null = 0, or an "
+                                              "lm-eval YAML's own num_fewshot", min=0)
     continuation_delimiter: str = param(" ", doc="between context and answer (icl_mc, winogrande, mc_jsonl)")
     fewshot_delimiter: str = param("\n\n", doc="between few-shot examples and the question")
     random_baseline: float | None = param(
@@ -74,8 +84,9 @@ class TaskSpec:
             raise ValueError("a piqa task needs labels_path (valid-labels.lst)")
 
     @property
-    def kind(self) -> Kind:
-        return KIND_OF_FORMAT[self.format]
+    def kind(self) -> Kind | None:
+        """The kind fixed by the format (None for lm_eval_yaml: its YAML's output_type decides)."""
+        return KIND_OF_FORMAT.get(self.format)
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,12 @@ class Example:
     """One item: a (context, continuation) pair per choice, and which choice is right.
 
     ``answer`` is the reference string of a ``generate`` task (e.g. GSM8K's final number).
+    ``choice_texts`` are the answers as written, without delimiters (lm-evaluation-harness's
+    ``doc_to_choice``); acc_norm divides by their character counts. Empty: the continuations.
+    ``demonstration`` is the text the example contributes as a few-shot demonstration when it is
+    not ``contexts[gold] + continuations[gold]`` (an lm-eval ``loglikelihood`` task scores its
+    target without the delimiter its demonstrations have). ``description`` goes before the
+    demonstrations and the question (an lm-eval task's ``description``).
     """
 
     id: str
@@ -90,6 +107,9 @@ class Example:
     continuations: tuple[str, ...]
     gold: int = 0
     answer: str | None = None
+    choice_texts: tuple[str, ...] = ()
+    demonstration: str | None = None
+    description: str = ""
 
     def __post_init__(self) -> None:
         if len(self.contexts) != len(self.continuations) or not self.contexts:
@@ -97,31 +117,57 @@ class Example:
                              f"{len(self.continuations)} continuations")
         if not 0 <= self.gold < len(self.contexts):
             raise ValueError(f"example {self.id}: gold {self.gold} outside 0..{len(self.contexts) - 1}")
+        if self.choice_texts and len(self.choice_texts) != len(self.contexts):
+            raise ValueError(f"example {self.id}: {len(self.choice_texts)} choice texts for "
+                             f"{len(self.contexts)} choices")
 
     @property
     def num_choices(self) -> int:
         return len(self.contexts)
 
+    def norm_lengths(self) -> list[int]:
+        """acc_norm's denominators: characters of each answer as written."""
+        return [len(text) for text in (self.choice_texts or self.continuations)]
+
     def solved(self) -> str:
         """The example with its right answer: a few-shot demonstration."""
+        if self.demonstration is not None:
+            return self.demonstration
         return self.contexts[self.gold] + self.continuations[self.gold]
 
 
 def multiple_choice(id: str, context: str, choices: list[str], gold: int, delimiter: str) -> Example:
-    return Example(id, (context,) * len(choices), tuple(delimiter + c for c in choices), gold)
+    return Example(id, (context,) * len(choices), tuple(delimiter + c for c in choices), gold,
+                   choice_texts=tuple(choices))
 
 
 @dataclass
 class Task:
+    """A loaded task: its examples, where demonstrations come from, and how it is scored.
+
+    ``kind`` defaults to the spec's format's; ``total`` counts the examples before ``limit``;
+    ``answer_of`` turns a ``generate`` completion into the string compared with the reference
+    (None: GSM8K's final number); ``config`` and ``version`` describe the task in
+    lm-evaluation-harness's terms (:mod:`llmray.eval.lm_eval_results`).
+    """
+
     name: str
     spec: TaskSpec
     examples: list[Example]
     fewshot_pool: list[Example]
     fewshot_from_self: bool  # pool is the examples file: skip the example itself when sampling
+    kind: Kind | None = None
+    total: int | None = None
+    answer_of: Callable[[str], str] | None = None
+    config: dict | None = None
+    version: float | str | None = None
 
-    @property
-    def kind(self) -> Kind:
-        return self.spec.kind
+    def __post_init__(self) -> None:
+        self.kind = self.kind or self.spec.kind
+        if self.kind is None:
+            raise ValueError(f"task {self.name}: format {self.spec.format} needs an explicit kind")
+        if self.total is None:
+            self.total = len(self.examples)
 
     def random_baseline(self) -> float:
         if self.spec.random_baseline is not None:
@@ -239,11 +285,13 @@ def _mc_jsonl(record: Record, spec: TaskSpec) -> Example:
 
 
 def _winogrande(record: Record, spec: TaskSpec) -> Example:
-    """Partial scoring: the options differ in the context; the shared continuation is scored."""
+    """Partial scoring: the options differ in the context; the shared continuation is scored.
+
+    The choices are the context options (as lm-evaluation-harness's Winogrande ``doc_to_choice``)."""
     contexts = record.strings("context_options", 2)
     continuation = spec.continuation_delimiter + record.get("continuation", str)
     return Example(str(record.line), tuple(contexts), (continuation,) * len(contexts),
-                   record.index("gold", len(contexts)))
+                   record.index("gold", len(contexts)), choice_texts=tuple(contexts))
 
 
 def _hellaswag_clean(text: str) -> str:
@@ -360,6 +408,10 @@ def resolve_path(path: str, data_dir: str | Path) -> Path:
 
 def task_files(spec: TaskSpec, data_dir: str | Path) -> dict[str, Path]:
     """The files a task reads (the lineage inputs of an eval run)."""
+    if spec.format == "lm_eval_yaml":
+        from llmray.eval import lm_eval_tasks
+
+        return lm_eval_tasks.task_files(resolve_path(spec.path, data_dir))
     files = {"examples": resolve_path(spec.path, data_dir)}
     if spec.labels_path:
         files["labels"] = resolve_path(spec.labels_path, data_dir)
@@ -379,6 +431,12 @@ def load_task(name: str, spec: TaskSpec, data_dir: str | Path, limit: int | None
     if not spec.path:
         raise TaskFormatError(f"task {name}: no path given")
     spec = with_fewshot(spec, num_fewshot)
+    if spec.format == "lm_eval_yaml":
+        from llmray.eval import lm_eval_tasks
+
+        return lm_eval_tasks.load_task(name, spec, resolve_path(spec.path, data_dir), limit)
+    if spec.num_fewshot is None:
+        spec = dataclasses.replace(spec, num_fewshot=0)
     if spec.kind == "bits_per_byte" and spec.num_fewshot:
         raise TaskFormatError(f"task {name}: bits-per-byte on held-out text takes no few-shot examples")
     files = task_files(spec, data_dir)
@@ -388,9 +446,28 @@ def load_task(name: str, spec: TaskSpec, data_dir: str | Path, limit: int | None
     pool, from_self = examples, True
     if "fewshot" in files:
         pool, from_self = read_examples(files["fewshot"], spec, None), False
-    if limit is not None:
-        examples = examples[:limit]
-    if spec.num_fewshot and len(pool) < spec.num_fewshot + from_self:
-        raise TaskFormatError(f"task {name}: {spec.num_fewshot}-shot needs more than the {len(pool)} "
+    check_fewshot_pool(name, spec.num_fewshot, pool, from_self)
+    return Task(name, spec, examples[:limit], pool, from_self, total=len(examples),
+                config=builtin_config(name, spec, files))
+
+
+def check_fewshot_pool(name: str, num_fewshot: int, pool: list[Example], from_self: bool) -> None:
+    if num_fewshot and len(pool) < num_fewshot + from_self:
+        raise TaskFormatError(f"task {name}: {num_fewshot}-shot needs more than the {len(pool)} "
                               f"examples available to draw demonstrations from")
-    return Task(name, spec, examples, pool, from_self)
+
+
+_OUTPUT_TYPE = {"multiple_choice": "multiple_choice", "last_word": "loglikelihood",
+                "generate": "generate_until", "bits_per_byte": "loglikelihood_rolling"}
+
+
+def builtin_config(name: str, spec: TaskSpec, files: dict[str, Path]) -> dict:
+    """A built-in task described with lm-evaluation-harness's config keys (for its results file)."""
+    config = {"task": name, "dataset_path": str(files["examples"]), "output_type": _OUTPUT_TYPE[spec.kind],
+              "num_fewshot": spec.num_fewshot, "target_delimiter": spec.continuation_delimiter,
+              "fewshot_delimiter": spec.fewshot_delimiter,
+              "metadata": {"llmray_format": spec.format, "files": {k: str(v) for k, v in files.items()}}}
+    if spec.kind == "generate":
+        config["generation_kwargs"] = {"until": list(spec.stop), "max_gen_toks": spec.max_new_tokens,
+                                       "do_sample": False}
+    return config

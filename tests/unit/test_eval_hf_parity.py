@@ -3,8 +3,10 @@
 
 The reference below shares nothing with llmray's eval code: it tokenizes with transformers,
 runs Hugging Face's Llama implementation on one example's choices at a time (right-padded,
-with an attention mask) and scores with plain torch. The acceptance bound is 0.5 accuracy
-points; per-choice log-likelihoods are also compared.
+with an attention mask: one sequence per choice, where llmray shares the context) and scores with
+plain torch, acc_norm as lm-evaluation-harness defines it (log-likelihood per character of the
+choice text). The acceptance bound is 0.5 accuracy points; per-choice log-likelihoods are also
+compared.
 """
 
 from __future__ import annotations
@@ -43,19 +45,10 @@ def reference_scores(model_dir, path) -> list[dict]:
             start = 1 + len(context_ids)  # first continuation token
             targets = torch.tensor(row[start:])
             lls.append(float(logprobs[i, start - 1:len(row) - 1].gather(-1, targets[:, None]).sum()))
-        per_byte = [ll / len((" " + c).encode()) for ll, c in zip(lls, choices)]
+        per_char = [ll / len(c) for ll, c in zip(lls, choices)]  # lm-evaluation-harness's acc_norm
         scores.append({"lls": lls, "acc": int(max(range(len(lls)), key=lls.__getitem__) == gold),
-                       "acc_norm": int(max(range(len(lls)), key=per_byte.__getitem__) == gold)})
+                       "acc_norm": int(max(range(len(lls)), key=per_char.__getitem__) == gold)})
     return scores
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread: on a shared 2-core machine two threads were ~5x slower for this tiny model."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_arc_easy_dev_matches_transformers(shared_data, one_thread):

@@ -99,8 +99,8 @@ def mc_task(examples: list[Example], kind_format: str = "mc_jsonl") -> Task:
 
 
 def test_acc_and_acc_norm_disagree_where_length_matters(model, encoder):
-    # " cat": log 0.3 = -1.20 over 4 bytes (-0.30/byte); " dog ran far": log(0.2·0.9·0.9) = -1.82
-    # over 12 bytes (-0.15/byte). acc picks the short answer, acc_norm the long (gold) one.
+    # "cat": log 0.3 = -1.20 over 3 characters (-0.40/char); "dog ran far": log(0.2·0.9·0.9) = -1.82
+    # over 11 characters (-0.17/char). acc picks the short answer, acc_norm the long (gold) one.
     example = multiple_choice("1", "the", ["cat", "dog ran far"], gold=1, delimiter=" ")
     task = mc_task([example])
     requests = prompts.example_requests(task, 0, encoder, seed=0, max_seq_len=64)
@@ -110,6 +110,20 @@ def test_acc_and_acc_norm_disagree_where_length_matters(model, encoder):
     assert score["loglikelihoods"] == pytest.approx([math.log(0.3), math.log(0.2 * 0.9 * 0.9)], abs=1e-5)
     assert (score["pred"], score["pred_norm"]) == (0, 1)
     assert (score["acc"], score["acc_norm"]) == (0, 1)
+
+
+def test_acc_norm_divides_by_the_characters_of_the_choice_text_as_lm_eval_does():
+    # lm-evaluation-harness: argmax(ll / len(choice)) over its doc_to_choice strings (no target
+    # delimiter). Per character: -1.6/2 = -0.80 vs -2.0/3 = -0.67, choice 1. Per UTF-8 byte of the
+    # continuations " éé" / " abc" (llmray's old rule): -1.6/5 = -0.32 vs -2.0/4 = -0.50, choice 0.
+    example = multiple_choice("n", "q", ["éé", "abc"], gold=0, delimiter=" ")
+    assert example.norm_lengths() == [2, 3]
+    assert len(example.continuations[0].encode("utf-8")) == 5  # " éé": 5 bytes, 3 characters
+    lls = [-1.6, -2.0]
+    assert scoring.choose(lls, example.norm_lengths()) == (0, 1)
+    assert scoring.choose(lls, [len(c.encode("utf-8")) for c in example.continuations]) == (0, 0)
+    score = scoring.score_example(mc_task([example]), example, [(ll, False) for ll in lls])
+    assert (score["pred"], score["pred_norm"], score["acc_norm"]) == (0, 1, 0)
 
 
 def test_acc_and_acc_norm_agree_when_lengths_are_equal(model, encoder):

@@ -1,6 +1,6 @@
-"""The eval stage end to end in-process: results.json / report.md / samples, base vs chat columns,
-CORE recomputed from the per-task numbers, and the lineage cache (skip when unchanged, re-run
-when a task file changes)."""
+"""The eval stage end to end in-process: results.json / report.md / samples / lm-eval-schema
+results, base vs chat columns, CORE recomputed from the per-task numbers, and the lineage cache
+(skip when unchanged, re-run when a task file changes)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from llmray import config as config_lib
 from llmray import stages
@@ -17,14 +16,6 @@ from tests.eval_support import exported_tiny_model
 
 CORE_YAML = Path(__file__).resolve().parents[2] / "configs" / "eval" / "core.yaml"
 TASKS = ["arc_easy", "copa", "winogrande", "lambada_openai", "gsm8k", "bpb_c4", "mine"]
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def eval_config(shared_data, tmp_path, model_dir):
@@ -80,6 +71,14 @@ def test_eval_stage_writes_results_and_honours_lineage(shared_data, tmp_path, on
     base_lls = [json.loads(s)["loglikelihoods"] for s in (result.output / "samples/base/arc_easy.jsonl").open()]
     chat_lls = [json.loads(s)["loglikelihoods"] for s in (result.output / "samples/chat/arc_easy.jsonl").open()]
     assert base_lls != chat_lls and base["n"] == chat["n"]
+
+    for name in ("base", "chat"):  # lm-eval's schema: one file per checkpoint
+        lm_eval = json.loads((result.output / f"lm_eval_results.{name}.json").read_text())
+        arc = results["checkpoints"][name]["tasks"]["arc_easy"]
+        assert lm_eval["results"]["arc_easy"]["acc_norm,none"] == arc["metrics"]["acc_norm"]["value"]
+        assert lm_eval["n-shot"]["arc_easy"] == 2 and lm_eval["results"]["bpb_c4"]["bits_per_byte,none"] > 0
+        assert lm_eval["config"]["model_args"] == f"pretrained={model_dir}"
+    assert not (result.output / "lm_eval_results.json").exists()
 
     table = (result.output / "report.md").read_text()
     assert table.splitlines()[0] == "| task | metric | n | shots | base | chat |"
