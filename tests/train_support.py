@@ -60,8 +60,10 @@ SEQ_LEN = 32
 
 def make_trainer(shards: Path, *, steps: int, batch: int = 4, accum: int = 1, seed: int = 0, store=None,
                  objective=None, hooks=(), guards=None, checkpoint_every: int = 0, writer=None,
-                 init_seed: int = 0, parallel=None, lr: float = 3e-3):
-    """A Trainer on the byte shards; rank and world size come from torch.distributed when initialised."""
+                 init_seed: int = 0, parallel=None, lr: float = 3e-3, optimizer=None):
+    """A Trainer on the byte shards; rank and world size come from torch.distributed when initialised.
+
+    ``optimizer`` (an ``OptimizerConfig``) replaces the default AdamW at ``lr``."""
     import torch.distributed as dist
 
     from llmray.tokens.loader import TokenLoader
@@ -71,7 +73,7 @@ def make_trainer(shards: Path, *, steps: int, batch: int = 4, accum: int = 1, se
     from llmray.train.trainer import OptimizerConfig, TrainConfig, Trainer
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    cfg = TrainConfig(steps=steps, grad_accum=accum, optimizer=OptimizerConfig(lr=lr),
+    cfg = TrainConfig(steps=steps, grad_accum=accum, optimizer=optimizer or OptimizerConfig(lr=lr),
                       schedule=ScheduleConfig(warmup_steps=2), log_every=5, eval_batches=2,
                       checkpoint_every=checkpoint_every, guards=guards or GuardConfig(), seed=seed,
                       peak_flops=1e11)

@@ -7,6 +7,9 @@ Design choices:
 * Derived fields (``n_kv_heads``, ``head_dim``, ``ffn_hidden_dim``) may be left ``null`` and are
   resolved in ``__post_init__``; the resolved config is what gets saved, so a saved config
   always spells the full shape.
+* One knob: ``depth`` alone derives the shape (``dim = depth × aspect_ratio``, 64-wide heads,
+  ``n_kv_heads = n_heads / kv_group``); every preset is also this rule with its own aspect ratio,
+  head width, group size and ``ffn_ratio`` (a test holds the table).
 * Presets are plain ``ModelConfig`` values in :data:`PRESETS`; ``configs/model/<name>.yaml``
   spells the same values (a test checks they agree).
 * :meth:`ModelConfig.num_params` is a closed form (checked against ``sum(p.numel())`` for every
@@ -46,14 +49,24 @@ class ModelConfig:
     """Shape and options of a decoder-only Llama-style Transformer."""
 
     vocab_size: int = param(32000, doc="number of token ids (embedding rows / logits)", min=1)
-    dim: int = param(4096, doc="model (residual stream) width", min=1)
-    n_layers: int = param(32, doc="number of Transformer blocks", min=1)
-    n_heads: int = param(32, doc="query heads per attention layer", min=1)
-    n_kv_heads: int | None = param(None, doc="key/value heads (grouped-query attention); null = n_heads",
-                                   min=1)
-    head_dim: int | None = param(None, doc="width of one head; null = dim // n_heads", min=2)
+    depth: int | None = param(None, doc="the one knob: n_layers = depth, and dim, n_heads and n_kv_heads left "
+                                        "null are derived from it (dim = depth × aspect_ratio, n_heads = dim / "
+                                        "head_dim, n_kv_heads = n_heads / kv_group); null = give dim, n_layers "
+                                        "and n_heads", min=1)
+    aspect_ratio: float = param(64.0, doc="with depth: model width per layer (dim = round(depth × aspect_ratio))",
+                                min=1.0)
+    kv_group: int = param(1, doc="with depth: query heads per key/value head (n_kv_heads = n_heads / kv_group)",
+                          min=1)
+    dim: int | None = param(None, doc="model (residual stream) width; null = derived from depth", min=1)
+    n_layers: int | None = param(None, doc="number of Transformer blocks; null = depth", min=1)
+    n_heads: int | None = param(None, doc="query heads per attention layer; null = derived from depth", min=1)
+    n_kv_heads: int | None = param(None, doc="key/value heads (grouped-query attention); null = n_heads, or "
+                                             "n_heads / kv_group with depth", min=1)
+    head_dim: int | None = param(None, doc="width of one head; null = dim // n_heads (64 with depth)", min=2)
     ffn_hidden_dim: int | None = param(
-        None, doc="SwiGLU hidden width; null = 8/3·dim rounded up to a multiple of ffn_multiple_of", min=1)
+        None, doc="SwiGLU hidden width; null = ffn_ratio·dim rounded up to a multiple of ffn_multiple_of", min=1)
+    ffn_ratio: float | None = param(None, doc="default ffn_hidden_dim / dim before rounding; null = 8/3 (a "
+                                              "SwiGLU with the parameters of a 4·dim GELU MLP)", min=0.0)
     ffn_multiple_of: int = param(256, doc="rounding of the default ffn_hidden_dim", min=1)
     norm_eps: float = param(1e-5, doc="RMSNorm epsilon", min=0.0)
     rope_theta: float = param(10000.0, doc="RoPE base period", min=1.0)
@@ -68,6 +81,11 @@ class ModelConfig:
                                       "init_std / sqrt(2·n_layers)", min=0.0)
 
     def __post_init__(self) -> None:
+        if self.depth is not None:
+            self._derive_from_depth()
+        missing = [name for name in ("dim", "n_layers", "n_heads") if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"give depth, or all of dim, n_layers and n_heads (missing: {', '.join(missing)})")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -76,11 +94,35 @@ class ModelConfig:
                                  "when head_dim is not given")
             self.head_dim = self.dim // self.n_heads
         if self.ffn_hidden_dim is None:
-            self.ffn_hidden_dim = self.ffn_multiple_of * math.ceil(8 * self.dim / 3 / self.ffn_multiple_of)
+            hidden = 8 * self.dim / 3 if self.ffn_ratio is None else self.ffn_ratio * self.dim
+            self.ffn_hidden_dim = self.ffn_multiple_of * math.ceil(hidden / self.ffn_multiple_of)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+
+    def _derive_from_depth(self) -> None:
+        """The one-knob family (as nanochat's): width grows linearly with depth at a fixed head width.
+
+        Fields given explicitly win over the rule (as ``head_dim`` and ``ffn_hidden_dim`` do), so
+        a saved, fully resolved config loads back unchanged; only ``n_layers`` must equal ``depth``.
+        """
+        if self.n_layers is not None and self.n_layers != self.depth:
+            raise ValueError(f"n_layers ({self.n_layers}) must equal depth ({self.depth}) or be left out")
+        self.n_layers = self.depth
+        if self.dim is None:
+            self.dim = round(self.depth * self.aspect_ratio)
+        if self.head_dim is None and self.n_heads is None:
+            self.head_dim = DEPTH_HEAD_DIM
+        if self.n_heads is None:
+            if self.dim % self.head_dim:
+                raise ValueError(f"depth {self.depth} × aspect_ratio {self.aspect_ratio} gives dim {self.dim}, "
+                                 f"not a multiple of head_dim {self.head_dim}")
+            self.n_heads = self.dim // self.head_dim
+        if self.n_kv_heads is None:
+            if self.n_heads % self.kv_group:
+                raise ValueError(f"n_heads ({self.n_heads}) must be divisible by kv_group ({self.kv_group})")
+            self.n_kv_heads = self.n_heads // self.kv_group
 
     # ------------------------------------------------------------------------------------------
     # Counts
@@ -120,6 +162,9 @@ class ModelConfig:
         context = min(seq_len, self.sliding_window) if self.sliding_window else seq_len
         attention = 12 * self.n_layers * self.n_heads * self.head_dim * context
         return 6 * self.num_params(include_embedding=False) + attention
+
+
+DEPTH_HEAD_DIM = 64  # head width of the depth family unless head_dim is given
 
 
 def _llama3_scaling(factor: float) -> RopeScaling:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,13 +62,29 @@ class ProxyBatch(BatchConfig):
 
 
 @dataclass
+class PretrainTrainConfig(TrainConfig):
+    """The training loop of pretraining: its length may come from a token budget instead of ``steps``."""
+
+    tokens_per_param: float | None = param(
+        None, doc="token budget per model parameter (Chinchilla's compute-optimal ratio is ~20): steps = "
+                  "ceil(tokens_per_param × parameters / tokens per optimizer step), replacing steps; "
+                  "null = train for steps", min=0.0)
+
+    def budget_steps(self, parameters: int, tokens_per_step: int) -> int:
+        """Steps of the run: ``steps``, or those the token budget buys (at least one)."""
+        if self.tokens_per_param is None:
+            return self.steps
+        return max(1, math.ceil(self.tokens_per_param * parameters / tokens_per_step))
+
+
+@dataclass
 class PretrainConfig:
     """``llmray pretrain``: model shape, data, batches, loop, parallelism and execution."""
 
     model: ModelConfig = param(default_factory=lambda: preset("tiny"), doc="model shape (see configs/model)")
     data: TokensInput = param(default_factory=TokensInput, doc="token shards")
     batch: BatchConfig = param(default_factory=BatchConfig, doc="micro-batch shape and order")
-    train: TrainConfig = param(default_factory=TrainConfig, doc="the training loop")
+    train: PretrainTrainConfig = param(default_factory=PretrainTrainConfig, doc="the training loop")
     parallel: ParallelConfig = param(default_factory=ParallelConfig, doc="how the model is spread over workers")
     execution: PretrainExecution = param(default_factory=PretrainExecution, doc="where the workers run")
     tokenizer: str | None = param(None, doc="tokenizer directory; null = the one named in the token manifest")
@@ -80,6 +97,9 @@ class PretrainConfig:
                                                       "resources are reserved beside the workers; null = off")
 
     def __post_init__(self) -> None:
+        if not isinstance(self.train, PretrainTrainConfig):  # a plain TrainConfig given in code: no budget
+            self.train = PretrainTrainConfig(**{f.name: getattr(self.train, f.name)
+                                                for f in dataclasses.fields(TrainConfig)})
         if self.eval is not None:
             self.eval.check_schedule(self.train.checkpoint_every)
         if self.batch.seq_len > self.model.max_seq_len:
@@ -91,6 +111,11 @@ class PretrainConfig:
                              f"parallel.pipeline.microbatches ({microbatches}): the schedule cuts each "
                              f"micro-batch into that many pipeline micro-batches")
         self.parallel.dims(self.execution.workers)  # degrees must multiply to the worker count
+
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step over all data-parallel workers."""
+        return self.batch.micro_batch_size * self.batch.seq_len * self.train.grad_accum * \
+            self.parallel.dims(self.execution.workers).dp
 
     def inputs(self) -> dict[str, str]:
         inputs = {"tokens": self.data.tokens}
@@ -106,7 +131,8 @@ class ProxyConfig(PretrainConfig):
     """``llmray proxy train``: pretraining of a small proxy model in this process (sweeps, ablations)."""
 
     batch: ProxyBatch = param(default_factory=ProxyBatch, doc="micro-batch shape and order")
-    train: TrainConfig = param(default_factory=lambda: TrainConfig(steps=100, log_every=10), doc="the training loop")
+    train: PretrainTrainConfig = param(default_factory=lambda: PretrainTrainConfig(steps=100, log_every=10),
+                                       doc="the training loop")
     execution: ProxyExecution = param(default_factory=ProxyExecution, doc="where the worker runs")
     vocab_from_tokens: bool = param(True, doc="set model.vocab_size to the token shards' vocabulary")
 
@@ -138,13 +164,19 @@ def pretrain_job(cfg: PretrainConfig, checkpoint_dir: Path, metrics_path: Path |
         raise ValueError(f"model.vocab_size ({model.vocab_size}) is smaller than the tokenizer's vocabulary "
                          f"({manifest['vocab_size']}) recorded in {cfg.data.tokens}/manifest.json")
     tokenizer = tokenizer_dir(cfg, manifest)
+    steps = cfg.train.budget_steps(model.num_params(), cfg.tokens_per_step())
+    if cfg.train.tokens_per_param is not None:
+        log.info("token budget: %g tokens/parameter × %.2fM parameters = %.1fM tokens: %d steps of %d tokens",
+                 cfg.train.tokens_per_param, model.num_params() / 1e6,
+                 cfg.train.tokens_per_param * model.num_params() / 1e6, steps, cfg.tokens_per_step())
     b = cfg.batch
     train = TokenData(cfg.data.tokens, split="train", seq_len=b.seq_len, batch_size=b.micro_batch_size,
                       seed=b.order_seed(cfg.train), verify=cfg.data.verify)
     val = TokenData(cfg.data.tokens, split="val", seq_len=b.seq_len, batch_size=b.micro_batch_size,
                     shuffle=False, verify=cfg.data.verify)
     return TrainJob(model=FreshModel(model), objective=CausalLM(), train_data=train, val_data=val,
-                    train=cfg.train, parallel=cfg.parallel, execution=cfg.execution, seq_len=b.seq_len,
+                    train=dataclasses.replace(cfg.train, steps=steps), parallel=cfg.parallel,
+                    execution=cfg.execution, seq_len=b.seq_len,
                     checkpoint_dir=str(checkpoint_dir), export_dir=str(export_dir) if export_dir else None,
                     tokenizer_dir=str(tokenizer) if tokenizer else None, bits_per_byte=tokenizer is not None,
                     metrics_path=str(metrics_path) if metrics_path else None, resume_from=cfg.resume_from,
@@ -169,8 +201,7 @@ def run_pretrain(cfg: PretrainConfig, ctx, hooks: tuple = ()) -> dict:
     result = launch(job, ctx.connect_ray)
     steps, metrics = result.worker["steps"], result.worker["metrics"]
     summary = {"steps": steps, "params": result.model_config.num_params(),
-               "tokens_seen": steps * cfg.batch.micro_batch_size * cfg.batch.seq_len * cfg.parallel.dims(
-                   cfg.execution.workers).dp * cfg.train.grad_accum,
+               "tokens_seen": steps * cfg.tokens_per_step(),
                "checkpoint": str(result.checkpoint),
                **{k: metrics[k] for k in ("loss", "val_loss", "val_bpb", "tokens_per_s", "mfu") if k in metrics},
                "guard": result.worker["guard_counts"]}

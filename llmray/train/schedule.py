@@ -63,17 +63,23 @@ class Schedule:
 
 
 class LRScheduler:
-    """Sets every optimizer's lr to ``peak_lr × schedule(step)``; ``step()`` after each optimizer step."""
+    """Sets each parameter group's lr to its peak × ``schedule(step)``; ``step()`` after each optimizer step.
+
+    A group's peak is the lr the optimizer factory gave it (one value for AdamW; Muon's hidden
+    matrices have their own), read here once, before any checkpoint is loaded: a restored
+    optimizer state brings back the old run's lr, which the config's peak then overrides.
+    """
 
     def __init__(self, optimizers: list[torch.optim.Optimizer], cfg: ScheduleConfig, total_steps: int,
                  peak_lr: float):
         self.optimizers, self.schedule, self.peak_lr = optimizers, Schedule(cfg, total_steps), peak_lr
+        self.group_peaks = [[group["lr"] for group in optimizer.param_groups] for optimizer in optimizers]
         self.steps_taken = 0
         self._apply()
 
     @property
     def lr(self) -> float:
-        """The learning rate of the next optimizer step."""
+        """The learning rate of the next optimizer step (of groups at ``peak_lr``: the reported one)."""
         return self.peak_lr * self.schedule(self.steps_taken)
 
     def step(self) -> None:
@@ -89,7 +95,7 @@ class LRScheduler:
         self._apply()
 
     def _apply(self) -> None:
-        lr = self.lr
-        for optimizer in self.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        multiplier = self.schedule(self.steps_taken)
+        for optimizer, peaks in zip(self.optimizers, self.group_peaks, strict=True):
+            for group, peak in zip(optimizer.param_groups, peaks, strict=True):
+                group["lr"] = peak * multiplier

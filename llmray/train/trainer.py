@@ -36,6 +36,7 @@ from llmray.parallel import ParallelConfig, build_engine
 from llmray.parallel.pipeline import PipelineEngine
 from llmray.train import checkpoint as ckpt
 from llmray.train import metrics as metrics_lib
+from llmray.train import muon as muon_lib
 from llmray.train.guards import GuardConfig, StabilityGuard, Verdict
 from llmray.train.objectives import IGNORE_INDEX, Objective, bits_per_byte, token_cross_entropy
 from llmray.train.schedule import LRScheduler, ScheduleConfig
@@ -45,16 +46,23 @@ log = logging.getLogger("llmray.train")
 
 @dataclass
 class OptimizerConfig:
-    """AdamW with decoupled weight decay on matrices only."""
+    """AdamW with decoupled weight decay on matrices only; or Muon on the hidden matrices and AdamW on the rest."""
 
-    lr: float = param(3e-4, doc="peak learning rate", min=0.0)
+    kind: Literal["adamw", "muon"] = param("adamw", doc="adamw: AdamW everywhere; muon: Muon on the 2-D "
+                                                        "matrices named in muon.params, AdamW on the rest")
+    lr: float = param(3e-4, doc="peak learning rate (of the AdamW groups)", min=0.0)
+    lr_width_reference: int | None = param(
+        None, doc="scale the AdamW groups' lr by sqrt(lr_width_reference / model.dim), so an lr tuned at one "
+                  "width carries across the depth family (Muon's lr needs no such scaling: its updates are "
+                  "orthogonalized and shape-scaled); null = lr as given", min=1)
     beta1: float = param(0.9, doc="AdamW beta1", min=0.0, max=1.0)
     beta2: float = param(0.95, doc="AdamW beta2", min=0.0, max=1.0)
     eps: float = param(1e-8, doc="AdamW epsilon", min=0.0)
     weight_decay: float = param(0.1, doc="decoupled weight decay of the decayed group", min=0.0)
     no_decay: list[str] = param(default_factory=lambda: ["norm", "tok_embeddings", "bias"],
                                 doc="parameters whose name contains any of these get no weight decay")
-    fused: bool | None = param(None, doc="fused AdamW kernel; null = on GPU only (foreach on CPU)")
+    fused: bool | None = param(None, doc="fused AdamW kernel; null = on GPU only (foreach on CPU); kind=adamw only")
+    muon: muon_lib.MuonConfig = param(default_factory=muon_lib.MuonConfig, doc="Muon settings (kind=muon)")
 
 
 @dataclass
@@ -64,7 +72,7 @@ class TrainConfig:
     steps: int = param(1000, doc="optimizer steps to train for", min=1)
     grad_accum: int = param(1, doc="micro-batches per optimizer step on each worker", min=1)
     grad_clip: float = param(1.0, doc="clip the global gradient L2 norm to this (0 = no clipping)", min=0.0)
-    optimizer: OptimizerConfig = param(default_factory=OptimizerConfig, doc="AdamW settings")
+    optimizer: OptimizerConfig = param(default_factory=OptimizerConfig, doc="AdamW / Muon settings")
     schedule: ScheduleConfig = param(default_factory=ScheduleConfig, doc="learning-rate schedule")
     guards: GuardConfig = param(default_factory=GuardConfig, doc="non-finite / spike handling")
     precision: Literal["auto", "fp32", "bf16"] = param(
@@ -121,21 +129,44 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def adamw_lr(model: nn.Module, cfg: OptimizerConfig) -> float:
+    """``cfg.lr``, width-scaled when ``cfg.lr_width_reference`` is set (the model's ``cfg.dim``)."""
+    if cfg.lr_width_reference is None:
+        return cfg.lr
+    return cfg.lr * math.sqrt(cfg.lr_width_reference / model.cfg.dim)
+
+
 def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
-    """Two AdamW groups: decayed matrices, and undecayed parameters named in ``cfg.no_decay``."""
-    decay, no_decay = [], []
+    """AdamW groups of decayed matrices and of undecayed parameters named in ``cfg.no_decay``; with
+    ``kind=muon`` a Muon group of the hidden matrices first (empty groups are left out)."""
+    muon, decay, no_decay = [], [], []
     for name, p in model.named_parameters():  # tied weights appear once, under their first name
         if not p.requires_grad:
             continue
-        (no_decay if any(pattern in name for pattern in cfg.no_decay) else decay).append(p)
-    return [{"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        if cfg.kind == "muon" and muon_lib.uses_muon(name, p, cfg.muon):
+            muon.append(p)
+        else:
+            (no_decay if any(pattern in name for pattern in cfg.no_decay) else decay).append(p)
+    adamw = {"lr": adamw_lr(model, cfg)}
+    if cfg.kind == "muon":
+        adamw.update(muon=False, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, **adamw},
+              {"params": no_decay, "weight_decay": 0.0, **adamw}]
+    if cfg.kind == "muon":
+        m = cfg.muon
+        groups.insert(0, {"params": muon, "muon": True, "lr": m.lr, "weight_decay": m.weight_decay,
+                          "momentum": m.momentum, "nesterov": m.nesterov, "ns_steps": m.ns_steps})
+        groups = [g for g in groups if g["params"]]
+    return groups
 
 
 def optimizer_factory(cfg: OptimizerConfig, device: torch.device) -> Callable[[nn.Module], torch.optim.Optimizer]:
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
 
     def make(model: nn.Module) -> torch.optim.Optimizer:
+        if cfg.kind == "muon":
+            return muon_lib.Muon(parameter_groups(model, cfg),
+                                 ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         return torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                  eps=cfg.eps, fused=fused or None, foreach=None if fused else True)
     return make
@@ -163,6 +194,8 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.dtype = compute_dtype(cfg.precision, self.device)
         parallel = parallel or ParallelConfig(strategy="none" if self.world_size == 1 else "fsdp2")
+        if cfg.optimizer.kind == "muon":
+            muon_lib.check_supported(parallel.strategy)
         dims = parallel.dims(self.world_size)
         # tensor- and pipeline-parallel peers read the same rows: count each batch once
         self.batch_copies = dims.world_size // dims.dp

@@ -84,6 +84,20 @@ def test_resume_from_another_run_keeps_its_state_but_takes_this_configs_peak_lr(
 
 
 
+def test_a_token_budget_sets_the_steps_from_the_model_and_batch(tmp_path):
+    shards = write_byte_shards(tmp_path / "shards", stdlib_texts(6))
+    raw = {"model": {"vocab_size": 257, "depth": 2, "max_seq_len": 64}, "data": {"tokens": str(shards)},
+           "batch": {"seq_len": 32, "micro_batch_size": 4}, "execution": {"workers": 2},
+           "train": {"tokens_per_param": 0.5, "grad_accum": 3}}
+    cfg = config_lib.from_dict(PretrainConfig, raw)
+    parameters = cfg.model.num_params()
+    assert parameters == 2 * cfg.model.params_per_layer() + 257 * 128 * 2 + 128  # depth 2: dim 128, untied
+    assert cfg.tokens_per_step() == 4 * 32 * 3 * 2
+    assert pretrain_job(cfg, tmp_path / "c", None).train.steps == -(-parameters // 2 // (4 * 32 * 3 * 2))
+    assert pretrain_job(config_lib.from_dict(PretrainConfig, {**raw, "train": {"steps": 7}}),
+                        tmp_path / "c", None).train.steps == 7
+
+
 def test_a_partly_given_section_keeps_its_stage_s_defaults():
     """configs/train/cpu-small.yaml names execution.workers only: pretraining must stay on Ray Train."""
     pretrain = config_lib.from_dict(PretrainConfig, {"execution": {"workers": 1}})

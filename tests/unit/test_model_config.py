@@ -73,16 +73,16 @@ def test_sliding_window_caps_the_attention_term():
 
 
 def test_derived_fields_resolve_and_rederive_on_override():
-    cfg = ModelConfig(dim=512, n_heads=8)
+    cfg = ModelConfig(dim=512, n_layers=2, n_heads=8)
     assert (cfg.n_kv_heads, cfg.head_dim, cfg.ffn_hidden_dim) == (8, 64, 1536)
     wider = preset("gpt2-124m", dim=1024, n_heads=16, ffn_hidden_dim=None)
     assert wider.head_dim == 64 and wider.ffn_hidden_dim == 2816
 
 
 @pytest.mark.parametrize("data, message", [
-    (dict(n_heads=6, n_kv_heads=4, dim=384), "divisible by n_kv_heads"),
-    (dict(dim=100, n_heads=8), "divisible by n_heads"),
-    (dict(dim=96, n_heads=4, head_dim=25), "must be even"),
+    (dict(n_heads=6, n_kv_heads=4, dim=384, n_layers=2), "divisible by n_kv_heads"),
+    (dict(dim=100, n_heads=8, n_layers=2), "divisible by n_heads"),
+    (dict(dim=96, n_heads=4, head_dim=25, n_layers=2), "must be even"),
     (dict(n_head=4), "did you mean 'n_heads'"),
     (dict(n_layers=0), "out of range"),
     (dict(rope_scaling=dict(low_freq_factor=4.0, high_freq_factor=1.0)), "high_freq_factor"),
@@ -102,3 +102,55 @@ def test_every_preset_ships_a_yaml_with_the_same_values(name):
     cfg = config_lib.load(ModelConfig, CONFIGS / f"{name}.yaml")
     assert cfg == preset(name)
     assert config_lib.from_dict(ModelConfig, config_lib.to_dict(cfg)) == cfg  # saved configs round-trip
+
+
+SHAPE = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden_dim")
+
+
+@pytest.mark.parametrize("depth, aspect_ratio, kv_group, shape", [
+    (2, 64, 1, (128, 2, 2, 2, 64, 512)),
+    (4, 64, 1, (256, 4, 4, 4, 64, 768)),
+    (6, 64, 3, (384, 6, 6, 2, 64, 1024)),
+    (12, 64, 1, (768, 12, 12, 12, 64, 2048)),
+    (20, 64, 4, (1280, 20, 20, 5, 64, 3584)),
+    (24, 128, 4, (3072, 24, 48, 12, 64, 8192)),
+])
+def test_depth_derives_the_whole_shape(depth, aspect_ratio, kv_group, shape):
+    cfg = ModelConfig(vocab_size=100, depth=depth, aspect_ratio=aspect_ratio, kv_group=kv_group)
+    assert tuple(getattr(cfg, name) for name in SHAPE) == shape
+
+
+# every preset as the depth rule with its own constants
+PRESETS_BY_DEPTH = {
+    "tiny": dict(depth=2, aspect_ratio=32, head_dim=16, kv_group=2, ffn_multiple_of=64),
+    "cpu-small": dict(depth=6, kv_group=3),
+    "gpt2-124m": dict(depth=12),
+    "1b": dict(depth=16, aspect_ratio=128, kv_group=4, ffn_ratio=4.0),
+    "llama3-8b": dict(depth=32, aspect_ratio=128, head_dim=128, kv_group=4, ffn_ratio=3.5),
+    "llama3-70b": dict(depth=80, aspect_ratio=102.4, head_dim=128, kv_group=8, ffn_ratio=3.5),
+}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_is_the_depth_rule_unchanged_in_shape(name):
+    given = {k: v for k, v in PRESETS[name].items() if k not in SHAPE}
+    by_depth = ModelConfig(**given, **PRESETS_BY_DEPTH[name])
+    assert tuple(getattr(by_depth, f) for f in SHAPE) == tuple(getattr(preset(name), f) for f in SHAPE)
+    assert by_depth.num_params() == preset(name).num_params()
+
+
+def test_depth_keeps_explicit_fields_and_a_saved_config_loads_back():
+    cfg = ModelConfig(vocab_size=100, depth=4, n_kv_heads=1, ffn_hidden_dim=300)
+    assert (cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden_dim) == (256, 4, 1, 300)
+    assert config_lib.from_dict(ModelConfig, config_lib.to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(depth=4, n_layers=5), "must equal depth"),
+    (dict(depth=3, aspect_ratio=50), "not a multiple of head_dim"),
+    (dict(depth=6, kv_group=4), "divisible by kv_group"),
+    (dict(dim=64, n_heads=4), "missing: n_layers"),
+])
+def test_depth_rule_errors_name_the_fields(fields, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(vocab_size=100, **fields)

@@ -63,7 +63,28 @@ def test_lr_matches_torch_lambda_lr_bit_for_bit():
 
 
 def test_peak_lr_comes_from_the_config_not_the_restored_state():
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = LRScheduler([opt], ScheduleConfig(kind="constant", warmup_steps=0), total_steps=10, peak_lr=0.5)
+    """A run resumed from another run's checkpoint (a PBT exploit with a mutated lr) keeps its own peak."""
+    constant = ScheduleConfig(kind="constant", warmup_steps=0)
+    old = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    LRScheduler([old], constant, total_steps=10, peak_lr=1.0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    sched = LRScheduler([opt], constant, total_steps=10, peak_lr=0.5)
+    opt.load_state_dict(old.state_dict())  # the old run's lr comes back with its optimizer state
+    assert opt.param_groups[0]["lr"] == 1.0
     sched.load_state_dict({"steps_taken": 4})
     assert opt.param_groups[0]["lr"] == 0.5
+
+
+def test_groups_with_their_own_peaks_follow_one_curve():
+    """Muon's hidden matrices and AdamW's other parameters have different peaks and one schedule."""
+    cfg = ScheduleConfig(kind="wsd", warmup_steps=2, min_lr_ratio=0.0, decay_fraction=0.5)
+    opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.02},
+                           {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.001}])
+    sched = LRScheduler([opt], cfg, total_steps=10, peak_lr=0.001)
+    for step in range(10):
+        multiplier = Schedule(cfg, 10)(step)
+        assert [g["lr"] for g in opt.param_groups] == [0.02 * multiplier, 0.001 * multiplier]
+        assert sched.lr == 0.001 * multiplier
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -120,6 +121,31 @@ def test_exact_resume_is_bitwise_and_incomplete_checkpoints_are_ignored(shards, 
     again = make_trainer(shards, steps=12, store=store).fit()
     assert again.resumed_from.endswith(step_dir_name(10)) and sorted(again.losses) == [11, 12]
     assert again.losses[11] == straight[11]
+
+
+def test_muon_learns_and_resumes_bitwise_from_its_checkpoint(shards, tmp_path):
+    """Muon's momentum buffers and AdamW's moments go through the DCP checkpoint; a guard skip
+    leaves both untouched, as with AdamW."""
+    muon = OptimizerConfig(kind="muon", lr=3e-3)
+    straight = make_trainer(shards, steps=12, optimizer=muon).fit().losses
+    assert sum(straight[i] for i in (10, 11, 12)) / 3 < straight[1] - 1.0
+    store = LocalCheckpointStore(tmp_path / "ckpt")
+    with pytest.raises(Stop):
+        make_trainer(shards, steps=12, store=store, checkpoint_every=6, hooks=[stop_at(6)], optimizer=muon).fit()
+    resumed = make_trainer(shards, steps=12, store=store, init_seed=123, optimizer=muon).fit()
+    assert [resumed.losses[s] for s in range(7, 13)] == [straight[s] for s in range(7, 13)]  # bitwise
+
+    seen = {}
+
+    def record(step, metrics):
+        seen[step] = snapshot(trainer), copy.deepcopy(trainer.engine.optimizer.state_dict()["state"])
+    trainer = make_trainer(shards, steps=5, objective=Faulty({4}, math.nan), optimizer=muon, hooks=[record])
+    assert [r.verdict for r in trainer.fit().records].index("skip_nonfinite") == 3
+    (weights_3, state_3), (weights_4, state_4) = seen[3], seen[4]
+    assert all(torch.equal(a, b) for a, b in zip(weights_3, weights_4))  # step 4 changed nothing
+    assert state_3.keys() == state_4.keys() and all(
+        torch.equal(state_3[k][name], value) for k, s in state_4.items() for name, value in s.items())
+    assert any("momentum_buffer" in s for s in state_4.values())
 
 
 def test_num_to_keep_prunes_old_checkpoints(shards, tmp_path):
