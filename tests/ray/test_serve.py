@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 from llmray import cli
 from llmray.model import hf
 from llmray.model.generate import SamplingConfig, document_prompt, document_stop_tokens, generate
-from llmray.serve.engine import Engine, plan_groups
+from llmray.serve.engine import Engine, Scheduler, plan_groups
 from llmray.serve.openai_schema import GenerationParams
 from llmray.serve.options import ServeOptions
 from llmray.serve.security import ServeSecurityError, is_loopback
@@ -58,12 +58,16 @@ def _bigram_engine() -> Engine:
     return Engine(hf.Pretrained(model=model, config=model.cfg, special_tokens=special, path=Path(".")), tokenizer)
 
 
-def _decode_all(engine: Engine, jobs) -> list[list]:
+def _decode_all(engine: Engine, jobs, max_rows: int = 16) -> list[list]:
+    """Every job's deltas, all submitted at once to one scheduler."""
     async def collect():
-        return [deltas async for deltas in engine.run(jobs)]
+        scheduler = Scheduler(engine, max_rows=max_rows, wait_s=0.01)
 
-    steps = asyncio.run(collect())
-    return [[step[i] for step in steps if step[i] is not None] for i in range(len(jobs))]
+        async def answer(job):
+            return [delta async for delta in scheduler.submit(job)]
+        return await asyncio.gather(*(answer(job) for job in jobs))
+
+    return asyncio.run(collect())
 
 
 def test_engine_stops_at_end_of_turn_stop_strings_and_budget_without_showing_a_stop_prefix():
@@ -92,6 +96,43 @@ def test_requests_that_cannot_share_a_cache_are_split_never_cut():
     assert [[(d.text, d.finish_reason) for d in r] for r in together] == \
         [[(d.text, d.finish_reason) for d in r] for r in alone]
     assert together[1][-1].completion_tokens == 50  # the short prompt got its whole budget
+
+
+@pytest.mark.parametrize("max_rows", [2, 1])
+def test_a_request_joins_the_decoding_at_the_next_step_when_a_row_is_free(max_rows):
+    """Continuous batching: a request arriving mid-decode joins at once (its own cache group) and
+    ends long before the running one; with no free row it waits. Answers equal the lone answers."""
+    engine = _bigram_engine()
+    long_job = lambda: engine.completion_job("hi", GenerationParams(max_tokens=40, temperature=0.0))
+    short_job = lambda: engine.completion_job("hi hi", GenerationParams(max_tokens=5, temperature=0.0))
+    events = []
+
+    async def scenario():
+        scheduler = Scheduler(engine, max_rows=max_rows, wait_s=0.0)
+
+        async def answer(name, job, after=None):
+            if after is not None:
+                await after.wait()
+            deltas = []
+            async for delta in scheduler.submit(job):
+                deltas.append(delta)
+                events.append(name)
+                if name == "long" and len(deltas) == 3:
+                    started.set()
+            return deltas
+        started = asyncio.Event()
+        return await asyncio.gather(answer("long", long_job()), answer("short", short_job(), after=started))
+
+    long_answer, short_answer = asyncio.run(scenario())
+    assert [(d.text, d.finish_reason) for d in long_answer] == \
+        [(d.text, d.finish_reason) for d in _decode_all(engine, [long_job()])[0]]
+    assert [(d.text, d.finish_reason) for d in short_answer] == \
+        [(d.text, d.finish_reason) for d in _decode_all(engine, [short_job()])[0]]
+    short_done, long_done = len(events) - events[::-1].index("short"), len(events) - events[::-1].index("long")
+    if max_rows == 2:
+        assert short_answer[0].batch_size == 2 and short_done < long_done  # joined, finished first
+    else:
+        assert short_answer[0].batch_size == 1 and events.index("short") > long_done - 1  # waited for the row
 
 
 # ---------------------------------------------------------------------------------------------
