@@ -3,7 +3,8 @@ no work; changing one pretrain key re-runs pretrain and everything after it (SFT
 nothing before (classifier, curate, tokenizer, tokens), asserted from the manifests.
 
 Every stage and its configuration come from the shipped file; only the amount of work is cut (fewer
-files, examples, steps, prompts, a 2-layer model) so the eight stages run in a few minutes.
+files, examples, steps, prompts, a 2-layer model, pretraining in this process) so the eight stages
+run in a few minutes.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def tiny_pipeline(pretrain_steps: int) -> PipelineConfig:
     pretrain["model"] = {**config_lib.read_yaml(CONFIGS / "model" / "tiny.yaml"), "vocab_size": 512}
     pretrain["batch"].update(seq_len=64, micro_batch_size=4)
     pretrain["train"].update(steps=pretrain_steps, log_every=2, eval_every=0, checkpoint_every=0)
+    # lineage is the subject here, not the launcher (tests/ray/test_pretrain.py covers Ray Train):
+    # one in-process worker saves two Ray Train start-ups
+    pretrain["execution"] = {**pretrain.get("execution", {}), "workers": 1, "launcher": "process"}
+    pretrain["parallel"] = {"strategy": "none"}
     for name in ("sft", "dpo"):
         stage = stages[name]
         stage.update(batch={"seq_len": 127, "micro_batch_size": 2}, samples={"prompts": 1, "max_new_tokens": 4})
