@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from _load import LoadWatch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -151,6 +153,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="alternating timing rounds per side")
     parser.add_argument("--agreement-docs", type=int, default=1200)
     args = parser.parse_args()
+    load = LoadWatch(2)
     os.environ["OMP_NUM_THREADS"] = "1"
     target = int((args.target_mb or (5 if args.quick else 50)) * 1e6)
     input_file = OUT / "curate_filters_input.jsonl"
@@ -181,7 +184,7 @@ def main() -> None:
         "agreement": {g: agree[g] for g in GROUPS + ["lid"]}, "agreement_docs": agree["docs"],
         "agreement_detail": agree,
     }
-    print(json.dumps(result))
+    print(json.dumps({**result, **load.fields()}))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import numpy as np
 import xxhash
 
 from _dedup_corpus import base_documents, run_datasketch, run_llmray, shingle_strings, write_parquet
+from _load import LoadWatch
 
 BOILERPLATE = [
     "This website uses cookies to ensure you get the best experience on our website. Accept all cookies",
@@ -188,6 +189,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.8, help="Jaccard of a true near-duplicate pair")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
+    load = LoadWatch(2)
     n = 6_000 if args.quick else args.docs
 
     texts, targets = labelled_set(base_documents(), n, args.seed)
@@ -223,7 +225,7 @@ def main() -> None:
         "unverified_f1": results["llmray_unverified"]["f1"],
         "datasketch_precision": results["datasketch"]["precision"],
         "datasketch_recall": results["datasketch"]["recall"],
-        "datasketch_f1": results["datasketch"]["f1"],
+        "datasketch_f1": results["datasketch"]["f1"], **load.fields(),
     }))
 
 

@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 from _dedup_corpus import base_documents, run_datasketch, run_llmray, write_parquet
+from _load import LoadWatch
 
 
 def make_corpus(base: list[str], n: int, seed: int) -> list[str]:
@@ -79,6 +80,7 @@ def main() -> None:
     if args.capped_dir:
         print(json.dumps(capped_run(Path(args.capped_dir), args.cap_mb)))
         return
+    load = LoadWatch(2)
 
     import ray
 
@@ -124,7 +126,7 @@ def main() -> None:
               "unverified_ratio_vs_datasketch": round(ds_time / unverified_time, 2),
               "unverified_rejected_N": unverified_info["rejected"],
               "datasketch_rejected_N": ds_rejected, "capped_run": capped}
-    print(json.dumps(result))
+    print(json.dumps({**result, **load.fields()}))
 
 
 if __name__ == "__main__":

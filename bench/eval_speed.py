@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _load import LoadWatch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=RunnerConfig().batch_size,
                         help="most requests per batch (default: the runner's, %(default)s)")
     args = parser.parse_args()
+    load = LoadWatch(os.cpu_count() or 1)
 
     tasks = [load_task("arc_easy", TaskSpec(format="arc", path="arc/ARC-Easy-Dev.jsonl"), SHARED_DATA,
                        limit=150 if args.quick else None)]
@@ -107,7 +110,7 @@ def main() -> None:
         "req_per_s_in_process_2_threads": round(len(plan.requests) / local_seconds, 1),
         "seconds_1": [round(s, 2) for s in seconds[1]], "seconds_2": [round(s, 2) for s in seconds[2]],
     }
-    print(json.dumps(result))
+    print(json.dumps({**result, **load.fields()}))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from _load import LoadWatch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -67,6 +69,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one timing round (the page set is small anyway)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    load = LoadWatch(1)
     repeats = 1 if args.quick else args.repeats
     docs = pages()
     megabytes = sum(len(h.encode()) for _, h in docs) / 1e6
@@ -94,7 +97,7 @@ def main() -> None:
             result["wet_word_recall"] = {name: round(len(words(outputs[name][i]) & ref) / len(ref), 3)
                                          for name in timings}
     result["speedup_resiliparse"] = round(result["resiliparse"]["pages_per_s"] / result["trafilatura"]["pages_per_s"], 1)
-    print(json.dumps(result))
+    print(json.dumps({**result, **load.fields()}))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _byte_shards  # noqa: E402
+from _load import LoadWatch  # noqa: E402
 
 from llmray.model import llama  # noqa: E402
 from llmray.model.config import preset  # noqa: E402
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
+    load = LoadWatch(args.threads)
     torch.set_num_threads(args.threads)
     steps, warmup = (8, 3) if args.quick else (30, 5)
 
@@ -64,7 +66,7 @@ def main() -> None:
                "mfu": round(achieved / peak, 4), "final_loss": round(result.losses[steps], 4)}
     print(f"peak {figures['peak_gflops']} GFLOP/s; trainer {figures['achieved_gflops']} GFLOP/s "
           f"({figures['tokens_per_s']} tok/s); MFU {figures['mfu']:.1%}")
-    print(json.dumps(figures))
+    print(json.dumps({**figures, **load.fields()}))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from _load import LoadWatch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmray.model import llama  # noqa: E402
@@ -109,6 +111,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="global batch rows")
     parser.add_argument("--seq", type=int, default=256)
     args = parser.parse_args()
+    load = LoadWatch(os.cpu_count() or 1)
     args.steps = args.steps or (4 if args.quick else 20)
     if args.quick:
         args.seq = min(args.seq, 128)
@@ -126,7 +129,7 @@ def main() -> None:
     print(json.dumps({"tokens_per_s": results,
                       "relative_to_single": {k: round(v / single, 3) for k, v in results.items()},
                       "model": "quick 4x128" if args.quick else "cpu-small (untied)", "seq": args.seq,
-                      "global_batch": args.batch, "cpus": os.cpu_count(), "torch": torch.__version__}))
+                      "global_batch": args.batch, **load.fields()}))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from _load import LoadWatch
+
 THREADS = 2
 os.environ.setdefault("RAYON_NUM_THREADS", str(THREADS))  # before tokenizers starts its thread pool
 
@@ -146,7 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     target_mb = args.mb or (12 if args.quick else 60)
     repeats = args.repeats or (2 if args.quick else 3)
-    load_before = os.getloadavg()[0]
+    load = LoadWatch(THREADS)
 
     docs_dir = args.workdir / f"docs-{target_mb:g}mb"
     info = build_input(docs_dir, int(target_mb * 1e6))
@@ -186,8 +188,7 @@ def main() -> None:
         "ratio_vs_tokenizers": round(median["llmray"] / median["tokenizers"], 3),
         "ratio_vs_tokenizers_fast": round(median["llmray"] / median["tokenizers_fast"], 3),
         "bpe_train_seconds_32k": trained["train_seconds"], "bpe_train_chars": trained["train_chars"],
-        "repeats": repeats, "load_average_before": round(load_before, 2),
-        "load_average_after": round(os.getloadavg()[0], 2)}))
+        "repeats": repeats, **load.fields()}))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _byte_shards  # noqa: E402
+from _load import LoadWatch  # noqa: E402
 
 from llmray import cluster  # noqa: E402
 from llmray.model import llama  # noqa: E402
@@ -91,6 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps, one round (under 5 minutes)")
     args = parser.parse_args()
+    load = LoadWatch(2)
     steps, warmup, rounds = (10, 3, 1) if args.quick else (30, 5, 3)
     cluster.connect(cluster.RayConfig(num_cpus=2, dashboard=False, object_store_memory_mb=256))
     results = {"bare": [], "one": [], "dp2": []}
@@ -108,7 +110,7 @@ def main() -> None:
                       "threads": {"bare": 2, "one_worker": 2, "dp2_per_worker": 1},
                       "tokens_per_s": round(one, 1), "bare_tokens_per_s": round(bare, 1),
                       "dp2_tokens_per_s": round(dp2, 1), "ratio_vs_bare_loop": round(one / bare, 3),
-                      "dp2_scaling": round(dp2 / one, 3)}))
+                      "dp2_scaling": round(dp2 / one, 3), **load.fields()}))
 
 
 if __name__ == "__main__":

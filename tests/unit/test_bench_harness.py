@@ -1,0 +1,52 @@
+"""The benchmark harness rule: every bench script (one that takes ``--quick``) ends with a JSON line
+carrying ``bench/_load.LoadWatch``'s fields, and ``idle`` is false once any load sample exceeded
+1.5x the cores the bench uses."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+SCRIPTS = sorted(p for p in BENCH.glob("*.py") if "--quick" in p.read_text())
+
+
+@pytest.fixture
+def load_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("_load", None)
+    import _load
+
+    monkeypatch.setattr(_load, "SAMPLE_SECONDS", 0.01)
+    return _load
+
+
+def test_there_are_bench_scripts_and_each_reports_the_load_fields():
+    assert len(SCRIPTS) >= 10, [p.name for p in SCRIPTS]
+    for script in SCRIPTS:
+        text = script.read_text()
+        assert "from _load import LoadWatch" in text and "load.fields()" in text, script.name
+
+
+def test_a_load_spike_during_the_run_marks_it_not_idle(load_module, monkeypatch):
+    import time
+
+    samples = iter([0.5] + [0.5] * 3 + [7.0] + [0.5] * 10_000)
+    monkeypatch.setattr(load_module.os, "getloadavg", lambda: (next(samples), 0.0, 0.0))
+    watch = load_module.LoadWatch(cores_used=2)
+    deadline = time.time() + 5
+    while watch.highest < 7.0 and time.time() < deadline:
+        time.sleep(0.01)
+    fields = watch.fields()
+    assert (fields["loadavg_before"], fields["loadavg_after"], fields["loadavg_max"]) == (0.5, 0.5, 7.0)
+    assert fields["idle"] is False and fields["cores_used"] == 2
+
+
+def test_a_quiet_run_is_idle_and_says_what_it_ran_on(load_module, monkeypatch):
+    monkeypatch.setattr(load_module.os, "getloadavg", lambda: (2.9, 0.0, 0.0))
+    fields = load_module.LoadWatch(cores_used=2).fields()
+    assert fields["idle"] is True and fields["loadavg_max"] == 2.9
+    assert fields["machine"]["cpu"] and fields["machine"]["cores"] >= 1
+    assert fields["versions"]["python"] and "torch" in fields["versions"]
