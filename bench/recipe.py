@@ -3,18 +3,19 @@
     python bench/recipe.py            # 3 seeds, 300 steps each
     python bench/recipe.py --quick    # 1 seed, 150 steps (under 5 minutes idle)
 
-Both arms train the same model (``depth: 3`` of the one-knob family: dim 192, 3 heads, 1.3M
-parameters, untied head, vocabulary of 257 byte ids) on the same token shards in the same order
+Both arms train a ``depth: 3`` model of the one-knob family (dim 192, 3 heads, 1.4M parameters,
+untied head, RoPE, a vocabulary of 257 byte ids) on the same token shards in the same order
 (byte-level shards of thirteen Project Gutenberg books from ``../shared/data/books_gutenberg``;
 every 20th 4 KiB chunk of each book is held out), with the same seeds, batch (8 × 256 tokens),
-warm-up (20 steps), gradient clipping and in-process trainer; only the optimizer and schedule
-differ:
+warm-up (20 steps), gradient clipping and in-process trainer:
 
-* **baseline**: AdamW (lr 2e-3, betas 0.9/0.95, weight decay 0.1 on matrices) everywhere, cosine
-  to 10% of the peak: the recipe llmray shipped before;
-* **recipe**: Muon (lr 0.02, momentum 0.95, Nesterov, 5 Newton–Schulz steps) on the blocks'
-  matrices, AdamW (as the baseline) on embeddings, head and norms, warmup-stable-decay with the
-  last 40% decaying linearly to zero.
+* **baseline** (GPT-2 style, ``configs/train/baseline-gpt2.yaml`` at this size): GELU MLP of
+  4·dim and LayerNorm with bias (the same parameter count as SwiGLU + RMSNorm, plus the norm
+  biases), AdamW (lr 2e-3, betas 0.9/0.95, weight decay 0.1 on matrices) everywhere, cosine to
+  10% of the peak;
+* **recipe**: SwiGLU + RMSNorm, Muon (lr 0.02, momentum 0.95, Nesterov, 5 Newton–Schulz steps)
+  on the blocks' matrices and AdamW (as the baseline) on embeddings, head and norms,
+  warmup-stable-decay with the last 40% decaying linearly to zero.
 
 Held-out bits per byte (exact: byte tokens, BOS counts no bytes) is measured every 25 steps on
 the same 16 validation windows. ``tokens_to_baseline_ratio`` is the fraction of the run's tokens
@@ -27,6 +28,7 @@ and ``_load.LoadWatch``'s load averages and ``idle``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import statistics
@@ -58,10 +60,12 @@ from tests.conftest import SHARED_DATA  # noqa: E402
 THREADS = 2
 SEQ, BATCH, WARMUP, EVAL_EVERY, EVAL_BATCHES = 256, 8, 20, 25, 16
 MODEL = ModelConfig(vocab_size=257, depth=3, max_seq_len=SEQ, tie_embeddings=False)
+# GPT-2's blocks at the same parameter count: a 4·dim GELU MLP has the weights of the 8/3·dim SwiGLU
+GPT2_STYLE = dataclasses.replace(MODEL, mlp="gelu", norm="layernorm", ffn_hidden_dim=4 * MODEL.dim)
 ARMS = {
-    "baseline": (OptimizerConfig(kind="adamw", lr=2e-3),
+    "baseline": (GPT2_STYLE, OptimizerConfig(kind="adamw", lr=2e-3),
                  ScheduleConfig(kind="cosine", warmup_steps=WARMUP, min_lr_ratio=0.1)),
-    "recipe": (OptimizerConfig(kind="muon", lr=2e-3, muon=MuonConfig(lr=0.02)),
+    "recipe": (MODEL, OptimizerConfig(kind="muon", lr=2e-3, muon=MuonConfig(lr=0.02)),
                ScheduleConfig(kind="wsd", warmup_steps=WARMUP, min_lr_ratio=0.0, decay_fraction=0.4)),
 }
 CHUNK, HOLD_OUT_EVERY = 4096, 20
@@ -96,17 +100,17 @@ def byte_lengths() -> torch.Tensor:
 
 def train_arm(shards: Path, arm: str, seed: int, steps: int) -> list[dict]:
     """The arm's held-out bpb curve: [{"step", "val_bpb", ...}] every EVAL_EVERY steps."""
-    optimizer, schedule = ARMS[arm]
+    shape, optimizer, schedule = ARMS[arm]
     cfg = TrainConfig(steps=steps, optimizer=optimizer, schedule=schedule, grad_clip=1.0, log_every=EVAL_EVERY,
                       eval_every=EVAL_EVERY, eval_batches=EVAL_BATCHES, seed=seed, peak_flops=1e11)
     torch.manual_seed(seed)
-    model = llama.build(MODEL)
+    model = llama.build(shape)
     data = TokenLoader(shards, seq_len=SEQ, batch_size=BATCH, seed=seed)
 
     def validation():
         return TokenLoader(shards, split="val", seq_len=SEQ, batch_size=BATCH, shuffle=False)
     trainer = Trainer(cfg, model, CausalLM(), data, parallel=ParallelConfig(strategy="none"), val_data=validation,
-                      token_bytes=byte_lengths(), flops_per_token=MODEL.flops_per_token(SEQ))
+                      token_bytes=byte_lengths(), flops_per_token=shape.flops_per_token(SEQ))
     return trainer.fit().evals
 
 
@@ -134,7 +138,7 @@ def main() -> None:
     steps = args.steps or (150 if args.quick else 300)
     load = LoadWatch(THREADS)
     torch.set_num_threads(THREADS)
-    print(f"model: {MODEL.num_params() / 1e6:.2f}M parameters; {steps} steps of {BATCH * SEQ} tokens; "
+    print(f"parameters: baseline {GPT2_STYLE.num_params():,}, recipe {MODEL.num_params():,}; {steps} steps of {BATCH * SEQ} tokens; "
           f"seeds {seeds}", flush=True)
     finals: dict[str, list[float]] = {arm: [] for arm in ARMS}
     ratios, seconds = [], {arm: [] for arm in ARMS}
@@ -160,7 +164,7 @@ def main() -> None:
                      "recipe_bpb": [round(v, 4) for v in finals["recipe"]],
                      "tokens_to_baseline_ratio": [None if r is None else round(r, 3) for r in ratios]},
         "spread": {arm: round(max(v) - min(v), 4) for arm, v in finals.items()},
-        "steps": steps, "tokens": steps * BATCH * SEQ, "parameters": MODEL.num_params(), "seeds": len(seeds),
+        "steps": steps, "tokens": steps * BATCH * SEQ, "parameters": {arm: shape.num_params() for arm, (shape, _, _) in ARMS.items()}, "seeds": len(seeds),
         "threads": THREADS, "seconds": seconds, **load.fields()}))
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from llmray.config import param
 
@@ -64,9 +65,14 @@ class ModelConfig:
                                              "n_heads / kv_group with depth", min=1)
     head_dim: int | None = param(None, doc="width of one head; null = dim // n_heads (64 with depth)", min=2)
     ffn_hidden_dim: int | None = param(
-        None, doc="SwiGLU hidden width; null = ffn_ratio·dim rounded up to a multiple of ffn_multiple_of", min=1)
-    ffn_ratio: float | None = param(None, doc="default ffn_hidden_dim / dim before rounding; null = 8/3 (a "
-                                              "SwiGLU with the parameters of a 4·dim GELU MLP)", min=0.0)
+        None, doc="feed-forward hidden width; null = ffn_ratio·dim rounded up to a multiple of ffn_multiple_of",
+        min=1)
+    ffn_ratio: float | None = param(None, doc="default ffn_hidden_dim / dim before rounding; null = 8/3 for "
+                                              "SwiGLU (the parameters of a 4·dim GELU MLP), 4 for GELU", min=0.0)
+    mlp: Literal["swiglu", "gelu"] = param("swiglu", doc="feed-forward: swiglu (Llama) or gelu (GPT-2: "
+                                                         "w2(gelu(w1·x)), the baseline recipe)")
+    norm: Literal["rmsnorm", "layernorm"] = param("rmsnorm", doc="block and final norms: rmsnorm (Llama) or "
+                                                                 "layernorm with bias (GPT-2, the baseline recipe)")
     ffn_multiple_of: int = param(256, doc="rounding of the default ffn_hidden_dim", min=1)
     norm_eps: float = param(1e-5, doc="RMSNorm epsilon", min=0.0)
     rope_theta: float = param(10000.0, doc="RoPE base period", min=1.0)
@@ -94,7 +100,8 @@ class ModelConfig:
                                  "when head_dim is not given")
             self.head_dim = self.dim // self.n_heads
         if self.ffn_hidden_dim is None:
-            hidden = 8 * self.dim / 3 if self.ffn_ratio is None else self.ffn_ratio * self.dim
+            hidden = (8 * self.dim / 3 if self.mlp == "swiglu" else 4 * self.dim) if self.ffn_ratio is None \
+                else self.ffn_ratio * self.dim
             self.ffn_hidden_dim = self.ffn_multiple_of * math.ceil(hidden / self.ffn_multiple_of)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
@@ -133,9 +140,13 @@ class ModelConfig:
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         attention = self.dim * q_out + 2 * self.dim * kv_out + q_out * self.dim  # wq, wk, wv, wo
         qk_norm = 2 * self.head_dim if self.qk_norm else 0
-        feed_forward = 3 * self.dim * self.ffn_hidden_dim  # w1, w2, w3
-        norms = 2 * self.dim  # attention_norm, ffn_norm
+        feed_forward = (3 if self.mlp == "swiglu" else 2) * self.dim * self.ffn_hidden_dim  # w1, w2 (, w3)
+        norms = 2 * self.norm_params()  # attention_norm, ffn_norm
         return attention + qk_norm + feed_forward + norms
+
+    def norm_params(self) -> int:
+        """Parameters of one block or final norm: a weight (and a bias for LayerNorm)."""
+        return self.dim * (2 if self.norm == "layernorm" else 1)
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Exact parameter count (each tied matrix counted once).
@@ -146,7 +157,7 @@ class ModelConfig:
         """
         embedding = self.vocab_size * self.dim
         head = 0 if self.tie_embeddings else self.vocab_size * self.dim
-        total = self.n_layers * self.params_per_layer() + self.dim + head  # + final norm
+        total = self.n_layers * self.params_per_layer() + self.norm_params() + head  # + final norm
         if include_embedding:
             return total + embedding
         return total + (embedding if self.tie_embeddings else 0)

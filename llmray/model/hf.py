@@ -292,6 +292,14 @@ def special_tokens_from_tokenizer(tokenizer_dir: str | Path, chat: bool = False)
 # Export
 # ---------------------------------------------------------------------------------------------
 
+def check_exportable(cfg: ModelConfig) -> None:
+    """The Llama layout holds SwiGLU + RMSNorm models only; the GPT-2-style baseline has no export."""
+    if cfg.mlp != "swiglu" or cfg.norm != "rmsnorm":
+        raise ValueError(f"model.mlp={cfg.mlp}, model.norm={cfg.norm} (the GPT-2-style baseline) has no Hugging "
+                         "Face Llama layout: export needs mlp=swiglu and norm=rmsnorm; its checkpoints stay usable "
+                         "for comparison and resumption")
+
+
 def export(out_dir: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *,
            tokenizer_dir: str | Path | None = None, special_tokens: SpecialTokens | None = None,
            dtype: torch.dtype = torch.float32, chat: bool = False) -> Path:
@@ -300,6 +308,7 @@ def export(out_dir: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.Te
     Special token ids come from ``special_tokens``, else from the tokenizer's own config, with
     end-of-turn among the eos ids of a ``chat`` model.
     """
+    check_exportable(cfg)
     if chat and (tokenizer_dir is None or special_tokens is not None):
         raise ValueError("chat=True reads the end-of-turn id from tokenizer_dir (give it, and no special_tokens)")
     if special_tokens is None:

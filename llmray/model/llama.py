@@ -20,6 +20,10 @@ Design choices, all of them in this one file:
 * Optional QK-norm: an RMSNorm over each query and key head (one weight vector of ``head_dim``
   shared by all heads) before RoPE, as in Qwen3.
 * SwiGLU feed-forward: ``w2(silu(w1·x) * w3·x)``.
+* GPT-2 components for the baseline recipe (``mlp: gelu``, ``norm: layernorm``): a GELU MLP
+  without ``w3`` and LayerNorm with a bias, on the same RoPE attention, so the baseline and the
+  recipe differ only in what is compared. Such models train everywhere but have no Llama layout
+  to export to (see :mod:`llmray.model.hf`).
 * Optional tied embeddings: ``output.weight`` *is* ``tok_embeddings.weight``.
 * Layers live in an ``nn.ModuleDict`` keyed ``"0"``, ``"1"``, …: parameter names such as
   ``layers.3.attention.wq.weight`` stay the same when a pipeline stage deletes the layers it does
@@ -60,6 +64,29 @@ class RMSNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a bias (GPT-2's norm, for the baseline recipe), computed in fp32 like RMSNorm."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+        return self.weight * normed + self.bias
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
+def block_norm(cfg: ModelConfig) -> RMSNorm | LayerNorm:
+    """The norm of the blocks and the final norm, as ``cfg.norm`` says (QK-norm is always RMSNorm)."""
+    return (LayerNorm if cfg.norm == "layernorm" else RMSNorm)(cfg.dim, cfg.norm_eps)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None,
@@ -159,29 +186,32 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1·x) * w3·x)."""
+    """SwiGLU: w2(silu(w1·x) * w3·x); with ``cfg.mlp == "gelu"`` GPT-2's w2(gelu(w1·x)) (no w3)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False)  # gate
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False)  # up
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False)  # gate (GELU: up)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False) if cfg.mlp == "swiglu" else None  # up
         self.w2 = nn.Linear(cfg.ffn_hidden_dim, cfg.dim, bias=False)  # down (residual output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w3 is None:
+            return self.w2(F.gelu(self.w1(x), approximate="tanh"))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
     def init_weights(self, std: float, residual_std: float) -> None:
         nn.init.normal_(self.w1.weight, mean=0.0, std=std)
-        nn.init.normal_(self.w3.weight, mean=0.0, std=std)
+        if self.w3 is not None:
+            nn.init.normal_(self.w3.weight, mean=0.0, std=std)
         nn.init.normal_(self.w2.weight, mean=0.0, std=residual_std)
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm = block_norm(cfg)
         self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = block_norm(cfg)
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -264,7 +294,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
-        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm: RMSNorm | LayerNorm | None = block_norm(cfg)
         self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
 

@@ -58,7 +58,7 @@ class ReplicateParallel(ParallelStyle):
         return distribute_module(module, device_mesh, replicate_params, inputs_to_dtensor, output_to_local)
 
 
-def block_plan(sequence_parallel: bool, qk_norm: bool) -> dict[str, ParallelStyle]:
+def block_plan(sequence_parallel: bool, qk_norm: bool, swiglu: bool = True) -> dict[str, ParallelStyle]:
     """Plan of one TransformerBlock, keyed by submodule path."""
     residual = Shard(1) if sequence_parallel else Replicate()  # layout of the residual stream
     norm = SequenceParallel() if sequence_parallel else ReplicateParallel()
@@ -77,6 +77,8 @@ def block_plan(sequence_parallel: bool, qk_norm: bool) -> dict[str, ParallelStyl
         "feed_forward.w3": ColwiseParallel(),
         "feed_forward.w2": RowwiseParallel(output_layouts=residual, use_local_output=not sequence_parallel),
     }
+    if not swiglu:  # GELU MLP (baseline recipe): no w3
+        del plan["feed_forward.w3"]
     if qk_norm:  # per-head norm on the local heads (B, T, H/tp, D): "sharded" on dim 2
         plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
         plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
@@ -102,7 +104,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
     elif sequence_parallel:  # an earlier pipeline stage sends the full sequence on
         model.register_forward_hook(_gather_sequence_hook)
     parallelize_module(model, tp_mesh, top)
-    plan = block_plan(sequence_parallel, qk_norm=model.cfg.qk_norm)
+    plan = block_plan(sequence_parallel, qk_norm=model.cfg.qk_norm, swiglu=model.cfg.mlp == "swiglu")
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, plan)
     model.tie_weights()  # the head reuses the embedding's Shard(0) DTensor (same layout as column-wise)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from llmray import runs
 from llmray.config import param
+from llmray.model import hf
 from llmray.model.config import ModelConfig, preset
 from llmray.parallel import ParallelConfig
 from llmray.train.launch import LAUNCHER_DOC, BatchConfig, ExecutionConfig, FreshModel, Launcher, TrainJob, launch
@@ -193,7 +194,13 @@ def checkpoint_dir(cfg: PretrainConfig, ctx) -> Path:
 def run_pretrain(cfg: PretrainConfig, ctx, hooks: tuple = ()) -> dict:
     """Train, then export the final weights; ``hooks`` are hook factories (see :class:`TrainJob`)."""
     checkpoints = checkpoint_dir(cfg, ctx)
-    job = pretrain_job(cfg, checkpoints, ctx.dir.root / "metrics.jsonl", ctx.output / "model", hooks,
+    export_dir = ctx.output / "model"
+    try:
+        hf.check_exportable(cfg.model)
+    except ValueError as exc:  # the GPT-2-style baseline: trained for comparison, kept as checkpoints
+        ctx.logger.warning("no export: %s", exc)
+        export_dir = None
+    job = pretrain_job(cfg, checkpoints, ctx.dir.root / "metrics.jsonl", export_dir, hooks,
                        tags={"run": ctx.run_name, "stage": ctx.stage}, evaluation_dir=ctx.dir.root / "evals")
     ctx.logger.info("pretraining %.2fM parameters on %d worker(s) (%s), strategy %s; checkpoints in %s",
                     job.model.config.num_params() / 1e6, cfg.execution.workers,

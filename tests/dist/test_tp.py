@@ -1,7 +1,8 @@
 """Tensor (and sequence) parallelism on 2 gloo ranks, through the real Trainer, against one process.
 
 The tiny model (4 query heads, 2 key/value heads: one kv head per rank; tied embedding/head
-vocabulary-parallel) trains 10 steps with tp=2, with and without sequence parallelism.
+vocabulary-parallel) trains 10 steps with tp=2, with and without sequence parallelism, and with
+the GPT-2-style blocks of the baseline recipe (GELU MLP without w3, LayerNorm with bias).
 Tolerance: per-step losses (and the final validation loss) within 1e-5 relative of the
 one-process run (fp32; only reduction order differs); parameters after 10 AdamW steps within
 5e-5 absolute (Adam turns 1e-7 gradient differences into ~1e-5 weight differences).
@@ -28,14 +29,16 @@ from tests.dist import parallel_support as ps
 STEPS = 10
 RTOL = 1e-5
 ATOL_PARAMS = 5e-5
-LAYOUTS = {"tp": ParallelConfig(tp=2), "tp_sp": ParallelConfig(tp=2, sequence_parallel=True)}
+GPT2_STYLE = {"mlp": "gelu", "norm": "layernorm", "ffn_hidden_dim": None}  # the baseline recipe's blocks
+LAYOUTS = {"tp": (ParallelConfig(tp=2), {}), "tp_sp": (ParallelConfig(tp=2, sequence_parallel=True), {}),
+           "tp_gpt2_style": (ParallelConfig(tp=2), GPT2_STYLE)}
 
 
 def ranks_main(shards, out):
     results = {}
-    for name, parallel in LAYOUTS.items():
+    for name, (parallel, overrides) in LAYOUTS.items():
         store = LocalCheckpointStore(out / f"ckpt_{name}")
-        trainer = ps.trainer(shards, parallel, steps=STEPS, store=store, checkpoint_every=5)
+        trainer = ps.trainer(shards, parallel, steps=STEPS, store=store, checkpoint_every=5, **overrides)
         result = trainer.fit()
         params = trainer.export_weights()
         if dist.get_rank() == 0:
@@ -75,8 +78,14 @@ def reference(shards):
     return ps.trainer_reference(shards, STEPS)
 
 
+@pytest.fixture(scope="module")
+def gpt2_style_reference(shards):
+    return ps.trainer_reference(shards, STEPS, **GPT2_STYLE)
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_tensor_parallel_matches_single_process(parallel_runs, reference, layout):
+def test_tensor_parallel_matches_single_process(parallel_runs, reference, gpt2_style_reference, layout):
+    reference = gpt2_style_reference if LAYOUTS[layout][1] else reference
     result = json.loads((parallel_runs / "results.json").read_text())[layout]
     assert ps.max_relative_error(result["losses"], reference["losses"]) < RTOL
     assert ps.max_relative_error([result["val_loss"]], [reference["evals"][-1]["val_loss"]]) < RTOL

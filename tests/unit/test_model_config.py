@@ -31,7 +31,8 @@ def test_closed_form_parameter_count_equals_built_model(name):
 
 
 @pytest.mark.parametrize("overrides", [dict(qk_norm=True), dict(tie_embeddings=False), dict(n_kv_heads=1),
-                                       dict(head_dim=24), dict(ffn_hidden_dim=None)])
+                                       dict(head_dim=24), dict(ffn_hidden_dim=None),
+                                       dict(mlp="gelu", norm="layernorm", ffn_hidden_dim=None)])
 def test_closed_form_count_for_every_option(overrides):
     cfg = preset("tiny", **overrides)
     assert cfg.num_params() == _counted(build(cfg, "meta"))
@@ -154,3 +155,16 @@ def test_depth_keeps_explicit_fields_and_a_saved_config_loads_back():
 def test_depth_rule_errors_name_the_fields(fields, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(vocab_size=100, **fields)
+
+
+def test_the_gpt2_style_baseline_config_matches_cpu_small_in_parameters():
+    """configs/train/baseline-gpt2.yaml: GELU MLP of 4·dim + LayerNorm, equal to cpu-small but for norm biases."""
+    from llmray.train.pretrain import PretrainConfig
+
+    baseline = config_lib.load(PretrainConfig, CONFIGS.parent / "train" / "baseline-gpt2.yaml").model
+    recipe = preset("cpu-small")
+    assert (baseline.mlp, baseline.norm, baseline.ffn_hidden_dim) == ("gelu", "layernorm", 1536)
+    norm_biases = (2 * baseline.n_layers + 1) * baseline.dim
+    assert baseline.num_params() == recipe.num_params() + norm_biases
+    assert baseline.num_params() == _counted(build(baseline, "meta"))
+    assert baseline.flops_per_token(256) - recipe.flops_per_token(256) == 6 * norm_biases

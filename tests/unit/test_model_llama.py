@@ -165,3 +165,27 @@ def test_cuda_forward_and_kv_cache_match_cpu():
         cache = on_gpu.new_cache(batch_size=2, max_len=20)
         pieces = [on_gpu(tokens[:, a:b].cuda(), cache=cache) for a, b in ((0, 12), (12, 13), (13, 20))]
     torch.testing.assert_close(torch.cat(pieces, dim=1).cpu(), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_gpt2_style_blocks_are_a_gelu_mlp_and_layernorm_and_refuse_the_llama_export(tmp_path):
+    from llmray.model import hf
+
+    cfg = preset("tiny", mlp="gelu", norm="layernorm", ffn_hidden_dim=None, vocab_size=50)
+    torch.manual_seed(0)
+    model = build(cfg)
+    block = model.layers["0"]
+    assert block.feed_forward.w3 is None and cfg.ffn_hidden_dim == 4 * cfg.dim
+    x = torch.randn(2, 5, cfg.dim)
+    ff = block.feed_forward
+    assert torch.allclose(ff(x), ff.w2(torch.nn.functional.gelu(ff.w1(x), approximate="tanh")))
+    with torch.no_grad():
+        block.attention_norm.weight.uniform_(0.5, 1.5)
+        block.attention_norm.bias.uniform_(-0.5, 0.5)
+    reference = torch.nn.functional.layer_norm(x, (cfg.dim,), block.attention_norm.weight,
+                                               block.attention_norm.bias, cfg.norm_eps)
+    assert torch.allclose(block.attention_norm(x), reference, atol=1e-6)
+    loss = model(torch.randint(0, 50, (2, 8))).logsumexp(-1).mean()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="no Hugging Face Llama layout"):
+        hf.export(tmp_path / "out", cfg, model.state_dict())
