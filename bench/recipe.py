@@ -37,19 +37,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+import _byte_shards
 from _load import LoadWatch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llmray import runs  # noqa: E402
 from llmray.model import llama  # noqa: E402
 from llmray.model.config import ModelConfig  # noqa: E402
 from llmray.parallel import ParallelConfig  # noqa: E402
-from llmray.tokens import shards as shards_lib  # noqa: E402
 from llmray.tokens.loader import TokenLoader  # noqa: E402
 from llmray.train.muon import MuonConfig  # noqa: E402
 from llmray.train.objectives import CausalLM  # noqa: E402
@@ -72,30 +70,18 @@ CHUNK, HOLD_OUT_EVERY = 4096, 20
 
 
 def write_book_shards(directory: Path) -> Path:
-    """Byte ids (byte + 1; BOS = 0 opens each chunk) of the Gutenberg books, train/val by chunk."""
-    dtype = shards_lib.token_dtype(257)
-    writers = {s: shards_lib.ShardWriter(directory, s, dtype, 2_000_000) for s in shards_lib.SPLITS}
+    """Byte shards of the Gutenberg books in CHUNK-byte documents, every HOLD_OUT_EVERY-th held out."""
     books = sorted((SHARED_DATA / "books_gutenberg").glob("*.txt.gz"))
     if not books:
         raise SystemExit(f"no books under {SHARED_DATA / 'books_gutenberg'} (set LLMRAY_SHARED_DATA)")
-    for book in books:
-        data = gzip.decompress(book.read_bytes())
-        for index, start in enumerate(range(0, len(data), CHUNK)):
-            ids = np.frombuffer(data[start:start + CHUNK], dtype=np.uint8).astype(np.int64) + 1
-            split = "val" if index % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1 else "train"
-            writers[split].add(np.concatenate([[0], ids]), book.name)
-    splits = {s: w.finish() for s, w in writers.items()}
-    runs.write_json(directory / shards_lib.MANIFEST, {
-        "format": shards_lib.FORMAT, "dtype": dtype.name, "byte_order": "little", "vocab_size": 257,
-        "bos_id": 0, "eos_id": None, "pad_id": None, "splits": splits,
-        "source_mixture": shards_lib.source_mixture(splits)})
-    return directory
 
-
-def byte_lengths() -> torch.Tensor:
-    lengths = torch.ones(257, dtype=torch.int64)
-    lengths[0] = 0
-    return lengths
+    def chunks():
+        for book in books:
+            data = gzip.decompress(book.read_bytes())
+            for index, start in enumerate(range(0, len(data), CHUNK)):
+                split = "val" if index % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1 else "train"
+                yield data[start:start + CHUNK], book.name, split
+    return _byte_shards.write_documents(directory, chunks(), 2_000_000)
 
 
 def train_arm(shards: Path, arm: str, seed: int, steps: int) -> list[dict]:
@@ -110,7 +96,7 @@ def train_arm(shards: Path, arm: str, seed: int, steps: int) -> list[dict]:
     def validation():
         return TokenLoader(shards, split="val", seq_len=SEQ, batch_size=BATCH, shuffle=False)
     trainer = Trainer(cfg, model, CausalLM(), data, parallel=ParallelConfig(strategy="none"), val_data=validation,
-                      token_bytes=byte_lengths(), flops_per_token=shape.flops_per_token(SEQ))
+                      token_bytes=_byte_shards.token_bytes(), flops_per_token=shape.flops_per_token(SEQ))
     return trainer.fit().evals
 
 
