@@ -70,9 +70,19 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 class CausalLM(Objective):
-    """Next-token prediction on packed rows: batch (B, T+1) int64 → inputs [:, :-1], targets [:, 1:]."""
+    """Next-token prediction on packed rows: batch (B, T+1) int64 → inputs [:, :-1], targets [:, 1:].
+
+    ``z_loss`` > 0 adds PaLM's auxiliary ``z_loss · logsumexp(logits)²`` per predicted token, which
+    keeps the softmax normalizer near zero (a guard against logit drift in long bf16 runs). It is
+    part of the training loss (and of the logged ``loss``); validation loss and bits per byte are
+    the plain cross-entropy.
+    """
 
     token_targets = True
+    z_loss = 0.0  # subclasses with their own __init__ keep plain cross-entropy
+
+    def __init__(self, z_loss: float = 0.0):
+        self.z_loss = z_loss
 
     def weight(self, batch: torch.Tensor) -> int:
         return batch.shape[0] * (batch.shape[1] - 1)
@@ -85,7 +95,11 @@ class CausalLM(Objective):
         return LossOutput(self.pipeline_loss(model(inputs), targets), self.weight(batch))
 
     def pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return token_cross_entropy(logits, targets).sum()
+        nats = token_cross_entropy(logits, targets)
+        if self.z_loss:
+            normalizer = logits.float().logsumexp(dim=-1)
+            nats = nats + self.z_loss * normalizer.square() * (targets != IGNORE_INDEX)
+        return nats.sum()
 
 
 def bits_per_byte(nats: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor) -> tuple[float, int]:

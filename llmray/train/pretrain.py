@@ -70,6 +70,9 @@ class PretrainTrainConfig(TrainConfig):
         None, doc="token budget per model parameter (Chinchilla's compute-optimal ratio is ~20): steps = "
                   "ceil(tokens_per_param × parameters / tokens per optimizer step), replacing steps; "
                   "null = train for steps", min=0.0)
+    z_loss: float = param(0.0, doc="coefficient of PaLM's z-loss (z_loss·logsumexp(logits)² per token, a "
+                                   "stability aid for long bf16 runs; counted in the logged train loss, not "
+                                   "in validation); 0 = off", min=0.0)
 
     def budget_steps(self, parameters: int, tokens_per_step: int) -> int:
         """Steps of the run: ``steps``, or those the token budget buys (at least one)."""
@@ -175,7 +178,8 @@ def pretrain_job(cfg: PretrainConfig, checkpoint_dir: Path, metrics_path: Path |
                       seed=b.order_seed(cfg.train), verify=cfg.data.verify)
     val = TokenData(cfg.data.tokens, split="val", seq_len=b.seq_len, batch_size=b.micro_batch_size,
                     shuffle=False, verify=cfg.data.verify)
-    return TrainJob(model=FreshModel(model), objective=CausalLM(), train_data=train, val_data=val,
+    return TrainJob(model=FreshModel(model), objective=CausalLM(z_loss=cfg.train.z_loss), train_data=train,
+                    val_data=val,
                     train=dataclasses.replace(cfg.train, steps=steps), parallel=cfg.parallel,
                     execution=cfg.execution, seq_len=b.seq_len,
                     checkpoint_dir=str(checkpoint_dir), export_dir=str(export_dir) if export_dir else None,
