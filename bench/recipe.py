@@ -2,6 +2,7 @@
 
     python bench/recipe.py            # 3 seeds, 300 steps each
     python bench/recipe.py --quick    # 1 seed, 150 steps (under 5 minutes idle)
+    python bench/recipe.py --qk-norm  # the recipe arm with QK-norm (does it help? compare recipe_bpb)
 
 Both arms train a ``depth: 3`` model of the one-knob family (dim 192, 3 heads, 1.4M parameters,
 untied head, RoPE, a vocabulary of 257 byte ids) on the same token shards in the same order
@@ -119,7 +120,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, 150 steps")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--qk-norm", action="store_true", help="the recipe arm with QK-norm (to measure it)")
     args = parser.parse_args()
+    if args.qk_norm:
+        shape, optimizer, schedule = ARMS["recipe"]
+        ARMS["recipe"] = (dataclasses.replace(shape, qk_norm=True), optimizer, schedule)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     steps = args.steps or (150 if args.quick else 300)
     load = LoadWatch(THREADS)
@@ -150,7 +155,8 @@ def main() -> None:
                      "recipe_bpb": [round(v, 4) for v in finals["recipe"]],
                      "tokens_to_baseline_ratio": [None if r is None else round(r, 3) for r in ratios]},
         "spread": {arm: round(max(v) - min(v), 4) for arm, v in finals.items()},
-        "steps": steps, "tokens": steps * BATCH * SEQ, "parameters": {arm: shape.num_params() for arm, (shape, _, _) in ARMS.items()}, "seeds": len(seeds),
+        "steps": steps, "tokens": steps * BATCH * SEQ, "recipe_qk_norm": args.qk_norm,
+        "parameters": {arm: shape.num_params() for arm, (shape, _, _) in ARMS.items()}, "seeds": len(seeds),
         "threads": THREADS, "seconds": seconds, **load.fields()}))
 
 
