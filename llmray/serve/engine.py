@@ -127,11 +127,6 @@ class Engine:
                                   top_k=params.top_k, top_p=params.top_p, stop_tokens=stop_tokens, seed=params.seed)
         return Job(prompt, sampling, params.stop)
 
-    def start(self, jobs: list[Job], batch_size: int) -> "Batch":
-        """``jobs`` admitted together: planned into cache groups, their decoders ready to step."""
-        return Batch(self, jobs, batch_size)
-
-
 class Batch:
     """Jobs admitted at one step: their cache groups and answers so far.
 
@@ -234,13 +229,14 @@ class Scheduler:
         """Start a batch of the pending requests that fit in the free rows. (Holding them back
         until they fill the free rows, for fewer forward passes per step, measured slower:
         181 vs 215 tokens/s in ``bench/serve_load.py``.)"""
-        room = self.max_rows - self._rows_in_flight()
+        in_flight = self._rows_in_flight()
+        room = self.max_rows - in_flight
         admitted, self._pending = self._pending[:room], self._pending[room:]
         if not admitted:
             return
         queues = [queue for _, queue in admitted]
         try:
-            batch = self.engine.start([job for job, _ in admitted], self._rows_in_flight() + len(admitted))
+            batch = Batch(self.engine, [job for job, _ in admitted], in_flight + len(admitted))
         except Exception as exc:  # noqa: BLE001 - the requests get the error; the loop serves others
             for queue in queues:
                 queue.put_nowait(exc)
