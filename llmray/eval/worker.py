@@ -65,7 +65,6 @@ class PackedLayout:
 
     def __init__(self, packed: PackedRows):
         self.packed = packed
-        self.layers = _Unstored()
 
     def positions(self, new: int) -> torch.Tensor:
         return self.packed.positions
@@ -83,15 +82,12 @@ class PackedLayout:
     def advance(self, new: int) -> None:
         pass
 
-
-class _Unstored:
-    """Every layer's "cache": hands the new keys and values straight back."""
-
-    def __getitem__(self, name: str) -> "_Unstored":
-        return self
+    def layer(self, name: str) -> "PackedLayout":
+        return self  # every layer's "cache": nothing stored
 
     @staticmethod
     def update(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new keys and values straight back: the packed rows are all there is to attend to."""
         return k, v
 
 

@@ -3,17 +3,19 @@
 Design choices:
 
 * The prompt is run once through the model, filling the KV cache; each later step feeds only the
-  newest token (B, 1). Prompts of different lengths are left-padded; the cache masks the padding
-  and counts RoPE positions per row, so a row's tokens do not depend on what it is batched with
-  (tested against one-at-a-time decoding).
+  newest token (B, 1). Every row of the cache is its own sequence with its own length and RoPE
+  positions (prompts are right-padded for the prefill, and padding is never attended), so a
+  row's tokens do not depend on what it is batched with (tested against one-at-a-time decoding).
+* :class:`Decoder` is the engine: rows join (prefilled while the others continue) and leave
+  between steps, all in one forward pass per step. A server keeps one for its lifetime;
+  :func:`stream` runs one batch of prompts through a decoder of their own.
 * ``temperature == 0`` is greedy (argmax): deterministic, and equal to recomputing the full
   sequence at every step (tested for 64 tokens). Otherwise logits are divided by the
   temperature, then top-k and top-p (nucleus) filtering keep the most likely tokens, and a token
   is drawn with ``torch.multinomial`` from an optional seeded generator.
-* A row stops at its first stop token (which it still emits) or after ``max_new_tokens``; a
-  finished row then yields ``-1`` until every row has finished. The length is also capped by the
-  model's ``max_seq_len``: the cache holds ``longest prompt + steps`` slots (see
-  :func:`batch_fits`).
+* A row stops at its first stop token (which it still emits) or after ``max_new_tokens``, capped
+  by the model's ``max_seq_len`` for its own prompt; in :func:`stream` a finished row then yields
+  ``-1`` until every row has finished.
 * One :class:`SamplingConfig` applies to every row (one seeded generator for the batch), or a
   list gives each row its own settings: budget, stop tokens, temperature/top-k/top-p and seed.
   This is how a server decodes unrelated requests together. A row with its own seed draws from
@@ -82,48 +84,129 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
 Sampling = SamplingConfig | Sequence[SamplingConfig]
 
 
-def batch_fits(prompt_lengths: Sequence[int], budgets: Sequence[int], max_seq_len: int) -> bool:
-    """Whether prompts decoded together each get their whole budget: left padding makes the batch
-    one cache of ``longest prompt + largest budget`` slots, which may not exceed ``max_seq_len``."""
-    return max(prompt_lengths) + max(budgets) <= max_seq_len
+@dataclass(eq=False)
+class Row:
+    """One sequence being decoded by a :class:`Decoder`: its prompt, settings and progress."""
 
-
-@dataclass
-class _RowGroup:
-    """Rows sampled with one call: the same settings and the same random generator."""
-
-    rows: slice | torch.Tensor
+    prompt: list[int]
     cfg: SamplingConfig
-    generator: torch.Generator | None
+    generator: torch.Generator | None  # None: torch's global RNG (or greedy)
+    budget: int  # tokens it may generate: its max_new_tokens, capped by the model's max_seq_len
+    generated: int = 0
+    finished: bool = False  # by a stop token, its budget, or :meth:`Decoder.finish`
+    last_token: int = FINISHED  # fed to the model at the next step
+
+    def sampling_key(self) -> tuple:
+        """Rows with equal keys are sampled with one call (greedy rows, or one shared generator)."""
+        if self.cfg.temperature == 0.0:
+            return ("greedy",)
+        return (id(self.generator), self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
 
 
-def _row_groups(cfg: Sampling, configs: list[SamplingConfig], device: torch.device) -> list[_RowGroup]:
-    def generator(seed: int | None) -> torch.Generator | None:
-        return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+class Decoder:
+    """Sequences decoding side by side in one KV cache; they join and leave between steps.
 
-    if isinstance(cfg, SamplingConfig):
-        return [_RowGroup(slice(None), cfg, generator(cfg.seed))]
-    members: dict[tuple, list[int]] = {}
-    for row, row_cfg in enumerate(configs):
-        if row_cfg.temperature == 0.0:
-            key: tuple = ("greedy",)
-        elif row_cfg.seed is not None:
-            key = ("seeded", row)
-        else:
-            key = (row_cfg.temperature, row_cfg.top_k, row_cfg.top_p)
-        members.setdefault(key, []).append(row)
-    return [_RowGroup(torch.tensor(rows, device=device), configs[rows[0]],
-                      generator(configs[rows[0]].seed if key[0] == "seeded" else None))
-            for key, rows in members.items()]
+    :meth:`add` queues a prompt; each :meth:`step` drops the finished rows (later rows move
+    into freed ones, so the rows in use stay contiguous), feeds every continuing row its last
+    token in one forward pass, prefills the rows added since the last step (right-padded, in a
+    second pass) and samples one token per row. Every row has its own slots and positions, so
+    its tokens do not depend on what it decodes with. The cache grows (doubling, at most
+    ``max_seq_len`` slots) as longer requests arrive.
+    """
+
+    def __init__(self, model: Transformer, max_rows: int, max_len: int = 64) -> None:
+        self.model = model
+        self.max_rows = max_rows
+        self.cache = model.new_cache(max_rows, min(max_len, model.cfg.max_seq_len))
+        self.rows: list[Row] = []  # self.rows[i] lives in cache row i
+        self._added: list[Row] = []  # queued, prefilled at the next step
+
+    @property
+    def free_rows(self) -> int:
+        return self.max_rows - len(self.rows) - len(self._added)
+
+    def add(self, prompt: list[int], cfg: SamplingConfig, generator: torch.Generator | None = None) -> Row:
+        """Queue a prompt; it is prefilled and gets its first token at the next :meth:`step`.
+        Without ``generator`` a seeded ``cfg`` gets its own."""
+        if not prompt:
+            raise ValueError("every prompt needs at least one token")
+        room = self.model.cfg.max_seq_len - len(prompt)
+        if room <= 0:
+            raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room to generate within "
+                             f"max_seq_len ({self.model.cfg.max_seq_len})")
+        if self.free_rows == 0:
+            raise ValueError(f"all {self.max_rows} rows of the decoder are in use")
+        if generator is None and cfg.seed is not None and cfg.temperature > 0.0:
+            generator = torch.Generator(device=self.cache.device).manual_seed(cfg.seed)
+        row = Row(list(prompt), cfg, generator, min(cfg.max_new_tokens, room))
+        self._added.append(row)
+        return row
+
+    def finish(self, row: Row) -> None:
+        """Stop decoding ``row``: it costs nothing from the next step on."""
+        row.finished = True
+        if row in self._added:
+            self._added.remove(row)
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[Row, int]]:
+        """One token for every row still decoding, in row order; [] when none is."""
+        self._drop_finished()
+        logits = []
+        if self.rows:
+            fed = torch.tensor([[row.last_token] for row in self.rows], device=self.cache.device)
+            logits.append(self.model(fed, cache=self.cache.rows(0, len(self.rows)))[:, -1])
+        if self._added:
+            logits.append(self._prefill(self._added))
+            self.rows += self._added
+            self._added = []
+        if not self.rows:
+            return []
+        tokens = _sample_rows(torch.cat(logits), self.rows).tolist()
+        for row, token in zip(self.rows, tokens):
+            row.last_token = token
+            row.generated += 1
+            row.finished = row.finished or token in row.cfg.stop_tokens or row.generated >= row.budget
+        return list(zip(self.rows, tokens))
+
+    def _drop_finished(self) -> None:
+        kept = [row for row in self.rows if not row.finished]
+        for target, row in enumerate(kept):
+            source = self.rows.index(row)
+            if source != target:
+                self.cache.move_row(source, target)
+                self.rows[target] = row
+        self.rows = kept
+
+    def _prefill(self, added: list[Row]) -> torch.Tensor:
+        """Run the new rows' prompts into the rows after the continuing ones; their last logits (N, V)."""
+        start = len(self.rows)
+        lengths = [len(row.prompt) for row in added]
+        needed = max(len(row.prompt) + row.budget for row in added)
+        if needed > self.cache.max_len:
+            self.cache.grow(min(max(needed, 2 * self.cache.max_len), self.model.cfg.max_seq_len))
+        for index in range(start, start + len(added)):
+            self.cache.reset_row(index)
+        longest = max(lengths)
+        tokens = torch.tensor([row.prompt + [0] * (longest - len(row.prompt)) for row in added],
+                              device=self.cache.device)  # right-padded: the padding is never attended
+        out = self.model(tokens, cache=self.cache.rows(start, start + len(added)))  # (N, T, V)
+        for index, length in enumerate(lengths):
+            self.cache.lengths[start + index] = length
+        return out[torch.arange(len(added)), torch.tensor(lengths) - 1]
 
 
-def _sample_rows(logits: torch.Tensor, groups: list[_RowGroup]) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V), each group of rows with its own settings."""
-    if len(groups) == 1 and isinstance(groups[0].rows, slice):
-        return sample(logits, groups[0].cfg, groups[0].generator)
+def _sample_rows(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V): rows with one sampling key in one call."""
+    groups: dict[tuple, list[int]] = {}
+    for index, row in enumerate(rows):
+        groups.setdefault(row.sampling_key(), []).append(index)
+    if len(groups) == 1:
+        return sample(logits, rows[0].cfg, rows[0].generator)
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    for group in groups:
-        tokens[group.rows] = sample(logits[group.rows], group.cfg, group.generator)
+    for members in groups.values():
+        index = torch.tensor(members, device=logits.device)
+        tokens[index] = sample(logits[index], rows[members[0]].cfg, rows[members[0]].generator)
     return tokens
 
 
@@ -136,42 +219,32 @@ def _row_configs(cfg: Sampling, batch: int) -> list[SamplingConfig]:
     return configs
 
 
-@torch.no_grad()
 def stream(model: Transformer, prompts: list[list[int]],
            cfg: Sampling) -> Generator[torch.Tensor, torch.Tensor | None, None]:
     """Yield the next token of every row, (B,) long, step by step; finished rows yield -1.
 
-    ``cfg`` is one config for all rows or one per row. ``send`` a (B,) bool tensor to finish the
-    marked rows early.
+    ``cfg`` is one config for all rows (seeded: one generator for the batch) or one per row.
+    ``send`` a (B,) bool tensor to finish the marked rows early.
     """
+    configs = _row_configs(cfg, len(prompts))
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    configs = _row_configs(cfg, len(prompts))
-    device = next(model.parameters()).device
-    longest = max(len(p) for p in prompts)
-    steps = min(max(c.max_new_tokens for c in configs), model.cfg.max_seq_len - longest)
-    if steps <= 0:
-        raise ValueError(f"a prompt of {longest} tokens leaves no room to generate within "
-                         f"max_seq_len ({model.cfg.max_seq_len})")
-    pad = torch.tensor([longest - len(p) for p in prompts])
-    tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)  # (B, T)
-    groups = _row_groups(cfg, configs, device)
-    budgets = torch.tensor([c.max_new_tokens for c in configs], device=device)  # (B,)
-    width = max(len(c.stop_tokens) for c in configs)
-    stop = torch.tensor([list(c.stop_tokens) + [FINISHED] * (width - len(c.stop_tokens)) for c in configs],
-                        dtype=torch.long, device=device).reshape(len(configs), width)  # (B, K), -1 = none
-    cache = model.new_cache(len(prompts), longest + steps, pad)
-    logits = model(tokens, cache=cache)[:, -1]  # (B, V)
-    active = torch.ones(len(prompts), dtype=torch.bool, device=device)
-    for step in range(steps):
-        next_tokens = torch.where(active, _sample_rows(logits, groups), FINISHED)  # (B,)
-        finish = yield next_tokens
-        active &= ~(next_tokens[:, None] == stop).any(dim=-1) & (budgets > step + 1)
-        if finish is not None:
-            active &= ~finish.to(device)
-        if step == steps - 1 or not active.any():
+    shared = None
+    if isinstance(cfg, SamplingConfig) and cfg.seed is not None and cfg.temperature > 0.0:
+        shared = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    decoder = Decoder(model, len(prompts), max(len(p) + c.max_new_tokens for p, c in zip(prompts, configs)))
+    rows = [decoder.add(prompt, row_cfg, shared) for prompt, row_cfg in zip(prompts, configs)]
+    while True:
+        stepped = dict(decoder.step())
+        if not stepped:
             return
-        logits = model(next_tokens.clamp(min=0)[:, None], cache=cache)[:, -1]
+        finish = yield torch.tensor([stepped.get(row, FINISHED) for row in rows])
+        if finish is not None:
+            for row, done in zip(rows, finish.tolist()):
+                if done:
+                    decoder.finish(row)
+        if all(row.finished for row in rows):
+            return
 
 
 def generate(model: Transformer, prompts: list[list[int]], cfg: Sampling) -> list[list[int]]:

@@ -15,7 +15,7 @@ Design choices, all of them in this one file:
   ``F.scaled_dot_product_attention(enable_gqa=True)`` (no copies of k/v).
 * Training attention uses ``is_causal=True`` (flash / memory-efficient kernels on GPU). An explicit
   boolean mask is built only for sliding-window attention longer than the window, for
-  KV-cache decoding (queries at an offset, left-padded rows), and for rows packing several
+  KV-cache decoding (queries at an offset, rows at their own lengths), and for rows packing several
   documents (``segment_ids``: block-diagonal causal mask, positions restart per document).
 * Optional QK-norm: an RMSNorm over each query and key head (one weight vector of ``head_dim``
   shared by all heads) before RoPE, as in Qwen3.
@@ -147,14 +147,35 @@ def document_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     return index - torch.where(starts, index, 0).cummax(dim=1).values
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` (no bias here) whose few-row inference products on CPU run as ``(W·xᵀ)ᵀ``.
+
+    MKL's fp32 GEMM ``x·Wᵀ`` falls off a cliff between 16 and ~56 rows: a decode step of 16
+    requests through ``cpu-small``'s shapes took 3.9 ms of GEMM as ``x·Wᵀ`` and 2.0 ms as
+    ``(W·xᵀ)ᵀ`` (2 threads, Intel Xeon, AVX-512; below 16 and from 56 rows the plain product is
+    as fast or faster). Same arithmetic, so only the speed changes; training (autograd), sharded
+    weights (DTensor) and other devices always take the plain path.
+    """
+
+    SKINNY_ROWS = range(16, 56)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if (rows in self.SKINNY_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and type(self.weight) is nn.Parameter and self.bias is None):
+            product = torch.mm(self.weight, x.reshape(rows, self.in_features).t())  # (out, rows)
+            return product.t().contiguous().view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
@@ -190,9 +211,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False)  # gate (GELU: up)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False) if cfg.mlp == "swiglu" else None  # up
-        self.w2 = nn.Linear(cfg.ffn_hidden_dim, cfg.dim, bias=False)  # down (residual output)
+        self.w1 = Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False)  # gate (GELU: up)
+        self.w3 = Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False) if cfg.mlp == "swiglu" else None  # up
+        self.w2 = Linear(cfg.ffn_hidden_dim, cfg.dim, bias=False)  # down (residual output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w3 is None:
@@ -231,57 +252,120 @@ class TransformerBlock(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 class KVCache:
-    """Keys and values of every layer for a batch being decoded, in slots filled left to right.
+    """Keys and values of every layer for rows that are each their own sequence, at their own length.
 
-    Row ``b`` of a batch of unequal prompts is left-padded by ``pad[b]`` slots. Padding slots are
-    never attended to and RoPE positions count from a row's first real token, so every row
-    computes what it would compute alone. The sliding window is applied to slot distances, which
-    equal position distances because padding only ever sits on the left.
+    Row ``b`` holds its tokens in slots ``0 … lengths[b]-1``, so its RoPE positions are its slot
+    indices and the sliding window applies to slot distances. Rows never see each other: a server
+    decodes unrelated requests side by side, prefills a newcomer into a free row while the others
+    continue, and moves a row into a finished one's place (:meth:`move_row`), all in one cache.
+    The model reads and writes a contiguous range of rows at a time (:meth:`rows`).
+    Lengths are kept on the host as well, so sizing the attended slots never waits for the device.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, layer_names: list[str],
-                 device: torch.device | str, dtype: torch.dtype, pad: torch.Tensor | None = None):
+                 device: torch.device | str, dtype: torch.dtype):
         if max_len > cfg.max_seq_len:
             raise ValueError(f"KV cache of {max_len} slots exceeds max_seq_len ({cfg.max_seq_len})")
+        self.cfg, self.batch_size, self.max_len = cfg, batch_size, max_len
+        self.device, self.dtype = torch.device(device), dtype
+        self.layer_names = layer_names
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.layers = {name: LayerCache(self, torch.zeros(shape, device=device, dtype=dtype),
-                                        torch.zeros(shape, device=device, dtype=dtype))
-                       for name in layer_names}
-        self.pad = (torch.zeros(batch_size, dtype=torch.long) if pad is None else pad).to(device)
+        self.keys = {name: torch.zeros(shape, device=device, dtype=dtype) for name in layer_names}
+        self.values = {name: torch.zeros(shape, device=device, dtype=dtype) for name in layer_names}
+        self.lengths = [0] * batch_size  # slots filled, per row
+
+    def rows(self, start: int = 0, stop: int | None = None) -> "CacheRows":
+        """The rows ``start … stop-1`` (all by default), as the model reads and writes them."""
+        return CacheRows(self, start, self.batch_size if stop is None else stop)
+
+    def grow(self, max_len: int) -> None:
+        """Room for ``max_len`` slots per row (kept contents), at most the model's ``max_seq_len``."""
+        if max_len <= self.max_len:
+            return
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"KV cache of {max_len} slots exceeds max_seq_len ({self.cfg.max_seq_len})")
+        for store in (self.keys, self.values):
+            for name, old in store.items():
+                store[name] = torch.zeros(*old.shape[:2], max_len, old.shape[3], device=self.device, dtype=self.dtype)
+                store[name][:, :, :self.max_len] = old
         self.max_len = max_len
-        self.length = 0  # slots filled so far, the same for every row
+
+    def move_row(self, source: int, target: int) -> None:
+        """Put row ``source``'s sequence in row ``target`` (whose sequence is dropped)."""
+        filled = self.lengths[source]
+        for store in (self.keys, self.values):
+            for tensor in store.values():
+                tensor[target, :, :filled] = tensor[source, :, :filled]
+        self.lengths[target] = filled
+
+    def reset_row(self, row: int) -> None:
+        """Empty row ``row`` for a new sequence."""
+        self.lengths[row] = 0
+
+
+class CacheRows:
+    """A contiguous range of a :class:`KVCache`'s rows: what one forward pass reads and extends."""
+
+    def __init__(self, cache: KVCache, start: int, stop: int):
+        self.cache, self.start, self.stop = cache, start, stop
+        self._lengths = cache.lengths[start:stop]
+        self._length_tensor = torch.tensor(self._lengths, device=cache.device)  # (B,)
 
     def positions(self, new: int) -> torch.Tensor:
-        """(B, T) RoPE positions of the next ``new`` slots."""
-        slots = torch.arange(self.length, self.length + new, device=self.pad.device)
-        return (slots[None, :] - self.pad[:, None]).clamp(min=0)
+        """(B, T) RoPE positions of the next ``new`` slots of each row."""
+        return self._length_tensor[:, None] + torch.arange(new, device=self.cache.device)[None, :]
+
+    def attended(self, new: int) -> int:
+        """S: slots the next ``new`` queries attend over (the longest row's, these included)."""
+        return max(self._lengths) + new
 
     def mask(self, new: int, window: int | None) -> torch.Tensor:
-        """(B, 1, T, S) bool: which filled slots each of the next ``new`` queries may attend to."""
-        q = torch.arange(self.length, self.length + new, device=self.pad.device)[None, :, None]
-        k = torch.arange(self.length + new, device=self.pad.device)[None, None, :]
-        allowed = (k <= q) & (k >= self.pad[:, None, None])  # (B, T, S)
+        """(B, 1, T, S) bool: the slots each of the next ``new`` queries may attend to, its own
+        earlier ones and itself (inside the window). Slots past a row's length are never seen."""
+        q = self.positions(new)[:, :, None]  # (B, T, 1)
+        k = torch.arange(self.attended(new), device=self.cache.device)[None, None, :]
+        allowed = k <= q
         if window is not None:
             allowed &= q - k < window
-        allowed |= k == q  # a padding query sees itself, so its (unused) output stays finite
         return allowed[:, None]
 
+    def update(self, name: str, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v (B, KV, T, D) after each row's filled slots; return every attended
+        slot (B, KV, S, D)."""
+        new = k.shape[2]
+        end = self.attended(new)
+        if end > self.cache.max_len:
+            raise ValueError(f"KV cache full: {end} slots needed, {self.cache.max_len} allocated")
+        keys = self.cache.keys[name][self.start:self.stop]
+        values = self.cache.values[name][self.start:self.stop]
+        if len(set(self._lengths)) == 1:  # every row at the same length: one slice write
+            at = self._lengths[0]
+            keys[:, :, at:at + new] = k
+            values[:, :, at:at + new] = v
+        else:
+            rows = torch.arange(len(self._lengths), device=self.cache.device)[:, None]  # (B, 1)
+            slots = self.positions(new)  # (B, T)
+            keys[rows, :, slots] = k.transpose(1, 2)  # indexed as (B, T, KV, D)
+            values[rows, :, slots] = v.transpose(1, 2)
+        return keys[:, :, :end], values[:, :, :end]
+
+    def layer(self, name: str) -> "LayerCache":
+        return LayerCache(self, name)
+
     def advance(self, new: int) -> None:
-        self.length += new
+        """Count ``new`` more filled slots in every row of the range."""
+        for row in range(self.start, self.stop):
+            self.cache.lengths[row] += new
 
 
 class LayerCache:
-    def __init__(self, owner: KVCache, keys: torch.Tensor, values: torch.Tensor):
-        self.owner, self.keys, self.values = owner, keys, values  # (B, KV, max_len, D)
+    """One layer's view of a :class:`CacheRows`: the attention stores and reads its k, v here."""
+
+    def __init__(self, rows: CacheRows, name: str):
+        self.rows, self.name = rows, name
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start = self.owner.length
-        end = start + k.shape[2]
-        if end > self.owner.max_len:
-            raise ValueError(f"KV cache full: {end} slots needed, {self.owner.max_len} allocated")
-        self.keys[:, :, start:end] = k
-        self.values[:, :, start:end] = v
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        return self.rows.update(self.name, k, v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +379,7 @@ class Transformer(nn.Module):
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | LayerNorm | None = block_norm(cfg)
-        self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output: nn.Linear | None = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -321,22 +405,23 @@ class Transformer(nn.Module):
         if self.output is not None and not self.cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, mean=0.0, std=std)
 
-    def new_cache(self, batch_size: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache for this model's layers, on its device and in its dtype."""
         weight = next(self.parameters())
-        return KVCache(self.cfg, batch_size, max_len, list(self.layers.keys()), weight.device,
-                       weight.dtype, pad)
+        return KVCache(self.cfg, batch_size, max_len, list(self.layers.keys()), weight.device, weight.dtype)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+    def forward(self, tokens: torch.Tensor, cache: KVCache | CacheRows | None = None,
                 return_hidden: bool = False, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) ids → logits (B, T, V).
 
         A pipeline stage without ``tok_embeddings`` takes hidden states (B, T, dim) instead, and
         one without ``output`` returns hidden states. ``return_hidden`` returns the final-normed
         hidden states (B, T, dim) instead of logits (for chunked losses or value heads).
-        With ``cache`` the tokens continue the cached sequence and their keys/values are
-        appended to it. ``segment_ids`` (B, T) marks documents packed into one row (SFT packing):
-        each attends only to itself and counts positions from its own start.
+        With ``cache`` (a whole :class:`KVCache`, a range of its rows, or anything with their
+        ``positions``/``mask``/``layer``/``advance``, as eval's packed layout) row ``b`` of the
+        tokens continues the cached sequence of that row and its keys/values are appended to it.
+        ``segment_ids`` (B, T) marks documents packed into one row (SFT packing): each attends
+        only to itself and counts positions from its own start.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, dim)
         T = h.shape[1]
@@ -349,12 +434,14 @@ class Transformer(nn.Module):
             if segment_ids is not None:
                 positions, mask = document_positions(segment_ids), document_mask(segment_ids, window)
         else:
+            if isinstance(cache, KVCache):
+                cache = cache.rows()
             positions = cache.positions(T)  # (B, T)
             mask = cache.mask(T, self.cfg.sliding_window)  # (B, 1, T, S)
         cos, sin = rope_rotation(self.cfg, positions)  # each (B or 1, T, D/2)
         rope = (cos[:, None], sin[:, None])  # broadcast over heads
         for name, layer in self.layers.items():
-            h = layer(h, rope, mask, cache.layers[name] if cache is not None else None)
+            h = layer(h, rope, mask, cache.layer(name) if cache is not None else None)
         if cache is not None:
             cache.advance(T)
         if self.norm is not None:

@@ -2,23 +2,20 @@
 
 Why this shape:
 
-* Continuous batching (:class:`Scheduler`): one decoding loop per replica; requests that arrive
-  while it runs join at the next step as a new :class:`Batch`, so nobody waits for a whole batch
-  to end. A batch's requests decode in lock step through :func:`llmray.model.generate.stream`
-  with one :class:`SamplingConfig` per request (budget, stop tokens, temperature/top-p/top-k,
-  seed), so each request gets the tokens it would get alone: prompts are left-padded with per-row
-  positions, seeded rows draw from their own generators.
-* A batch's KV cache holds ``longest prompt + largest budget`` slots and may not exceed
-  ``max_seq_len``; requests that do not fit together are split into groups (first fit, longest
-  prompt first) stepped in turn, so no request is ever cut short by its neighbours.
+* Continuous batching (:class:`Scheduler`): one :class:`llmray.model.generate.Decoder` per
+  replica, one forward pass per step for every request in flight. A request that arrives while
+  it runs is prefilled at the next step and decodes alongside the others; a finished one frees
+  its row at once. Each request has its own cache row, positions, :class:`SamplingConfig`
+  (budget, stop tokens, temperature/top-p/top-k, seed) and generator, so it gets the tokens it
+  would get alone, and its budget is capped only by its own prompt and ``max_seq_len``.
 * Model steps run in a worker thread: the replica's event loop keeps accepting requests (they
   join at the next step) and streaming text while the model computes.
 * Prompts use the export's own formats: raw text opens with BOS and ends at EOS/BOS, as
   ``llmray generate``; chat is rendered by :class:`llmray.tokenizer.chat.ChatTemplate` and ends at
   ``<|end|>``/EOS, as ``llmray chat``. Special-token text in a prompt stays text.
 * Stop strings are matched on the decoded text; while streaming, text that could still become a
-  stop string is held back. A row whose text hit one, or whose client left, is finished early
-  by sending a mask into the stream, so it stops costing compute at the next step.
+  stop string is held back. A row whose text hit one, or whose client left, is finished in the
+  decoder, so it stops costing compute at the next step.
 * No Ray here: the engine runs and is tested in-process.
 """
 
@@ -27,13 +24,13 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Generator, Sequence
+from typing import AsyncIterator, Sequence
 
 import torch
 
 from llmray.eval.worker import cut_at_stop
 from llmray.model import hf
-from llmray.model.generate import SamplingConfig, batch_fits, document_prompt, document_stop_tokens, stream
+from llmray.model.generate import Decoder, Row, SamplingConfig, document_prompt, document_stop_tokens
 from llmray.model.generate_cli import TextStream
 from llmray.serve.openai_schema import GenerationParams, RequestError
 from llmray.tokenizer.chat import ChatFormatError, ChatTemplate
@@ -60,21 +57,6 @@ class Delta:
     finish_reason: str | None  # on the last delta: "stop" (stop token or string) or "length"
     completion_tokens: int  # generated so far, a final stop token included
     batch_size: int  # requests in flight (stepped together) when this one was admitted, itself included
-
-
-def plan_groups(prompt_lengths: Sequence[int], budgets: Sequence[int], max_seq_len: int) -> list[list[int]]:
-    """Indices of requests to decode together, first fit with the longest prompt first, so that
-    every group's KV cache fits (:func:`llmray.model.generate.batch_fits`)."""
-    groups: list[list[int]] = []
-    for index in sorted(range(len(prompt_lengths)), key=lambda i: -prompt_lengths[i]):
-        for group in groups:
-            members = group + [index]
-            if batch_fits([prompt_lengths[i] for i in members], [budgets[i] for i in members], max_seq_len):
-                group.append(index)
-                break
-        else:
-            groups.append([index])
-    return [sorted(group) for group in groups]
 
 
 class Engine:
@@ -127,81 +109,20 @@ class Engine:
                                   top_k=params.top_k, top_p=params.top_p, stop_tokens=stop_tokens, seed=params.seed)
         return Job(prompt, sampling, params.stop)
 
-class Batch:
-    """Jobs admitted at one step: their cache groups and answers so far.
-
-    :meth:`step` runs the model (in a worker thread), :meth:`deltas` turns its tokens into text
-    (on the event loop). A group's rows stay allocated until every row of it has finished.
-    """
-
-    def __init__(self, engine: Engine, jobs: list[Job], batch_size: int) -> None:
-        self.jobs = jobs
-        self.progress = [_Progress(job, engine.tokenizer, batch_size) for job in jobs]
-        plan = plan_groups([len(job.prompt) for job in jobs], [job.sampling.max_new_tokens for job in jobs],
-                           engine.max_seq_len)
-        self.groups = [_Group(rows, stream(engine.model, [jobs[i].prompt for i in rows],
-                                           [jobs[i].sampling for i in rows])) for rows in plan]
-
-    @property
-    def finished(self) -> bool:
-        return not self.groups
-
-    def step(self) -> list[list[int] | None]:
-        """One model step of every group: its rows' tokens, None for a group that ended."""
-        stepped: list[list[int] | None] = []
-        for group in self.groups:
-            try:
-                if group.started:
-                    tokens = group.decoder.send(torch.tensor([self.progress[i].finished for i in group.rows]))
-                else:
-                    tokens, group.started = next(group.decoder), True
-                stepped.append(tokens.tolist())
-            except StopIteration:
-                stepped.append(None)
-        return stepped
-
-    def deltas(self, stepped: list[list[int] | None]) -> list[Delta | None]:
-        """Each job's :class:`Delta` of this step (``None`` for jobs finished before it); groups
-        whose rows have all finished are closed."""
-        deltas: list[Delta | None] = [None] * len(self.jobs)
-        for group, tokens in zip(self.groups, stepped, strict=True):
-            for row, index in enumerate(group.rows):
-                if not self.progress[index].finished:
-                    deltas[index] = self.progress[index].end("length") if tokens is None \
-                        else self.progress[index].push(tokens[row])
-        for group in [g for g in self.groups if all(self.progress[i].finished for i in g.rows)]:
-            group.decoder.close()
-            self.groups.remove(group)
-        return deltas
-
-    def close(self) -> None:
-        for group in self.groups:
-            group.decoder.close()
-        self.groups = []
-
-
-@dataclass
-class _Group:
-    rows: list[int]  # indices into the batch's jobs
-    decoder: Generator[torch.Tensor, torch.Tensor | None, None]
-    started: bool = False
-
-
 class Scheduler:
     """Continuous batching: requests join the decoding at the next step, not after the current batch.
 
-    One loop per replica steps every admitted batch together. Requests that arrive while it runs
-    are admitted at the next step boundary as a new batch (their own cache groups), up to
-    ``max_rows`` requests in flight; an idle loop waits ``wait_s`` for a burst to gather first.
-    With batch-at-a-time decoding a request arriving mid-batch waited for the whole batch (up to
-    ``max_tokens`` steps) and batches fragmented under a steady stream of requests.
-    A failing step fails every request in flight with its error; the loop goes on for new ones.
+    One loop per replica steps every request in flight together, up to ``max_rows`` of them;
+    requests beyond that wait for a free row. An idle loop waits ``wait_s`` for a burst to gather
+    first, so it is prefilled in one pass. A failing step fails every request in flight with its
+    error; the loop goes on for new ones with a fresh decoder.
     """
 
     def __init__(self, engine: Engine, max_rows: int, wait_s: float) -> None:
         self.engine, self.max_rows, self.wait_s = engine, max_rows, wait_s
+        self._decoder = Decoder(engine.model, max_rows)
         self._pending: list[tuple[Job, asyncio.Queue]] = []
-        self._running: list[tuple[Batch, list[asyncio.Queue]]] = []
+        self._running: dict[Row, tuple[_Progress, asyncio.Queue]] = {}
         self._loop: asyncio.Task | None = None
 
     async def submit(self, job: Job) -> AsyncIterator[Delta]:
@@ -222,47 +143,43 @@ class Scheduler:
             if not finished:
                 job.cancel()  # its row stops decoding at the next step
 
-    def _rows_in_flight(self) -> int:
-        return sum(len(batch.jobs) for batch, _ in self._running)
-
     def _admit(self) -> None:
-        """Start a batch of the pending requests that fit in the free rows. (Holding them back
-        until they fill the free rows, for fewer forward passes per step, measured slower:
-        181 vs 215 tokens/s in ``bench/serve_load.py``.)"""
-        in_flight = self._rows_in_flight()
-        room = self.max_rows - in_flight
-        admitted, self._pending = self._pending[:room], self._pending[room:]
-        if not admitted:
-            return
-        queues = [queue for _, queue in admitted]
-        try:
-            batch = Batch(self.engine, [job for job, _ in admitted], in_flight + len(admitted))
-        except Exception as exc:  # noqa: BLE001 - the requests get the error; the loop serves others
-            for queue in queues:
+        """Give free rows to waiting requests; drop the rows of requests whose client left."""
+        for row, (progress, _) in list(self._running.items()):
+            if progress.finished:
+                self._decoder.finish(row)
+                del self._running[row]
+        admitted = []
+        while self._pending and self._decoder.free_rows:
+            job, queue = self._pending.pop(0)
+            try:
+                admitted.append((self._decoder.add(job.prompt, job.sampling), job, queue))
+            except ValueError as exc:  # the request gets the error; the loop serves others
                 queue.put_nowait(exc)
-            return
-        self._running.append((batch, queues))
+        in_flight = len(self._running) + len(admitted)
+        for row, job, queue in admitted:
+            self._running[row] = (_Progress(job, self.engine.tokenizer, in_flight), queue)
 
     async def _decode(self) -> None:
-        await asyncio.sleep(self.wait_s)  # let a burst of requests gather into the first batch
+        await asyncio.sleep(self.wait_s)  # let a burst of requests gather into the first prefill
         while self._pending or self._running:
             self._admit()
-            batches = [batch for batch, _ in self._running]
             try:
-                stepped = await asyncio.to_thread(lambda: [batch.step() for batch in batches])
+                stepped = await asyncio.to_thread(self._decoder.step)
             except Exception as exc:  # noqa: BLE001 - fail the requests in flight, keep serving
-                for batch, queues in self._running:
-                    batch.close()
-                    for queue in queues:
-                        queue.put_nowait(exc)
-                self._running = []
+                for _, queue in self._running.values():
+                    queue.put_nowait(exc)
+                self._running = {}
+                self._decoder = Decoder(self.engine.model, self.max_rows)
                 continue
-            for (batch, queues), tokens in zip(list(self._running), stepped, strict=True):
-                for queue, delta in zip(queues, batch.deltas(tokens), strict=True):
-                    if delta is not None:
-                        queue.put_nowait(delta)
-                if batch.finished:
-                    self._running.remove((batch, queues))
+            for row, token in stepped:
+                progress, queue = self._running[row]
+                if progress.finished:  # its client left during the step
+                    continue
+                queue.put_nowait(progress.push(token))
+                if progress.finished:
+                    self._decoder.finish(row)
+                    del self._running[row]
 
 
 class _Progress:

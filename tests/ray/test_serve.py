@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 from llmray import cli
 from llmray.model import hf
 from llmray.model.generate import SamplingConfig, document_prompt, document_stop_tokens, generate
-from llmray.serve.engine import Engine, Scheduler, plan_groups
+from llmray.serve.engine import Engine, Scheduler
 from llmray.serve.openai_schema import GenerationParams
 from llmray.serve.options import ServeOptions
 from llmray.serve.security import ServeSecurityError, is_loopback
@@ -84,13 +84,13 @@ def test_engine_stops_at_end_of_turn_stop_strings_and_budget_without_showing_a_s
     assert {d.batch_size for d in chat_answer + raw + cut} == {3}
 
 
-def test_requests_that_cannot_share_a_cache_are_split_never_cut():
+def test_a_long_prompt_and_a_long_budget_decode_together_and_neither_is_cut():
+    """40 + 50 slots exceed max_seq_len (64), but each request has its own cache row."""
     engine = _bigram_engine()  # max_seq_len 64
     long_prompt = GenerationParams(max_tokens=10, temperature=0.0)
     long_budget = GenerationParams(max_tokens=50, temperature=0.0)
     jobs = [engine.completion_job(" ".join(["x"] * 40), long_prompt), engine.completion_job("hi", long_budget),
             engine.completion_job("hi hi", GenerationParams(max_tokens=5, temperature=0.0))]
-    assert plan_groups([len(j.prompt) for j in jobs], [10, 50, 5], 64) == [[0, 2], [1]]
     together = _decode_all(engine, jobs)
     alone = [_decode_all(engine, [job])[0] for job in jobs]
     assert [[(d.text, d.finish_reason) for d in r] for r in together] == \
@@ -100,7 +100,7 @@ def test_requests_that_cannot_share_a_cache_are_split_never_cut():
 
 @pytest.mark.parametrize("max_rows", [2, 1])
 def test_a_request_joins_the_decoding_at_the_next_step_when_a_row_is_free(max_rows):
-    """Continuous batching: a request arriving mid-decode joins at once (its own cache group) and
+    """Continuous batching: a request arriving mid-decode joins at once (prefilled into a free row) and
     ends long before the running one; with no free row it waits. Answers equal the lone answers."""
     engine = _bigram_engine()
     long_job = lambda: engine.completion_job("hi", GenerationParams(max_tokens=40, temperature=0.0))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmray.model.config import preset
-from llmray.model.generate import FINISHED, SamplingConfig, batch_fits, filter_logits, generate, sample, stream
+from llmray.model.generate import FINISHED, Decoder, SamplingConfig, filter_logits, generate, sample, stream
 from llmray.model.llama import build
 
 GREEDY = SamplingConfig(max_new_tokens=64, temperature=0.0)
@@ -146,9 +146,43 @@ def test_finished_rows_yield_finished_and_a_sent_mask_ends_rows_early():
         decoder.send(None)
 
 
-def test_per_row_configs_must_match_prompts_and_batch_fits_counts_the_shared_cache():
+def test_per_row_configs_must_match_prompts():
     model = _model()
     with pytest.raises(ValueError, match="1 sampling configs for 2 prompts"):
         generate(model, [[1], [2]], [GREEDY])
-    assert batch_fits([10, 3], [6, 6], 16)
-    assert not batch_fits([10, 3], [2, 13], 16)  # each fits alone (12, 16), together 10 + 13 > 16
+
+
+def test_each_row_gets_its_own_room_within_max_seq_len():
+    """A long prompt does not shorten its neighbours' answers: each row is capped by its own length."""
+    model = _model(max_seq_len=16)
+    cfg = SamplingConfig(max_new_tokens=13, temperature=0.0)
+    together = generate(model, [[1] * 10, [2, 3, 4]], cfg)
+    assert [len(c) for c in together] == [6, 13]
+    assert together == [generate(model, [p], cfg)[0] for p in ([1] * 10, [2, 3, 4])]
+
+
+def test_rows_join_and_leave_a_decoder_between_steps_and_each_gets_its_lone_answer():
+    """Continuous batching: rows added mid-decode are prefilled while the others continue; finished
+    rows free their cache row (a later row moves in); the cache grows for a longer request."""
+    model = _model(sliding_window=8)
+    cfg = lambda budget: SamplingConfig(max_new_tokens=budget, temperature=0.0)
+    plan = {0: [([5, 6, 7], cfg(12)), (list(range(40, 50)), cfg(4))],  # step -> rows added before it
+            2: [([9, 9, 1, 2], cfg(20))],
+            5: [([3], cfg(60)), (list(range(100, 117)), cfg(7))]}
+    decoder = Decoder(model, max_rows=4, max_len=16)
+    answers: dict = {}
+    with pytest.raises(ValueError, match="no room"):
+        decoder.add([1] * model.cfg.max_seq_len, cfg(1))
+    for step in range(80):
+        for prompt, row_cfg in plan.get(step, []):
+            answers[id(decoder.add(prompt, row_cfg))] = (prompt, row_cfg, [])
+        if step == 5:
+            assert decoder.free_rows == 0
+            with pytest.raises(ValueError, match="all 4 rows"):
+                decoder.add([1], cfg(1))
+        for row, token in decoder.step():
+            answers[id(row)][2].append(token)
+    assert decoder.step() == [] and decoder.cache.max_len == 64
+    for prompt, row_cfg, tokens in answers.values():
+        assert tokens == generate(model, [prompt], row_cfg)[0]
+        assert len(tokens) == row_cfg.max_new_tokens

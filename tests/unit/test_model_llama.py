@@ -62,16 +62,27 @@ def test_kv_cache_prefill_in_chunks_equals_one_forward(variant):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_left_padded_row_in_cache_equals_the_row_alone():
-    model = _model()
-    row = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(4))
-    other = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(5))
-    padded = torch.cat([torch.full((1, 4), 77), row], dim=1)
+def test_cache_rows_at_different_lengths_each_compute_what_they_compute_alone():
+    """Rows of one cache are separate sequences: prefilled in separate passes to different lengths,
+    then extended together (different slots and positions per row), each equals its full forward;
+    a row moved into another's place carries on from there."""
+    model = _model(sliding_window=5)
+    short = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(4))
+    long = torch.randint(0, 128, (1, 11), generator=torch.Generator().manual_seed(5))
+    extra = torch.randint(0, 128, (2, 3), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        alone = model(row)
-        cache = model.new_cache(batch_size=2, max_len=10, pad=torch.tensor([4, 0]))
-        batched = model(torch.cat([padded, other]), cache=cache)
-    torch.testing.assert_close(batched[0, 4:], alone[0], rtol=1e-5, atol=1e-5)
+        cache = model.new_cache(batch_size=3, max_len=8)
+        model(long[:, :8], cache=cache.rows(1, 2))
+        cache.grow(16)
+        model(long[:, 8:], cache=cache.rows(1, 2))
+        model(short, cache=cache.rows(2, 3))
+        cache.move_row(2, 0)
+        assert cache.lengths[:2] == [6, 11]
+        together = model(extra, cache=cache.rows(0, 2))
+        torch.testing.assert_close(together[0], model(torch.cat([short, extra[:1]], dim=1))[0, 6:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(together[1], model(torch.cat([long, extra[1:]], dim=1))[0, 11:], rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="KV cache full"):
+            model(torch.zeros(2, 3, dtype=torch.long), cache=cache.rows(0, 2))
 
 
 @pytest.mark.parametrize("variant", ["gqa-tied", "sliding-window"])
@@ -189,3 +200,21 @@ def test_gpt2_style_blocks_are_a_gelu_mlp_and_layernorm_and_refuse_the_llama_exp
     assert all(p.grad is not None for p in model.parameters())
     with pytest.raises(ValueError, match="no Hugging Face Llama layout"):
         hf.export(tmp_path / "out", cfg, model.state_dict())
+
+
+@pytest.mark.parametrize("shape", [(16, 24), (2, 9, 24), (3, 1, 24), (70, 24)], ids=["16-rows", "18-rows-3d", "3-rows", "70-rows"])
+def test_linear_few_row_inference_product_equals_the_plain_one(shape):
+    """The transposed product for 16-55 rows at inference computes what ``F.linear`` does, in every
+    input shape, and training keeps autograd's plain path."""
+    from llmray.model.llama import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(24, 40, bias=False)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        out = layer(x)
+    assert out.shape == (*shape[:-1], 40) and out.is_contiguous()
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+    trained = layer(x.requires_grad_())
+    trained.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
