@@ -50,3 +50,27 @@ def test_a_quiet_run_is_idle_and_says_what_it_ran_on(load_module, monkeypatch):
     assert fields["idle"] is True and fields["loadavg_max"] == 2.9
     assert fields["machine"]["cpu"] and fields["machine"]["cores"] >= 1
     assert fields["versions"]["python"] and "torch" in fields["versions"]
+
+
+BUSY = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
+
+
+def test_cpu_taken_by_other_processes_marks_the_run_not_idle_but_the_bench_s_own_children_do_not(
+        load_module, monkeypatch):
+    """The load average counts the bench's own threads too; the CPU time of processes outside its
+    process tree does not: a busy child is the bench's own work, a busy stranger is competition."""
+    import subprocess
+    import time
+
+    monkeypatch.setattr(load_module, "SAMPLE_SECONDS", 0.2)
+    monkeypatch.setattr(load_module.os, "getloadavg", lambda: (0.5, 0.0, 0.0))
+    watch = load_module.LoadWatch(cores_used=2)
+    subprocess.run([sys.executable, "-c", BUSY.format(seconds=1.5)], check=True)  # our own child
+    own = watch.fields()
+    assert own["others_cpu_cores"] < load_module.OTHERS_CPU_LIMIT and own["idle"] is True
+    watch = load_module.LoadWatch(cores_used=2)
+    # a stranger: started through a shell that exits at once, so init adopts it (outside our tree)
+    subprocess.run(["sh", "-c", f"{sys.executable} -c '{BUSY.format(seconds=1.5)}' >/dev/null 2>&1 &"], check=True)
+    time.sleep(1.5)
+    foreign = watch.fields()
+    assert foreign["others_cpu_cores"] > 0.5 and foreign["idle"] is False
