@@ -8,8 +8,10 @@ input) rendered with the chat template, greedy, ``max_tokens`` each (32 quick, 1
 
 Peers, on the same prompts, both with 2 torch threads:
 
-* **serve**: `llmray serve` on an embedded 2-CPU Ray (one replica, ``--replica-cpus 2``,
-  ``--max-batch-size 16``), 16 threads of the official OpenAI client sending the 64 requests
+* **serve**: `llmray serve` on an embedded 2-CPU Ray (``--replicas 2 --replica-cpus 1
+  --max-batch-size 8``: one replica per core; a decode step of this small model is mostly Python
+  between small kernels, so one replica with 2 threads kept 1.2 cores busy and reached 330-475
+  tokens/s where two 1-thread replicas reach 516-555), 16 threads of the official OpenAI client sending the 64 requests
   (non-streaming) as fast as answers return. Latency is per request, client side.
 * **sequential**: the ``llmray generate``/``chat`` code path in this process: each prompt alone
   through :func:`llmray.model.generate.generate` with the KV cache.
@@ -128,7 +130,7 @@ def main() -> None:
     args = parser.parse_args()
     max_tokens = 32 if args.quick else 128
     rounds = args.rounds or (1 if args.quick else 3)
-    # threads the serve phase keeps runnable: the replica's torch threads and its event loop, Serve's
+    # threads the serve phase keeps runnable: the replicas' torch threads and event loops, Serve's
     # HTTP proxy and the client threads (measured: load 4.8 with 0.01 cores used by other processes)
     load = LoadWatch(THREADS + 2)
 
@@ -148,7 +150,8 @@ def main() -> None:
     print(f"model {model_dir} ({params / 1e6:.1f}M parameters); {len(chats)} chats, {max_tokens} tokens each")
 
     cluster.connect(cluster.RayConfig(num_cpus=THREADS, dashboard=False))
-    options = ServeOptions(model=str(model_dir), port=free_port(), replica_cpus=THREADS, max_batch_size=CONCURRENCY)
+    options = ServeOptions(model=str(model_dir), port=free_port(), replicas=THREADS, replica_cpus=1,
+                           max_batch_size=CONCURRENCY // THREADS)
     client = openai.OpenAI(base_url=app.start(options, token=None), api_key="unused", max_retries=0, timeout=600)
     run_serve(client, options.model_name, chats[:CONCURRENCY], 4)  # warm-up: first batch, first requests
     run_sequential(pretrained, tokenizer, template, chats[:2], 4)
