@@ -193,7 +193,8 @@ class Decoder:
         out = self.model(tokens, cache=self.cache.rows(start, start + len(added)))  # (N, T, V)
         for index, length in enumerate(lengths):
             self.cache.lengths[start + index] = length
-        return out[torch.arange(len(added)), torch.tensor(lengths) - 1]
+        last = torch.tensor(lengths, device=out.device) - 1
+        return out[torch.arange(len(added), device=out.device), last]
 
 
 def _sample_rows(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:

@@ -152,6 +152,8 @@ class Scheduler:
         admitted = []
         while self._pending and self._decoder.free_rows:
             job, queue = self._pending.pop(0)
+            if job.cancelled:  # its client left while it waited
+                continue
             try:
                 admitted.append((self._decoder.add(job.prompt, job.sampling), job, queue))
             except ValueError as exc:  # the request gets the error; the loop serves others
