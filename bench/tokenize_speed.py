@@ -1,7 +1,7 @@
 """Tokenization throughput: `llmray tokens` (Ray Data actor pool) vs a single-process `tokenizers` loop.
 
     python bench/tokenize_speed.py            # >= 60 MB of real text, 3 alternating repeats
-    python bench/tokenize_speed.py --quick    # ~12 MB, 2 repeats (under 5 minutes)
+    python bench/tokenize_speed.py --quick    # ~12 MB, 3 alternating repeats (under 5 minutes)
 
 Input: real text only, written once to parquet (id, text, source): the shared data sets
 (C4, Wikipedia, Tiny Shakespeare, Gutenberg books, Common Crawl text) followed by this machine's
@@ -10,15 +10,17 @@ Python standard library sources and man pages until the target size is reached.
 Peers, on the same parquet files, the same 32k tokenizer (trained here on that input; its
 training time is reported) and the same number of threads:
 
-* **llmray**: the `tokens` stage through the stage runner (Ray Data read tasks, streaming
-  repartition, ``actors`` encoder actors with ``threads_per_actor`` Rayon threads each, ordered
-  shard writing with sha256 on the driver). Ray is started before timing; actor start-up is
-  inside the timing.
+* **llmray**: the `tokens` stage through the stage runner with its default ``plan: auto``, which
+  tokenizes inputs up to ``local_max_mb`` (256 MB) in the stage's process (same reader,
+  encoder and ordered shard writer with sha256, all cores to the tokenizer);
+* **llmray actors**: the same stage with ``plan: actors`` (Ray Data read tasks, streaming
+  repartition, ``actors`` encoder actors with ``threads_per_actor`` Rayon threads each). Ray is
+  started before timing; actor start-up is inside the timing.
 * **tokenizers**: one process reading the parquet batches with pyarrow, ``encode_batch`` (and,
   separately, ``encode_batch_fast``, which skips offsets) with ``RAYON_NUM_THREADS`` threads,
   converting to uint16 and writing one file.
 
-Runs alternate (llmray, tokenizers, tokenizers-fast, ...) and medians are reported. The last
+Runs alternate (llmray, llmray actors, tokenizers, tokenizers-fast, ...) and medians are reported. The last
 line is JSON with ``tokens_per_s``, ``tokenizers_tokens_per_s``, ``ratio_vs_tokenizers`` (vs
 ``encode_batch``), ``ratio_vs_tokenizers_fast`` and ``bpe_train_seconds_32k``.
 """
@@ -26,6 +28,7 @@ line is JSON with ``tokens_per_s``, ``tokenizers_tokens_per_s``, ``ratio_vs_toke
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import os
@@ -141,13 +144,13 @@ def tokenizers_loop(files: list[Path], tokenizer_dir: Path, out: Path, fast: boo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="~12 MB, 2 repeats")
+    parser.add_argument("--quick", action="store_true", help="~12 MB, 3 repeats")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/llmray-bench/tokenize_speed"))
     parser.add_argument("--mb", type=float, default=None, help="input size in MB (default 60, quick 12)")
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args()
     target_mb = args.mb or (12 if args.quick else 60)
-    repeats = args.repeats or (2 if args.quick else 3)
+    repeats = args.repeats or 3
     load = LoadWatch(THREADS)
 
     docs_dir = args.workdir / f"docs-{target_mb:g}mb"
@@ -165,12 +168,15 @@ def main() -> None:
     cluster.connect(cluster.RayConfig(num_cpus=THREADS, dashboard=False))
     tokens_cfg = TokensConfig(documents=str(docs_dir), tokenizer=str(tokenizer_dir), val_fraction=0.0,
                               actors=THREADS, actor_cpus=0.5, threads_per_actor=1)
-    results: dict[str, list[float]] = {"llmray": [], "tokenizers": [], "tokenizers_fast": []}
+    configs = {"llmray": tokens_cfg, "llmray_actors": dataclasses.replace(tokens_cfg, plan="actors")}
+    results: dict[str, list[float]] = {"llmray": [], "llmray_actors": [], "tokenizers": [], "tokenizers_fast": []}
     counts: dict[str, int] = {}
+    plans: dict[str, str] = {}
     for repeat in range(repeats):
-        summary = run_stage("tokens", tokens_cfg, runs_root / "bench")
-        counts["llmray"] = summary["tokens"]["train"]
-        results["llmray"].append(summary["tokens"]["train"] / summary["seconds"])
+        for name, cfg in configs.items():
+            summary = run_stage("tokens", cfg, runs_root / name)
+            counts[name], plans[name] = summary["tokens"]["train"], summary["plan"]
+            results[name].append(summary["tokens"]["train"] / summary["seconds"])
         for name, fast in (("tokenizers", False), ("tokenizers_fast", True)):
             tokens, seconds = tokenizers_loop(files, tokenizer_dir, args.workdir / "peer.bin", fast)
             counts[name] = tokens
@@ -186,7 +192,10 @@ def main() -> None:
         "tokenizers_tokens_per_s": round(median["tokenizers"]),
         "tokenizers_fast_tokens_per_s": round(median["tokenizers_fast"]),
         "ratio_vs_tokenizers": round(median["llmray"] / median["tokenizers"], 3),
-        "ratio_vs_tokenizers_fast": round(median["llmray"] / median["tokenizers_fast"], 3),
+        "ratio_vs_tokenizers_fast": round(median["llmray"] / median["tokenizers_fast"], 3), "plan": plans["llmray"],
+        "actors_tokens_per_s": round(median["llmray_actors"]),
+        "actors_ratio_vs_tokenizers_fast": round(median["llmray_actors"] / median["tokenizers_fast"], 3),
+        "runs_tokens_per_s": {name: [round(v) for v in values] for name, values in results.items()},
         "bpe_train_seconds_32k": trained["train_seconds"], "bpe_train_chars": trained["train_chars"],
         "repeats": repeats, **load.fields()}))
 

@@ -65,7 +65,7 @@ def run_tokens(run_root, corpus, tokenizer_dir, force=False, **overrides):
 
 def test_tokens_stage_equals_reference_and_is_deterministic(ray_session, corpus_and_tokenizer, tmp_path):
     corpus, tokenizer_dir = corpus_and_tokenizer
-    first = run_tokens(tmp_path / "run", corpus, tokenizer_dir, actors=2)
+    first = run_tokens(tmp_path / "run", corpus, tokenizer_dir, actors=2, plan="actors")
     output = first.output
     manifest = shards.read_manifest(output)
     assert manifest["dtype"] == "uint16" and manifest["vocab_size"] == 1024 and manifest["bos_id"] == 0
@@ -91,12 +91,20 @@ def test_tokens_stage_equals_reference_and_is_deterministic(ray_session, corpus_
 
     # Another run with one actor and different block sizes writes byte-identical shards.
     second = run_tokens(tmp_path / "run2", corpus, tokenizer_dir, actors=1, encode_batch_docs=37,
-                        read_batch_chars=50_000)
+                        read_batch_chars=50_000, plan="actors")
     again = shards.read_manifest(second.output)
     assert again["splits"] == manifest["splits"]
 
+    # A small input takes the local plan (no Ray Data) and writes the same bytes, quarantine included.
+    local = run_tokens(tmp_path / "run3", corpus, tokenizer_dir)
+    assert (local.manifest["summary"]["plan"], first.manifest["summary"]["plan"]) == ("local", "actors")
+    local_manifest = shards.read_manifest(local.output)
+    assert local_manifest["splits"] == manifest["splits"]
+    assert (local.output / shards.QUARANTINE).read_text() == (output / shards.QUARANTINE).read_text()
+    assert (local_manifest["quarantined"], local_manifest["skipped_empty"]) == (3, 1)
+
     # Unchanged config and inputs: the lineage cache skips the stage.
-    assert run_tokens(tmp_path / "run", corpus, tokenizer_dir, actors=2).skipped
+    assert run_tokens(tmp_path / "run", corpus, tokenizer_dir, actors=2, plan="actors").skipped
 
     loader = TokenLoader(output, seq_len=64, batch_size=4, split="val")
     assert next(loader).shape == (4, 65)
