@@ -170,12 +170,13 @@ class Decoder:
         return list(zip(self.rows, tokens))
 
     def _drop_finished(self) -> None:
-        kept = [row for row in self.rows if not row.finished]
-        for target, row in enumerate(kept):
-            source = self.rows.index(row)
-            if source != target:
-                self.cache.move_row(source, target)
-                self.rows[target] = row
+        kept: list[Row] = []
+        for source, row in enumerate(self.rows):
+            if row.finished:
+                continue
+            if source != len(kept):
+                self.cache.move_row(source, len(kept))
+            kept.append(row)
         self.rows = kept
 
     def _prefill(self, added: list[Row]) -> torch.Tensor:

@@ -264,11 +264,10 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, layer_names: list[str],
                  device: torch.device | str, dtype: torch.dtype):
-        if max_len > cfg.max_seq_len:
-            raise ValueError(f"KV cache of {max_len} slots exceeds max_seq_len ({cfg.max_seq_len})")
-        self.cfg, self.batch_size, self.max_len = cfg, batch_size, max_len
+        self.cfg, self.batch_size = cfg, batch_size
+        self._check_fits(max_len)
+        self.max_len = max_len
         self.device, self.dtype = torch.device(device), dtype
-        self.layer_names = layer_names
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.keys = {name: torch.zeros(shape, device=device, dtype=dtype) for name in layer_names}
         self.values = {name: torch.zeros(shape, device=device, dtype=dtype) for name in layer_names}
@@ -282,13 +281,16 @@ class KVCache:
         """Room for ``max_len`` slots per row (kept contents), at most the model's ``max_seq_len``."""
         if max_len <= self.max_len:
             return
-        if max_len > self.cfg.max_seq_len:
-            raise ValueError(f"KV cache of {max_len} slots exceeds max_seq_len ({self.cfg.max_seq_len})")
+        self._check_fits(max_len)
         for store in (self.keys, self.values):
             for name, old in store.items():
                 store[name] = torch.zeros(*old.shape[:2], max_len, old.shape[3], device=self.device, dtype=self.dtype)
                 store[name][:, :, :self.max_len] = old
         self.max_len = max_len
+
+    def _check_fits(self, max_len: int) -> None:
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"KV cache of {max_len} slots exceeds max_seq_len ({self.cfg.max_seq_len})")
 
     def move_row(self, source: int, target: int) -> None:
         """Put row ``source``'s sequence in row ``target`` (whose sequence is dropped)."""

@@ -176,10 +176,10 @@ def local_rows(cfg: TokensConfig, files: list[Path], root: Path, val_fraction: f
                 yield encoder(table.slice(start, cfg.encode_batch_docs))
 
 
-def choose_plan(cfg: TokensConfig, files: list[Path]) -> str:
+def choose_plan(cfg: TokensConfig, input_bytes: int) -> str:
     if cfg.plan != "auto":
         return cfg.plan
-    return "local" if sum(f.stat().st_size for f in files) <= cfg.local_max_mb * 1e6 else "actors"
+    return "local" if input_bytes <= cfg.local_max_mb * 1e6 else "actors"
 
 
 def default_actors(cfg: TokensConfig) -> int:
@@ -222,11 +222,11 @@ def run_tokens(cfg: TokensConfig, ctx) -> dict:
     val_fraction = resolve_val_fraction(cfg)
     files = documents.list_files(cfg.documents)
     root = documents.input_root(cfg.documents)
-    plan = choose_plan(cfg, files)
+    input_bytes = sum(f.stat().st_size for f in files)
+    plan = choose_plan(cfg, input_bytes)
     started = time.perf_counter()
     if plan == "local":
-        ctx.logger.info("tokenizing %d files (%.1f MB) in this process", len(files),
-                        sum(f.stat().st_size for f in files) / 1e6)
+        ctx.logger.info("tokenizing %d files (%.1f MB) in this process", len(files), input_bytes / 1e6)
         counts = write_shards(local_rows(cfg, files, root, val_fraction), ctx.output, dtype, cfg.shard_tokens)
     else:
         counts = _tokenize_on_actors(cfg, ctx, files, root, val_fraction, dtype)
