@@ -79,25 +79,27 @@ def write_parquet(texts: list[str], directory: Path, shards: int = 8) -> list[st
     return ids
 
 
-def run_llmray(directory: Path, minhash: dict | None = None) -> tuple[float, dict, Any]:
-    """Near-dedup ``directory`` as the curate stage does it (its input read once, one block per
-    file, and materialised; dedup then reads it twice: keys, then the filter); returns (seconds,
-    summary, rejected rows as an Arrow table)."""
+def run_llmray(directory: Path, minhash: dict | None = None, **dedup: Any) -> tuple[float, dict, Any]:
+    """Near-dedup ``directory`` as the curate stage does it (its input read by one task per file,
+    as curate's readers do, and materialised; dedup then reads it twice: keys, then the filter);
+    ``dedup`` overrides other ``DedupConfig`` fields. Returns (seconds, summary, rejected rows as
+    an Arrow table)."""
     import ray
 
     from llmray.config import from_dict
     from llmray.data.dedup import REJECTED_SCHEMA, DedupConfig, deduplicate
 
-    cfg = from_dict(DedupConfig, {"exact": False, "decontam": {"enabled": False}, "num_partitions": 8,
-                                  "minhash": minhash or {}})
+    cfg = from_dict(DedupConfig, {"exact": False, "decontam": {"enabled": False}, "minhash": minhash or {}, **dedup})
     start = time.perf_counter()
-    files = sorted(str(p) for p in directory.glob("*.parquet"))
-    result = deduplicate(ray.data.read_parquet(files, override_num_blocks=len(files)).materialize(), cfg)
+    files = [{"path": str(p)} for p in sorted(directory.glob("*.parquet"))]
+    documents = ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
+        lambda batch: pq.read_table(batch["path"][0].as_py()), batch_size=1, batch_format="pyarrow").materialize()
+    result = deduplicate(documents, cfg)
     kept = result.documents.count()
     rejected = pa.concat_tables([REJECTED_SCHEMA.empty_table(), *ray.get(result.rejected.to_arrow_refs())])
     elapsed = time.perf_counter() - start
-    return elapsed, {"kept": kept, "rejected": rejected.num_rows,
-                     "clusters": result.stats["near_dedup"]["clusters"]}, rejected
+    return elapsed, {"kept": kept, "rejected": rejected.num_rows, "clusters": result.stats["near_dedup"]["clusters"],
+                     "plan": result.stats["plan"], "partitions": result.stats["partitions"]}, rejected
 
 
 def _datasketch_signatures(texts: list[str]):

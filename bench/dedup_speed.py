@@ -9,14 +9,17 @@ copies, at every N) and written as parquet shards so every run reads from disk.
 Peers, same data and parameters (word 5-grams of the same tokenisation, 112 permutations,
 14 bands x 8 rows), same 2 CPUs:
 * llmray: ``deduplicate`` with only MinHash on (exact and decontamination off), defaults
-  otherwise (candidate edges verified by exact Jaccard): read parquet, signatures, band shuffle,
-  verification joins, connected components, keep rule, filtered output counted. At N it also
-  runs with ``minhash.verify: false`` (band matches alone, datasketch's semantics).
+  otherwise (candidate edges verified by exact Jaccard; the plan chosen by size): read parquet
+  one task per file as curate's readers do, signatures, band shuffle, verification joins,
+  connected components, keep rule, filtered output counted. At N it also runs the plan that
+  ``auto`` did not pick, and ``minhash.verify: false`` (band matches alone, datasketch's
+  semantics).
 * datasketch: ``MinHash.update_batch`` over the same shingle strings in a 2-process pool,
   ``MinHashLSH(params=(14, 8))`` insert + query, clusters by union-find.
 
-Last line: JSON with docs_per_s, datasketch_docs_per_s, ratio_vs_datasketch, growth_4x
-(time(4N)/time(N)), the unverified figures, and the memory-capped run's figures.
+Every time is the median of 3 runs. Last line: JSON with docs_per_s, datasketch_docs_per_s,
+ratio_vs_datasketch, growth_4x (time(4N)/time(N)), the plan at N and the other plan's time, the
+unverified figures, and the memory-capped run's figures.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from pathlib import Path
 
 from _dedup_corpus import base_documents, run_datasketch, run_llmray, write_parquet
 from _load import LoadWatch
+
+
+ROUNDS = 3  # every figure is the median of this many runs
 
 
 def make_corpus(base: list[str], n: int, seed: int) -> list[str]:
@@ -94,18 +100,26 @@ def main() -> None:
 
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     run_llmray(work / "n1")  # warm-up: worker processes, imports
+
+    def median_run(directory: Path, minhash: dict | None = None, **dedup) -> tuple[float, dict]:
+        runs = [run_llmray(directory, minhash, **dedup)[:2] for _ in range(ROUNDS)]
+        return statistics.median(t for t, _ in runs), runs[0][1]
+
     times, info = {}, {}
     for k in (1, 2, 4):
-        runs = [run_llmray(work / f"n{k}")[:2] for _ in range(1 if args.quick else 3)]
-        times[k] = statistics.median(t for t, _ in runs)
-        info[k] = runs[0][1]
-        print(f"llmray {k}N={k * n}: {times[k]:.1f}s {info[k]}", flush=True)
-    unverified_time, unverified_info, _ = run_llmray(work / "n1", {"verify": False})
-    print(f"llmray unverified N={n}: {unverified_time:.1f}s {unverified_info}", flush=True)
+        times[k], info[k] = median_run(work / f"n{k}")
+        print(f"llmray {k}N={k * n}: {times[k]:.2f}s {info[k]}", flush=True)
+    other_plan = "distributed" if info[1]["plan"] == "local" else "local"
+    other_time, other_info = median_run(work / "n1", plan=other_plan)
+    print(f"llmray N={n}, plan {other_plan}: {other_time:.2f}s {other_info}", flush=True)
+    unverified_time, unverified_info = median_run(work / "n1", {"verify": False})
+    print(f"llmray unverified N={n}: {unverified_time:.2f}s {unverified_info}", flush=True)
     ray.shutdown()
-    ds_time, roots = run_datasketch(work / "n1")
+    datasketch = [run_datasketch(work / "n1") for _ in range(ROUNDS)]
+    ds_time, roots = statistics.median(t for t, _ in datasketch), datasketch[0][1]
     ds_rejected = sum(1 for i, root in enumerate(roots) if root != i)
-    print(f"datasketch N={n}: {ds_time:.1f}s, rejected {ds_rejected}", flush=True)
+    print(f"datasketch N={n}: {ds_time:.2f}s ({[round(t, 2) for t, _ in datasketch]}), rejected {ds_rejected}",
+          flush=True)
 
     capped = {}
     if args.capped_docs and not args.quick:  # a fresh Ray whose object store is smaller than the input
@@ -122,6 +136,7 @@ def main() -> None:
               "ratio_vs_datasketch": round(docs_per_s / (n / ds_time), 2),
               "growth_4x": round(times[4] / times[1], 2), "seconds": {f"{k}N": round(t, 2) for k, t in times.items()},
               "datasketch_seconds": round(ds_time, 2), "llmray_rejected_N": info[1]["rejected"],
+              "plan_N": info[1]["plan"], f"{other_plan}_plan_seconds_N": round(other_time, 2),
               "unverified_docs_per_s": round(n / unverified_time),
               "unverified_ratio_vs_datasketch": round(ds_time / unverified_time, 2),
               "unverified_rejected_N": unverified_info["rejected"],

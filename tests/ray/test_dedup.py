@@ -186,20 +186,22 @@ print("RESULT", json.dumps({"kept": sorted(r["id"] for r in result.documents.tak
 
 
 def test_same_result_on_a_one_cpu_cluster(ray_session, corpus, tmp_path):
-    """The partition count follows the cluster's CPUs; a fresh 1-CPU Ray in a child process
-    (one partition, one task at a time) removes exactly the documents the 2-CPU session does."""
+    """The distributed plan's partition count follows the cluster's CPUs; a fresh 1-CPU Ray in a
+    child process (one partition, one task at a time) removes exactly the documents the 2-CPU
+    session does."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(corpus), tmp_path / "docs.parquet")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    child = subprocess.run([sys.executable, "-c", ONE_CPU_RUN, str(tmp_path / "docs.parquet"), json.dumps(NO_DECONTAM)],
+    cfg = {**NO_DECONTAM, "plan": "distributed"}
+    child = subprocess.run([sys.executable, "-c", ONE_CPU_RUN, str(tmp_path / "docs.parquet"), json.dumps(cfg)],
                            capture_output=True, text=True, timeout=600, env=env)
     assert child.returncode == 0, child.stderr[-3000:]
     results = [line.split(" ", 1)[1] for line in child.stdout.splitlines() if line.startswith("RESULT ")]
     assert len(results) == 1, child.stdout[-3000:]  # Ray may print its own lines around ours
     one_cpu = json.loads(results[0])
-    kept, rejected, stats = run(ray_session, corpus, NO_DECONTAM)
+    kept, rejected, stats = run(ray_session, corpus, cfg)
     assert (one_cpu["partitions"], stats["partitions"]) == (1, 2)
     assert one_cpu["kept"] == kept and [tuple(r) for r in one_cpu["rejected"]] == rejected
     assert any(r[1] == "near_dedup" for r in rejected)
@@ -291,3 +293,38 @@ def test_verification_keeps_only_edges_at_the_jaccard_threshold(ray_session, cor
     assert all(f"p{i}-b-near" not in verified[0] for i in range(8))  # ~2% edits: far above 0.8
     other = run(ray_session, docs, {**cfg, "num_partitions": 3}, blocks=7)
     assert other[:2] == verified[:2]
+
+
+@pytest.mark.parametrize("action", ["drop", "flag"])
+def test_local_plan_equals_distributed_plan(ray_session, corpus, shared_data, action):
+    """Every stage on (boilerplate lines, exact, verified near, decontamination): the one-task plan
+    that small inputs get by default gives the same kept documents (every column, in input order),
+    the same rejected rows and the same statistics as the distributed plan on 3 partitions."""
+    import pyarrow as pa
+    import ray
+
+    stem = next(q for q in (json.loads(line)["question"]["stem"] for line in
+                            (shared_data / "arc" / "ARC-Easy-Dev.jsonl").read_text().splitlines())
+                if len(q.split()) >= 20)
+    banner = "Subscribe to our newsletter for weekly updates and special offers"
+    docs = [dict(d, text=f"{banner}\n{d['text']}") if d["source"] == "c4" else d for d in corpus]
+    docs.append({"id": "quiz", "text": f"{corpus[0]['text'][:400]}\n{stem}", "source": "web",
+                 "quality_score": 0.5, "meta": "{}"})
+    cfg = {"boilerplate": {"enabled": True, "max_documents": 20},
+           "decontam": {"action": action, "data_dir": str(shared_data), "tasks": {"arc": ["arc/ARC-Easy-Dev.jsonl"]}}}
+    outputs = {}
+    for plan in ("auto", "distributed"):
+        result = deduplicate(ray.data.from_items(docs).repartition(4),
+                             from_dict(DedupConfig, {**cfg, "plan": plan, "num_partitions": 3}))
+        kept = pa.concat_tables(ray.get(result.documents.to_arrow_refs()))
+        rejected = pa.concat_tables(ray.get(result.rejected.to_arrow_refs())).sort_by("id")
+        stats = dict(result.stats)
+        outputs[stats.pop("plan")] = kept, rejected, stats, stats.pop("partitions")
+    (kept, rejected, stats, parts), (kept_d, rejected_d, stats_d, parts_d) = outputs["local"], outputs["distributed"]
+    assert (parts, parts_d) == (1, 3)
+    assert kept.equals(kept_d) and rejected.equals(rejected_d) and stats == stats_d
+    assert [r["id"] for r in kept.to_pylist()] == [d["id"] for d in docs if d["id"] in set(kept["id"].to_pylist())]
+    stages_hit = set(rejected["stage"].to_pylist())
+    assert {"exact_dedup", "near_dedup"} <= stages_hit and stats["boilerplate"]["lines_flagged"] >= 1
+    assert ("decontamination" in stages_hit) == (action == "drop")
+    assert stats["decontamination"]["documents_flagged"] >= 1

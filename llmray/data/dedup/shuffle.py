@@ -16,8 +16,8 @@ with no actor start-up. Pieces live in the object store, which spills them to di
 full, so the data only has to fit on disk; the driver only ever holds references and digests.
 
 :class:`LocalShuffler` runs the same map/split/reduce functions in-process: unit tests use it
-to check the algorithms (against a single-process reference) without a cluster, and small
-inputs can skip Ray entirely.
+to check the algorithms (against a single-process reference) without a cluster, and dedup's
+local plan runs every step after the key pass with it in one task (no shuffle start-up).
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ def split_table(table: pa.Table, key: str, num_partitions: int,
     """Rewrite ``table`` with ``map_fn`` and split it into ``num_partitions`` tables by ``key``."""
     if map_fn is not None:
         table = map_fn(table)
+    if num_partitions == 1:
+        return [table]
     parts = partition_of(column(table, key), num_partitions)
     order = np.argsort(parts, kind="stable")
     bounds = np.searchsorted(parts[order], np.arange(num_partitions + 1))
@@ -138,15 +140,21 @@ class RayShuffler:
     def shuffle(self, parts: Sequence[Any], key: str, num_partitions: int, reduce_fn: ReduceFn,
                 map_fn: MapFn | None = None, num_returns: int = 1,
                 side_inputs: Sequence[tuple] | None = None) -> list:
-        split = self._split.options(num_returns=num_partitions)
+        split = self._split.options(num_returns=num_partitions, name=f"split by {key}")
         pieces = [split.remote(part, key, num_partitions, map_fn) for part in parts]
         if num_partitions == 1:
             pieces = [[p] for p in pieces]
         side_inputs = side_inputs or [()] * num_partitions
-        reduce = self._reduce.options(num_returns=num_returns)
+        reduce = self._reduce.options(num_returns=num_returns, name=task_name(reduce_fn))
         return [reduce.remote(reduce_fn, len(side_inputs[i]), *side_inputs[i], *[p[i] for p in pieces])
                 for i in range(num_partitions)]
 
     def run(self, fn: Callable, *args: Any, num_returns: int = 1) -> Any:
         """Run ``fn(*args)`` as a task (refs among ``args`` are resolved on the worker)."""
-        return self._call.options(num_returns=num_returns).remote(fn, *args)
+        return self._call.options(num_returns=num_returns, name=task_name(fn)).remote(fn, *args)
+
+
+def task_name(fn: Callable) -> str:
+    """What the dashboard and ``ray timeline`` call a task running ``fn`` (a function, or a
+    callable dataclass instance named by its class)."""
+    return getattr(fn, "__name__", type(fn).__name__)
