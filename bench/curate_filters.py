@@ -150,10 +150,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="~5 MB input instead of 50 MB")
     parser.add_argument("--target-mb", type=float, default=None)
-    parser.add_argument("--repeats", type=int, default=1, help="alternating timing rounds per side")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating timing rounds per side (medians)")
     parser.add_argument("--agreement-docs", type=int, default=1200)
     args = parser.parse_args()
-    load = LoadWatch(2)
+    watch = LoadWatch(2)
     os.environ["OMP_NUM_THREADS"] = "1"
     target = int((args.target_mb or (5 if args.quick else 50)) * 1e6)
     input_file = OUT / "curate_filters_input.jsonl"
@@ -184,7 +184,7 @@ def main() -> None:
         "agreement": {g: agree[g] for g in GROUPS + ["lid"]}, "agreement_docs": agree["docs"],
         "agreement_detail": agree,
     }
-    print(json.dumps({**result, **load.fields()}))
+    print(json.dumps({**result, **watch.fields()}))
 
 
 if __name__ == "__main__":
