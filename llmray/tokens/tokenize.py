@@ -44,12 +44,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
 
 from llmray import runs
+from llmray.read_ahead import read_ahead
 from llmray.config import param
 from llmray.data.readers import documents
 from llmray.tokenizer import TOKENIZER_FILE, chat, load_tokenizer, read_training
@@ -169,11 +170,16 @@ def local_rows(cfg: TokensConfig, files: list[Path], root: Path, val_fraction: f
     """The actor plan's ordered token rows, computed in this process: same reader, same
     :class:`Encoder`, blocks of ``encode_batch_docs`` documents, tokenizer threads on every core."""
     encoder = Encoder(cfg.tokenizer, val_fraction, threads=None)
+    for table in read_ahead(_document_blocks(files, root, cfg)):
+        yield encoder(table)
+
+
+def _document_blocks(files: list[Path], root: Path, cfg: TokensConfig) -> Iterator[pa.Table]:
     for file in files:
         for batch in read_files({"path": [str(file)]}, str(root), cfg.read_batch_chars):
             table = pa.table(batch)
             for start in range(0, table.num_rows, cfg.encode_batch_docs):
-                yield encoder(table.slice(start, cfg.encode_batch_docs))
+                yield table.slice(start, cfg.encode_batch_docs)
 
 
 def choose_plan(cfg: TokensConfig, input_bytes: int) -> str:
