@@ -151,7 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     target_mb = args.mb or (12 if args.quick else 60)
     repeats = args.repeats or 3
-    load = LoadWatch(THREADS)
+    load = LoadWatch(THREADS + 1)  # the local plan reads ahead on a thread beside the tokenizer's THREADS
 
     docs_dir = args.workdir / f"docs-{target_mb:g}mb"
     info = build_input(docs_dir, int(target_mb * 1e6))
