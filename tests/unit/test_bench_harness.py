@@ -4,6 +4,7 @@ carrying ``bench/_load.LoadWatch``'s fields, and ``idle`` is false once any load
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -27,7 +28,9 @@ def test_there_are_bench_scripts_and_each_reports_the_load_fields():
     assert len(SCRIPTS) >= 10, [p.name for p in SCRIPTS]
     for script in SCRIPTS:
         text = script.read_text()
-        assert "from _load import LoadWatch" in text and "load.fields()" in text, script.name
+        watch = re.search(r"(\w+) = LoadWatch\(", text)
+        assert "from _load import LoadWatch" in text and watch, script.name
+        assert f"**{watch.group(1)}.fields()" in text, script.name  # spread into the last JSON line
 
 
 def test_a_load_spike_during_the_run_marks_it_not_idle(load_module, monkeypatch):
