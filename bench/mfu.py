@@ -71,7 +71,8 @@ def main() -> None:
 
     cfg = preset("cpu-small")
     rounds = [measure_round(cfg, args, steps, warmup) for _ in range(args.rounds)]
-    figures = min(rounds, key=lambda r: abs(r["mfu"] - statistics.median(x["mfu"] for x in rounds)))
+    median_mfu = statistics.median(r["mfu"] for r in rounds)
+    figures = min(rounds, key=lambda r: abs(r["mfu"] - median_mfu))
     figures = {**figures, "rounds": args.rounds, "mfu_rounds": [r["mfu"] for r in rounds]}
     print(f"peak {figures['peak_gflops']} GFLOP/s; trainer {figures['achieved_gflops']} GFLOP/s "
           f"({figures['tokens_per_s']} tok/s); MFU {figures['mfu']:.1%}")

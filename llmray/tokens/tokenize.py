@@ -50,9 +50,9 @@ import numpy as np
 import pyarrow as pa
 
 from llmray import runs
-from llmray.read_ahead import read_ahead
 from llmray.config import param
 from llmray.data.readers import documents
+from llmray.read_ahead import read_ahead
 from llmray.tokenizer import TOKENIZER_FILE, chat, load_tokenizer, read_training
 from llmray.tokens import shards as shards_lib
 

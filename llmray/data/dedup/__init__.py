@@ -129,6 +129,11 @@ class DecontamConfig:
                                         doc="task name -> JSONL(.gz) files of its evaluation items "
                                             "(every string in a record is indexed)")
 
+    @property
+    def flags(self) -> bool:
+        """Whether kept documents get ``meta.contamination`` (enabled, ``action: flag``)."""
+        return self.enabled and self.action == "flag"
+
     def task_files(self) -> dict[str, list[Path]]:
         """Resolved task files; a missing one is an error naming the task and the path."""
         files = {}
@@ -213,15 +218,14 @@ class DedupResult:
     rejected: Any  # ray.data.Dataset with REJECTED_SCHEMA
     stats: dict = field(default_factory=dict)
     edits: KeptEdits = field(default_factory=KeptEdits)  # applied to ``documents``
-    kept: Callable[[], Any] | None = None  # builds ``documents``; None: the input is kept as it is
-    input_documents: Any = None
+    kept: Callable[[], Any] = lambda: None  # builds ``documents``
 
     @functools.cached_property
     def documents(self) -> Any:
         """The kept documents, edited (a ray.data.Dataset, same schema and order as the input).
         Its filter tasks start on first access only: curate marks rows from ``rejected`` and
         ``edits`` instead, and must not pay for a copy of every kept document."""
-        return self.input_documents if self.kept is None else self.kept()
+        return self.kept()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,6 +450,8 @@ def deduplicate(documents: Any, cfg: DedupConfig) -> DedupResult:
     slices = row_slices(documents, cfg.block_rows, cpus)
 
     def each_slice(fn: Callable[..., pa.Table], *args: Any) -> list:
+        # A ref passed as an argument is resolved anew for each task; broadcasts go inside a tuple
+        # so that fetch_broadcast fetches them once per worker.
         return [shuffler.run(_slice_task, fn, cfg.batch_size, s.block, s.start, s.stop, *args) for s in slices]
 
     boilerplate_ref, lines_flagged = None, 0
@@ -463,7 +469,7 @@ def deduplicate(documents: Any, cfg: DedupConfig) -> DedupResult:
     keys = each_slice(_keys_batch, cfg, (boilerplate_ref, index_ref))
     if not keys:
         empty = ray.data.from_arrow(REJECTED_SCHEMA.empty_table())
-        return DedupResult(empty, {"input": {"documents": 0, "bytes": 0}}, input_documents=documents)
+        return DedupResult(empty, {"input": {"documents": 0, "bytes": 0}}, kept=lambda: documents)
     progress.wait(keys, "dedup: document keys", logger=log)
     summaries = ray.get([shuffler.run(_keys_summary, k) for k in keys])
     key_bytes = sum(summary["key_bytes"] for summary in summaries)
@@ -472,12 +478,12 @@ def deduplicate(documents: Any, cfg: DedupConfig) -> DedupResult:
         found_ref, removed_ref, flags_ref, rejected_ref = shuffler.run(
             _dedup_keys_in_one_task, cfg, index_ref, summaries, lines_flagged, *keys, num_returns=4)
         found, rejected_parts = ray.get(found_ref), [rejected_ref]
-        if not (cfg.decontam.enabled and cfg.decontam.action == "flag"):
-            flags_ref = None  # a ref to the task's None: nothing to flag
     else:
         parts = cfg.num_partitions or _auto_partitions(cpus, key_bytes)
         found, removed_ref, flags_ref, rejected_parts = _dedup_keys(shuffler, keys, summaries, lines_flagged, cfg,
                                                                     parts, index)
+    # Without flag mode there are no flags (the local plan's task returned a ref to None).
+    flags_ref = flags_ref if cfg.decontam.flags else None
     edits = KeptEdits(boilerplate_ref, cfg.boilerplate.min_chars, flags_ref, tuple(index.tasks if index else ()))
 
     def kept() -> Any:
