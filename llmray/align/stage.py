@@ -96,9 +96,10 @@ class Trained:
                 "final_loss": losses[max(losses)] if losses else None}
 
 
-def checkpoint_location(cfg: AlignConfig, work: Path, train_rows: RowSource) -> Path:
-    """Where a run checkpoints, keyed by the stage config, the initial weights and the training rows."""
-    key = json.dumps({"config": config_hash(cfg), "init": runs.fingerprint(cfg.model), "train": train_rows.fingerprint})
+def checkpoint_location(cfg: Any, work: Path, data_fingerprint: str) -> Path:
+    """Where a training stage (SFT, DPO, RL) checkpoints, keyed by its config (``model`` names the
+    initial weights, ``execution`` the storage) and a fingerprint of its training data."""
+    key = json.dumps({"config": config_hash(cfg), "init": runs.fingerprint(cfg.model), "train": data_fingerprint})
     return cfg.execution.checkpoint_root(work) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -133,7 +134,7 @@ def run_alignment(cfg: AlignConfig, ctx, prepare: Callable[[Any, int], Prepared]
     runs.write_json(ctx.output / "data.json", prepared.data)
     ctx.logger.info("%s data: %s", ctx.stage, json.dumps(prepared.data))
 
-    job = alignment_job(cfg, prepared, checkpoint_location(cfg, ctx.dir.work, prepared.train_rows),
+    job = alignment_job(cfg, prepared, checkpoint_location(cfg, ctx.dir.work, prepared.train_rows.fingerprint),
                         ctx.output / "model", ctx.dir.root / "metrics.jsonl",
                         tags={"run": ctx.run_name, "stage": ctx.stage})
     result = launch(job, ctx.connect_ray)

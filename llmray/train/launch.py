@@ -273,6 +273,8 @@ def train_worker(job: TrainJob, store, coordinator: Any = None) -> dict:
     finally:
         if writer is not None:
             writer.close()
+        if hasattr(trainer.data, "close"):  # data that holds workers (RL rollout actors) releases them
+            trainer.data.close()
     return {"steps": trainer.step, "losses": result.losses, "evals": result.evals,
             "guard_counts": result.guard_counts, "metrics": result.last_metrics,
             "hooks": [getattr(hook, "history", None) for hook in hooks]}

@@ -1,0 +1,150 @@
+"""Rollouts: completions sampled by a copy of the policy, their log-probs and rewards.
+
+Design choices:
+
+* :class:`RolloutWorker` holds a policy copy (and, with a KL penalty, the frozen reference) and
+  turns :class:`WorkItem` s into samples; it runs as a Ray actor (:mod:`llmray.rl.stream`) or in
+  process, the same code either way.
+* Each completion is drawn by the KV-cache :class:`~llmray.model.generate.Decoder` with its *own*
+  seeded generator (the item's seed, derived from the run seed, the rollout batch, the problem
+  and the sample), so a sample depends only on its seed and the policy version: the same on any
+  actor, in any chunk, after a resume or an actor replacement.
+* The behaviour log-probs (``old_logps``) are recomputed by one teacher-forced forward pass of the
+  same weights, in fp32, the way the learner computes its own; that pass and the learner's use one
+  row layout (:func:`pack_rows`).
+* A sample is a plain dict of tensors and numbers, so in-flight rollouts can be stored in a
+  trainer checkpoint (read back with ``weights_only=True``).
+* The worker's weights start as the initial policy (version 0); a newer version is fetched from
+  the object store only when a request names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from llmray.config import param
+from llmray.rl.rewards import RewardConfig, Rewarder
+from llmray.rl.tasks import Problem
+from llmray.train.objectives import IGNORE_INDEX, token_cross_entropy
+
+
+@dataclass
+class SamplingSpec:
+    """How rollouts sample."""
+
+    max_new_tokens: int = param(32, doc="most tokens per completion", min=1)
+    temperature: float = param(1.0, doc="sampling temperature (> 0: GRPO needs varied completions)", min=0.01)
+    top_p: float = param(1.0, doc="nucleus sampling mass", min=0.01, max=1.0)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    problem: int  # index of the problem in the stage's training list
+    sample: int  # 0 .. group_size-1
+    seed: int  # of this completion's sampling generator
+    prompt: tuple[int, ...]  # the rendered chat prompt, ending with the assistant header
+    task: Problem
+
+
+def pack_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+              pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) (N, T) of prompt + completion rows, right-padded; targets are the completion
+    tokens at the positions that predict them, :data:`IGNORE_INDEX` elsewhere."""
+    length = max(len(p) + len(c) for p, c in zip(prompts, completions)) - 1
+    inputs = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(prompts), length), IGNORE_INDEX, dtype=torch.long)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        sequence = list(prompt) + list(completion)
+        inputs[row, :len(sequence) - 1] = torch.tensor(sequence[:-1])
+        targets[row, len(prompt) - 1:len(sequence) - 1] = torch.tensor(list(completion))
+    return inputs, targets
+
+
+@torch.no_grad()
+def completion_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
+                     completions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """fp32 log-probability of every completion token under ``model``: one (len(completion),) each."""
+    inputs, targets = pack_rows(prompts, completions)
+    device = next(model.parameters()).device
+    logps = -token_cross_entropy(model(inputs.to(device)), targets.to(device)).float().cpu()
+    return [logps[row, len(p) - 1:len(p) - 1 + len(c)].clone()
+            for row, (p, c) in enumerate(zip(prompts, completions))]
+
+
+@torch.no_grad()
+def sample_completions(model: torch.nn.Module, items: Sequence[WorkItem], sampling: SamplingSpec,
+                       stop_ids: Sequence[int]) -> list[list[int]]:
+    """One completion per item (ending with its stop token when it finished), each from its own seed."""
+    from llmray.model.generate import Decoder, SamplingConfig
+
+    decoder = Decoder(model, len(items), max(len(item.prompt) for item in items) + sampling.max_new_tokens)
+    rows = [decoder.add(list(item.prompt),
+                        SamplingConfig(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                                       top_p=sampling.top_p, stop_tokens=list(stop_ids), seed=item.seed))
+            for item in items]
+    tokens: dict[Any, list[int]] = {row: [] for row in rows}
+    while stepped := decoder.step():
+        for row, token in stepped:
+            tokens[row].append(token)
+    return [tokens[row] for row in rows]
+
+
+class RolloutWorker:
+    """A policy copy that samples, scores and rewards completions (the body of a rollout actor)."""
+
+    def __init__(self, model_dir: str, tokenizer_dir: str, sampling: SamplingSpec, reward: RewardConfig,
+                 reference: bool, threads: int | None = None):
+        from llmray.model import hf
+        from llmray.tokenizer import load_tokenizer
+        from llmray.tokenizer.chat import ChatTemplate
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.policy = hf.load(model_dir).model
+        self.reference = hf.load(model_dir).model if reference else None
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.stop_ids = ChatTemplate(self.tokenizer).stop_ids
+        self.sampling = sampling
+        self.rewarder = Rewarder(reward)
+        self.key = (0, 0)  # (policy version, publication) of the weights held: model_dir's
+
+    @property
+    def version(self) -> int:
+        return self.key[0]
+
+    def rollout(self, key: tuple[int, int], weights: list | None, items: Sequence[WorkItem]) -> list[dict]:
+        """Samples of ``items`` by the weights ``key`` = (policy version, publication); ``weights`` is
+        ``[ObjectRef]`` of their state dict (in a list, so Ray passes the reference and the weights
+        are fetched only when the key changes; publications tell apart the weights of one version
+        number before and after a rollback)."""
+        if key != self.key:
+            import ray
+
+            self.policy.load_state_dict(ray.get(weights[0]))
+            self.key = tuple(key)
+        return self.samples(items)
+
+    def greedy(self, items: Sequence[WorkItem]) -> list[dict]:
+        """Samples of ``items`` decoded greedily (the held-out exact-match check)."""
+        return self.samples(items, dataclasses.replace(self.sampling, temperature=0.0))
+
+    def samples(self, items: Sequence[WorkItem], sampling: SamplingSpec | None = None) -> list[dict]:
+        completions = sample_completions(self.policy, items, sampling or self.sampling, self.stop_ids)
+        prompts = [item.prompt for item in items]
+        old = completion_logps(self.policy, prompts, completions)
+        ref = completion_logps(self.reference, prompts, completions) if self.reference is not None \
+            else [torch.zeros(0)] * len(items)
+        out = []
+        for item, completion, old_logps, ref_logps in zip(items, completions, old, ref):
+            finished = completion[-1] in self.stop_ids
+            text = self.tokenizer.decode(completion[:-1] if finished else completion)
+            scored = self.rewarder(text, item.task, finished)
+            out.append({"problem": item.problem, "sample": item.sample, "seed": item.seed, "version": self.version,
+                        "prompt": torch.tensor(item.prompt), "completion": torch.tensor(completion),
+                        "old_logps": old_logps, "ref_logps": ref_logps, "finished": finished,
+                        "reward": scored.reward, "correct": scored.correct, "error": scored.error, "text": text})
+        return out
