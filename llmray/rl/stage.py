@@ -82,6 +82,11 @@ class RlConfig:
         return per_rank
 
 
+def render_prompts(template, problems: list[Problem]) -> list[tuple[int, ...]]:
+    """Each problem's chat prompt, ending with the assistant header."""
+    return [tuple(template.render(p.messages, add_generation_prompt=True).ids) for p in problems]
+
+
 def problems_fingerprint(problems: list[Problem], prompts: list[tuple[int, ...]]) -> str:
     payload = json.dumps([[p.id, p.answer, list(ids)] for p, ids in zip(problems, prompts)])
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -125,12 +130,32 @@ def held_out_exact_match(model_dir: str | Path, cfg: RlConfig, problems: list[Pr
                          for s in samples[:8]]}
 
 
-def run_rl(cfg: RlConfig, ctx) -> dict:
+def rl_job(cfg: RlConfig, problems: list[Problem], prompts: list[tuple[int, ...]], pad_id: int,
+           checkpoint_dir: str | Path, export_dir: str | Path | None = None, metrics_path: str | Path | None = None,
+           tags: dict[str, str] | None = None, hooks: tuple = ()) -> TrainJob:
+    """The learner's training job: GRPO on a rollout stream over ``problems`` (rendered as ``prompts``)."""
     from llmray.rl.grpo import GRPO
     from llmray.rl.stream import RolloutStats
+    from llmray.train.launch import PretrainedModel
+
+    spec = RolloutSpec(problems=problems, prompts=prompts, model_dir=cfg.model, tokenizer_dir=cfg.tokenizer,
+                       sampling=cfg.sampling, reward=cfg.reward, grpo=cfg.grpo, pool=cfg.rollout,
+                       prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
+                       micro_batch_size=cfg.micro_batch_size, max_staleness=cfg.max_staleness, seed=cfg.seed,
+                       pad_id=pad_id)
+    return TrainJob(model=PretrainedModel(cfg.model), objective=GRPO(cfg.grpo, cfg.sampling.max_new_tokens),
+                    train_data=spec, train=dataclasses.replace(cfg.train, grad_accum=cfg.grad_accum()),
+                    parallel=cfg.parallel, execution=cfg.execution,
+                    seq_len=max(map(len, prompts)) + cfg.sampling.max_new_tokens, checkpoint_dir=str(checkpoint_dir),
+                    export_dir=str(export_dir) if export_dir else None, tokenizer_dir=cfg.tokenizer,
+                    metrics_path=str(metrics_path) if metrics_path else None, hooks=[RolloutStats, *hooks],
+                    chat=True, tags=dict(tags or {}))
+
+
+def run_rl(cfg: RlConfig, ctx) -> dict:
     from llmray.tokenizer import load_tokenizer
     from llmray.tokenizer.chat import PAD, ChatTemplate
-    from llmray.train.launch import PretrainedModel, launch
+    from llmray.train.launch import launch
 
     tokenizer = load_tokenizer(cfg.tokenizer)
     template = ChatTemplate(tokenizer)
@@ -139,9 +164,9 @@ def run_rl(cfg: RlConfig, ctx) -> dict:
     runs.write_text(ctx.output / "quarantine.jsonl", "".join(json.dumps(q.to_dict()) + "\n" for q in quarantined))
     if not train:
         raise ValueError(f"rl: no training problems left after holding out val_fraction={cfg.val_fraction}")
-    render = lambda problem: tuple(template.render(problem.messages, add_generation_prompt=True).ids)  # noqa: E731
-    train_prompts = [render(p) for p in train]
-    val, val_prompts = val[:cfg.eval_problems], [render(p) for p in val[:cfg.eval_problems]]
+    train_prompts = render_prompts(template, train)
+    val = val[:cfg.eval_problems]
+    val_prompts = render_prompts(template, val)
     data = {"counts": counts, "quarantined": len(quarantined), "train_problems": len(train),
             "held_out_problems": len(val)}
     runs.write_json(ctx.output / "data.json", data)
@@ -149,19 +174,10 @@ def run_rl(cfg: RlConfig, ctx) -> dict:
 
     ctx.connect_ray()
     before = held_out_exact_match(cfg.model, cfg, val, val_prompts)
-    spec = RolloutSpec(problems=train, prompts=train_prompts, model_dir=cfg.model, tokenizer_dir=cfg.tokenizer,
-                       sampling=cfg.sampling, reward=cfg.reward, grpo=cfg.grpo, pool=cfg.rollout,
-                       prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
-                       micro_batch_size=cfg.micro_batch_size, max_staleness=cfg.max_staleness, seed=cfg.seed,
-                       pad_id=tokenizer.token_to_id(PAD))
-    job = TrainJob(model=PretrainedModel(cfg.model), objective=GRPO(cfg.grpo, cfg.sampling.max_new_tokens),
-                   train_data=spec, train=dataclasses.replace(cfg.train, grad_accum=cfg.grad_accum()),
-                   parallel=cfg.parallel, execution=cfg.execution,
-                   seq_len=max(map(len, train_prompts)) + cfg.sampling.max_new_tokens,
-                   checkpoint_dir=str(checkpoint_location(cfg, ctx.dir.work, problems_fingerprint(train, train_prompts))),
-                   export_dir=str(ctx.output / "model"), tokenizer_dir=cfg.tokenizer,
-                   metrics_path=str(ctx.dir.root / "metrics.jsonl"), hooks=[RolloutStats], chat=True,
-                   tags={"run": ctx.run_name, "stage": ctx.stage})
+    job = rl_job(cfg, train, train_prompts, tokenizer.token_to_id(PAD),
+                 checkpoint_location(cfg, ctx.dir.work, problems_fingerprint(train, train_prompts)),
+                 export_dir=ctx.output / "model", metrics_path=ctx.dir.root / "metrics.jsonl",
+                 tags={"run": ctx.run_name, "stage": ctx.stage})
     result = launch(job, ctx.connect_ray)
     history = result.worker["hooks"][0] or []
     after = held_out_exact_match(ctx.output / "model", cfg, val, val_prompts)

@@ -9,7 +9,7 @@ import torch
 
 from llmray.align.records import Quarantined
 from llmray.rl.rewards import RewardConfig, Rewarder
-from llmray.rl.rollout import RolloutWorker, SamplingSpec, WorkItem, completion_logps
+from llmray.rl.rollout import RolloutWorker, SamplingSpec, completion_logps
 from llmray.rl.grpo import GrpoConfig
 from llmray.rl.stream import RolloutPoolConfig, RolloutSpec
 from llmray.rl.tasks import Problem, PromptSource, arithmetic_problems, final_number, read_problems
