@@ -75,6 +75,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           "llmray.align.sft:SftConfig", "llmray.align.sft:run_sft"),
     Stage("dpo", "align a model to preference pairs with DPO (reference log-probs cached, Ray actor pool)",
           "llmray.align.dpo:DpoConfig", "llmray.align.dpo:run_dpo"),
+    Stage("reward", "train a reward model (scalar head, Bradley-Terry) on preference pairs, for RL from human feedback",
+          "llmray.rl.reward_stage:RewardModelConfig", "llmray.rl.reward_stage:run_reward_model", verb="train"),
     Stage("rl", "reinforcement learning with GRPO on verifiable rewards: rollout actors feeding the shared Trainer",
           "llmray.rl.stage:RlConfig", "llmray.rl.stage:run_rl"),
     Stage("eval", "score checkpoints on benchmark tasks (acc, acc_norm, bits/byte, CORE) on a Ray actor pool",

@@ -16,7 +16,7 @@ what the reference model itself "prefers": the SFT baseline in the report).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -92,10 +92,15 @@ def preference_metrics(objective, model: torch.nn.Module, rows: PairRows, batch_
 
 
 class PreferenceMetrics:
-    """Hook: preference metrics on each split at step 0, every ``every`` steps and at the last step."""
+    """Hook: preference metrics on each split at step 0, every ``every`` steps and at the last step.
 
-    def __init__(self, trainer, splits: dict[str, PairRows], batch_size: int, every: int):
+    ``measure(objective, model, rows, batch_size, rank, world_size) -> {name: value}`` computes them
+    (DPO's :func:`preference_metrics`; the reward model's pair accuracy)."""
+
+    def __init__(self, trainer, splits: dict[str, Any], batch_size: int, every: int,
+                 measure: Callable[..., dict] = preference_metrics):
         self.trainer, self.splits, self.batch_size, self.every = trainer, splits, batch_size, every
+        self.measure = measure
         self.history: list[dict] = []
 
     def __call__(self, step: int, metrics: dict) -> None:
@@ -103,8 +108,8 @@ class PreferenceMetrics:
             return
         record = {}
         for split, rows in self.splits.items():
-            values = preference_metrics(self.trainer.objective, self.trainer.engine.model, rows, self.batch_size,
-                                        self.trainer.rank, self.trainer.world_size)
+            values = self.measure(self.trainer.objective, self.trainer.engine.model, rows, self.batch_size,
+                                  self.trainer.rank, self.trainer.world_size)
             record.update({f"{split}_{name}": value for name, value in values.items()})
         self.history.append({"step": step, **record})
         if self.trainer.rank == 0 and self.trainer.writer is not None:
@@ -115,12 +120,13 @@ class PreferenceMetrics:
 class PreferenceMetricsFactory:
     """Makes each worker's :class:`PreferenceMetrics` hook (a :data:`~llmray.train.launch.HookFactory`)."""
 
-    splits: dict[str, PairRows]
+    splits: dict[str, Any]
     batch_size: int
     every: int
+    measure: Callable[..., dict] = preference_metrics
 
     def __call__(self, trainer) -> PreferenceMetrics:
-        return PreferenceMetrics(trainer, self.splits, self.batch_size, self.every)
+        return PreferenceMetrics(trainer, self.splits, self.batch_size, self.every, self.measure)
 
 
 # ---------------------------------------------------------------------------------------------

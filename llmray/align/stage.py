@@ -77,6 +77,7 @@ class Prepared:
     quarantined: list[Quarantined]
     prompts: list[list[dict]]  # held-out prompts to sample replies to
     hooks: list[HookFactory] = field(default_factory=list)
+    model: Any = None  # how the trained model is built (a launch model source); None = the LM at cfg.model
 
 
 @dataclass
@@ -111,7 +112,7 @@ def alignment_job(cfg: AlignConfig, prepared: Prepared, checkpoint_dir: Path, ex
     seed = b.order_seed(cfg.train)
     val = RowData(prepared.val_rows, b.micro_batch_size, shuffle=False, epochs=1) \
         if prepared.val_rows is not None else None
-    return TrainJob(model=PretrainedModel(cfg.model), objective=prepared.objective,
+    return TrainJob(model=prepared.model or PretrainedModel(cfg.model), objective=prepared.objective,
                     train_data=RowData(prepared.train_rows, b.micro_batch_size, seed=seed), val_data=val,
                     train=cfg.train, parallel=cfg.parallel, execution=cfg.execution,
                     seq_len=prepared.train_rows.tokens.shape[1] - 1, checkpoint_dir=str(checkpoint_dir),

@@ -80,6 +80,9 @@ class ModelConfig:
     max_seq_len: int = param(2048, doc="longest sequence (RoPE table size, KV-cache limit)", min=1)
     qk_norm: bool = param(False, doc="RMSNorm each query and key head before RoPE (as in Qwen3/OLMo2)")
     tie_embeddings: bool = param(False, doc="share the token embedding matrix with the output head")
+    head: Literal["lm", "score"] = param("lm", doc="lm: next-token logits over the vocabulary; score: one scalar "
+                                                   "per position (a reward model; Hugging Face "
+                                                   "LlamaForSequenceClassification with num_labels 1)")
     sliding_window: int | None = param(
         None, doc="attend only to the last this-many positions, the current one included (Mistral); "
                   "null = full causal attention", min=1)
@@ -94,6 +97,8 @@ class ModelConfig:
             raise ValueError(f"give depth, or all of dim, n_layers and n_heads (missing: {', '.join(missing)})")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if self.head == "score" and self.tie_embeddings:
+            raise ValueError("head=score has no vocabulary projection to tie to the embedding: set tie_embeddings false")
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) "
@@ -148,6 +153,11 @@ class ModelConfig:
         """Parameters of one block or final norm: a weight (and a bias for LayerNorm)."""
         return self.dim * (2 if self.norm == "layernorm" else 1)
 
+    @property
+    def output_size(self) -> int:
+        """Width of the output head: the vocabulary (head=lm) or one score (head=score)."""
+        return self.vocab_size if self.head == "lm" else 1
+
     def num_params(self, include_embedding: bool = True) -> int:
         """Exact parameter count (each tied matrix counted once).
 
@@ -156,7 +166,7 @@ class ModelConfig:
         :meth:`flops_per_token`.
         """
         embedding = self.vocab_size * self.dim
-        head = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        head = 0 if self.tie_embeddings else self.output_size * self.dim
         total = self.n_layers * self.params_per_layer() + self.norm_params() + head  # + final norm
         if include_embedding:
             return total + embedding

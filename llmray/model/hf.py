@@ -73,6 +73,8 @@ _OUR_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
 _HF_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+SCORE_SUFFIX = "ForSequenceClassification"  # a head=score model (reward model): the head is ``score.weight``
+_SCORE_HEAD = ("lm_head.weight", "score.weight")
 
 
 class HFFormatError(ValueError):
@@ -103,6 +105,12 @@ class Pretrained:
 def to_hf_name(name: str) -> str:
     return _rename(name, _GLOBAL_NAMES, _OUR_LAYER_KEY, _LAYER_NAMES, "model.layers",
                    "no Hugging Face name for parameter")
+
+
+def _hf_name(name: str, cfg: ModelConfig) -> str:
+    """HF name of a parameter of a model of ``cfg`` (a score head is ``score.weight``)."""
+    hf_name = to_hf_name(name)
+    return _SCORE_HEAD[1] if cfg.head == "score" and hf_name == _SCORE_HEAD[0] else hf_name
 
 
 def from_hf_name(name: str) -> str:
@@ -140,8 +148,9 @@ def hf_config(cfg: ModelConfig, special: SpecialTokens, dtype: torch.dtype) -> d
                    "low_freq_factor": cfg.rope_scaling.low_freq_factor,
                    "high_freq_factor": cfg.rope_scaling.high_freq_factor,
                    "original_max_position_embeddings": cfg.rope_scaling.original_max_seq_len}
+    architecture = _ARCHITECTURES[kind]
     config = {
-        "architectures": [_ARCHITECTURES[kind]],
+        "architectures": [architecture if cfg.head == "lm" else architecture.replace("ForCausalLM", SCORE_SUFFIX)],
         "model_type": kind,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim,
@@ -167,6 +176,8 @@ def hf_config(cfg: ModelConfig, special: SpecialTokens, dtype: torch.dtype) -> d
         "torch_dtype": str(dtype).removeprefix("torch."),  # transformers 4
         "use_cache": True,
     }
+    if cfg.head == "score":
+        config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     if kind == "llama":
         config["mlp_bias"] = False
     if kind == "mistral":
@@ -208,14 +219,17 @@ def config_from_hf(config: dict, where: str = CONFIG_FILE) -> ModelConfig:
                                 "attention; only all-sliding or all-full models are supported")
         sliding_window = config.get("sliding_window")
     n_heads = need("num_attention_heads")
+    score = any(a.endswith(SCORE_SUFFIX) for a in config.get("architectures") or [])
+    if score and config.get("num_labels", len(config.get("id2label") or {}) or 2) != 1:
+        raise HFFormatError(f"{where}: a sequence classifier with num_labels != 1 is not a reward model")
     return ModelConfig(
         vocab_size=need("vocab_size"), dim=need("hidden_size"), n_layers=need("num_hidden_layers"),
         n_heads=n_heads, n_kv_heads=config.get("num_key_value_heads") or n_heads,
         head_dim=config.get("head_dim"), ffn_hidden_dim=need("intermediate_size"),
         norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=rope_theta, rope_scaling=rope,
         max_seq_len=need("max_position_embeddings"), qk_norm=kind == "qwen3",
-        tie_embeddings=config.get("tie_word_embeddings", False), sliding_window=sliding_window,
-        init_std=config.get("initializer_range", 0.02))
+        tie_embeddings=config.get("tie_word_embeddings", False) and not score, sliding_window=sliding_window,
+        init_std=config.get("initializer_range", 0.02), head="score" if score else "lm")
 
 
 def _rope_from_hf(config: dict, where: str) -> tuple[RopeScaling | None, float]:
@@ -317,8 +331,8 @@ def export(out_dir: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.Te
     for name, tensor in state_dict.items():
         if name == "output.weight" and cfg.tie_embeddings:
             continue  # stored once, as the embedding
-        tensors[to_hf_name(name)] = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
-    expected = {to_hf_name(n) for n in _expected_names(cfg)}
+        tensors[_hf_name(name, cfg)] = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+    expected = {_hf_name(n, cfg) for n in _expected_names(cfg)}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise ValueError(f"state dict does not hold a full model: missing {missing[:5]}, "
@@ -397,6 +411,8 @@ def load(path: str | Path, device: torch.device | str = "cpu",
     for name, tensor in read_state_dict(path).items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue  # some exporters store the tied head too; the embedding is the one weight
+        if cfg.head == "score" and name == _SCORE_HEAD[1]:
+            name = _SCORE_HEAD[0]
         try:
             state[from_hf_name(name)] = tensor
         except KeyError as exc:

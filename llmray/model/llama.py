@@ -25,6 +25,7 @@ Design choices, all of them in this one file:
   recipe differ only in what is compared. Such models train everywhere but have no Llama layout
   to export to (see :mod:`llmray.model.hf`).
 * Optional tied embeddings: ``output.weight`` *is* ``tok_embeddings.weight``.
+* ``head=score`` (a reward model): the output head maps each position to one scalar, V = 1.
 * Layers live in an ``nn.ModuleDict`` keyed ``"0"``, ``"1"``, …: parameter names such as
   ``layers.3.attention.wq.weight`` stay the same when a pipeline stage deletes the layers it does
   not own (``del model.layers["3"]``) and sets ``tok_embeddings`` / ``norm`` / ``output`` to
@@ -381,7 +382,7 @@ class Transformer(nn.Module):
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | LayerNorm | None = block_norm(cfg)
-        self.output: nn.Linear | None = Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output: nn.Linear | None = Linear(cfg.dim, cfg.output_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:

@@ -5,6 +5,10 @@
 * ``function``: any Python callable named by import path (``package.module:name``), called as
   ``fn(completion: str, problem: Problem) -> float`` on the rollout actors (the module must be
   importable there, as any dependency of the job).
+* ``reward_model``: the scalar of a reward model (``llmray reward train``) on the rendered prompt
+  and completion, scored by the rollout actor that sampled it, in one batched pass
+  (:mod:`llmray.rl.rollout`); group-normalised advantages make this the value-free (GRPO /
+  RLOO-style) form of PPO with a learned reward.
 * The format reward adds ``format_weight`` when the completion ended its turn (emitted the
   end-of-turn token) within its budget.
 
@@ -29,16 +33,19 @@ from llmray.rl.tasks import Problem, final_number
 class RewardConfig:
     """What a completion scores."""
 
-    kind: Literal["final_number", "function"] = param(
+    kind: Literal["final_number", "function", "reward_model"] = param(
         "final_number", doc="final_number: the last number equals the answer (GSM8K, arithmetic); "
-                            "function: the callable named in `function`")
+                            "function: the callable named in `function`; reward_model: the model at `model`")
     function: str | None = param(None, doc="import path 'module:name' of fn(completion, problem) -> float")
+    model: str | None = param(None, doc="kind reward_model: a reward model export (llmray reward train)")
     format_weight: float = param(0.1, doc="added when the completion ends its turn (0 = no format reward)",
                                  min=0.0)
 
     def __post_init__(self) -> None:
         if self.kind == "function" and not self.function:
             raise ValueError("reward kind 'function' needs function: 'module:name'")
+        if self.kind == "reward_model" and not self.model:
+            raise ValueError("reward kind 'reward_model' needs model: the reward model's directory")
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,12 @@ class Rewarder:
 
     def __init__(self, cfg: RewardConfig):
         self.cfg = cfg
-        self.fn = exact_final_number if cfg.kind == "final_number" else resolve_function(cfg.function)
+        self.fn = {"final_number": exact_final_number, "reward_model": None}.get(cfg.kind) \
+            or resolve_function(cfg.function)
+
+    def from_value(self, value: float, finished: bool) -> Scored:
+        """The reward of a completion whose task reward was computed elsewhere (a reward model)."""
+        return Scored(value + self.cfg.format_weight * finished, value, None)
 
     def __call__(self, completion: str, problem: Problem, finished: bool) -> Scored:
         try:

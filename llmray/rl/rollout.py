@@ -76,6 +76,21 @@ def completion_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
 
 
 @torch.no_grad()
+def sequence_rewards(reward_model: torch.nn.Module, prompts: Sequence[Sequence[int]],
+                     completions: Sequence[Sequence[int]]) -> list[float]:
+    """A reward model's score of each prompt + completion (at its last token), in one forward pass."""
+    from llmray.rl.reward_model import sequence_scores
+
+    sequences = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    tokens = torch.zeros((len(sequences), max(map(len, sequences))), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        tokens[row, :len(sequence)] = torch.tensor(sequence)
+    last = torch.tensor([len(s) - 1 for s in sequences])
+    device = next(reward_model.parameters()).device
+    return sequence_scores(reward_model, tokens.to(device), last.to(device)).cpu().tolist()
+
+
+@torch.no_grad()
 def sample_completions(model: torch.nn.Module, items: Sequence[WorkItem], sampling: SamplingSpec,
                        stop_ids: Sequence[int]) -> list[list[int]]:
     """One completion per item (ending with its stop token when it finished), each from its own seed."""
@@ -110,6 +125,10 @@ class RolloutWorker:
         self.stop_ids = ChatTemplate(self.tokenizer).stop_ids
         self.sampling = sampling
         self.rewarder = Rewarder(reward)
+        self.reward_model = hf.load(reward.model).model if reward.kind == "reward_model" else None
+        if self.reward_model is not None and self.reward_model.cfg.head != "score":
+            raise ValueError(f"{reward.model} is a language model (head=lm), not a reward model: train one with "
+                             "`llmray reward train`")
         self.key = (0, 0)  # (policy version, publication) of the weights held: model_dir's
 
     @property
@@ -138,11 +157,14 @@ class RolloutWorker:
         old = completion_logps(self.policy, prompts, completions)
         ref = completion_logps(self.reference, prompts, completions) if self.reference is not None \
             else [torch.zeros(0)] * len(items)
+        model_scores = sequence_rewards(self.reward_model, prompts, completions) if self.reward_model is not None \
+            else [None] * len(items)
         out = []
-        for item, completion, old_logps, ref_logps in zip(items, completions, old, ref):
+        for item, completion, old_logps, ref_logps, model_score in zip(items, completions, old, ref, model_scores):
             finished = completion[-1] in self.stop_ids
             text = self.tokenizer.decode(completion[:-1] if finished else completion)
-            scored = self.rewarder(text, item.task, finished)
+            scored = self.rewarder(text, item.task, finished) if model_score is None \
+                else self.rewarder.from_value(model_score, finished)
             out.append({"problem": item.problem, "sample": item.sample, "seed": item.seed, "version": self.version,
                         "prompt": torch.tensor(item.prompt), "completion": torch.tensor(completion),
                         "old_logps": old_logps, "ref_logps": ref_logps, "finished": finished,

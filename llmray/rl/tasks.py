@@ -5,13 +5,16 @@ so RL on it would show no learning there. Arithmetic at graded difficulty gives 
 something it can get right part of the time, which is what group-relative advantages need
 (a group where every completion scores the same teaches nothing).
 
-* :func:`arithmetic_problems` draws problems from a seeded generator: level 1 adds two one-digit
-  numbers, level 2 adds or subtracts two-digit numbers, level 3 chains three two-digit terms,
-  level 4 multiplies a two-digit by a one-digit number and adds a third. The same seed and level
-  give the same problems on every machine (Python's ``random.Random`` is specified to).
+* :func:`arithmetic_problems` draws distinct problems from a seeded generator: level 1 adds two
+  one-digit numbers, level 2 adds a one-digit to a two-digit number, level 3 adds or subtracts
+  two-digit numbers, level 4 chains three two-digit terms, level 5 multiplies a two-digit by a
+  one-digit number and adds a third. The same seed and level give the same problems on every
+  machine (Python's ``random.Random`` is specified to).
 * :func:`final_number` is the verifier of both tasks: the last number in the text, commas and a
   trailing ``.0`` ignored (GSM8K's convention: the reference answer follows ``####``).
 * Every prompt is a :class:`Problem`: chat messages (a user turn) and the answer as a string.
+  A generated problem's id is its expression, so repeats of one expression share the train /
+  held-out split: held-out arithmetic is never seen in training.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Iterator, Literal
 from llmray.align.records import Quarantined, RecordError, check_messages, field, read_jsonl
 from llmray.config import param
 
-LEVELS = (1, 2, 3, 4)
+LEVELS = (1, 2, 3, 4, 5)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -49,8 +52,9 @@ class PromptSource:
         "arithmetic", doc="arithmetic: generated problems; gsm8k: {question, answer '... #### N'} JSONL; "
                           "jsonl: {prompt | messages, answer} records")
     path: str = param("", doc="the JSONL(.gz) file (gsm8k, jsonl)")
-    count: int = param(512, doc="problems to use: generated, or the first in file order", min=1)
-    level: int = param(1, doc="arithmetic difficulty 1-4 (see llmray.rl.tasks)", min=1, max=4)
+    count: int = param(512, doc="problems to use: generated (distinct; fewer where the level has fewer), "
+                                    "or the first in file order", min=1)
+    level: int = param(1, doc="arithmetic difficulty 1-5 (see llmray.rl.tasks)", min=1, max=5)
     seed: int = param(0, doc="arithmetic: seed of the generator", min=0)
     name: str | None = param(None, doc="source name in counts; null = the kind (arithmetic: with its level)")
 
@@ -75,16 +79,19 @@ def final_number(text: str) -> str | None:
 
 
 def arithmetic_problems(count: int, level: int, seed: int) -> list[Problem]:
-    """``count`` problems of difficulty ``level`` from a generator seeded with ``seed``."""
+    """``count`` distinct problems of difficulty ``level`` from a generator seeded with ``seed`` (all
+    of the level's problems when it has fewer, e.g. the 100 of level 1)."""
     if level not in LEVELS:
         raise ValueError(f"arithmetic level must be one of {LEVELS}, got {level}")
     rng = random.Random(f"llmray-arithmetic:{level}:{seed}")
-    problems = []
-    for index in range(count):
+    problems: dict[str, Problem] = {}
+    for _ in range(50 * count):  # far more draws than needed unless the level runs out of problems
+        if len(problems) == count:
+            break
         expression, value = _expression(rng, level)
-        problems.append(Problem(f"arithmetic-{level}-{seed}-{index}",
-                                ({"role": "user", "content": f"What is {expression}?"},), str(value)))
-    return problems
+        problems.setdefault(expression, Problem(f"arithmetic:{expression}",
+                                                ({"role": "user", "content": f"What is {expression}?"},), str(value)))
+    return list(problems.values())
 
 
 def _expression(rng: random.Random, level: int) -> tuple[str, int]:
@@ -92,10 +99,13 @@ def _expression(rng: random.Random, level: int) -> tuple[str, int]:
     if level == 1:
         a, b = rng.randint(0, 9), rng.randint(0, 9)
         return f"{a} + {b}", a + b
-    if level == 4:
+    if level == 2:
+        a, b = rng.randint(10, 99), rng.randint(0, 9)
+        return f"{a} + {b}", a + b
+    if level == 5:
         a, b, c = rng.randint(10, 99), rng.randint(2, 9), rng.randint(10, 99)
         return f"{a} * {b} + {c}", a * b + c
-    terms = [rng.randint(10, 99) for _ in range(level)]  # level 2: two terms, level 3: three
+    terms = [rng.randint(10, 99) for _ in range(level - 1)]  # level 3: two terms, level 4: three
     text, value = str(terms[0]), terms[0]
     for term in terms[1:]:
         sign = rng.choice("+-")

@@ -138,3 +138,30 @@ def test_two_fsdp2_learners_on_ray_train_match_one_in_process(ray_session, polic
     assert rewards(double) == pytest.approx(rewards(single), rel=1e-6)
     assert single["metrics"]["grad_norm"] > 0
     assert double["metrics"]["grad_norm"] == pytest.approx(single["metrics"]["grad_norm"], rel=1e-5)
+
+
+def test_reward_model_trains_on_preference_pairs_and_scores_rl_rollouts(ray_session, policy, shared_data, tmp_path):
+    reward_cfg = config_lib.from_dict(stages.STAGES["reward"].config_cls, {
+        "model": str(policy), "tokenizer": str(tokenizer_dir(shared_data)), "val_fraction": 0.2,
+        "batch": {"seq_len": 127, "micro_batch_size": 8},
+        "sources": [{"kind": "hh_rlhf", "path": str(shared_data / "hh_rlhf_harmless_base" / "test.jsonl.gz"),
+                     "max_records": 120}],
+        "train": {"steps": 24, "log_every": 4, "peak_flops": 1e11, "optimizer": {"lr": 3e-3},
+                  "schedule": {"warmup_steps": 2}},
+        "execution": {"threads_per_worker": 1}})
+    trained = stages.run_stage(stages.STAGES["reward"], reward_cfg, tmp_path / "run")
+    summary = trained.manifest["summary"]
+    assert summary["final"]["train_loss"] < summary["initial"]["train_loss"] - 0.05
+    assert summary["final"]["train_accuracy"] > 0.6  # it fits its training pairs
+    low, high = summary["val_accuracy_ci95"]
+    assert low <= summary["val_accuracy"] <= high and summary["final"]["val_pairs"] >= 15
+    assert "95% Wilson interval" in (trained.output / "report.md").read_text()
+    reward_model = trained.output / "model"
+    assert json.loads((reward_model / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+
+    rl = rl_config(policy, shared_data, **{"train.steps": 2, "reward.kind": "reward_model",
+                                           "reward.model": str(reward_model), "reward.format_weight": 0.0})
+    result = stages.run_stage(stages.STAGES["rl"], rl, tmp_path / "run")
+    history = json.loads((result.output / "rollouts.json").read_text())
+    assert len(history) == 2 and all(h["reward_failures"] == 0 for h in history)
+    assert all(h["correct_mean"] not in (0.0, 1.0) for h in history)  # real-valued model scores, not 0/1

@@ -22,15 +22,17 @@ def test_final_number(text, number):
     assert final_number(text) == number
 
 
-@pytest.mark.parametrize("level", [1, 2, 3, 4])
-def test_arithmetic_problems_are_seeded_and_right(level):
+@pytest.mark.parametrize("level", [1, 2, 3, 4, 5])
+def test_arithmetic_problems_are_seeded_distinct_and_right(level):
     problems = arithmetic_problems(50, level, seed=3)
     assert problems == arithmetic_problems(50, level, seed=3)
     assert problems != arithmetic_problems(50, level, seed=4)
+    assert len({p.id for p in problems}) == len(problems) == 50
     for p in problems:
         expression = p.messages[0]["content"].removeprefix("What is ").removesuffix("?")
         assert str(eval(expression)) == p.answer  # the test's independent check of the generator's arithmetic
-        assert expression.count(" ") == {1: 2, 2: 2, 3: 4, 4: 4}[level]
+        assert expression.count(" ") == {1: 2, 2: 2, 3: 2, 4: 4, 5: 4}[level]
+    assert len(arithmetic_problems(500, 1, seed=0)) == 100  # every one-digit sum, once
 
 
 def test_gsm8k_answers_and_bad_records_name_their_line(shared_data, tmp_path):

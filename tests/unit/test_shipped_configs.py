@@ -16,7 +16,7 @@ from llmray.pipeline import PipelineConfig, typed_stage_configs
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FOLDER_TO_STAGE = {"data": "curate", "tokenizer": "tokenizer", "tokens": "tokens", "train": "pretrain",
-                   "sft": "sft", "dpo": "dpo", "rl": "rl", "eval": "eval", "tune": "tune"}
+                   "sft": "sft", "dpo": "dpo", "reward": "reward", "rl": "rl", "eval": "eval", "tune": "tune"}
 FILE_TO_STAGE = {"data/classifiers.yaml": "classifier"}  # a file whose stage differs from its folder's
 
 
