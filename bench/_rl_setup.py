@@ -31,3 +31,54 @@ def initial_model(root: Path, tokenizer_dir: Path, vocab: int, dim: int, layers:
                  ffn_hidden_dim=3 * dim, max_seq_len=96)
     torch.manual_seed(seed)
     return hf.export(root / "init", cfg, llama.build(cfg).state_dict(), tokenizer_dir=tokenizer_dir)
+
+
+VAL_FRACTION = 0.1  # held-out share of problems (split by expression, as the rl stage splits)
+SEED = 0
+
+
+def worked(problem) -> str:
+    """The demonstration reply of an arithmetic problem: "47 + 3 = 50"."""
+    return f"{problem.messages[0]['content'].removeprefix('What is ').removesuffix('?')} = {problem.answer}"
+
+
+def sft_model(root: Path, args) -> tuple[Path, Path]:
+    """(tokenizer, SFT model): a random Llama SFT'd by the ``sft`` stage (in process) on worked answers
+    to the first ``args.sft_problems`` training-split problems of ``args.level``, for ``args.sft_steps``:
+    few demonstrations, so that RL on every training problem has something left to teach."""
+    from llmray import config as config_lib
+    from llmray import stages
+    from llmray.align.records import split_of
+    from llmray.rl.tasks import arithmetic_problems
+
+    tokenizer_dir = tokenizer(root, args.vocab)
+    init = initial_model(root, tokenizer_dir, args.vocab, args.dim, args.layers, SEED)
+    problems = arithmetic_problems(args.problems, args.level, SEED)
+    demos = [p for p in problems if split_of(p.group, VAL_FRACTION, SEED) == "train"][:args.sft_problems]
+    data = root / "sft.jsonl"
+    data.write_text("".join(json.dumps({"messages": [*p.messages, {"role": "assistant", "content": worked(p)}]})
+                            + "\n" for p in demos))
+    cfg = config_lib.from_dict(stages.STAGES["sft"].config_cls, {
+        "model": str(init), "tokenizer": str(tokenizer_dir), "val_fraction": 0.0,
+        "sources": [{"kind": "messages", "path": str(data), "name": "arithmetic"}],
+        "batch": {"seq_len": 95, "micro_batch_size": 32},
+        "train": {"steps": args.sft_steps, "log_every": 50, "optimizer": {"lr": 3e-3, "weight_decay": 0.0},
+                  "schedule": {"warmup_steps": 20}},
+        "samples": {"prompts": 0}, "execution": {"threads_per_worker": 2}})
+    return tokenizer_dir, stages.run_stage(stages.STAGES["sft"], cfg, root / "runs").output / "model"
+
+
+def add_task_arguments(parser, sft_steps: int, rl_steps: int) -> None:
+    """The task, SFT and model options both RL benches take."""
+    parser.add_argument("--level", type=int, default=2, help="arithmetic difficulty (llmray.rl.tasks)")
+    parser.add_argument("--problems", type=int, default=900, help="distinct problems drawn (level 2 has 900)")
+    parser.add_argument("--sft-problems", type=int, default=150, help="training problems given as SFT demonstrations")
+    parser.add_argument("--sft-steps", type=int, default=sft_steps)
+    parser.add_argument("--rl-steps", type=int, default=rl_steps)
+    parser.add_argument("--rl-lr", type=float, default=3e-4)
+    parser.add_argument("--prompts-per-step", type=int, default=32)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--eval-problems", type=int, default=300)
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)

@@ -72,23 +72,33 @@ METRIC_NAMES = ("dpo_loss", "reward_accuracy", "chosen_reward", "rejected_reward
 
 
 @torch.no_grad()
+def pair_sums(model: torch.nn.Module, rows, batch_size: int, rank: int, world_size: int,
+              terms: Callable[[dict, torch.Tensor], list[torch.Tensor]]) -> tuple[list[float], float]:
+    """Sums over every pair of ``rows`` (all ranks) of ``terms(batch, valid)`` (scalars per batch), and
+    the number of real pairs: the one loop of the DPO and reward-model metrics."""
+    device = next(model.parameters()).device
+    sums = None
+    for batch in RowLoader(rows, batch_size=batch_size, rank=rank, world_size=world_size, shuffle=False, epochs=1):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        valid = batch["valid"].bool()
+        values = torch.stack([*terms(batch, valid), valid.sum()]).double()
+        sums = values if sums is None else sums + values
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return sums[:-1].tolist(), float(sums[-1])
+
+
 def preference_metrics(objective, model: torch.nn.Module, rows: PairRows, batch_size: int, rank: int,
                        world_size: int) -> dict:
     """Mean DPO loss, reward accuracy, rewards, margin, log-prob accuracy over all pairs (all ranks)."""
-    device = next(model.parameters()).device
-    sums = torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float64, device=device)
-    for batch in RowLoader(rows, batch_size=batch_size, rank=rank, world_size=world_size, shuffle=False, epochs=1):
-        batch = {k: v.to(device) for k, v in batch.items()}
+    def terms(batch: dict, valid: torch.Tensor) -> list[torch.Tensor]:
         t = objective.pair_terms(model, batch)
-        valid = batch["valid"].bool()
-        sums += torch.stack([t["loss"].sum(), ((t["chosen_reward"] > t["rejected_reward"]) & valid).sum(),
-                             t["chosen_reward"].sum(), t["rejected_reward"].sum(),
-                             (t["chosen_reward"] - t["rejected_reward"]).sum(),
-                             ((t["chosen_logp"] > t["rejected_logp"]) & valid).sum(), valid.sum()]).double()
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    pairs = float(sums[-1])
-    return {name: float(sums[i]) / pairs for i, name in enumerate(METRIC_NAMES)}
+        return [t["loss"].sum(), ((t["chosen_reward"] > t["rejected_reward"]) & valid).sum(),
+                t["chosen_reward"].sum(), t["rejected_reward"].sum(), (t["chosen_reward"] - t["rejected_reward"]).sum(),
+                ((t["chosen_logp"] > t["rejected_logp"]) & valid).sum()]
+
+    sums, pairs = pair_sums(model, rows, batch_size, rank, world_size, terms)
+    return {name: value / pairs for name, value in zip(METRIC_NAMES, sums)}
 
 
 class PreferenceMetrics:

@@ -28,11 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from llmray.align.loader import RowLoader
 from llmray.align.pairs import PairRows
 from llmray.model.config import ModelConfig
 from llmray.train.objectives import LossOutput, Objective
@@ -100,23 +98,18 @@ class BradleyTerry(Objective):
         return LossOutput(self.pair_terms(model, batch)["loss"].sum(), self.weight(batch))
 
 
-@torch.no_grad()
 def reward_pair_metrics(objective: BradleyTerry, model: nn.Module, rows: RewardPairs, batch_size: int, rank: int,
                         world_size: int) -> dict:
     """Mean loss, pair accuracy, margin and rewards over every pair of ``rows`` (all ranks), and ``pairs``."""
-    device = next(model.parameters()).device
-    sums = torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float64, device=device)
-    for batch in RowLoader(rows, batch_size=batch_size, rank=rank, world_size=world_size, shuffle=False, epochs=1):
-        batch = {k: v.to(device) for k, v in batch.items()}
+    from llmray.align.dpo import pair_sums
+
+    def terms(batch: dict, valid: torch.Tensor) -> list[torch.Tensor]:
         t = objective.pair_terms(model, batch)
-        valid = batch["valid"].bool()
-        sums += torch.stack([t["loss"].sum(), ((t["chosen"] > t["rejected"]) & valid).sum(),
-                             (t["chosen"] - t["rejected"]).sum(), t["chosen"].sum(), t["rejected"].sum(),
-                             valid.sum()]).double()
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    pairs = float(sums[-1])
-    return {**{name: float(sums[i]) / pairs for i, name in enumerate(METRIC_NAMES)}, "pairs": pairs}
+        return [t["loss"].sum(), ((t["chosen"] > t["rejected"]) & valid).sum(), (t["chosen"] - t["rejected"]).sum(),
+                t["chosen"].sum(), t["rejected"].sum()]
+
+    sums, pairs = pair_sums(model, rows, batch_size, rank, world_size, terms)
+    return {**{name: value / pairs for name, value in zip(METRIC_NAMES, sums)}, "pairs": pairs}
 
 
 @dataclass

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 from llmray import runs
@@ -28,7 +29,20 @@ from llmray.rl.rollout import SamplingSpec, WorkItem
 from llmray.rl.stream import RolloutPoolConfig, RolloutSpec
 from llmray.rl.tasks import Problem, PromptSource, read_problems
 from llmray.train.launch import ExecutionConfig, TrainJob
+from llmray.train.guards import GuardConfig
 from llmray.train.trainer import TrainConfig
+
+
+@dataclass
+class RlGuardConfig(GuardConfig):
+    spike_mode: Literal["off", "ratio", "sigma"] = param(
+        "off", doc="must stay off in RL: the GRPO loss is a surrogate near 0 that changes sign every step, so "
+                   "spike detection would skip most steps (non-finite values are still guarded)")
+
+
+@dataclass
+class RlTrainConfig(TrainConfig):
+    guards: RlGuardConfig = param(default_factory=RlGuardConfig, doc="non-finite handling (no loss-spike checks)")
 
 
 @dataclass
@@ -55,7 +69,7 @@ class RlConfig:
     reward: RewardConfig = param(default_factory=RewardConfig, doc="what a completion scores")
     grpo: GrpoConfig = param(default_factory=GrpoConfig, doc="the policy loss")
     rollout: RolloutPoolConfig = param(default_factory=RolloutPoolConfig, doc="the rollout actors")
-    train: TrainConfig = param(default_factory=TrainConfig, doc="the training loop (steps, optimizer, schedule)")
+    train: RlTrainConfig = param(default_factory=RlTrainConfig, doc="the training loop (steps, optimizer, schedule)")
     parallel: ParallelConfig = param(default_factory=ParallelConfig, doc="how the learner is spread over workers")
     execution: ExecutionConfig = param(default_factory=ExecutionConfig, doc="where the learner runs")
 
@@ -65,6 +79,10 @@ class RlConfig:
         if self.parallel.strategy == "deepspeed":
             raise ValueError("rl: the learner runs with parallel.strategy fsdp2 or none (its weight sync "
                              "gathers FSDP2/DTensor state; DeepSpeed is not wired for it)")
+        if self.train.guards.spike_mode != "off":
+            raise ValueError("rl: train.guards.spike_mode must be off: the GRPO loss is a surrogate whose mean is "
+                             "near 0 and changes sign every step, so loss-spike detection would skip most steps "
+                             "(non-finite losses and gradients are still guarded)")
         self.grad_accum()  # the step's sequences must split evenly: fail at load, not after start-up
 
     def inputs(self) -> dict[str, str]:
@@ -187,7 +205,8 @@ def run_rl(cfg: RlConfig, ctx) -> dict:
                "finished_rate_after": after["finished_rate"],
                "reward_first": history[0]["reward_mean"] if history else None,
                "reward_last": history[-1]["reward_mean"] if history else None,
-               "reward_failures": sum(h["reward_failures"] for h in history)}
+               "reward_failures": sum(h["reward_failures"] for h in history),
+               "skipped_steps": sum(result.worker["guard_counts"].get(k, 0) for k in ("skip_nonfinite", "skip_spike"))}
     ctx.log_metrics(**{k: v for k, v in summary.items() if isinstance(v, (int, float))})
     runs.write_json(ctx.output / "rollouts.json", history)
     runs.write_json(ctx.output / "held_out.json", {"before": before, "after": after})

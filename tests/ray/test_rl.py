@@ -62,6 +62,7 @@ def test_stage_trains_on_policy_exports_and_counts_failing_rewards(ray_session, 
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     assert all(h["oldest_sample_version"] == h["policy_version"] == h["step"] - 1 for h in history)
     assert summary["reward_failures"] > 0  # odd answers: scored 0 and counted, the run went on
+    assert summary["skipped_steps"] == 0
     assert 0 < sum(h["reward_failures"] for h in history) < 4 * 8
     assert summary["exact_match_before"] is not None and len(summary["ci95_after"]) == 2
     assert (result.output / "model" / "model.safetensors").is_file()

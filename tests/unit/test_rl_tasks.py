@@ -115,3 +115,15 @@ def test_behaviour_log_probs_are_the_policys_own(worker, shared_data):
         torch.testing.assert_close(s["old_logps"], alone, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(s["ref_logps"], s["old_logps"])  # version 0: the reference is the policy
         assert s["version"] == 0 and s["reward"] in (0.0, 0.1, 1.0, 1.1)
+
+
+def test_rl_config_keeps_loss_spike_detection_off():
+    """GRPO's loss hovers around 0 and changes sign: spike detection would skip most steps (it did,
+    129 of 150, before RL configs turned it off), so the stage refuses it."""
+    from llmray import config as config_lib
+    from llmray.rl.stage import RlConfig
+
+    cfg = config_lib.from_dict(RlConfig, {"prompts": [{"kind": "arithmetic"}], "train": {"guards": {"window": 20}}})
+    assert cfg.train.guards.spike_mode == "off" and cfg.train.guards.window == 20
+    with pytest.raises(config_lib.ConfigError, match="spike_mode must be off"):
+        config_lib.from_dict(RlConfig, {"prompts": [{"kind": "arithmetic"}], "train": {"guards": {"spike_mode": "ratio"}}})
