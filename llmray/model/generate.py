@@ -19,8 +19,9 @@ Design choices:
 * One :class:`SamplingConfig` applies to every row (one seeded generator for the batch), or a
   list gives each row its own settings: budget, stop tokens, temperature/top-k/top-p and seed.
   This is how a server decodes unrelated requests together. A row with its own seed draws from
-  its own generator, so a seeded request samples the same tokens batched or alone; unseeded rows
-  with equal settings are sampled together from torch's global RNG.
+  its own generator (one uniform per step, inverse-CDF, batched with the rows of equal settings),
+  so a seeded request samples the same tokens batched or alone; unseeded rows with equal
+  settings are sampled together from torch's global RNG.
 * A caller may ``send`` a (B,) bool tensor into :func:`stream` to finish rows early (a stop
   string seen in the decoded text, a client gone); they yield ``-1`` from the next step on.
 * :func:`stream` is the primitive (one ``(B,)`` tensor per step); :func:`generate` collects it.
@@ -81,6 +82,21 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(-1)
 
 
+def sample_own_generators(logits: torch.Tensor, cfg: SamplingConfig,
+                          generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Next token ids (B,) of rows that each own a generator, in one batched pass: one uniform draw per
+    row from its own generator, then inverse-CDF over the filtered distribution. A row's token
+    depends only on its logits and its generator, never on its neighbours (RL samples many seeded
+    completions per step; one ``multinomial`` call per row cost as much as the forward pass)."""
+    probs = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    uniforms = torch.stack([torch.rand((), generator=g, device=g.device) for g in generators]).to(cdf.device)
+    # right=True: the first token whose cumulative mass exceeds the draw, so a zero-probability token
+    # (a flat step of the CDF) is never chosen
+    tokens = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    return tokens.clamp(max=logits.shape[-1] - 1)
+
+
 Sampling = SamplingConfig | Sequence[SamplingConfig]
 
 
@@ -92,6 +108,7 @@ class Row:
     cfg: SamplingConfig
     generator: torch.Generator | None  # None: torch's global RNG (or greedy)
     budget: int  # tokens it may generate: its max_new_tokens, capped by the model's max_seq_len
+    owns_generator: bool = False  # its generator is its own (seeded by its cfg), not shared with other rows
     generated: int = 0
     finished: bool = False  # by a stop token, its budget, or :meth:`Decoder.finish`
     last_token: int = FINISHED  # fed to the model at the next step
@@ -100,7 +117,8 @@ class Row:
         """Rows with equal keys are sampled with one call (greedy rows, or one shared generator)."""
         if self.cfg.temperature == 0.0:
             return ("greedy",)
-        return (id(self.generator), self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
+        source = "own" if self.owns_generator else id(self.generator)
+        return (source, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
 
 
 class Decoder:
@@ -136,9 +154,10 @@ class Decoder:
                              f"max_seq_len ({self.model.cfg.max_seq_len})")
         if self.free_rows == 0:
             raise ValueError(f"all {self.max_rows} rows of the decoder are in use")
-        if generator is None and cfg.seed is not None and cfg.temperature > 0.0:
+        owns = generator is None and cfg.seed is not None and cfg.temperature > 0.0
+        if owns:
             generator = torch.Generator(device=self.cache.device).manual_seed(cfg.seed)
-        row = Row(list(prompt), cfg, generator, min(cfg.max_new_tokens, room))
+        row = Row(list(prompt), cfg, generator, min(cfg.max_new_tokens, room), owns_generator=owns)
         self._added.append(row)
         return row
 
@@ -204,12 +223,20 @@ def _sample_rows(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     for index, row in enumerate(rows):
         groups.setdefault(row.sampling_key(), []).append(index)
     if len(groups) == 1:
-        return sample(logits, rows[0].cfg, rows[0].generator)
+        return _sample_group(logits, rows)
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     for members in groups.values():
         index = torch.tensor(members, device=logits.device)
-        tokens[index] = sample(logits[index], rows[members[0]].cfg, rows[members[0]].generator)
+        tokens[index] = _sample_group(logits[index], [rows[i] for i in members])
     return tokens
+
+
+def _sample_group(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """Tokens of rows with one sampling key: per-row draws when each owns its generator."""
+    first = rows[0]
+    if first.owns_generator and first.cfg.temperature > 0.0:
+        return sample_own_generators(logits, first.cfg, [row.generator for row in rows])
+    return sample(logits, first.cfg, first.generator)
 
 
 def _row_configs(cfg: Sampling, batch: int) -> list[SamplingConfig]:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from llmray.model.config import preset
-from llmray.model.generate import FINISHED, Decoder, SamplingConfig, filter_logits, generate, sample, stream
+from llmray.model.generate import (FINISHED, Decoder, SamplingConfig, filter_logits, generate, sample,
+                                   sample_own_generators, stream)
 from llmray.model.llama import build
 
 GREEDY = SamplingConfig(max_new_tokens=64, temperature=0.0)
@@ -109,6 +110,19 @@ def test_sampling_follows_the_tempered_distribution():
     top_two = sample(logits, SamplingConfig(temperature=1.0, top_k=2), generator)
     assert set(top_two.tolist()) == {2, 3}
     assert math.isclose((top_two == 3).float().mean().item(), 4 / 7, abs_tol=0.015)
+
+
+def test_rows_with_their_own_generators_follow_the_distribution_and_skip_filtered_tokens():
+    probs = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4])
+    logits = torch.log(probs).expand(20000, 5)
+    generators = [torch.Generator().manual_seed(i) for i in range(20000)]
+    draws = sample_own_generators(logits, SamplingConfig(temperature=1.0), generators)
+    torch.testing.assert_close(torch.bincount(draws, minlength=5) / 20000, probs, atol=0.015, rtol=0)
+    nucleus = sample_own_generators(logits, SamplingConfig(temperature=1.0, top_p=0.5), generators)
+    assert set(nucleus.tolist()) == {3, 4}
+    again = sample_own_generators(logits[:7], SamplingConfig(temperature=1.0),
+                                  [torch.Generator().manual_seed(i) for i in range(7)])
+    assert again.tolist() == draws[:7].tolist()  # a row's draw depends only on its own generator
 
 
 def test_per_row_settings_batched_equal_each_row_alone():
