@@ -258,8 +258,8 @@ def stream(model: Transformer, prompts: list[list[int]],
     configs = _row_configs(cfg, len(prompts))
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    shared = None
-    if isinstance(cfg, SamplingConfig) and cfg.seed is not None and cfg.temperature > 0.0:
+    shared = None  # one generator for a batch under one seeded config; a single prompt owns its own
+    if isinstance(cfg, SamplingConfig) and cfg.seed is not None and cfg.temperature > 0.0 and len(prompts) > 1:
         shared = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     decoder = Decoder(model, len(prompts), max(len(p) + c.max_new_tokens for p, c in zip(prompts, configs)))
     rows = [decoder.add(prompt, row_cfg, shared) for prompt, row_cfg in zip(prompts, configs)]
