@@ -8,9 +8,10 @@ def digit_share(completion: str, problem) -> float:
     return sum(c.isdigit() for c in completion) / max(1, len(completion))
 
 
-def digit_share_failing_on_odd(completion: str, problem) -> float:
-    if int(problem.answer) % 2:
-        raise ArithmeticError(f"odd answer {problem.answer}: this reward function breaks")
+def digit_share_failing_sometimes(completion: str, problem) -> float:
+    """Fails on about a third of completions (those whose length is a multiple of 3)."""
+    if len(completion) % 3 == 0:
+        raise ArithmeticError(f"completion of {len(completion)} characters: this reward function breaks")
     return digit_share(completion, problem)
 
 

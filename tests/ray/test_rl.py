@@ -55,13 +55,13 @@ def _problems(shared_data, count=40):
 
 def test_stage_trains_on_policy_exports_and_counts_failing_rewards(ray_session, policy, shared_data, tmp_path):
     cfg = rl_config(policy, shared_data, max_staleness=0,
-                    **{"reward.function": "tests.rl_support:digit_share_failing_on_odd"})
+                    **{"reward.function": "tests.rl_support:digit_share_failing_sometimes"})
     result = stages.run_stage(stages.STAGES["rl"], cfg, tmp_path / "run")
     summary = result.manifest["summary"]
     history = json.loads((result.output / "rollouts.json").read_text())
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     assert all(h["oldest_sample_version"] == h["policy_version"] == h["step"] - 1 for h in history)
-    assert summary["reward_failures"] > 0  # odd answers: scored 0 and counted, the run went on
+    assert summary["reward_failures"] > 0  # scored 0 and counted, the run went on
     assert summary["skipped_steps"] == 0
     assert 0 < sum(h["reward_failures"] for h in history) < 4 * 8
     assert summary["exact_match_before"] is not None and len(summary["ci95_after"]) == 2
@@ -137,8 +137,8 @@ def test_two_fsdp2_learners_on_ray_train_match_one_in_process(ray_session, polic
         assert double["losses"][step] == pytest.approx(loss, rel=1e-5, abs=1e-7)
     rewards = lambda worker: [h["reward_mean"] for h in worker["hooks"][0]]  # noqa: E731
     assert rewards(double) == pytest.approx(rewards(single), rel=1e-6)
-    assert single["metrics"]["grad_norm"] > 0
-    assert double["metrics"]["grad_norm"] == pytest.approx(single["metrics"]["grad_norm"], rel=1e-5)
+    assert any(loss != 0 for loss in single["losses"].values())  # some group had unequal rewards: a real update
+    assert double["metrics"]["grad_norm"] == pytest.approx(single["metrics"]["grad_norm"], rel=1e-5, abs=1e-8)
 
 
 def test_reward_model_trains_on_preference_pairs_and_scores_rl_rollouts(ray_session, policy, shared_data, tmp_path):
