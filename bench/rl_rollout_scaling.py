@@ -3,7 +3,8 @@
     python bench/rl_rollout_scaling.py [--quick]
 
 The real pool (:class:`llmray.rl.stream.RolloutPool`) over a small random Llama (dim 128, 4 layers,
-GSM8K tokenizer), each actor one CPU and one torch thread: a rollout batch of
+GSM8K tokenizer), each actor one torch thread (half a logical CPU, so that both pools, 3 actors,
+stay alive on a 2-CPU Ray; only one pool works at a time): a rollout batch of
 ``--prompts`` arithmetic problems × ``--group-size`` completions of ``--max-new-tokens`` tokens is
 split into one chunk per actor, sampled with the KV-cache generator, scored (behaviour log-probs)
 and rewarded. Actors are started and warmed up before timing; rounds alternate 1 and 2 actors,
@@ -43,7 +44,7 @@ def spec_for(actors: int, model_dir: Path, tokenizer_dir: Path, args) -> Rollout
     prompts = render_prompts(ChatTemplate.from_file(str(tokenizer_dir / "tokenizer.json")), problems)
     return RolloutSpec(problems=problems, prompts=prompts, model_dir=str(model_dir), tokenizer_dir=str(tokenizer_dir),
                        sampling=SamplingSpec(max_new_tokens=args.max_new_tokens), reward=RewardConfig(),
-                       grpo=GrpoConfig(), pool=RolloutPoolConfig(actors=actors, actor_cpus=1.0, threads=1),
+                       grpo=GrpoConfig(), pool=RolloutPoolConfig(actors=actors, actor_cpus=0.5, threads=1),
                        prompts_per_step=args.prompts, group_size=args.group_size, micro_batch_size=1,
                        max_staleness=0, seed=0)
 
