@@ -68,13 +68,18 @@ def sft_model(root: Path, args) -> tuple[Path, Path]:
     return tokenizer_dir, stages.run_stage(stages.STAGES["sft"], cfg, root / "runs").output / "model"
 
 
-def add_task_arguments(parser, sft_steps: int, rl_steps: int) -> None:
-    """The task, SFT and model options both RL benches take."""
+def arguments(description: str, quick_rl_steps: int, full_rl_steps: int):
+    """The options both RL benches take (task, SFT, RL, model); ``--quick`` only shortens RL."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="fewer RL steps (under 5 minutes)")
     parser.add_argument("--level", type=int, default=2, help="arithmetic difficulty (llmray.rl.tasks)")
     parser.add_argument("--problems", type=int, default=900, help="distinct problems drawn (level 2 has 900)")
     parser.add_argument("--sft-problems", type=int, default=150, help="training problems given as SFT demonstrations")
-    parser.add_argument("--sft-steps", type=int, default=sft_steps)
-    parser.add_argument("--rl-steps", type=int, default=rl_steps)
+    parser.add_argument("--sft-steps", type=int, default=300)
+    parser.add_argument("--rl-steps", type=int, default=None, help=f"default {quick_rl_steps} (--quick), else "
+                                                                  f"{full_rl_steps}")
     parser.add_argument("--rl-lr", type=float, default=3e-4)
     parser.add_argument("--prompts-per-step", type=int, default=32)
     parser.add_argument("--group-size", type=int, default=8)
@@ -82,3 +87,6 @@ def add_task_arguments(parser, sft_steps: int, rl_steps: int) -> None:
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
+    args = parser.parse_args()
+    args.rl_steps = args.rl_steps or (quick_rl_steps if args.quick else full_rl_steps)
+    return args

@@ -22,7 +22,6 @@ steps and the machine fields (``idle``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -74,11 +73,7 @@ def run(args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer RL steps (under 5 minutes)")
-    _rl_setup.add_task_arguments(parser, sft_steps=300, rl_steps=0)
-    args = parser.parse_args()
-    args.rl_steps = args.rl_steps or (100 if args.quick else 300)
+    args = _rl_setup.arguments(__doc__.splitlines()[0], quick_rl_steps=100, full_rl_steps=300)
     load = LoadWatch(2)
     cluster.connect(cluster.RayConfig(num_cpus=2, object_store_memory_mb=512, dashboard=False))
     figures = run(args)

@@ -24,7 +24,6 @@ JSON with ``llmray_reward``, ``trl_reward``, ``llmray_completions_per_s``,
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -109,11 +108,7 @@ def run_trl(cfg: RlConfig, train, root: Path) -> tuple[Path, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps (under 5 minutes)")
-    _rl_setup.add_task_arguments(parser, sft_steps=300, rl_steps=0)
-    args = parser.parse_args()
-    args.rl_steps = args.rl_steps or (12 if args.quick else 60)
+    args = _rl_setup.arguments(__doc__.splitlines()[0], quick_rl_steps=12, full_rl_steps=60)
     load = LoadWatch(2)
     root = Path(tempfile.mkdtemp(prefix="llmray-rl-vs-trl-"))
     cluster.connect(cluster.RayConfig(num_cpus=2, object_store_memory_mb=512, dashboard=False))
