@@ -114,7 +114,8 @@ class Row:
     last_token: int = FINISHED  # fed to the model at the next step
 
     def sampling_key(self) -> tuple:
-        """Rows with equal keys are sampled with one call (greedy rows, or one shared generator)."""
+        """Rows with equal keys are sampled with one call (greedy rows, rows of one shared generator, or
+        rows that each own a generator and have equal settings)."""
         if self.cfg.temperature == 0.0:
             return ("greedy",)
         source = "own" if self.owns_generator else id(self.generator)
@@ -234,7 +235,7 @@ def _sample_rows(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
 def _sample_group(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     """Tokens of rows with one sampling key: per-row draws when each owns its generator."""
     first = rows[0]
-    if first.owns_generator and first.cfg.temperature > 0.0:
+    if first.owns_generator:  # only sampled rows own one (greedy rows have the greedy key)
         return sample_own_generators(logits, first.cfg, [row.generator for row in rows])
     return sample(logits, first.cfg, first.generator)
 

@@ -87,10 +87,6 @@ class RolloutSpec:
     def __call__(self, shard: int, shards: int) -> "RolloutStream":
         return RolloutStream(self, shard, shards)
 
-    @property
-    def sequences_per_step(self) -> int:
-        return self.prompts_per_step * self.group_size
-
     def work_items(self, batch: int) -> list[WorkItem]:
         """The (problem, sample, seed) items of rollout batch ``batch``, grouped by problem."""
         n, per_step = len(self.problems), self.prompts_per_step
@@ -202,7 +198,6 @@ class RolloutStream:
         self.publications = 0
         self.weights: list | None = None
         self.last_stats: dict = {}
-        self.reward_failures = 0
 
     def attach(self, trainer) -> None:
         self.trainer = trainer
@@ -241,13 +236,7 @@ class RolloutStream:
         if version == self.published:
             return
         self.published = version
-        model = self.trainer.engine.model
-        if self.world > 1:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+        state = self.trainer.export_weights()  # full weights on CPU; a collective under FSDP2
         if self.rank == 0:
             import ray
 
@@ -258,7 +247,7 @@ class RolloutStream:
     def _rank0_rows(self, version: int) -> list[dict]:
         if self.pool is None:
             self.pool = RolloutPool(self.spec)
-        while self.pending and self.pending[0].version > version:  # a rollback: from weights now discarded
+        if self.pending and self.pending[0].version > version:  # a rollback: from weights now discarded
             self.pending.clear()
         if not self.pending:
             self.pending.append(self._submit(self.drawn, version))
@@ -287,7 +276,6 @@ class RolloutStream:
         if failed:
             log.warning("reward function failed on %d of %d samples (scored 0); the first:\n%s",
                         len(failed), len(samples), failed[0]["error"])
-        self.reward_failures += len(failed)
         rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float32)
         advantages = group_advantages(rewards, self.spec.group_size, self.spec.grpo.scale_rewards == "group")
         self.last_stats = {
@@ -324,11 +312,10 @@ class RolloutStream:
         """Batches drawn and the in-flight batches' samples (collected now, so a resume trains on them)."""
         in_flight = [{"index": p.index, "version": p.version, "samples": self.pool.collect(p)}
                      for p in self.pending] if self.pool is not None else []
-        return {"drawn": self.drawn, "in_flight": in_flight, "reward_failures": self.reward_failures}
+        return {"drawn": self.drawn, "in_flight": in_flight}
 
     def load_state_dict(self, state: dict) -> None:
         self.drawn = int(state["drawn"])
-        self.reward_failures = int(state.get("reward_failures", 0))
         self.pending = deque(Pending(p["index"], p["version"], samples=p["samples"]) for p in state["in_flight"])
         self.micro.clear()
 
