@@ -74,7 +74,8 @@ def run_layout(rank: int, world: int, port: int, name: str, args, out: Path) -> 
     torch.manual_seed(0)
     model = llama.build(model_config(args.quick))
     engine = build_engine(model, optimizer_factory(OptimizerConfig(lr=1e-4), torch.device("cpu")), parallel,
-                          world_size=world, param_dtype=None, pipeline_loss=summed_loss)
+                          world_size=world, param_dtype=None, device=torch.device("cpu"),
+                          pipeline_loss=summed_loss)
     generator = torch.Generator().manual_seed(1)
     times = []
     for step in range(args.warmup + args.steps):

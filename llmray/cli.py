@@ -30,6 +30,7 @@ TOOLS: dict[str, str] = {
     "chat": "llmray.model.generate_cli:add_chat_parser",
     "report": "llmray.report:add_parser",
     "serve": "llmray.serve.cli:add_parser",
+    "plan": "llmray.train.memory_plan:add_parser",
 }
 
 

@@ -32,7 +32,9 @@ Design choices, all of them in this one file:
   ``None``; such a stage takes hidden states ``(B, T, dim)`` in and/or gives them out.
 * Build on the ``meta`` device, then ``to_empty`` and :meth:`Transformer.init_weights` (see
   :func:`build`): normal(0, init_std) everywhere, residual output projections (``wo``, ``w2``) at
-  ``init_std / sqrt(2·n_layers)`` (GPT-2 / Megatron scaled residual init), norm weights 1.
+  ``init_std / sqrt(2·n_layers)`` (GPT-2 / Megatron scaled residual init), norm weights 1, biases
+  0; each parameter drawn per block of rows from (seed, its name), so a sharded run can
+  initialize only its shards and get the same weights (:mod:`~llmray.model.param_init`).
 * No distributed code here: parallelism is applied from outside to this plain module.
 
 Shapes: B batch, T new tokens, S attended slots (T, or everything in the KV cache),
@@ -46,8 +48,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from llmray.model.config import ModelConfig, RopeScaling
+from llmray.model import param_init
+from llmray.model.linear_cross_entropy import cross_entropy_sum, linear_cross_entropy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,9 +69,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
 
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
 
 class LayerNorm(nn.Module):
     """LayerNorm with a bias (GPT-2's norm, for the baseline recipe), computed in fp32 like RMSNorm."""
@@ -79,10 +82,6 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normed = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
         return self.weight * normed + self.bias
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-        nn.init.zeros_(self.bias)
 
 
 def block_norm(cfg: ModelConfig) -> RMSNorm | LayerNorm:
@@ -198,14 +197,6 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H·D)
         return self.wo(y)
 
-    def init_weights(self, std: float, residual_std: float) -> None:
-        for linear in (self.wq, self.wk, self.wv):
-            nn.init.normal_(linear.weight, mean=0.0, std=std)
-        nn.init.normal_(self.wo.weight, mean=0.0, std=residual_std)
-        for norm in (self.q_norm, self.k_norm):
-            if norm is not None:
-                norm.reset_parameters()
-
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1·x) * w3·x); with ``cfg.mlp == "gelu"`` GPT-2's w2(gelu(w1·x)) (no w3)."""
@@ -221,12 +212,6 @@ class FeedForward(nn.Module):
             return self.w2(F.gelu(self.w1(x), approximate="tanh"))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-    def init_weights(self, std: float, residual_std: float) -> None:
-        nn.init.normal_(self.w1.weight, mean=0.0, std=std)
-        if self.w3 is not None:
-            nn.init.normal_(self.w3.weight, mean=0.0, std=std)
-        nn.init.normal_(self.w2.weight, mean=0.0, std=residual_std)
-
 
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -240,12 +225,6 @@ class TransformerBlock(nn.Module):
                 mask: torch.Tensor | None, cache: "LayerCache | None" = None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rope, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
-
-    def init_weights(self, std: float, residual_std: float) -> None:
-        self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-        self.attention.init_weights(std, residual_std)
-        self.feed_forward.init_weights(std, residual_std)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,20 +372,22 @@ class Transformer(nn.Module):
         if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """The model's initialization, in one place (see the module docstring)."""
+    def init_rule(self, name: str) -> param_init.Rule:
+        """How parameter ``name`` starts (see the module docstring): norm weights 1, biases 0, the
+        residual output projections N(0, init_std / sqrt(2·n_layers)), every other matrix N(0, init_std)."""
+        if name.endswith(".bias"):
+            return param_init.Rule("zeros")
+        if name.split(".")[-2].endswith("norm"):  # attention_norm, ffn_norm, norm, q_norm, k_norm
+            return param_init.Rule("ones")
+        if name.endswith(("wo.weight", "w2.weight")):
+            return param_init.Rule("normal", self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers))
+        return param_init.Rule("normal", self.cfg.init_std)
+
+    def init_weights(self, seed: int) -> None:
+        """Initialize every parameter this module holds from ``seed`` (:mod:`~llmray.model.param_init`):
+        the same values whichever layout holds which part."""
         self.tie_weights()
-        std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
-        if self.tok_embeddings is not None:
-            nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
-        for layer in self.layers.values():
-            layer.init_weights(std, residual_std)
-        if self.norm is not None:
-            self.norm.reset_parameters()
-        if self.output is not None and not self.cfg.tie_embeddings:
-            nn.init.normal_(self.output.weight, mean=0.0, std=std)
+        param_init.initialize(self, seed, self.init_rule)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache for this model's layers, on its device and in its dtype."""
@@ -414,8 +395,9 @@ class Transformer(nn.Module):
         return KVCache(self.cfg, batch_size, max_len, list(self.layers.keys()), weight.device, weight.dtype)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | CacheRows | None = None,
-                return_hidden: bool = False, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T) ids → logits (B, T, V).
+                return_hidden: bool = False, segment_ids: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None, z_loss: float = 0.0) -> torch.Tensor:
+        """tokens (B, T) ids → logits (B, T, V); with ``targets`` (B, T), the summed loss instead.
 
         A pipeline stage without ``tok_embeddings`` takes hidden states (B, T, dim) instead, and
         one without ``output`` returns hidden states. ``return_hidden`` returns the final-normed
@@ -424,7 +406,10 @@ class Transformer(nn.Module):
         ``positions``/``mask``/``layer``/``advance``, as eval's packed layout) row ``b`` of the
         tokens continues the cached sequence of that row and its keys/values are appended to it.
         ``segment_ids`` (B, T) marks documents packed into one row (SFT packing): each attends
-        only to itself and counts positions from its own start.
+        only to itself and counts positions from its own start. ``targets`` (ids, ``-100`` where
+        not counted) returns the summed cross-entropy (+ ``z_loss``) from the head fused with the
+        loss (:mod:`~llmray.model.linear_cross_entropy`): the full logits are never materialized.
+        It runs inside ``forward`` so that FSDP2 has gathered the head's weight.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, dim)
         T = h.shape[1]
@@ -451,15 +436,34 @@ class Transformer(nn.Module):
             h = self.norm(h)
         if return_hidden or self.output is None:
             return h
+        if targets is not None:
+            return self.loss(h, targets, z_loss)
         return self.output(h)  # (B, T, V)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, z_loss: float) -> torch.Tensor:
+        """Summed loss of the head on final hidden states ``h``, fused and chunked; a tensor-parallel
+        head (a DTensor weight sharded on the vocabulary) computes it on its rows of the vocabulary."""
+        weight = self.output.weight
+        if not isinstance(weight, DTensor):
+            return linear_cross_entropy(h, weight, targets, z_loss)
+        mesh, placements = weight.device_mesh, weight.placements
+        if mesh.ndim != 1 or placements != (Shard(0),):
+            return cross_entropy_sum(self.output(h), targets, z_loss)  # a layout the head's own forward handles
+        if isinstance(h, DTensor):  # sequence parallelism: the head's input is sharded on the sequence
+            h = h.redistribute(h.device_mesh, [Replicate()]).to_local()
+        offset = compute_local_shape_and_global_offset(weight.shape, mesh, placements)[1][0]
+        return linear_cross_entropy(h, weight.to_local(), targets, z_loss, vocab_group=mesh.get_group(),
+                                    vocab_offset=offset)
 
 
 def build(cfg: ModelConfig, device: torch.device | str = "cpu", *, init: bool = True,
-          dtype: torch.dtype | None = None) -> Transformer:
-    """Construct on ``meta`` (no allocation), materialize on ``device``, then initialize.
+          dtype: torch.dtype | None = None, seed: int | None = None) -> Transformer:
+    """Construct on ``meta`` (no allocation), materialize on ``device``, then initialize from ``seed``.
 
-    ``init=False`` leaves the weights uninitialized memory (ties set up) for a caller that loads a
-    state dict next. ``device="meta"`` returns the bare meta model (shapes and counts, no memory).
+    ``seed=None`` draws the seed from torch's global generator (so ``torch.manual_seed`` before
+    ``build`` fixes the weights). ``init=False`` leaves the weights uninitialized memory (ties set
+    up) for a caller that loads a state dict next. ``device="meta"`` returns the bare meta model
+    (shapes and counts, no memory): sharded runs parallelize it, then :func:`param_init.materialize`.
     """
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -467,7 +471,7 @@ def build(cfg: ModelConfig, device: torch.device | str = "cpu", *, init: bool = 
         return model
     model.to_empty(device=device)
     if init:
-        model.init_weights()
+        model.init_weights(int(torch.randint(2 ** 62, ())) if seed is None else seed)
     else:
         model.tie_weights()
     return model.to(dtype) if dtype is not None else model

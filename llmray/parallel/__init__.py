@@ -72,17 +72,31 @@ class ParallelConfig:
         return dims.coordinates(rank)["dp"], dims.dp
 
 
+def casts_parameters(cfg: ParallelConfig, world_size: int) -> bool:
+    """Whether the layout itself runs the forward in the compute dtype: FSDP2's ``MixedPrecisionPolicy``
+    where FSDP2 shards over dp > 1 ranks, and DeepSpeed's bf16 mode. Everywhere else (one process,
+    FSDP2 with dp = 1, TP-only, PP-only) the trainer wraps the forward in ``torch.autocast``."""
+    if cfg.strategy == "deepspeed":
+        return True
+    return cfg.strategy == "fsdp2" and world_size > 1 and cfg.dims(world_size).dp_enabled
+
+
 def build_engine(model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 cfg: ParallelConfig, *, world_size: int, param_dtype: torch.dtype | None,
-                 grad_clip: float = 0.0, pipeline_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+                 cfg: ParallelConfig, *, world_size: int, param_dtype: torch.dtype | None, device: torch.device,
+                 grad_clip: float = 0.0, pipeline_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 materialize: Callable[[nn.Module], None] | None = None):
     """Parallelize ``model`` per ``cfg`` and return the engine the training loop drives.
 
     ``pipeline_loss(logits, targets)`` (the summed loss of one pipeline micro-batch) is needed
     when ``cfg.pp > 1``: only the last stage sees logits, so the objective is handed to the
-    schedule rather than called on the model.
+    schedule rather than called on the model. ``materialize(part)`` is given for a model on
+    ``meta``: it allocates and initializes what this rank holds of each part once it is split and
+    sharded, before any optimizer sees it (sharded initialization). DeepSpeed, which shards
+    inside ``deepspeed.initialize``, gets the whole model materialized first.
     """
     from llmray.parallel import compose, fsdp
 
+    materialize = materialize or (lambda part: None)
     dims = cfg.dims(world_size)
     shape = getattr(model, "cfg", None)
     if shape is not None:
@@ -92,7 +106,7 @@ def build_engine(model: nn.Module, make_optimizer: Callable[[nn.Module], torch.o
         raise ValueError("parallel.pp > 1 needs an objective that can run as a pipeline loss (causal-LM "
                          "pretraining); SFT and DPO run with parallel.tp / dp_shard / dp_replicate")
     distributed = world_size > 1 and cfg.strategy == "fsdp2"
-    mesh = dims.build_mesh(next(model.parameters()).device.type) if distributed else None
+    mesh = dims.build_mesh(device.type) if distributed else None
     layout = compose.Layout(dims, mesh, sequence_parallel=cfg.sequence_parallel,
                             activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
                             fsdp=cfg.strategy == "fsdp2", reshard_after_forward=cfg.reshard_after_forward)
@@ -100,21 +114,27 @@ def build_engine(model: nn.Module, make_optimizer: Callable[[nn.Module], torch.o
         from llmray.parallel import deepspeed
 
         compose.parallelize_part(model, layout, param_dtype=None)  # checkpointing / compile only
+        materialize(model)
         return deepspeed.DeepSpeedEngine(model, make_optimizer, cfg.zero_stage, world_size=world_size,
                                          bf16=param_dtype == torch.bfloat16, grad_clip=grad_clip)
     if dims.pp_enabled:
-        return _pipeline_engine(model, make_optimizer, cfg, layout, param_dtype, pipeline_loss)
+        return _pipeline_engine(model, make_optimizer, cfg, layout, param_dtype, pipeline_loss, device, materialize)
     compose.parallelize_part(model, layout, param_dtype=param_dtype)
+    materialize(model)
     return fsdp.TorchEngine(model, make_optimizer(model), world_size=dims.dp)
 
 
-def _pipeline_engine(model: nn.Module, make_optimizer, cfg: ParallelConfig, layout, param_dtype, pipeline_loss):
-    """Split ``model`` into this rank's stages, parallelize each like a whole model, schedule them."""
+def _pipeline_engine(model: nn.Module, make_optimizer, cfg: ParallelConfig, layout, param_dtype, pipeline_loss,
+                     device: torch.device, materialize: Callable[[nn.Module], None]):
+    """Split ``model`` into this rank's stages, parallelize each like a whole model, schedule them.
+
+    Only the stages' modules are materialized: on a ``meta`` model the other stages' layers never
+    take memory on this rank."""
     from llmray.parallel import compose
     from llmray.parallel.pipeline import PipelineEngine, stage_modules
 
-    device = next(model.parameters()).device
     parts = stage_modules(model, layout.mesh["pp"].get_local_rank(), layout.dims.pp, cfg.pipeline)
     for _, module in parts:
         compose.parallelize_part(module, layout, param_dtype=param_dtype)
+        materialize(module)
     return PipelineEngine(parts, make_optimizer, layout.mesh["pp"], cfg.pipeline, pipeline_loss, device)

@@ -117,10 +117,11 @@ class FreshModel:
     config: ModelConfig
 
     def build(self, device: torch.device, seed: int) -> tuple[torch.nn.Module, ModelConfig]:
+        """On ``meta``: the Trainer shards it, then initializes each rank's part from ``train.seed``."""
         from llmray.model import llama
 
         torch.manual_seed(seed)
-        return llama.build(self.config, device), self.config
+        return llama.build(self.config, "meta"), self.config
 
 
 @dataclass
@@ -175,6 +176,9 @@ class TrainJob:
     tags: dict[str, str] = field(default_factory=dict)  # {"run", "stage"} of the live gauges; empty = none
     evaluation: TrainingEvalConfig | None = None  # in-training evaluation of checkpoints
     evaluation_dir: str | None = None  # its results (step_N/) and the weights being scored (weights/)
+    # memory_plan.plan with the shapes bound: (compute_bytes=, gpu=) -> per-rank plans, checked by
+    # each worker against its device before anything is allocated; None = no check
+    memory_plan: Callable[..., list] | None = None
 
 
 @dataclass
@@ -236,16 +240,19 @@ def export_checkpoint(checkpoint: Path, model_config: ModelConfig, out_dir: str 
     hf.export(out_dir, model_config, model.state_dict(), tokenizer_dir=tokenizer_dir, chat=chat)
 
 
-def train_worker(job: TrainJob, store, coordinator: Any = None) -> dict:
+def train_worker(job: TrainJob, store, coordinator: Any = None, ray_train_worker: bool = False) -> dict:
     """Build and run the Trainer on this worker's share of the data; rank 0's return value is the report.
 
-    ``coordinator``: the in-training evaluation actor (:mod:`llmray.train.periodic_eval`), when on."""
+    ``coordinator``: the in-training evaluation actor (:mod:`llmray.train.periodic_eval`), when on.
+    ``ray_train_worker``: called by Ray Train, whose assigned device the worker uses."""
     from llmray.train.metrics import MetricsWriter
     from llmray.train.trainer import Trainer, device_for_worker
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard, shards = job.parallel.data_shard(rank, world)
-    device = torch.device("cpu") if job.execution.use_gpu is False else device_for_worker()
+    device = torch.device("cpu") if job.execution.use_gpu is False else device_for_worker(ray_train_worker)
+    if job.memory_plan is not None:
+        _check_memory(job, device)
     model, model_config = job.model.build(device, job.train.seed)
     writer = None
     if rank == 0 and job.metrics_path:
@@ -256,7 +263,7 @@ def train_worker(job: TrainJob, store, coordinator: Any = None) -> dict:
     trainer = Trainer(job.train, model, job.objective, job.train_data(shard, shards), parallel=job.parallel,
                       store=store, val_data=_validation(job.val_data, shard, shards, rank),
                       token_bytes=token_bytes, flops_per_token=model_config.flops_per_token(job.seq_len),
-                      writer=writer)
+                      writer=writer, device=device)
     if job.tags:  # before the job's hooks, which may read the gauges of the step
         trainer.hooks.append(WorkerGauges(job.tags["run"], job.tags["stage"], rank, job.train.log_every))
     if coordinator is not None:
@@ -305,6 +312,16 @@ def _validation(recipe: DataRecipe | None, shard: int, shards: int, rank: int) -
     return functools.partial(recipe, shard, shards)
 
 
+def _check_memory(job: TrainJob, device: torch.device) -> None:
+    """Refuse a layout whose planned per-rank memory exceeds this worker's device (before allocating)."""
+    from llmray.train import memory_plan, precision
+
+    shape = job.model.config
+    dtype = precision.compute_dtype(job.train.precision, device, shape.dim, shape.ffn_hidden_dim)
+    plans = job.memory_plan(compute_bytes=2 if dtype is torch.bfloat16 else 4, gpu=device.type == "cuda")
+    memory_plan.check_fits(plans, memory_plan.device_memory(device), f"on {device}")
+
+
 def _ray_train_entry(config: dict) -> dict:
     from llmray.train import ray_train
 
@@ -312,7 +329,7 @@ def _ray_train_entry(config: dict) -> dict:
     ray_train.quiet_worker_logging()
     torch.set_num_threads(job.execution.worker_threads)
     return train_worker(job, ray_train.RayCheckpointStore(Path(job.checkpoint_dir).resolve(), log.warning),
-                        config["coordinator"])
+                        config["coordinator"], ray_train_worker=True)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,9 @@
 """Training metrics: the measured FLOP/s peak, MFU, memory, and where rank 0 writes each step's figures.
 
-* :func:`measure_peak_flops` times a square GEMM on the training device and dtype: on CPU there
-  is no datasheet peak to quote, so MFU is reported against what this machine's BLAS reaches
-  (``bench/mfu.py`` prints both). A configured ``peak_flops`` overrides it (GPU datasheets).
+* :func:`peak_flops` is the denominator of MFU: a configured value, else the datasheet's dense
+  bf16 peak for known GPUs (:data:`GPU_BF16_PEAKS`, the figure MFU is quoted against in the
+  literature), else :func:`measure_peak_flops`, which times a square GEMM on the training device
+  and dtype (on CPU there is no datasheet to quote; ``bench/mfu.py`` prints both).
 * MFU = model FLOPs per token (PaLM's 6N + 12·L·H·Q·T, from ``ModelConfig.flops_per_token``)
   × tokens per second / (peak per worker × workers).
 * :class:`MetricsWriter` appends one JSON line per logged step to ``metrics.jsonl`` (the run
@@ -23,6 +24,34 @@ from pathlib import Path
 import torch
 
 EVAL_PREFIX = "eval/"  # in-training evaluation results in metrics.jsonl: eval/<task>/<metric>, eval/core
+
+
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, by a substring of
+# torch.cuda.get_device_name(); the first match wins, so more specific names come first.
+GPU_BF16_PEAKS = (
+    ("GB200", 2.5e15),
+    ("B200", 2.25e15),
+    ("H200", 989e12),  # and GH200
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM and NVL
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 70e12),
+    ("L4", 121e12),
+)
+
+
+def datasheet_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The datasheet bf16 peak of ``device`` (None for CPUs, other dtypes and unknown GPUs)."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_BF16_PEAKS if key in name), None)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, configured: float | None = None) -> float:
+    """MFU's denominator per worker: ``configured``, else the datasheet peak, else a measured GEMM."""
+    return configured or datasheet_peak_flops(device, dtype) or measure_peak_flops(device, dtype, seconds=0.5)
 
 
 def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

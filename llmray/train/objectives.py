@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from llmray.model.linear_cross_entropy import IGNORE_INDEX, cross_entropy_sum
 
 
 @dataclass
@@ -92,14 +92,10 @@ class CausalLM(Objective):
 
     def loss(self, model: nn.Module, batch: torch.Tensor) -> LossOutput:
         inputs, targets = self.inputs_and_targets(batch)
-        return LossOutput(self.pipeline_loss(model(inputs), targets), self.weight(batch))
+        return LossOutput(model(inputs, targets=targets, z_loss=self.z_loss), self.weight(batch))
 
     def pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        nats = token_cross_entropy(logits, targets)
-        if self.z_loss:
-            normalizer = logits.float().logsumexp(dim=-1)
-            nats = nats + self.z_loss * normalizer.square() * (targets != IGNORE_INDEX)
-        return nats.sum()
+        return cross_entropy_sum(logits, targets, self.z_loss)
 
 
 def bits_per_byte(nats: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor) -> tuple[float, int]:
@@ -132,8 +128,8 @@ class MaskedLM(Objective):
         return batch["inputs"].numel()
 
     def loss(self, model: nn.Module, batch: dict) -> LossOutput:
-        logits = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
-        return LossOutput(token_cross_entropy(logits, batch["targets"]).sum(), self.weight(batch))
+        loss_sum = model(batch["inputs"], segment_ids=batch.get("segment_ids"), targets=batch["targets"])
+        return LossOutput(loss_sum, self.weight(batch))
 
 
 def sequence_logps(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ every worker's figures are live on the Ray dashboard (``llmray_worker_*``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from llmray.config import param
 from llmray.model import hf
 from llmray.model.config import ModelConfig, preset
 from llmray.parallel import ParallelConfig
+from llmray.train import memory_plan
 from llmray.train.launch import LAUNCHER_DOC, BatchConfig, ExecutionConfig, FreshModel, Launcher, TrainJob, launch
 from llmray.train.periodic_eval import TrainingEvalConfig
 from llmray.train.trainer import TrainConfig
@@ -178,8 +180,11 @@ def pretrain_job(cfg: PretrainConfig, checkpoint_dir: Path, metrics_path: Path |
                       seed=b.order_seed(cfg.train), verify=cfg.data.verify)
     val = TokenData(cfg.data.tokens, split="val", seq_len=b.seq_len, batch_size=b.micro_batch_size,
                     shuffle=False, verify=cfg.data.verify)
+    memory = functools.partial(memory_plan.plan, model, cfg.parallel, cfg.execution.workers, seq_len=b.seq_len,
+                               micro_batch_size=b.micro_batch_size, optimizer=cfg.train.optimizer.kind,
+                               muon_params=tuple(cfg.train.optimizer.muon.params))
     return TrainJob(model=FreshModel(model), objective=CausalLM(z_loss=cfg.train.z_loss), train_data=train,
-                    val_data=val,
+                    val_data=val, memory_plan=memory,
                     train=dataclasses.replace(cfg.train, steps=steps), parallel=cfg.parallel,
                     execution=cfg.execution, seq_len=b.seq_len,
                     checkpoint_dir=str(checkpoint_dir), export_dir=str(export_dir) if export_dir else None,

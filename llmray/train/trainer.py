@@ -14,12 +14,15 @@ Design choices (stages build it through :mod:`llmray.train.launch`):
   offending batches are passed over); the LR schedule counts skipped steps.
 * A checkpoint holds the step, schedule position, data position, RNG and guard history, so a
   resumed run computes bit-identical losses on CPU.
-* Precision: fp32 on CPU; on GPU bf16 compute with fp32 master weights.
+* Precision (:mod:`~llmray.train.precision`): fp32 master weights, gradients and optimizer state;
+  bf16 compute where ``train.precision`` resolves to it, by autocast on every layout that does
+  not cast parameters itself (:func:`~llmray.parallel.casts_parameters`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -32,11 +35,13 @@ import torch.distributed as dist
 from torch import nn
 
 from llmray.config import param
-from llmray.parallel import ParallelConfig, build_engine
+from llmray.model import param_init
+from llmray.parallel import ParallelConfig, build_engine, casts_parameters
 from llmray.parallel.pipeline import PipelineEngine
 from llmray.train import checkpoint as ckpt
 from llmray.train import metrics as metrics_lib
 from llmray.train import muon as muon_lib
+from llmray.train import precision
 from llmray.train.guards import GuardConfig, StabilityGuard, Verdict
 from llmray.train.objectives import IGNORE_INDEX, Objective, bits_per_byte, token_cross_entropy
 from llmray.train.schedule import LRScheduler, ScheduleConfig
@@ -76,7 +81,9 @@ class TrainConfig:
     schedule: ScheduleConfig = param(default_factory=ScheduleConfig, doc="learning-rate schedule")
     guards: GuardConfig = param(default_factory=GuardConfig, doc="non-finite / spike handling")
     precision: Literal["auto", "fp32", "bf16"] = param(
-        "auto", doc="auto: bf16 compute on GPU, fp32 on CPU; fp32; bf16 (GPU only)")
+        "auto", doc="bf16: bf16 compute, fp32 master weights, optimizer state and reductions; fp32; auto: bf16 "
+                    "on GPUs that support it and on CPUs where the model is >= 256 wide and a bf16 GEMM of its "
+                    "shape is >= 1.3x faster than fp32 (llmray.train.precision), else fp32")
     log_every: int = param(10, doc="write and report metrics every this many steps", min=1)
     eval_every: int = param(0, doc="validation every this many steps (0 = only at the end)", min=0)
     eval_batches: int = param(8, doc="validation micro-batches per worker", min=1)
@@ -112,21 +119,18 @@ class TrainResult:
         return {r.step: r.loss for r in self.records}
 
 
-def device_for_worker() -> torch.device:
-    if torch.cuda.is_available():
-        index = dist.get_rank() % torch.cuda.device_count() if dist.is_initialized() else 0
-        return torch.device("cuda", index)
-    return torch.device("cpu")
+def device_for_worker(ray_train_worker: bool = False) -> torch.device:
+    """The device this worker trains on: Ray Train's assignment for its workers (the GPU Ray gave
+    this worker, whatever its rank), the first GPU in one process, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if ray_train_worker:
+        import ray.train.torch
 
-
-def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 when asked for (or auto on GPU); None means plain fp32."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        if device.type != "cuda":
-            raise ValueError("precision=bf16 is for GPUs; on CPU train in fp32 (bf16 attention is slower "
-                             "there and fp16 matmul unusable)")
-        return torch.bfloat16
-    return None
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cuda", 0)
 
 
 def adamw_lr(model: nn.Module, cfg: OptimizerConfig) -> float:
@@ -180,7 +184,10 @@ class Trainer:
                  token_bytes: torch.Tensor | None = None,
                  flops_per_token: int | None = None,
                  writer: metrics_lib.MetricsWriter | None = None,
-                 hooks: Iterable[Callable[[int, dict], None]] = ()):
+                 hooks: Iterable[Callable[[int, dict], None]] = (), device: torch.device | None = None):
+        """``model`` is materialized, or on ``meta`` (built by ``llama.build(cfg, "meta")``): then it is
+        split and sharded first and each rank materializes and initializes only its part on
+        ``device``, from ``cfg.seed`` (the same weights on every layout)."""
         self.cfg = cfg
         self.objective = objective
         self.data = data
@@ -191,20 +198,27 @@ class Trainer:
         self.hooks = list(hooks)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        self.device = next(model.parameters()).device
-        self.dtype = compute_dtype(cfg.precision, self.device)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        on_meta = next(model.parameters()).device.type == "meta"
+        if self.device.type == "meta":
+            raise ValueError("a model on the meta device needs device= (where its shards are materialized)")
+        shape = getattr(model, "cfg", None)
+        self.dtype = precision.compute_dtype(cfg.precision, self.device, getattr(shape, "dim", None),
+                                             getattr(shape, "ffn_hidden_dim", None))
         parallel = parallel or ParallelConfig(strategy="none" if self.world_size == 1 else "fsdp2")
         if cfg.optimizer.kind == "muon":
             muon_lib.check_supported(parallel.strategy)
         dims = parallel.dims(self.world_size)
         # tensor- and pipeline-parallel peers read the same rows: count each batch once
         self.batch_copies = dims.world_size // dims.dp
+        materialize = functools.partial(param_init.materialize, device=self.device, seed=cfg.seed,
+                                        rule_for=model.init_rule) if on_meta else None
         self.engine = build_engine(model, optimizer_factory(cfg.optimizer, self.device), parallel,
-                                   world_size=self.world_size, param_dtype=self.dtype, grad_clip=cfg.grad_clip,
+                                   world_size=self.world_size, param_dtype=self.dtype, device=self.device,
+                                   grad_clip=cfg.grad_clip, materialize=materialize,
                                    pipeline_loss=objective.pipeline_loss if objective.token_targets else None)
         self.pipelined = isinstance(self.engine, PipelineEngine)
-        # FSDP2 and DeepSpeed apply bf16 themselves; a plain single process needs autocast.
-        self.autocast = self.dtype is not None and parallel.strategy == "none"
+        self.autocast = self.dtype is not None and not casts_parameters(parallel, self.world_size)
         # pipeline ranks hold one optimizer per stage: one schedule drives them all
         self.scheduler = LRScheduler(self.engine.optimizers, cfg.schedule, cfg.steps, cfg.optimizer.lr)
         self.guard = StabilityGuard(cfg.guards)
@@ -219,8 +233,7 @@ class Trainer:
         """Train to ``cfg.steps``, resuming from the store's latest checkpoint or ``resume_from``."""
         self.resume(resume_from)
         if self.peak_flops is None and self.flops_per_token:
-            self.peak_flops = metrics_lib.measure_peak_flops(self.device, self.dtype or torch.float32,
-                                                             seconds=0.5)
+            self.peak_flops = metrics_lib.peak_flops(self.device, self.dtype or torch.float32)
         last_checkpoint = self.step
         while self.step < self.cfg.steps:
             record = self.train_step()
@@ -255,7 +268,8 @@ class Trainer:
         for i, batch in enumerate(batches):
             if self.pipelined:  # the schedule runs forward and backward; the loss is summed over the pp group
                 inputs, targets = self.objective.inputs_and_targets(batch)
-                loss_sum += self.engine.forward_backward(inputs, targets, scale)
+                with self._autocast():
+                    loss_sum += self.engine.forward_backward(inputs, targets, scale)
                 continue
             with self._autocast():
                 out = self.objective.loss(self.engine.model, _to_device(batch, self.device))
@@ -291,7 +305,8 @@ class Trainer:
         for batch, _ in zip(self.val_data(), range(self.cfg.eval_batches)):
             if self.pipelined:
                 inputs, targets = self.objective.inputs_and_targets(batch)
-                totals += self.engine.evaluate(inputs, targets, self._validation_sums, width=4)
+                with self._autocast():
+                    totals += self.engine.evaluate(inputs, targets, self._validation_sums, width=4)
                 continue
             batch = _to_device(batch, self.device)
             with self._autocast():

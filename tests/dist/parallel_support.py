@@ -98,7 +98,7 @@ def max_relative_error(a: list[float], b: list[float]) -> float:
 
 
 def trainer(shards: Path, parallel, *, steps: int, global_batch: int = 4, store=None, checkpoint_every: int = 0,
-            optimizer: OptimizerConfig | None = None, **model_overrides):
+            optimizer: OptimizerConfig | None = None, precision: str = "auto", **model_overrides):
     """A real :class:`~llmray.train.trainer.Trainer` on the byte shards; each data-parallel rank reads its slice.
 
     Ranks of one tensor-/pipeline-parallel group read the same rows: the loader is sharded by the
@@ -114,7 +114,7 @@ def trainer(shards: Path, parallel, *, steps: int, global_batch: int = 4, store=
     dp_rank = dims.coordinates(dist.get_rank() if dist.is_initialized() else 0)["dp"]
     cfg = TrainConfig(steps=steps, optimizer=optimizer or OptimizerConfig(lr=LR), schedule=ScheduleConfig(warmup_steps=2),
                       log_every=5, eval_batches=2, checkpoint_every=checkpoint_every, grad_clip=GRAD_CLIP,
-                      peak_flops=1e11)
+                      peak_flops=1e11, precision=precision)
     batch = global_batch // dims.dp
     data = TokenLoader(shards, seq_len=SEQ, batch_size=batch, rank=dp_rank, world_size=dims.dp)
 
@@ -125,11 +125,13 @@ def trainer(shards: Path, parallel, *, steps: int, global_batch: int = 4, store=
                    token_bytes=byte_token_lengths(), flops_per_token=1000)
 
 
-def trainer_reference(shards: Path, steps: int, optimizer: OptimizerConfig | None = None, **model_overrides) -> dict:
+def trainer_reference(shards: Path, steps: int, optimizer: OptimizerConfig | None = None, precision: str = "auto",
+                      **model_overrides) -> dict:
     """The same Trainer in one process: per-step losses and tokens, evaluations, final weights."""
     from llmray.parallel import ParallelConfig
 
-    trainer_ = trainer(shards, ParallelConfig(strategy="none"), steps=steps, optimizer=optimizer, **model_overrides)
+    trainer_ = trainer(shards, ParallelConfig(strategy="none"), steps=steps, optimizer=optimizer,
+                       precision=precision, **model_overrides)
     result = trainer_.fit()
     return {"losses": [result.losses[s] for s in range(1, steps + 1)], "evals": result.evals,
             "tokens": [r.tokens for r in result.records], "params": trainer_.export_weights()}

@@ -93,4 +93,4 @@ def test_pipeline_needs_an_objective_with_a_pipeline_loss():
     model = llama.build(preset("tiny", vocab_size=64, tie_embeddings=False))
     with pytest.raises(ValueError, match="needs an objective that can run as a pipeline loss"):
         build_engine(model, lambda m: torch.optim.AdamW(m.parameters()), ParallelConfig(pp=2), world_size=2,
-                     param_dtype=None)
+                     param_dtype=None, device=torch.device("cpu"))

@@ -3,21 +3,15 @@ import math
 import torch
 import torch.nn.functional as F
 
+from llmray.model import llama
+from llmray.model.config import preset
 from llmray.train.objectives import IGNORE_INDEX, CausalLM, bits_per_byte, token_cross_entropy
 
 
-class Bigram(torch.nn.Module):
-    def __init__(self, vocab=11):
-        super().__init__()
-        self.table = torch.nn.Embedding(vocab, vocab)
-
-    def forward(self, tokens):
-        return self.table(tokens)
-
-
 def test_causal_lm_sums_next_token_loss_over_every_target():
+    """The objective asks the model for its fused loss; it equals cross-entropy on the model's logits."""
     torch.manual_seed(0)
-    model, batch = Bigram(), torch.randint(0, 11, (3, 9))
+    model, batch = llama.build(preset("tiny", vocab_size=11, max_seq_len=16)), torch.randint(0, 11, (3, 9))
     out = CausalLM().loss(model, batch)
     assert out.weight == 3 * 8
     logits = model(batch[:, :-1])

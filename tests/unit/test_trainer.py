@@ -64,6 +64,21 @@ def test_a_peak_measured_under_load_is_measured_again_instead_of_reporting_mfu_a
     assert trainer.peak_flops > 1e8 and all(0 < mfu <= 1 for mfu in seen), (trainer.peak_flops, seen)
 
 
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("NVIDIA B200", 2.25e15), ("Tesla T4", None)])
+def test_mfu_is_taken_against_the_datasheet_bf16_peak_of_known_gpus(monkeypatch, name, peak):
+    from llmray.train import metrics
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert metrics.datasheet_peak_flops(torch.device("cuda", 0), torch.bfloat16) == peak
+    assert metrics.datasheet_peak_flops(torch.device("cuda", 0), torch.float32) is None
+    assert metrics.datasheet_peak_flops(torch.device("cpu"), torch.bfloat16) is None
+    if peak is not None:
+        assert metrics.peak_flops(torch.device("cuda", 0), torch.bfloat16) == peak
+        assert metrics.peak_flops(torch.device("cuda", 0), torch.bfloat16, configured=1e12) == 1e12
+
+
 def test_weight_decay_groups_exclude_norms_and_embeddings():
     model = tiny_model()
     decay, no_decay = parameter_groups(model, OptimizerConfig())

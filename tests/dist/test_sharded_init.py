@@ -1,0 +1,177 @@
+"""Sharded initialization: built on ``meta``, split and sharded, then each rank materializes only its part.
+
+Two gloo ranks build the Trainer on a ``meta`` model (what ``llmray pretrain`` does) for FSDP2
+dp=2, tp=2, pp=2 and ZeRO-3 dp=2. The model is wide enough that its parameters span several
+init blocks and FSDP/TP shards cut through blocks. Checked on every rank:
+
+* when a part is materialized it is still entirely on ``meta``, and under FSDP2 / TP its
+  parameters are already sharded (DTensors);
+* while the Trainer is built under FSDP2 and TP, no tensor is created as large as the embedding:
+  the embedding, the head and the MLP matrices (as large or larger) are never allocated whole;
+* each rank's materialized parameter elements equal its shards' (FSDP2 / TP), and under pp=2 its
+  stage's parameter count, the other stage's layers staying on ``meta``;
+* the gathered weights equal ``llama.build(cfg, seed=SEED)`` in one process, bitwise.
+
+ZeRO-3 gets the whole model materialized before ``deepspeed.initialize`` partitions it (its
+partitioned init is not used): only the equality is checked there.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from llmray.model import llama, param_init
+from llmray.model.config import preset
+from llmray.parallel import ParallelConfig
+from llmray.parallel.pipeline import PipelineScheduleConfig
+from llmray.train.objectives import CausalLM
+from llmray.train.trainer import TrainConfig, Trainer
+
+SEED = 1234
+SHAPE = dict(vocab_size=257, dim=128, n_heads=4, n_kv_heads=2, ffn_hidden_dim=384, n_layers=4, max_seq_len=64,
+             tie_embeddings=False)
+LAYOUTS = {
+    "fsdp2_dp2": ParallelConfig(),
+    "tp2": ParallelConfig(tp=2),
+    "pp2": ParallelConfig(pp=2, pipeline=PipelineScheduleConfig(schedule="1f1b", microbatches=2)),
+    "zero3_dp2": ParallelConfig(strategy="deepspeed", zero_stage=3),
+}
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most elements of any non-meta tensor an operator returns while active (of a DTensor:
+    its local shard, what the rank allocates)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+                self.largest = max(self.largest, local(leaf).numel())
+        return out
+
+
+def ranks_main(_shards, out):
+    cfg = preset("tiny", **SHAPE)
+    results = {}
+    for name, parallel in LAYOUTS.items():
+        parts_seen = []
+        materialize = param_init.materialize
+
+        def watched(module, *args, **kwargs):
+            params = list(module.parameters())
+            parts_seen.append({"all_meta": all(p.device.type == "meta" for p in params),
+                               "sharded": all(isinstance(p, DTensor) for p in params)})
+            return materialize(module, *args, **kwargs)
+        param_init.materialize = watched
+        model = llama.build(cfg, "meta")
+        try:
+            with LargestTensor() as largest:
+                trainer = Trainer(TrainConfig(steps=1, seed=SEED, precision="fp32"), model, CausalLM(), iter(()),
+                                  parallel=parallel, device=torch.device("cpu"))
+        finally:
+            param_init.materialize = materialize
+        on_device = [p for p in model.parameters() if p.device.type != "meta"]
+        results[name] = {"parts": parts_seen, "largest_created": largest.largest,
+                         "materialized_elements": sum(local(p).numel() for p in on_device),
+                         "meta_elements": sum(p.numel() for p in model.parameters() if p.device.type == "meta"),
+                         "stage_elements": sum(p.numel() for m in getattr(trainer.engine, "modules", [])
+                                               for p in m.parameters())}
+        weights = gathered_weights(trainer)
+        if dist.get_rank() == 0:
+            torch.save(weights, out / f"{name}.pt")
+    everything = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, results)
+    if dist.get_rank() == 0:
+        (out / "results.json").write_text(json.dumps(everything))
+
+
+def gathered_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Full weights under their plain names (pipeline stages: each rank's stage, merged)."""
+    if not hasattr(trainer.engine, "modules"):
+        return trainer.export_weights()
+    mine = {param_init.canonical_name(n): p.detach().clone() for m in trainer.engine.modules
+            for n, p in m.state_dict().items()}
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(shards, tmp_path_factory):
+    from tests.dist import parallel_support as ps
+
+    out = ps.spawn_runs(tmp_path_factory, "sharded_init", 2, ranks_main, shards)
+    return out, json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    return llama.build(preset("tiny", **SHAPE), seed=SEED).state_dict()
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_gathered_initial_weights_equal_the_single_process_init_bitwise(runs, single_process, layout):
+    out, _ = runs
+    gathered = torch.load(out / f"{layout}.pt", weights_only=True)
+    assert sorted(gathered) == sorted(single_process)
+    for name, tensor in single_process.items():
+        assert torch.equal(gathered[name], tensor), name
+
+
+@pytest.mark.parametrize("layout", ["fsdp2_dp2", "tp2"])
+def test_parts_are_sharded_on_meta_before_any_full_parameter_exists(runs, single_process, layout):
+    _, results = runs
+    total = sum(t.numel() for t in single_process.values())
+    embedding = single_process["tok_embeddings.weight"].numel()
+    per_rank = [rank[layout] for rank in results]
+    for rank in per_rank:
+        assert rank["parts"] == [{"all_meta": True, "sharded": True}]
+        assert rank["largest_created"] < embedding
+        assert rank["meta_elements"] == 0
+    if layout == "fsdp2_dp2":  # every parameter split in two
+        assert sum(rank["materialized_elements"] for rank in per_rank) == total
+    else:  # TP shards the matrices; norms (2 per layer + final, 128 each) are replicated on both ranks
+        replicated = (2 * SHAPE["n_layers"] + 1) * SHAPE["dim"]
+        assert sum(rank["materialized_elements"] for rank in per_rank) == total + replicated
+
+
+def test_pipeline_ranks_hold_only_their_stage(runs, single_process):
+    _, results = runs
+    per_rank = [rank["pp2"] for rank in results]
+    for rank in per_rank:
+        assert rank["parts"] == [{"all_meta": True, "sharded": False}]
+        assert rank["materialized_elements"] == rank["stage_elements"]
+        assert 0 < rank["stage_elements"] < sum(t.numel() for t in single_process.values())
+    assert sum(rank["stage_elements"] for rank in per_rank) == sum(t.numel() for t in single_process.values())
+
+
+@pytest.mark.parametrize("layout", ["fsdp2_dp2", "tp2", "pp2"])
+def test_the_memory_planner_counts_what_each_rank_holds(runs, layout):
+    """``llmray plan``'s parameters per rank against the elements the ranks materialized."""
+    from llmray.train import memory_plan
+
+    _, results = runs
+    plans = memory_plan.plan(preset("tiny", **SHAPE), LAYOUTS[layout], 2, seq_len=32, micro_batch_size=2,
+                             compute_bytes=4)
+    held = [rank[layout]["materialized_elements"] for rank in results]
+    if layout == "pp2":  # one plan per stage
+        assert [p.params for p in plans] == held
+    elif layout == "tp2":  # the larger rank's share (the vocabulary of 257 rows splits 129 / 128)
+        assert plans[0].params == max(held)
+    else:  # the planner rounds the total, FSDP2 each parameter
+        assert abs(plans[0].params - max(held)) / max(held) < 0.01
