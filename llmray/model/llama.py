@@ -16,7 +16,9 @@ Design choices, all of them in this one file:
 * Training attention uses ``is_causal=True`` (flash / memory-efficient kernels on GPU). An explicit
   boolean mask is built only for sliding-window attention longer than the window, for
   KV-cache decoding (queries at an offset, rows at their own lengths), and for rows packing several
-  documents (``segment_ids``: block-diagonal causal mask, positions restart per document).
+  documents under a sliding window. Rows packing several documents (``segment_ids``) otherwise
+  attend through :class:`~llmray.model.packed_attention.DocumentLayout` (each document causal on
+  its own, no (T, T) mask); their positions restart per document.
 * Optional QK-norm: an RMSNorm over each query and key head (one weight vector of ``head_dim``
   shared by all heads) before RoPE, as in Qwen3.
 * SwiGLU feed-forward: ``w2(silu(w1·x) * w3·x)``.
@@ -54,6 +56,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from llmray.model.config import ModelConfig, RopeScaling
 from llmray.model import param_init
 from llmray.model.linear_cross_entropy import cross_entropy_sum, linear_cross_entropy
+from llmray.model.packed_attention import DocumentLayout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,14 +142,6 @@ def document_mask(segment_ids: torch.Tensor, window: int | None) -> torch.Tensor
     return (same & causal)[:, None]
 
 
-def document_positions(segment_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) RoPE positions counted from each document's first token."""
-    index = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return index - torch.where(starts, index, 0).cummax(dim=1).values
-
-
 class Linear(nn.Linear):
     """``nn.Linear`` (no bias here) whose few-row inference products on CPU run as ``(W·xᵀ)ᵀ``.
 
@@ -180,7 +175,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None, cache: "LayerCache | None") -> torch.Tensor:
+                mask: torch.Tensor | DocumentLayout | None, cache: "LayerCache | None") -> torch.Tensor:
         B, T, _ = x.shape
         # view with -1 heads, so a tensor-parallel shard uses its local head count
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, D)
@@ -192,8 +187,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, KV, S, D): every filled slot, these T included
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=q.shape[1] != k.shape[1])  # (B, H, T, D)
+        if isinstance(mask, DocumentLayout):
+            y = mask.attend(q, k, v)  # (B, H, T, D)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=q.shape[1] != k.shape[1])  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H·D)
         return self.wo(y)
 
@@ -419,8 +417,10 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=h.device)[None]  # (1, T)
             window = self.cfg.sliding_window
             mask = sliding_window_mask(T, window, h.device) if window and T > window else None
-            if segment_ids is not None:
-                positions, mask = document_positions(segment_ids), document_mask(segment_ids, window)
+            if segment_ids is not None:  # packed documents: no (T, T) mask unless a window needs one
+                layout = DocumentLayout(segment_ids)
+                positions = layout.positions()  # counted from each document's first token
+                mask = document_mask(segment_ids, window) if window and T > window else layout
         else:
             if isinstance(cache, KVCache):
                 cache = cache.rows()
