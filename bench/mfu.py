@@ -1,9 +1,10 @@
-"""MFU of the training core on this machine: fp32 GEMM peak vs the trainer's achieved FLOP/s on `cpu-small`.
+"""MFU of the training core on this machine: GEMM peak vs the trainer's achieved FLOP/s on `cpu-small`.
 
-    python bench/mfu.py [--quick] [--threads 2]
+    python bench/mfu.py [--quick] [--threads 2] [--precision auto|fp32|bf16]
 
-Peak: the best of repeated 2048×2048 fp32 GEMMs (``llmray.train.metrics.measure_peak_flops``),
-measured in this process with the same thread count as training. Achieved: the ``cpu-small``
+Peak: the best of repeated 2048×2048 GEMMs (``llmray.train.metrics.measure_peak_flops``) in the
+dtype the trainer computes in (``--precision``, default ``auto``: bf16 on CPUs where that is
+faster), measured in this process with the same thread count as training. Achieved: the ``cpu-small``
 model (seq 256, micro-batch 8, AdamW, grad clip) trained by ``llmray.train.trainer.Trainer`` in
 one process; FLOPs per token from ``ModelConfig.flops_per_token`` (PaLM 6N + 12·L·H·Q·T);
 median step time after warm-up. Three rounds (peak, then training), the round with the median MFU
@@ -37,19 +38,23 @@ from llmray.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 
 def measure_round(cfg, args: argparse.Namespace, steps: int, warmup: int) -> dict:
-    """One round: the GEMM peak, then ``steps`` trainer steps; MFU from the median step after ``warmup``."""
-    peak = measure_peak_flops("cpu", torch.float32, seconds=3.0)
+    """One round: ``steps`` trainer steps at ``--precision``, MFU from the median step after ``warmup``
+    against the GEMM peak measured in the dtype the trainer computes in."""
     with tempfile.TemporaryDirectory() as tmp:
         shards = _byte_shards.write(Path(tmp) / "shards", max_bytes=3_000_000)
         torch.manual_seed(0)
         data = TokenLoader(shards, seq_len=args.seq_len, batch_size=args.batch, seed=0)
-        train = TrainConfig(steps=steps, schedule=ScheduleConfig(warmup_steps=2), log_every=1000, peak_flops=peak)
+        train = TrainConfig(steps=steps, schedule=ScheduleConfig(warmup_steps=2), log_every=1000,
+                            precision=args.precision)
         trainer = Trainer(train, llama.build(cfg), CausalLM(), data, flops_per_token=cfg.flops_per_token(args.seq_len))
+        dtype = trainer.dtype or torch.float32
+        peak = measure_peak_flops("cpu", dtype, seconds=3.0)
+        trainer.peak_flops = peak
         result = trainer.fit()
     step_s = statistics.median(r.seconds for r in result.records[warmup:])
     tokens_per_s = args.batch * args.seq_len / step_s
     achieved = cfg.flops_per_token(args.seq_len) * tokens_per_s
-    return {"model": "cpu-small", "params": cfg.num_params(), "threads": args.threads,
+    return {"model": "cpu-small", "params": cfg.num_params(), "threads": args.threads, "dtype": str(dtype),
             "seq_len": args.seq_len, "batch": args.batch, "steps_timed": steps - warmup,
             "median_step_s": round(step_s, 4), "tokens_per_s": round(tokens_per_s, 1),
             "flops_per_token": cfg.flops_per_token(args.seq_len),
@@ -63,6 +68,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="train.precision; the peak is measured in the dtype it resolves to")
     parser.add_argument("--rounds", type=int, default=3, help="peak + training rounds; the median MFU's round is reported")
     args = parser.parse_args()
     load = LoadWatch(args.threads)

@@ -100,7 +100,8 @@ def llmray_run(shards: Path, work: Path, name: str, steps: int, warmup: int, wor
         model=preset("cpu-small"), data=TokensInput(tokens=str(shards)),
         batch=BatchConfig(seq_len=SEQ, micro_batch_size=BATCH),
         train=TrainConfig(steps=steps, optimizer=OptimizerConfig(lr=1e-3), schedule=ScheduleConfig(warmup_steps=2),
-                          log_every=LOG_EVERY, eval_batches=1, checkpoint_every=0, peak_flops=1e11),
+                          log_every=LOG_EVERY, eval_batches=1, checkpoint_every=0, peak_flops=1e11,
+                          precision="fp32"),  # the bare loop's precision
         parallel=ParallelConfig(strategy="fsdp2"),
         execution=ExecutionConfig(launcher="ray_train", workers=workers, cpus_per_worker=2 / workers,
                                   threads_per_worker=max(1, 2 // workers), max_failures=0))
