@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _load import LoadWatch  # noqa: E402
+from _random_tokens import RandomTokens  # noqa: E402
 
 from llmray.model import llama  # noqa: E402
 from llmray.model.config import preset  # noqa: E402
@@ -44,25 +45,6 @@ from llmray.train.trainer import OptimizerConfig, TrainConfig, Trainer  # noqa: 
 SEQ = 2048
 ROWS_PER_GPU = 4
 SMALL = dict(vocab_size=8192, dim=512, n_layers=4, n_heads=8, n_kv_heads=4, ffn_hidden_dim=1536, max_seq_len=512)
-
-
-class RandomTokens:
-    """Seeded random rows (B, T+1); each data-parallel rank reads its slice of the same global batch."""
-
-    def __init__(self, vocab: int, rows: int, seq: int, rank: int, world: int, seed: int = 0):
-        self.generator = torch.Generator().manual_seed(seed)
-        self.vocab, self.rows, self.seq, self.rank, self.world = vocab, rows, seq, rank, world
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        batch = torch.randint(0, self.vocab, (self.rows, self.seq + 1), generator=self.generator)
-        share = self.rows // self.world
-        return batch[self.rank * share:(self.rank + 1) * share]
-
-    def state_dict(self) -> dict:
-        return {}
 
 
 def train(shape: dict, steps: int, rows: int, seq: int, checkpointing: bool) -> dict:

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _load import LoadWatch  # noqa: E402
+from _random_tokens import RandomTokens  # noqa: E402
 
 SEQ, GLOBAL_ROWS, STEPS = 256, 2, 3
 FULL = dict(vocab_size=32000, dim=1024, n_layers=32, n_heads=16, n_kv_heads=8, ffn_hidden_dim=2816,
@@ -60,27 +61,6 @@ def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-class RandomRows:
-    """The same seeded global batch on every rank; each data-parallel rank keeps its rows."""
-
-    def __init__(self, vocab: int, rows: int, dp_rank: int, dp: int):
-        import torch
-
-        self.torch, self.generator = torch, torch.Generator().manual_seed(0)
-        self.vocab, self.rows, self.dp_rank, self.dp = vocab, rows, dp_rank, dp
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = self.torch.randint(0, self.vocab, (self.rows, SEQ + 1), generator=self.generator)
-        share = self.rows // self.dp
-        return batch[self.dp_rank * share:(self.dp_rank + 1) * share]
-
-    def state_dict(self) -> dict:
-        return {}
-
-
 def rank_main(rank: int, world: int, port: int, shape: dict, parallel_kwargs: dict, out: str) -> None:
     import torch
     import torch.distributed as dist
@@ -102,7 +82,7 @@ def rank_main(rank: int, world: int, port: int, shape: dict, parallel_kwargs: di
     cfg = preset("tiny", **shape)
     base = resident_gb()
     trainer = Trainer(TrainConfig(steps=STEPS, precision="fp32", log_every=1000), llama.build(cfg, "meta"),
-                      CausalLM(), RandomRows(cfg.vocab_size, GLOBAL_ROWS, dims.coordinates(rank)["dp"], dims.dp),
+                      CausalLM(), RandomTokens(cfg.vocab_size, GLOBAL_ROWS, SEQ, dims.coordinates(rank)["dp"], dims.dp),
                       parallel=parallel, device=torch.device("cpu"))
     after_init = peak_gb() - base
     trainer.fit()
