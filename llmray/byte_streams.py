@@ -24,6 +24,8 @@ import os
 import zlib
 from typing import IO, Iterator, NamedTuple
 
+from llmray import storage
+
 _CHUNK = 1 << 16  # compressed bytes fed to zlib per step
 _SKIP_CHUNK = 1 << 20  # bytes read per step while skipping the rest of an oversize line
 _BUFFER = 1 << 18  # decompressed bytes buffered per read
@@ -127,11 +129,15 @@ class GzipReader(io.RawIOBase):
 
 
 def open_binary(path: str | os.PathLike) -> IO[bytes]:
-    """``path`` opened for buffered reading of bytes, decompressed when its name ends in ``.gz``."""
+    """``path`` (a local path or a URI, see :mod:`llmray.storage`) opened for buffered reading of
+    bytes, decompressed when its name ends in ``.gz``."""
     name = os.fspath(path)
+    raw = storage.open_input(name)
+    if storage.is_remote(name):
+        raw = io.BufferedReader(raw, buffer_size=_BUFFER)
     if not name.endswith(".gz"):
-        return open(name, "rb")
-    return io.BufferedReader(GzipReader(open(name, "rb"), name), buffer_size=_BUFFER)
+        return raw
+    return io.BufferedReader(GzipReader(raw, name), buffer_size=_BUFFER)
 
 
 def read_at_most(handle: IO[bytes], limit: int) -> bytes:

@@ -34,6 +34,14 @@ TOOLS: dict[str, str] = {
 }
 
 
+def _runs_dir(text: str) -> Path | str:
+    """A URI stays a URI (``Path`` would make ``s3://b`` a local ``s3:/b`` folder); a local path is
+    made absolute, because Ray workers run in other directories."""
+    from llmray import storage
+
+    return storage.normalize(text) if storage.is_remote(text) else Path(text).resolve()
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", type=Path, help="YAML config file (keys below)")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value",
@@ -42,8 +50,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="run name: outputs go to <runs-dir>/<run>/<stage>/ (default: the config "
                              "file's name)")
     parser.add_argument("--runs-dir", default=os.environ.get("LLMRAY_RUNS_DIR", DEFAULT_RUNS_DIR),
-                        type=lambda path: Path(path).resolve(),  # Ray workers run in other directories
-                        help="root of run directories (env LLMRAY_RUNS_DIR; default: %(default)s)")
+                        type=_runs_dir,
+                        help="root of run directories: a local path or an object-store URI such as "
+                             "s3://bucket/runs (env LLMRAY_RUNS_DIR; default: %(default)s)")
     parser.add_argument("--force", action="store_true",
                         help="run even if inputs and config are unchanged since the last complete run")
     parser.add_argument("--address", default=None,

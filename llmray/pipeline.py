@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmray import cluster, report
+from llmray import cluster, report, runs, storage
 from llmray import config as config_lib
 from llmray import stages as stages_lib
 from llmray.config import param
@@ -50,12 +50,13 @@ class PipelineConfig:
                 raise config_lib.ConfigError(f"unknown stage 'stages.{name}'{hint}")
 
 
-def typed_stage_configs(cfg: PipelineConfig, run_root: Path) -> list[tuple[stages_lib.Stage, Any]]:
+def typed_stage_configs(cfg: PipelineConfig, run_root: Path | str) -> list[tuple[stages_lib.Stage, Any]]:
     """Validate every stage section up front; errors name the full dotted key."""
     typed = []
     for name, raw in cfg.stages.items():
         stage = stages_lib.STAGES[name]
         try:
+            stages_lib.check_storage(stage, run_root)
             typed.append((stage, stages_lib.build_config(stage, raw or {}, run_root)))
         except config_lib.ConfigError as exc:
             raise config_lib.ConfigError(f"in stages.{name}: {exc}") from exc
@@ -85,7 +86,7 @@ def _raw_config(args: argparse.Namespace) -> dict:
 
 def run_stage_command(stage: stages_lib.Stage, args: argparse.Namespace) -> stages_lib.StageResult:
     run_name = args.run or (args.config.stem if args.config else stage.name)
-    run_root = Path(args.runs_dir) / run_name
+    run_root = runs.run_root(args.runs_dir, run_name)
     cfg = stages_lib.build_config(stage, _raw_config(args), run_root)
     result = stages_lib.run_stage(stage, cfg, run_root, _ray_config(args), force=args.force,
                                   tracking=_tracking(args))
@@ -93,8 +94,8 @@ def run_stage_command(stage: stages_lib.Stage, args: argparse.Namespace) -> stag
     return result
 
 
-def run_pipeline(cfg: PipelineConfig, runs_dir: Path, force: bool = False) -> list[stages_lib.StageResult]:
-    run_root = Path(runs_dir) / cfg.name
+def run_pipeline(cfg: PipelineConfig, runs_dir: Path | str, force: bool = False) -> list[stages_lib.StageResult]:
+    run_root = runs.run_root(runs_dir, cfg.name)
     results = []
     typed = typed_stage_configs(cfg, run_root)
     if not typed:
@@ -111,18 +112,18 @@ def run_pipeline_command(args: argparse.Namespace) -> list[stages_lib.StageResul
         cfg.name = args.run
     cfg.ray = _ray_config(args, cfg.ray)
     cfg.tracking = _tracking(args, cfg.tracking)
-    results = run_pipeline(cfg, Path(args.runs_dir), force=args.force)
-    run_root = Path(args.runs_dir) / cfg.name
+    results = run_pipeline(cfg, args.runs_dir, force=args.force)
+    run_root = runs.run_root(args.runs_dir, cfg.name)
     _print_results(results, run_root)
-    print(f"report: {report.build_report(run_root).resolve()}")
+    print(f"report: {storage.normalize(report.build_report(run_root))}")
     return results
 
 
-def _print_results(results: list[stages_lib.StageResult], run_root: Path) -> None:
-    print(f"\nrun directory: {run_root.resolve()}")
+def _print_results(results: list[stages_lib.StageResult], run_root: Path | str) -> None:
+    print(f"\nrun directory: {storage.normalize(run_root)}")
     for result in results:
         state = "skipped (unchanged)" if result.skipped else "ran"
-        print(f"  {result.stage:<12} {state:<20} outputs: {result.output.resolve()}")
+        print(f"  {result.stage:<12} {state:<20} outputs: {storage.normalize(result.output)}")
     connection = cluster.current_connection()
     if connection:
         print(cluster.describe(connection))

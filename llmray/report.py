@@ -23,11 +23,10 @@ import json
 import logging
 import math
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
-from llmray import runs
+from llmray import runs, storage
 
 log = logging.getLogger("llmray.report")
 REPORT_DIR = "report"
@@ -49,11 +48,13 @@ def escape_markdown(text: str) -> str:
     return _MARKDOWN_SYNTAX.sub(r"\\\1", text)
 
 
-def stage_dirs(run_root: Path) -> list[runs.StageDir]:
-    """Stage directories of a run, in the order their stages started."""
+def stage_dirs(run_root: Path | str) -> list[runs.StageDir]:
+    """Stage directories of a run (local or on an object store), in the order their stages started."""
     found = []
-    for path in sorted(p for p in Path(run_root).iterdir() if p.is_dir() and p.name != REPORT_DIR):
-        stage_dir = runs.StageDir(path, path.name)
+    for name in storage.list_dirs(run_root):
+        if name == REPORT_DIR:
+            continue
+        stage_dir = runs.StageDir(runs.at(run_root, name), name)
         manifest = stage_dir.read_manifest()
         if manifest:
             found.append((manifest.get("started_at", ""), stage_dir))
@@ -140,21 +141,20 @@ def _format(value: Any) -> str:
 
 
 def _stage_fragment(stage_dir: runs.StageDir, report_dir: Path) -> str:
-    fragment = stage_dir.output / "report.md"
-    if not fragment.is_file():
+    fragment = runs.at(stage_dir.output, "report.md")
+    if not storage.is_file(fragment):
         return ""
-    text = fragment.read_text(encoding="utf-8")
-    root = stage_dir.output.resolve()
+    text = storage.read_text(fragment)
 
     def relink(match: re.Match) -> str:
-        """Copy a file of the stage's own output (symlinks resolved, so neither ``..`` nor a link
-        leads out of it) beside the report; anything else stays as text and nothing is copied."""
+        """Copy a file of the stage's own output beside the report; anything else stays as text
+        and nothing is copied."""
         target = match.group(2)
-        source = (stage_dir.output / target).resolve()
-        if not (source.is_relative_to(root) and source.is_file()):
+        source = _inside(stage_dir.output, target)
+        if source is None:
             return escape_markdown(match.group(0))
-        copied = f"{stage_dir.stage}_{Path(target).name}"
-        shutil.copyfile(source, report_dir / copied)
+        copied = f"{stage_dir.stage}_{storage.name(target)}"
+        (report_dir / copied).write_bytes(storage.read_bytes(source))
         return f"![{match.group(1)}]({copied})"
 
     # Demote the fragment's headings so they nest under the stage heading.
@@ -162,14 +162,28 @@ def _stage_fragment(stage_dir: runs.StageDir, report_dir: Path) -> str:
     return _IMAGE_LINK.sub(relink, text)
 
 
-def build_report(run_root: Path) -> Path:
-    """Write ``<run_root>/report/report.md`` (and its PNGs) atomically; returns the report path."""
-    run_root = Path(run_root)
+def _inside(output: Path | str, target: str) -> Path | str | None:
+    """The file ``target`` names if it lies inside ``output``, else None. Locally symlinks are
+    resolved, so neither ``..`` nor a link leads out; on an object store (no links) a relative
+    key without ``..`` is required."""
+    if storage.is_remote(output):
+        if "://" in target or target.startswith("/") or ".." in target.split("/"):
+            return None
+        source = storage.join(output, target)
+        return source if storage.is_file(source) else None
+    root = Path(output).resolve()
+    source = (Path(output) / target).resolve()
+    return source if source.is_relative_to(root) and source.is_file() else None
+
+
+def build_report(run_root: Path | str) -> Path | str:
+    """Write ``<run_root>/report/report.md`` (and its PNGs) atomically; returns the report path.
+    The run folder may be on an object store: the report is drawn locally and uploaded."""
     dirs = stage_dirs(run_root)
     if not dirs:
         raise FileNotFoundError(f"{run_root} holds no stage with a manifest; nothing to report")
-    with runs.atomic_dir(run_root / REPORT_DIR) as out:
-        lines = [f"# Run report: {run_root.name}", "",
+    with runs.replace_dir(runs.at(run_root, REPORT_DIR)) as target, storage.staged_folder(target) as out:
+        lines = [f"# Run report: {storage.name(run_root)}", "",
                  "| stage | status | started | wall time | CPU-hours | GPU-hours | summary |",
                  "|---|---|---|---|---|---|---|"]
         total_seconds = total_cpu = total_gpu = 0.0
@@ -187,7 +201,7 @@ def build_report(run_root: Path) -> Path:
         lines += ["", "CPU-/GPU-hours are wall time × the CPUs/GPUs the stage's Ray cluster had; multiply by "
                       "your hourly prices for cost.", ""]
         runs.write_text(out / "report.md", "\n".join(lines + sections) + "\n")
-    return run_root / REPORT_DIR / "report.md"
+    return runs.at(run_root, REPORT_DIR, "report.md")
 
 
 def _stage_section(stage_dir: runs.StageDir, manifest: dict, out: Path) -> str:
@@ -217,11 +231,14 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("report", help="build report.md and plots for a run directory",
                                    description=build_report.__doc__)
     parser.add_argument("--run", required=True, help="run name (or a path to the run directory)")
-    parser.add_argument("--runs-dir", default="runs", help="root of run directories (default: %(default)s)")
+    parser.add_argument("--runs-dir", default="runs",
+                        help="root of run directories, a local path or a URI such as s3://bucket/runs "
+                             "(default: %(default)s)")
     parser.set_defaults(handler=_report_command)
 
 
 def _report_command(args) -> int:
-    run_root = Path(args.run) if Path(args.run).is_dir() else Path(args.runs_dir) / args.run
-    print(f"report: {build_report(run_root).resolve()}")
+    named = storage.is_remote(args.run) or Path(args.run).is_dir()
+    run_root = runs.at(args.run) if named else runs.run_root(args.runs_dir, args.run)
+    print(f"report: {storage.normalize(build_report(run_root))}")
     return 0

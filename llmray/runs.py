@@ -22,57 +22,23 @@ Why it is shaped like this:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from llmray import jsonl
+from llmray import jsonl, storage
+from llmray.storage import atomic_write, fingerprint, fsync_dir, sha256_file  # noqa: F401 - this module's API
 
 MANIFEST = "manifest.json"
-_CHUNK = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic writes
+# Atomic writes (local files; :mod:`llmray.storage` writes any location)
 # ---------------------------------------------------------------------------------------------
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
-    """Open a temp file beside ``path``; on clean exit fsync it and rename it onto ``path``.
-
-    On an exception (or a kill) the final path is untouched and the temp file is removed
-    (or, after a kill, left as an ignorable ``.<name>.tmp-*`` file).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    binary = "b" in mode
-    try:
-        with os.fdopen(fd, mode, encoding=None if binary else encoding) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
 
 def write_text(path: str | Path, text: str) -> None:
     with atomic_write(path) as handle:
@@ -106,89 +72,111 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     if path.exists():
         os.replace(path, old)
     os.replace(partial, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Fingerprints
-# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def replace_dir(location: str | Path) -> Iterator[Path | str]:
+    """Build a stage's output folder in place of the previous one.
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fingerprint(path: str | Path) -> str:
-    """sha256 of a file, or of a directory tree (relative paths + file hashes, sorted).
-
-    Hidden temp files (``.name.tmp-*``) are ignored so an interrupted writer does not change
-    the fingerprint of what it writes into.
-    """
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"cannot fingerprint {path}: no such file or directory")
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and ".tmp-" not in p.name):
-        digest.update(str(file.relative_to(path)).encode() + b"\0")
-        digest.update(sha256_file(file).encode() + b"\n")
-    return digest.hexdigest()
+    Local: :func:`atomic_dir` (built aside, swapped in on success). On an object store, where a
+    folder cannot be renamed without copying every object, the previous output is deleted and the
+    new one written in place; the stage's manifest says ``running`` meanwhile and ``complete``
+    only once this block succeeded, so neither the lineage cache nor a later stage trusts a
+    half-written output. A failed block leaves no output."""
+    if not storage.is_remote(location):
+        with atomic_dir(location) as partial:
+            yield partial
+        return
+    storage.delete(location)
+    try:
+        yield storage.normalize(location)
+    except BaseException:
+        storage.delete(location)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
 # Stage directories and manifests
 # ---------------------------------------------------------------------------------------------
 
+def at(root: str | Path, *parts: str) -> Path | str:
+    """``root/parts...`` of the same kind as ``root``: a local ``Path``, or a URI string."""
+    return storage.join(root, *parts) if storage.is_remote(root) else Path(root).joinpath(*parts)
+
+
+def run_root(runs_dir: str | Path, name: str) -> Path | str:
+    """The folder of run ``name``: a local ``Path``, or a URI string on an object store."""
+    return at(runs_dir, name)
+
+
 @dataclass
 class StageDir:
-    """The directory of one stage of one run, and what a running stage writes into it."""
+    """The folder of one stage of one run, and what a running stage writes into it.
 
-    root: Path
+    ``root`` is a local path (kept as a ``Path``) or a URI on an object store (kept as a string;
+    see :mod:`llmray.storage`). Objects cannot be appended to, so on an object store
+    ``metrics.jsonl`` is rewritten whole, earlier attempts' lines and this process's (tens of lines
+    per stage), and the stage's log is uploaded when the stage ends (:func:`llmray.stages.run_stage`).
+    """
+
+    root: Path | str
     stage: str
-    _metrics_file: Path = field(init=False)
+    remote: bool = field(init=False)
+    _remote_metrics: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        self.root = Path(self.root)
-        self._metrics_file = self.root / "metrics.jsonl"
+        self.remote = storage.is_remote(self.root)
+        self.root = storage.normalize(self.root) if self.remote else Path(self.root)
+
+    def at(self, *parts: str) -> Path | str:
+        """A location inside the stage folder, of the same kind as ``root``."""
+        return at(self.root, *parts)
 
     @property
-    def output(self) -> Path:
-        return self.root / "output"
+    def output(self) -> Path | str:
+        return self.at("output")
 
     @property
-    def work(self) -> Path:
-        path = self.root / "work"
-        path.mkdir(parents=True, exist_ok=True)
+    def work(self) -> Path | str:
+        path = self.at("work")
+        storage.make_dirs(path)
         return path
 
     @property
-    def log_file(self) -> Path:
-        return self.root / "stage.log"
+    def log_file(self) -> Path | str:
+        return self.at("stage.log")
 
     @property
-    def manifest_path(self) -> Path:
-        return self.root / MANIFEST
+    def manifest_path(self) -> Path | str:
+        return self.at(MANIFEST)
+
+    @property
+    def metrics_file(self) -> Path | str:
+        return self.at("metrics.jsonl")
 
     def read_manifest(self) -> dict | None:
         try:
-            return json.loads(self.manifest_path.read_text())
+            return json.loads(storage.read_text(self.manifest_path))
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
     def write_manifest(self, manifest: dict) -> None:
-        write_json(self.manifest_path, manifest)
+        storage.write_json(self.manifest_path, manifest)
 
     def log_metrics(self, **metrics: Any) -> None:
         """Append one JSON line; a line is written with one ``write`` call so readers never see half."""
-        record = {"time": time.time(), **metrics}
+        line = json.dumps({"time": time.time(), **metrics}, default=float) + "\n"
+        if self.remote:
+            if not self._remote_metrics and storage.exists(self.metrics_file):  # earlier attempts' lines
+                self._remote_metrics.append(storage.read_text(self.metrics_file))
+            self._remote_metrics.append(line)
+            storage.write_text(self.metrics_file, "".join(self._remote_metrics))
+            return
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self._metrics_file, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, default=float) + "\n")
+        with open(self.metrics_file, "a", encoding="utf-8") as handle:
+            handle.write(line)
 
     def read_metrics(self) -> tuple[list[dict], list[jsonl.BadLine]]:
         """The records of ``metrics.jsonl`` and, apart, its lines that are not records.
@@ -197,10 +185,10 @@ class StageDir:
         trainer rank 0) and one killed mid-write leaves a torn line, which must not cost the rest
         of the file; the caller says how many it skipped.
         """
-        if not self._metrics_file.exists():
+        if not storage.exists(self.metrics_file):
             return [], []
         records, bad = [], []
-        for line in jsonl.read_lines(self._metrics_file):
+        for line in jsonl.read_lines(self.metrics_file):
             (bad if isinstance(line.record, jsonl.BadLine) else records).append(line.record)
         return records, bad
 
@@ -210,13 +198,17 @@ def fingerprint_inputs(inputs: dict[str, str | Path]) -> dict[str, dict]:
     return {name: {"path": str(path), "sha256": fingerprint(path)} for name, path in sorted(inputs.items())}
 
 
-def fingerprint_outputs(output_dir: Path) -> dict[str, dict]:
-    """Every file under a finished output directory with its size and sha256."""
-    return {str(p.relative_to(output_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(output_dir.rglob("*")) if p.is_file()}
+def fingerprint_outputs(output_dir: Path | str) -> dict[str, dict]:
+    """Every file under a finished output folder with its size, and its sha256 where the folder is
+    local (on an object store hashing would pull every byte back through this process; the
+    size is what :func:`cache_hit` checks)."""
+    remote = storage.is_remote(output_dir)
+    return {rel: {"bytes": size} if remote else {"bytes": size, "sha256": sha256_file(storage.join(output_dir, rel))}
+            for rel, size in storage.list_files(output_dir)}
 
 
-def cache_hit(manifest: dict | None, config_sha: str, inputs: dict[str, dict], output_dir: Path) -> tuple[bool, str]:
+def cache_hit(manifest: dict | None, config_sha: str, inputs: dict[str, dict], output_dir: Path | str
+              ) -> tuple[bool, str]:
     """(whether the stage can be skipped, why): printed either way, so a re-run is never a mystery.
 
     Skips only when the previous run completed with the same config hash and input fingerprints
@@ -232,9 +224,9 @@ def cache_hit(manifest: dict | None, config_sha: str, inputs: dict[str, dict], o
     changed = sorted(k for k in before.keys() | inputs.keys() if before.get(k) != inputs.get(k))
     if changed:
         return False, f"inputs changed: {', '.join(changed[:5])}" + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+    present = dict(storage.list_files(output_dir))
     for rel, info in manifest.get("outputs", {}).items():
-        target = output_dir / rel
-        if not target.is_file() or target.stat().st_size != info["bytes"]:
+        if present.get(rel) != info["bytes"]:
             return False, f"output {rel} is missing or changed"
     return True, (f"inputs and config unchanged since {manifest.get('finished_at', 'the last run')} "
                   f"(config sha256 {config_sha[:12]})")

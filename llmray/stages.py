@@ -18,16 +18,19 @@ Registering a stage is one entry in :data:`STAGES`; modules are imported lazily 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from llmray import cluster, dashboard_metrics
 from llmray import config as config_lib
-from llmray import runs
+from llmray import runs, storage
 from llmray.tracking import TrackingConfig
 
 RUN_DIR_PLACEHOLDER = "{run_dir}"
@@ -41,6 +44,9 @@ class Stage:
     config_ref: str  # "module:ConfigClass"
     run_ref: str  # "module:function"
     verb: str | None = None  # CLI spelling `llmray <name> <verb>` (e.g. `llmray tokenizer train`)
+    # Whether the stage reads and writes every location through llmray.storage, so that its run
+    # directory may be on an object store (``--runs-dir s3://...``).
+    object_storage: bool = False
 
     @property
     def config_cls(self) -> type:
@@ -62,7 +68,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("classifier", "train fastText quality/toxicity classifiers from labelled data (held-out P/R/F1)",
           "llmray.data.filters.classifiers:ClassifierConfig", "llmray.data.filters.classifiers:run_classifier", verb="train"),
     Stage("curate", "curate raw sources into documents on Ray Data: normalize, filter, LID/quality/toxicity, PII",
-          "llmray.data.curate:CurateConfig", "llmray.data.curate:run_curate"),
+          "llmray.data.curate:CurateConfig", "llmray.data.curate:run_curate", object_storage=True),
     Stage("tokenizer", "train a byte-level BPE tokenizer (and its chat template) on the documents",
           "llmray.tokenizer.train:TokenizerConfig", "llmray.tokenizer.train:run_tokenizer", verb="train"),
     Stage("tokens", "tokenize the documents on Ray Data into train/val token shards",
@@ -92,9 +98,9 @@ class StageContext:
 
     stage: str
     run_name: str
-    run_root: Path  # runs/<name>
+    run_root: Path | str  # runs/<name>: a local Path, or a URI (str) for stages with object_storage
     dir: runs.StageDir
-    output: Path  # the (temporary) output directory; becomes dir.output on success
+    output: Path | str  # the output folder being built; becomes dir.output on success
     logger: logging.Logger
     ray: cluster.RayConfig
 
@@ -114,7 +120,7 @@ class StageContext:
 class StageResult:
     stage: str
     skipped: bool
-    output: Path
+    output: Path | str
     manifest: dict
     reason: str = ""
 
@@ -144,23 +150,51 @@ def build_config(stage: Stage, raw: dict, run_root: Path) -> Any:
     return config_lib.from_dict(stage.config_cls, substitute_run_dir(config_lib.to_dict(typed), run_root))
 
 
-def _stage_logger(stage_dir: runs.StageDir) -> tuple[logging.Logger, logging.Handler]:
-    """The stage's logger; while it runs, every ``llmray.*`` log record also goes to stage.log."""
-    stage_dir.root.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(stage_dir.log_file, encoding="utf-8")
+@contextlib.contextmanager
+def _stage_log(stage_dir: runs.StageDir) -> Iterator[logging.Logger]:
+    """The stage's logger; while it runs, every ``llmray.*`` log record also goes to stage.log.
+
+    On an object store the log is written to a local temp file and uploaded when the stage ends,
+    failed or not (objects cannot be appended to)."""
+    local_log = stage_dir.log_file
+    if stage_dir.remote:
+        handle, name = tempfile.mkstemp(prefix="llmray-stage-", suffix=".log")
+        os.close(handle)
+        local_log = Path(name)
+    else:
+        stage_dir.root.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(local_log, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     package_logger = logging.getLogger("llmray")
     package_logger.addHandler(handler)
     if package_logger.getEffectiveLevel() > logging.INFO:  # used as a library without logging set up
         package_logger.setLevel(logging.INFO)
-    return logging.getLogger(f"llmray.stage.{stage_dir.stage}"), handler
+    try:
+        yield logging.getLogger(f"llmray.stage.{stage_dir.stage}")
+    finally:
+        package_logger.removeHandler(handler)
+        handler.close()
+        if stage_dir.remote:
+            storage.write_bytes(stage_dir.log_file, local_log.read_bytes())
+            local_log.unlink()
 
 
-def run_stage(stage: Stage, cfg: Any, run_root: Path, ray_cfg: cluster.RayConfig | None = None,
+def check_storage(stage: Stage, run_root: Path | str) -> None:
+    """Refuse, before anything runs, a run directory on an object store for a stage that still
+    reads or writes some of its files with local paths (it would create a local ``s3:`` folder)."""
+    if storage.is_remote(run_root) and not stage.object_storage:
+        ready = ", ".join(s.name for s in STAGES.values() if s.object_storage)
+        raise config_lib.ConfigError(
+            f"stage {stage.name!r} cannot yet keep its run directory on an object store ({run_root}); "
+            f"stages that can: {ready}. Use a local or shared-filesystem --runs-dir for {stage.name!r}.")
+
+
+def run_stage(stage: Stage, cfg: Any, run_root: Path | str, ray_cfg: cluster.RayConfig | None = None,
               force: bool = False, tracking: TrackingConfig | None = None) -> StageResult:
     """Run one stage (or skip it when its lineage is unchanged) and return what it produced."""
-    run_root = Path(run_root)
-    stage_dir = runs.StageDir(run_root / stage.name, stage.name)
+    check_storage(stage, run_root)
+    run_root = runs.at(run_root)
+    stage_dir = runs.StageDir(runs.at(run_root, stage.name), stage.name)
     config_sha = config_lib.config_hash(cfg)
     inputs = runs.fingerprint_inputs(cfg.inputs() if hasattr(cfg, "inputs") else {})
     previous = stage_dir.read_manifest()
@@ -170,26 +204,23 @@ def run_stage(stage: Stage, cfg: Any, run_root: Path, ray_cfg: cluster.RayConfig
         return StageResult(stage.name, True, stage_dir.output, previous, reason)
     log.info("[%s] running: %s", stage.name, reason)
 
-    runs.write_text(stage_dir.root / "config.yaml", config_lib.dump_yaml(cfg))
+    storage.write_text(stage_dir.at("config.yaml"), config_lib.dump_yaml(cfg))
     started = time.time()
     manifest = {"stage": stage.name, "status": "running", "config_sha256": config_sha,
                 "inputs": inputs, "started_at": _iso(started), "ran_because": reason}
     stage_dir.write_manifest(manifest)
-    logger, handler = _stage_logger(stage_dir)
-    try:
-        with runs.atomic_dir(stage_dir.output) as partial:
-            ctx = StageContext(stage.name, run_root.name, run_root, stage_dir, partial, logger,
-                               ray_cfg or cluster.RayConfig())
-            logger.info("running stage %s in %s", stage.name, stage_dir.root)
-            summary = stage.run_fn(cfg, ctx) or {}
-    except BaseException as exc:
-        manifest.update(status="failed", error=f"{type(exc).__name__}: {exc}", finished_at=_iso(time.time()))
-        _track(tracking, manifest, cfg, run_root, stage_dir, failed=True)
-        stage_dir.write_manifest(manifest)
-        raise
-    finally:
-        logging.getLogger("llmray").removeHandler(handler)
-        handler.close()
+    with _stage_log(stage_dir) as logger:
+        try:
+            with runs.replace_dir(stage_dir.output) as partial:
+                ctx = StageContext(stage.name, storage.name(run_root), run_root, stage_dir, partial, logger,
+                                   ray_cfg or cluster.RayConfig())
+                logger.info("running stage %s in %s", stage.name, stage_dir.root)
+                summary = stage.run_fn(cfg, ctx) or {}
+        except BaseException as exc:
+            manifest.update(status="failed", error=f"{type(exc).__name__}: {exc}", finished_at=_iso(time.time()))
+            _track(tracking, manifest, cfg, run_root, stage_dir, failed=True)
+            stage_dir.write_manifest(manifest)
+            raise
     finished = time.time()
     manifest.update(status="complete", outputs=runs.fingerprint_outputs(stage_dir.output),
                     summary=summary, finished_at=_iso(finished), seconds=round(finished - started, 3),
@@ -200,7 +231,7 @@ def run_stage(stage: Stage, cfg: Any, run_root: Path, ray_cfg: cluster.RayConfig
     return StageResult(stage.name, False, stage_dir.output, manifest, reason)
 
 
-def _track(tracking: TrackingConfig | None, manifest: dict, cfg: Any, run_root: Path, stage_dir: runs.StageDir,
+def _track(tracking: TrackingConfig | None, manifest: dict, cfg: Any, run_root: Path | str, stage_dir: runs.StageDir,
            failed: bool) -> None:
     """Record the stage in MLflow (``manifest["mlflow"]``); a tracking server that fails is logged, not
     raised: the stage's own outputs are complete and the run directory holds the same record."""
@@ -211,7 +242,7 @@ def _track(tracking: TrackingConfig | None, manifest: dict, cfg: Any, run_root: 
     metrics, _ = stage_dir.read_metrics()
     try:
         manifest["mlflow"] = tracking_lib.log_stage(
-            tracking, run=run_root.name, stage=stage_dir.stage, config=config_lib.to_dict(cfg), metrics=metrics,
+            tracking, run=storage.name(run_root), stage=stage_dir.stage, config=config_lib.to_dict(cfg), metrics=metrics,
             tags={"llmray.config_sha256": manifest["config_sha256"], "llmray.stage_dir": str(stage_dir.root)},
             failed=failed)
     except Exception as exc:  # noqa: BLE001 - reported in the log and the manifest

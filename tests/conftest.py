@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests import s3_support
+
+s3_support.configure_environment()  # before any Ray starts: its workers inherit the S3 endpoint
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LLMRAY_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
@@ -41,6 +45,20 @@ def ray_session():
                                                    dashboard=False))
     yield connection
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 API (moto server) for the session; see :mod:`tests.s3_support`."""
+    server = s3_support.MotoServer(os.environ[s3_support.ENDPOINT_VARIABLE])
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """``s3://<a fresh bucket>`` on the local S3 server."""
+    return f"s3://{s3_server.bucket()}"
 
 
 def pytest_collection_modifyitems(config, items):

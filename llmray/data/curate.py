@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from llmray import dashboard_metrics
+from llmray import dashboard_metrics, storage
 from llmray import runs as runs_lib
 from llmray.config import param
 from llmray.data import dedup as dedup_lib
@@ -352,7 +352,7 @@ def run_curate(cfg: CurateConfig, ctx) -> dict:
         if units:
             dataset, dedup_stats = build_dataset(cfg, units, actors, dedup)
             if dedup_stats:
-                runs_lib.write_json(ctx.output / "dedup_stats.json", dedup_stats)
+                storage.write_json(runs_lib.at(ctx.output, "dedup_stats.json"), dedup_stats)
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 writer.add(batch)
         writer.check_quarantine(cfg.limits.max_quarantine_fraction)

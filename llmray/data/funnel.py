@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llmray import runs
+from llmray import runs, storage
 from llmray.data import records
 from llmray.data.readers import errors
 
@@ -41,7 +41,7 @@ FIRST_ERRORS = 3  # quarantine messages kept per source for the max_quarantine_f
 class ParquetSetWriter:
     """Rows → ``<dir>/part-NNNNN.parquet``: fixed rows per file and per row group, atomic per file."""
 
-    def __init__(self, directory: Path, schema: pa.Schema, rows_per_file: int, row_group_rows: int,
+    def __init__(self, directory: Path | str, schema: pa.Schema, rows_per_file: int, row_group_rows: int,
                  compression: str) -> None:
         self.directory, self.schema = directory, schema
         self.rows_per_file, self.row_group_rows = rows_per_file, min(row_group_rows, rows_per_file)
@@ -88,12 +88,12 @@ class ParquetSetWriter:
             self._close()
 
     def _open(self) -> None:
-        path = self.directory / f"part-{len(self.files):05d}.parquet"
+        name = f"part-{len(self.files):05d}.parquet"
         self._stack = contextlib.ExitStack()
-        handle = self._stack.enter_context(runs.atomic_write(path, "wb"))
+        handle = self._stack.enter_context(storage.atomic_output(runs.at(self.directory, name)))
         self._writer = pq.ParquetWriter(handle, self.schema, compression=self.compression)
         self._file_rows = 0
-        self.files.append(path.name)
+        self.files.append(name)
 
     def _close(self) -> None:
         if self._writer is not None:
@@ -105,10 +105,10 @@ class ParquetSetWriter:
 class CurateWriter:
     """Routes ordered rows to the three datasets and accumulates the funnel statistics."""
 
-    def __init__(self, output: Path, output_cfg, stage_order: list[str], sample_rejected: int,
+    def __init__(self, output: Path | str, output_cfg, stage_order: list[str], sample_rejected: int,
                  on_dropped: Callable[[str, int], None] | None = None) -> None:
         def parquet_set(name: str, schema: pa.Schema) -> ParquetSetWriter:
-            return ParquetSetWriter(output / name, schema, output_cfg.rows_per_file, output_cfg.row_group_rows,
+            return ParquetSetWriter(runs.at(output, name), schema, output_cfg.rows_per_file, output_cfg.row_group_rows,
                                     output_cfg.compression)
 
         self.output = output
@@ -213,7 +213,7 @@ class CurateWriter:
         if self.sample_rejected:
             lines = [json.dumps(s, ensure_ascii=False) + "\n" for key in sorted(self.samples)
                      for s in self.samples[key]]
-            runs.write_text(self.output / "rejected_samples.jsonl", "".join(lines))
+            storage.write_text(runs.at(self.output, "rejected_samples.jsonl"), "".join(lines))
         return self.summary(files)
 
     def abort(self) -> None:
@@ -268,16 +268,16 @@ class CurateWriter:
 # Report
 # ---------------------------------------------------------------------------------------------
 
-def write_report(output: Path, summary: dict, seconds: float) -> str:
+def write_report(output: Path | str, summary: dict, seconds: float) -> str:
     """Write funnel.json, funnel.md and histogram PNGs; return the console table."""
     signals = summary.pop("signals")
     plots = _plot_histograms(output, signals)
     summary["seconds"] = round(seconds, 3)
     summary["signal_stats"] = {name: _stats(values) for name, values in sorted(signals.items())}
     summary["plots"] = plots
-    runs.write_json(output / "funnel.json", summary)
+    storage.write_json(runs.at(output, "funnel.json"), summary)
     table = _stage_table(summary["stages"])
-    runs.write_text(output / "funnel.md", _markdown(summary, table))
+    storage.write_text(runs.at(output, "funnel.md"), _markdown(summary, table))
     return table
 
 
@@ -327,7 +327,7 @@ def _markdown(summary: dict, stage_table: str) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _plot_histograms(output: Path, signals: dict[str, list[float]]) -> list[str]:
+def _plot_histograms(output: Path | str, signals: dict[str, list[float]]) -> list[str]:
     """One PNG per rule group (``funnel_<group>.png``), a histogram per signal."""
     if not signals:
         return []
@@ -354,7 +354,7 @@ def _plot_histograms(output: Path, signals: dict[str, list[float]]) -> list[str]
         figure.suptitle(group, fontsize=10)
         figure.subplots_adjust(hspace=0.6, wspace=0.35)  # tight_layout costs seconds per figure
         name = f"funnel_{group}.png"
-        with runs.atomic_write(output / name, "wb") as handle:
+        with storage.atomic_output(runs.at(output, name)) as handle:
             figure.savefig(handle, format="png", dpi=80, metadata={"Software": None})
         plt.close(figure)
         written.append(name)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
+from llmray import storage
 from llmray.data.readers import errors
 
 Extractor = Literal["resiliparse", "trafilatura"]
@@ -75,7 +76,7 @@ def gzip_members(path: str | Path, limit: int) -> Iterator[tuple[int, bytes | Ex
     :class:`~llmray.data.readers.errors.RecordTooLarge`: it is decompressed to its end to find
     the next member, but its output is dropped as it is produced (a gzip bomb costs time, not memory).
     """
-    with open(path, "rb") as handle:
+    with storage.open_input(path) as handle:
         size = handle.seek(0, io.SEEK_END)
         position = 0
         while position < size:
@@ -144,7 +145,7 @@ def iter_warc(path: str | Path, kind: Literal["warc", "wet"], extractor: Extract
                 continue
             yield from _records(io.BytesIO(member), kind, extractor, offset, path, limit)
     else:
-        with open(path, "rb") as handle:
+        with storage.open_input(path) as handle:
             yield from _records(handle, kind, extractor, 0, path, limit)
 
 

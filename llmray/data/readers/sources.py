@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
-from llmray import byte_streams, jsonl
+from llmray import byte_streams, jsonl, storage
 from llmray.config import param
 from llmray.data.readers import errors
 from llmray.data.readers import html as html_lib
@@ -147,12 +147,17 @@ class ReadLimits:
 # Planning
 # ---------------------------------------------------------------------------------------------
 
-def existing_paths(source: SourceConfig) -> list[Path]:
-    """The configured paths (globs expanded) that exist, sorted."""
-    found: set[Path] = set()
+def existing_paths(source: SourceConfig) -> list[str]:
+    """The configured paths (globs expanded) that exist, sorted: local paths as written, URIs
+    (``s3://bucket/raw/*.jsonl.gz``) through :mod:`llmray.storage`."""
+    found: set[str] = set()
     for spec in source.paths:
+        if storage.is_remote(spec):
+            matches = storage.glob(spec) if _GLOB_CHARS & set(spec) else [storage.normalize(spec)]
+            found.update(m for m in matches if storage.exists(m))
+            continue
         matches = glob.glob(spec, recursive=True) if _GLOB_CHARS & set(spec) else [spec]
-        found.update(Path(m) for m in matches if Path(m).exists())
+        found.update(str(Path(m)) for m in matches if Path(m).exists())
     return sorted(found)
 
 
@@ -172,34 +177,39 @@ def plan(sources: list[SourceConfig]) -> list[dict]:
                 raise FileNotFoundError(message + " (set optional: true to skip it)")
             log.warning("%s; skipped (optional)", message)
             continue
-        files = sorted({(file, root) for root in roots for file in _files_under(root, source.kind)})
+        files = sorted({found for root in roots for found in _files_under(root, source.kind)},
+                       key=lambda found: (found[0].split("/"), found[1]))  # path order, as pathlib sorts
         if source.max_files is not None:
             files = files[:source.max_files]
-        units.extend({"source": source.name, "path": str(file), "id_path": _relative(file, root),
-                      "machine_kind": None} for file, root in files)
+        units.extend({"source": source.name, "path": file, "id_path": relative, "machine_kind": None}
+                     for file, relative in files)
     return units
 
 
-def _relative(file: Path, root: Path) -> str:
-    """The path recorded in ids: relative to the configured root, so ids survive moving the corpus."""
-    if root.is_file():
-        return file.name
-    return str(file.relative_to(root))
-
-
-def _files_under(root: Path, kind: str) -> Iterator[Path]:
-    if root.is_file():
-        yield root
-        return
+def _files_under(root: str, kind: str) -> Iterator[tuple[str, str]]:
+    """``(file, path recorded in ids)`` of each file a source root holds: the root itself when it
+    is a file, else the files below it (relative paths, so ids survive moving the corpus) that
+    the source's kind reads."""
+    if storage.is_remote(root):
+        if storage.is_file(root):
+            yield root, storage.name(root)
+            return
+        candidates = ((storage.join(root, rel), rel) for rel, _ in storage.list_files(root))
+    else:
+        base = Path(root)
+        if base.is_file():
+            yield root, base.name
+            return
+        candidates = ((str(path), str(path.relative_to(base))) for path in base.rglob("*")
+                      if path.is_file() and not path.is_symlink())
     suffixes = _DEFAULT_SUFFIXES.get(kind, ())
-    for path in root.rglob("*"):
-        if not path.is_file() or path.is_symlink():
+    for file, relative in candidates:
+        name = relative.rsplit("/", 1)[-1]
+        if kind == "code" and (VENDORED_DIRS.intersection(relative.split("/")[:-1])
+                               or name.endswith(GENERATED_SUFFIXES)):
             continue
-        if kind == "code" and (VENDORED_DIRS.intersection(path.relative_to(root).parts[:-1])
-                               or path.name.endswith(GENERATED_SUFFIXES)):
-            continue
-        if path.name.lower().endswith(suffixes):
-            yield path
+        if name.lower().endswith(suffixes):
+            yield file, relative
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,15 +370,16 @@ def _field_record(obj: dict, offset: int, source: SourceConfig, at: str, line: i
 def _parquet_records(path: str, source: SourceConfig, unit: dict, limits: ReadLimits) -> Iterator[RawRecord]:
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
-    wanted = [c for c in dict.fromkeys((source.text_field, source.id_field, source.url_field, *source.where,
-                                        *source.meta_fields))
-              if c and c in parquet.schema_arrow.names]
-    offset = 0
-    for batch in parquet.iter_batches(batch_size=1024, columns=wanted):
-        for obj in batch.to_pylist():
-            yield from _field_records(obj, offset, source, path)
-            offset += 1
+    with storage.open_input(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        wanted = [c for c in dict.fromkeys((source.text_field, source.id_field, source.url_field, *source.where,
+                                            *source.meta_fields))
+                  if c and c in parquet.schema_arrow.names]
+        offset = 0
+        for batch in parquet.iter_batches(batch_size=1024, columns=wanted):
+            for obj in batch.to_pylist():
+                yield from _field_records(obj, offset, source, path)
+                offset += 1
 
 
 def _csv_records(path: str, source: SourceConfig, unit: dict, limits: ReadLimits) -> Iterator[RawRecord]:
@@ -520,7 +531,7 @@ def _latex_records(path: str, source: SourceConfig, unit: dict, limits: ReadLimi
     if path.endswith(".tex"):
         yield _latex_record(0, _read_file(path, limits), limits, path)
         return
-    with tarfile.open(path, "r:*") as archive:
+    with storage.open_input(path) as raw, tarfile.open(fileobj=raw, mode="r:*") as archive:
         members = sorted((m for m in archive.getmembers() if m.name.endswith(".tex")), key=lambda m: m.name)
         for index, member in enumerate(members):
             at = f"{path}!{member.name}"

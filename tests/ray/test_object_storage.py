@@ -1,0 +1,130 @@
+"""Runs on object storage: ``--runs-dir s3://...`` and sources on S3, against a real S3 API (moto
+server on 127.0.0.1), compared with the same run on local disk."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import re
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from llmray import cli, cluster, config as config_lib, runs, stages, storage
+
+pytestmark = pytest.mark.ray
+
+
+def corpus_files(shared_data: Path) -> dict[str, bytes]:
+    """Relative path → bytes: real C4 lines with faults (bad JSON, bad UTF-8, a truncated gzip) and a
+    WARC, so that quarantine and every reader that opens files by name are exercised."""
+    with open(shared_data / "c4_sample" / "c4_demo.jsonl", "rb") as handle:
+        lines = [next(handle).rstrip(b"\n") for _ in range(60)]
+    whole = gzip.compress(b"\n".join(lines[40:60]) + b"\n")
+    return {
+        "jsonl/good_and_bad.jsonl": b"\n".join(lines[:15] + [b'{"text": "never closed', b'{"text": "\xff\xfe"}']
+                                               + lines[15:40]) + b"\n",
+        "jsonl/truncated.jsonl.gz": whole[: len(whole) * 3 // 4],
+        "jsonl/skipped.txt": b"not matched by the glob",
+        "web/crawl.warc.wet.gz": (shared_data / "web_cc_warc" / "whirlwind.warc.wet.gz").read_bytes(),
+    }
+
+
+def curate_config(root: str) -> dict:
+    return {
+        "sources": [
+            {"name": "c4", "kind": "jsonl", "paths": [runs_path(root, "jsonl/*.jsonl*")]},
+            {"name": "wet", "kind": "wet", "paths": [runs_path(root, "web")]},
+        ],
+        "sample_rejected": 1,
+        "output": {"rows_per_file": 16, "row_group_rows": 8},
+        "execution": {"batch_rows": 16},
+    }
+
+
+def runs_path(root: str, relative: str) -> str:
+    return storage.join(root, relative)
+
+
+def parquet_bytes(output: str) -> dict[str, bytes]:
+    return {rel: storage.read_bytes(storage.join(output, rel)) for rel, _ in storage.list_files(output)
+            if rel.endswith(".parquet") and not rel.startswith("quarantine/")}
+
+
+def quarantine(output: str, root: str) -> list[dict]:
+    """Quarantine rows with the source root cut from paths and messages (they name where the file is)."""
+    rows = []
+    for rel, _ in storage.list_files(storage.join(output, "quarantine")):
+        table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, "quarantine", rel))))
+        rows += [{k: v.replace(root, "<root>") if isinstance(v, str) else v for k, v in row.items()}
+                 for row in table.to_pylist()]
+    return rows
+
+
+def test_curate_on_s3_equals_the_local_run_skips_when_unchanged_and_reports_from_s3(
+        shared_data, ray_session, s3_bucket, tmp_path, monkeypatch):
+    local_root, remote_root = str(tmp_path / "raw"), storage.join(s3_bucket, "raw")
+    for rel, data in corpus_files(shared_data).items():
+        storage.write_bytes(storage.join(local_root, rel), data)
+        storage.write_bytes(storage.join(remote_root, rel), data)
+    local = stages.run_stage(stages.STAGES["curate"],
+                             config_lib.from_dict(stages.STAGES["curate"].config_cls, curate_config(local_root)),
+                             tmp_path / "runs" / "demo", cluster.RayConfig())
+
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    config_file = tmp_path / "curate.yaml"
+    config_file.write_text(yaml.safe_dump(curate_config(remote_root)))
+    runs_dir = storage.join(s3_bucket, "runs")
+    assert cli.main(["curate", "--config", str(config_file), "--runs-dir", runs_dir, "--run", "demo"]) == 0
+    assert list(workdir.iterdir()) == [], "a run on S3 left files in the working directory"
+
+    remote_output = storage.join(runs_dir, "demo", "curate", "output")
+    local_output = str(local.output)
+    assert parquet_bytes(remote_output) == parquet_bytes(local_output)
+    assert len(parquet_bytes(local_output)) >= 3
+    remote_quarantine = quarantine(remote_output, remote_root)
+    assert remote_quarantine == quarantine(local_output, local_root)
+    assert {row["error"] for row in remote_quarantine} >= {"JSONDecodeError", "InvalidUTF8", "EOFError"}
+    funnel = json.loads(storage.read_text(storage.join(remote_output, "funnel.json")))
+    assert funnel["totals"] == json.loads((local.output / "funnel.json").read_text())["totals"]
+
+    stage_root = storage.join(runs_dir, "demo", "curate")
+    manifest = json.loads(storage.read_text(storage.join(stage_root, "manifest.json")))
+    assert manifest["status"] == "complete"
+    assert set(manifest["outputs"]) == {rel for rel, _ in storage.list_files(remote_output)}
+    assert all(key.startswith("source.c4.") or key.startswith("source.wet.") for key in manifest["inputs"])
+    assert all(entry["sha256"].startswith("stat:") for entry in manifest["inputs"].values())
+    assert "skipped.txt" not in json.dumps(manifest["inputs"])
+    assert {"config.yaml", "stage.log", "metrics.jsonl"} <= {rel for rel, _ in storage.list_files(stage_root)}
+    assert "running stage curate in s3://" in storage.read_text(storage.join(stage_root, "stage.log"))
+
+    again = stages.run_stage(stages.STAGES["curate"], config_lib.from_dict(
+        stages.STAGES["curate"].config_cls, curate_config(remote_root)), storage.join(runs_dir, "demo"),
+        cluster.RayConfig())
+    assert again.skipped and "unchanged" in again.reason
+    storage.write_bytes(storage.join(remote_root, "jsonl/good_and_bad.jsonl"), b'{"text": "changed"}\n')
+    changed = stages.run_stage(stages.STAGES["curate"], config_lib.from_dict(
+        stages.STAGES["curate"].config_cls, curate_config(remote_root)), storage.join(runs_dir, "demo"),
+        cluster.RayConfig())
+    assert not changed.skipped and "inputs changed: source.c4.good_and_bad.jsonl" in changed.reason
+
+    metrics, bad = runs.StageDir(stage_root, "curate").read_metrics()
+    assert not bad and [m["documents_out"] for m in metrics] == [
+        manifest["summary"]["documents_out"], changed.manifest["summary"]["documents_out"]]
+
+    elsewhere = tmp_path / "empty"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["report", "--runs-dir", runs_dir, "--run", "demo"]) == 0
+    assert list(elsewhere.iterdir()) == []
+    report_dir = storage.join(runs_dir, "demo", "report")
+    report = storage.read_text(storage.join(report_dir, "report.md"))
+    assert "| curate | complete |" in report and f"| documents_out | {changed.manifest['summary']['documents_out']} |" \
+        in report
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert linked and {rel for rel, _ in storage.list_files(report_dir)} == {"report.md", *linked}
