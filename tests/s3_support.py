@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -38,8 +39,10 @@ class MotoServer:
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
         port = endpoint.rsplit(":", 1)[1]
+        # The server logs every request: to a file, since an unread pipe fills up and stalls it.
+        self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                        stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -47,9 +50,10 @@ class MotoServer:
                 return
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.log.seek(0)
+                    output = self.log.read().decode(errors="replace")[-2000:]
                     self.stop()
-                    raise RuntimeError(f"moto server did not start on {endpoint}: "
-                                       f"{self.process.stderr.read().decode(errors='replace')[-2000:]}")
+                    raise RuntimeError(f"moto server did not start on {endpoint}: {output}")
                 time.sleep(0.2)
 
     def bucket(self) -> str:
@@ -67,3 +71,4 @@ class MotoServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.log.close()

@@ -11,8 +11,11 @@ Design choices:
   setting ``stage``/``reason``/``value`` and counts a change to a kept one with
   ``records.count_edits``, so the funnel explains every drop and edit.
 * Deterministic: sorted work units, record order within a file, pure per-row steps,
-  ``preserve_order=True`` and parquet cut by row count give byte-identical output for the same
-  input and config, whatever ``num_cpus``.
+  ``preserve_order=True`` and slices cut by exact row count give byte-identical output for the
+  same input and config, whatever ``num_cpus``.
+* Workers write the bulk: the task holding a slice writes its files (to local disk or an object
+  store, :mod:`llmray.storage`) and returns only counts; the driver holds plans, counts and the
+  funnel report.
 * Nothing half-written: the output is built in a temporary directory and swapped in on success.
 * Bugs fail loudly: steps quarantine nothing themselves (only readers do, for the data errors of
   :mod:`llmray.data.readers.errors`), and a source with more than ``max_quarantine_fraction`` of
@@ -26,7 +29,6 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 from dataclasses import dataclass
@@ -50,7 +52,10 @@ from llmray.data.readers import sources as sources_lib
 class OutputConfig:
     """How the curated datasets are written."""
 
-    rows_per_file: int = param(100_000, doc="documents per parquet file", min=1)
+    rows_per_file: int = param(20_000, doc="rows per slice of the stream: each slice is written by the "
+                                           "task holding it as one parquet file per dataset (documents, "
+                                           "rejected, quarantine), so a file holds at most this many rows",
+                               min=1)
     row_group_rows: int = param(10_000, doc="rows per parquet row group", min=1)
     compression: str = param("zstd", doc="parquet compression codec")
 
@@ -83,6 +88,9 @@ class CurateConfig:
                                                           "(dedup.boilerplate) and decontamination "
                                                           "(dedup.decontam: drop or flag) after "
                                                           "redaction (empty: off)")
+    signal_sample: int = param(1000, doc="filter-signal values per slice of rows_per_file rows that feed the "
+                                         "funnel's histograms and quantiles (the first ones of each slice; they "
+                                         "are all that crosses to the driver besides counts)", min=0)
     sample_rejected: int = param(0, doc="keep this many example texts per (stage, reason) in "
                                         "rejected_samples.jsonl", min=0)
     output: OutputConfig = param(default_factory=OutputConfig, doc="output files")
@@ -152,7 +160,8 @@ def read_step(batch: dict, source_configs: dict, limits: sources_lib.ReadLimits,
     for unit_json in batch["unit"]:
         unit = json.loads(unit_json)
         rows = []
-        for row in sources_lib.read_unit(unit, source_configs[unit["source"]], limits):
+        for seq, row in enumerate(sources_lib.read_unit(unit, source_configs[unit["source"]], limits)):
+            row["unit"], row["seq"] = unit["index"], seq
             rows.append(row)
             if len(rows) >= batch_rows:
                 yield records.to_table(rows)
@@ -309,7 +318,8 @@ def build_dataset(cfg: CurateConfig, units: list[dict], actors: int, dedup: dedu
 
     ex = cfg.execution
     source_configs = {s.name: s for s in cfg.sources}
-    ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=max(1, len(units)))
+    ds = ray.data.from_items([{"unit": json.dumps({**u, "index": i})} for i, u in enumerate(units)],
+                             override_num_blocks=max(1, len(units)))
     ds = ds.map_batches(read_step, fn_kwargs={"source_configs": source_configs, "limits": cfg.limits,
                                               "batch_rows": ex.read_batch_rows},
                         batch_size=1, num_cpus=ex.read_cpus)
@@ -329,6 +339,23 @@ def build_dataset(cfg: CurateConfig, units: list[dict], actors: int, dedup: dedu
     return ds, stats
 
 
+def write_dataset(ds, output, cfg: CurateConfig):
+    """Cut the ordered stream into slices of ``output.rows_per_file`` rows (exact, so the slices
+    are the same on any cluster) and have the task holding each slice write it
+    (:func:`funnel.write_slice`) and count it; the result holds one tally per slice, no text."""
+    ds = ds.repartition(target_num_rows_per_block=cfg.output.rows_per_file, strict=True)
+    return ds.map_batches(_write_and_count, fn_kwargs={"output": output, "cfg": cfg}, batch_size=None,
+                          batch_format="pyarrow", num_cpus=cfg.execution.clean_cpus)
+
+
+def _write_and_count(table: pa.Table, output, cfg: CurateConfig) -> pa.Table:
+    written, name = funnel.write_slice(table, output, cfg.output)
+    tally = funnel.FunnelTally(cfg.sample_rejected, cfg.signal_sample)
+    tally.add(table)
+    tally.add_files(written, name)
+    return pa.table({"tally": [tally.to_json()]})
+
+
 def run_curate(cfg: CurateConfig, ctx) -> dict:
     """Curate ``cfg.sources`` into ``ctx.output`` (documents/, rejected/, quarantine/, funnel.*)."""
     import ray
@@ -346,22 +373,25 @@ def run_curate(cfg: CurateConfig, ctx) -> dict:
     preserve_order = data_context.execution_options.preserve_order
     data_context.execution_options.preserve_order = True
     started = time.perf_counter()
-    writer = funnel.CurateWriter(ctx.output, cfg.output, cfg.stage_order(), cfg.sample_rejected,
-                                 functools.partial(dashboard_metrics.count_dropped, ctx.run_name, ctx.stage))
+    tally = funnel.FunnelTally(cfg.sample_rejected)
     try:
         if units:
             dataset, dedup_stats = build_dataset(cfg, units, actors, dedup)
             if dedup_stats:
                 storage.write_json(runs_lib.at(ctx.output, "dedup_stats.json"), dedup_stats)
-            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                writer.add(batch)
-        writer.check_quarantine(cfg.limits.max_quarantine_fraction)
-        summary = writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
+            for batch in write_dataset(dataset, ctx.output, cfg).iter_batches(batch_size=None, batch_format="pyarrow"):
+                for text in batch.column("tally").to_pylist():
+                    for reason, count in tally.merge_json(text).items():
+                        dashboard_metrics.count_dropped(ctx.run_name, ctx.stage, reason, count)
     finally:
         data_context.execution_options.preserve_order = preserve_order
+    tally.check_quarantine(cfg.limits.max_quarantine_fraction)
+    for name in funnel.DATASET_SCHEMAS:
+        if not tally.files[name]:
+            tally.files[name].append(funnel.write_empty(ctx.output, name, cfg.output))
+    if cfg.sample_rejected:
+        storage.write_text(runs_lib.at(ctx.output, "rejected_samples.jsonl"), tally.samples_jsonl())
+    summary = tally.summary(cfg.stage_order())
     seconds = time.perf_counter() - started
     report = funnel.write_report(ctx.output, summary, seconds)
     ctx.logger.info("funnel:\n%s", report)

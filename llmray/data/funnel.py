@@ -1,16 +1,18 @@
 """The curate stage's writers and its funnel report.
 
-:class:`CurateWriter` consumes the ordered row stream on the driver and routes each row to
-``documents/``, ``rejected/`` or ``quarantine/`` (parquet, cut by row count so file and row-group
-boundaries never depend on how Ray batched the stream), keeps ``sample_rejected`` example texts
-per (stage, reason), and accumulates the funnel: documents, bytes and estimated tokens entering
-and leaving each stage, per source and per reason, plus every filter signal's values for the
-histograms. A stage that changes documents it keeps (dedup's boilerplate lines, contamination
-flags) counts it in the rows' ``edit.*`` signals (``records.count_edits``); the sums appear on that
+:func:`write_slice` runs in the Ray task that holds a slice of the ordered row stream: it routes
+each row to ``documents/``, ``rejected/`` or ``quarantine/`` and writes one parquet file per
+dataset for the slice (slices are cut by row count, so file and row-group boundaries never depend
+on how Ray batched the stream). The same task counts the slice into a :class:`FunnelTally`
+(documents, bytes and estimated tokens entering and leaving each stage, per source and per
+reason, every filter signal's values for the histograms, ``sample_rejected`` example texts per
+(stage, reason)); only that tally, as JSON, goes to the driver, which merges the tallies in stream
+order. A stage that changes documents it keeps (dedup's boilerplate lines, contamination flags)
+counts it in the rows' ``edit.*`` signals (``records.count_edits``); the sums appear on that
 stage's funnel row as ``edits`` and in a "changed" column of the tables, which exists only when
 some stage edited. :func:`write_report` writes ``funnel.json``, ``funnel.md`` and ``funnel_*.png``.
-Each batch's drops per reason also go to ``on_dropped`` as they are counted (curate feeds the
-live counter ``llmray_docs_dropped_total{reason}``), so the dashboard and the funnel agree.
+Each slice's drops per reason also feed the live counter ``llmray_docs_dropped_total{reason}`` as
+its tally arrives, so the dashboard and the funnel agree.
 
 Tokens are estimated as UTF-8 bytes / 4 (the usual ratio for English BPE vocabularies); the
 tokenizer stage reports exact counts later.
@@ -18,14 +20,13 @@ tokenizer stage reports exact counts later.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from llmray import runs, storage
@@ -38,89 +39,64 @@ SCORE_COLUMNS = ("lang_score", "quality_score", "toxicity_score")
 FIRST_ERRORS = 3  # quarantine messages kept per source for the max_quarantine_fraction error
 
 
-class ParquetSetWriter:
-    """Rows → ``<dir>/part-NNNNN.parquet``: fixed rows per file and per row group, atomic per file."""
+def write_slice(table: pa.Table, output: Path | str, output_cfg) -> tuple[dict[str, int], str]:
+    """Route one slice of the ordered stream to ``documents/``, ``rejected/`` and ``quarantine/``
+    and write each part as one parquet file; return ``{dataset: rows written}`` and the file name.
 
-    def __init__(self, directory: Path | str, schema: pa.Schema, rows_per_file: int, row_group_rows: int,
-                 compression: str) -> None:
-        self.directory, self.schema = directory, schema
-        self.rows_per_file, self.row_group_rows = rows_per_file, min(row_group_rows, rows_per_file)
-        self.compression = compression
-        self.pending: list[pa.Table] = []
-        self.pending_rows = 0
-        self.files: list[str] = []
-        self.rows = 0
-        self._stack: contextlib.ExitStack | None = None
-        self._writer: pq.ParquetWriter | None = None
-        self._file_rows = 0
-
-    def add(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self.pending.append(table.select(self.schema.names).cast(self.schema))
-            self.pending_rows += table.num_rows
-        while self.pending_rows >= self.row_group_rows:
-            self._write_group(self.row_group_rows)
-
-    def finish(self) -> list[str]:
-        while self.pending_rows:
-            self._write_group(min(self.pending_rows, self.row_group_rows))
-        if not self.files and self._writer is None:
-            self._open()  # an empty dataset is still a readable parquet file with the schema
-        self._close()
-        return self.files
-
-    def abort(self) -> None:
-        if self._stack is not None:
-            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
-            self._stack = self._writer = None
-
-    def _write_group(self, rows: int) -> None:
-        rows = min(rows, self.rows_per_file - self._file_rows) if self._writer else rows
-        table = pa.concat_tables(self.pending)
-        group, rest = table.slice(0, rows), table.slice(rows)
-        self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
-        if self._writer is None:
-            self._open()
-        self._writer.write_table(group, row_group_size=rows)
-        self._file_rows += rows
-        self.rows += rows
-        if self._file_rows >= self.rows_per_file:
-            self._close()
-
-    def _open(self) -> None:
-        name = f"part-{len(self.files):05d}.parquet"
-        self._stack = contextlib.ExitStack()
-        handle = self._stack.enter_context(storage.atomic_output(runs.at(self.directory, name)))
-        self._writer = pq.ParquetWriter(handle, self.schema, compression=self.compression)
-        self._file_rows = 0
-        self.files.append(name)
-
-    def _close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._stack.close()
-            self._stack = self._writer = None
+    Runs in the Ray task that holds the slice, so no document crosses to the driver. The name
+    comes from the slice's first row, ``part-<unit>-<seq>.parquet`` (work unit in plan order, row
+    within it): slices are cut by row count from a stream in input order, so names and bytes are
+    the same whatever the cluster size, and sorting the names gives the stream order."""
+    name = f"part-{table['unit'][0].as_py():06d}-{table['seq'][0].as_py():09d}.parquet"
+    written = {}
+    for dataset, schema, mask in _routes(table):
+        part = table.filter(mask)
+        if part.num_rows:
+            _write_parquet(part.select(schema.names).cast(schema), runs.at(output, dataset, name), output_cfg)
+            written[dataset] = part.num_rows
+    return written, name
 
 
-class CurateWriter:
-    """Routes ordered rows to the three datasets and accumulates the funnel statistics."""
+def write_empty(output: Path | str, dataset: str, output_cfg) -> str:
+    """An empty dataset is still a readable parquet file with the schema."""
+    name = "part-000000-000000000.parquet"
+    _write_parquet(DATASET_SCHEMAS[dataset].empty_table(), runs.at(output, dataset, name), output_cfg)
+    return name
 
-    def __init__(self, output: Path | str, output_cfg, stage_order: list[str], sample_rejected: int,
-                 on_dropped: Callable[[str, int], None] | None = None) -> None:
-        def parquet_set(name: str, schema: pa.Schema) -> ParquetSetWriter:
-            return ParquetSetWriter(runs.at(output, name), schema, output_cfg.rows_per_file, output_cfg.row_group_rows,
-                                    output_cfg.compression)
 
-        self.output = output
-        self.documents = parquet_set("documents", records.DOCUMENT_SCHEMA)
-        self.rejected = parquet_set("rejected", records.REJECTED_SCHEMA)
-        self.quarantine = parquet_set("quarantine", records.QUARANTINE_SCHEMA)
-        self.stage_order = list(stage_order)
+DATASET_SCHEMAS = {"documents": records.DOCUMENT_SCHEMA, "rejected": records.REJECTED_SCHEMA,
+                   "quarantine": records.QUARANTINE_SCHEMA}
+
+
+def _routes(table: pa.Table) -> list[tuple[str, pa.Schema, pa.Array]]:
+    quarantined = pc.is_valid(table["error"])
+    rejected = pc.and_(pc.invert(quarantined), pc.is_valid(table["reason"]))
+    kept = pc.invert(pc.or_(quarantined, rejected))
+    return [("documents", records.DOCUMENT_SCHEMA, kept), ("rejected", records.REJECTED_SCHEMA, rejected),
+            ("quarantine", records.QUARANTINE_SCHEMA, quarantined)]
+
+
+def _write_parquet(table: pa.Table, location: Path | str, output_cfg) -> None:
+    with storage.atomic_output(location) as handle:
+        pq.write_table(table, handle, row_group_size=min(output_cfg.row_group_rows, max(1, table.num_rows)),
+                       compression=output_cfg.compression)
+
+
+class FunnelTally:
+    """The funnel's counts over part of the row stream: one slice (counted by the task that writes
+    it, and sent to the driver as JSON) or, merged in stream order, the whole of it.
+
+    Lists that keep "the first values" (signals for histograms, rejected samples, first quarantine
+    errors) stay in stream order because slices are merged in stream order."""
+
+    def __init__(self, sample_rejected: int, signal_values: int = MAX_SIGNAL_VALUES) -> None:
         self.sample_rejected = sample_rejected
+        self.signal_values = signal_values  # values kept per signal (a slice sends few: they cross to the driver)
         self.samples: dict[tuple[str, str], list[dict]] = defaultdict(list)
         # (source, stage-dropped-at or "kept") → [docs, bytes as read]
         self.drops: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         self.reasons: Counter = Counter()  # (source, stage, reason) → docs
+        self.dropped: Counter = Counter()  # reason (quarantined:<error> for unreadable records) → docs
         self.errors: Counter = Counter()  # (source, error) → records
         self.rows: Counter = Counter()  # source → records read (quarantined included)
         self.first_errors: dict[str, list[str]] = defaultdict(list)  # source → first quarantine messages
@@ -128,39 +104,37 @@ class CurateWriter:
         self.pii: Counter = Counter()
         self.edits: Counter = Counter()  # (source, stage, count) → sum of edit.<stage>.<count> signals
         self.signals: dict[str, list[float]] = defaultdict(list)
-        self.on_dropped = on_dropped  # (reason, documents) of each batch, e.g. a live counter
+        self.stages_seen: list[str] = []  # stages rows were dropped at, in arrival order
+        self.datasets: Counter = Counter()  # dataset → rows written
+        self.files: dict[str, list[str]] = defaultdict(list)  # dataset → file names, in stream order
 
     def add(self, table: pa.Table) -> None:
         columns = {name: table.column(name).to_pylist() for name in
                    ("source", "bytes", "error", "stage", "reason", "signals", "text", *SCORE_COLUMNS)}
-        quarantined = [e is not None for e in columns["error"]]
-        rejected = [not q and r is not None for q, r in zip(quarantined, columns["reason"])]
-        kept = [not q and not r for q, r in zip(quarantined, rejected)]
-        self.quarantine.add(table.filter(pa.array(quarantined)))
-        self.rejected.add(table.filter(pa.array(rejected)))
-        self.documents.add(table.filter(pa.array(kept)))
         messages = table.column("message").to_pylist()
-        dropped: Counter = Counter()  # reason -> documents of this batch
         for i, source in enumerate(columns["source"]):
             self.rows[source] += 1
-            if quarantined[i]:
-                dropped["quarantined:" + columns["error"][i]] += 1
-                self._count(source, "read", "quarantined:" + columns["error"][i], 0)
-                self.errors[(source, columns["error"][i])] += 1
+            error, reason = columns["error"][i], columns["reason"][i]
+            if error is not None:
+                self.dropped["quarantined:" + error] += 1
+                self._count(source, "read", "quarantined:" + error, 0)
+                self.errors[(source, error)] += 1
                 if len(self.first_errors[source]) < FIRST_ERRORS:
-                    self.first_errors[source].append(f"{columns['error'][i]}: {messages[i]}")
+                    self.first_errors[source].append(f"{error}: {messages[i]}")
                 continue
-            stage = columns["stage"][i] if rejected[i] else "kept"
-            self._count(source, stage, columns["reason"][i] if rejected[i] else None, columns["bytes"][i] or 0)
-            if rejected[i]:
-                dropped[columns["reason"][i]] += 1
+            stage = columns["stage"][i] if reason is not None else "kept"
+            self._count(source, stage, reason, columns["bytes"][i] or 0)
+            if reason is not None:
+                self.dropped[reason] += 1
                 self._sample(table, i, columns)
             else:
                 self.kept_bytes[source] += len(columns["text"][i].encode("utf-8"))
             self._collect_signals(columns, i, source)
-        if self.on_dropped is not None:
-            for reason, count in dropped.items():
-                self.on_dropped(reason, count)
+
+    def add_files(self, written: dict[str, int], name: str) -> None:
+        for dataset, rows in written.items():
+            self.datasets[dataset] += rows
+            self.files[dataset].append(name)
 
     def _count(self, source: str, stage: str, reason: str | None, size: int) -> None:
         entry = self.drops[(source, stage)]
@@ -168,8 +142,8 @@ class CurateWriter:
         entry[1] += size
         if reason is not None:
             self.reasons[(source, stage, reason)] += 1
-        if stage not in self.stage_order and stage != "kept":
-            self.stage_order.append(stage)  # a step added later (e.g. dedup) appears in arrival order
+        if stage != "kept" and stage not in self.stages_seen:
+            self.stages_seen.append(stage)
 
     def _sample(self, table: pa.Table, i: int, columns: dict) -> None:
         key = (columns["stage"][i], columns["reason"][i])
@@ -188,8 +162,47 @@ class CurateWriter:
             elif name.startswith(records.EDIT_PREFIX):
                 stage, count = name.removeprefix(records.EDIT_PREFIX).split(".", 1)
                 self.edits[(source, stage, count)] += int(value)
-            elif len(self.signals[name]) < MAX_SIGNAL_VALUES:
+            elif len(self.signals[name]) < self.signal_values:
                 self.signals[name].append(value)
+
+    # -- merging slices (worker → driver) -------------------------------------------------------
+
+    _COUNTERS = ("reasons", "dropped", "errors", "rows", "kept_bytes", "pii", "edits", "datasets")
+
+    def to_json(self) -> str:
+        """This tally as JSON (tuple keys as lists), to return from the task that counted it."""
+        return json.dumps({
+            **{name: [[*_key(k), n] for k, n in getattr(self, name).items()] for name in self._COUNTERS},
+            "drops": [[*k, *v] for k, v in self.drops.items()],
+            "samples": [[*k, v] for k, v in self.samples.items()],
+            "first_errors": self.first_errors, "signals": self.signals, "stages_seen": self.stages_seen,
+            "files": self.files})
+
+    def merge_json(self, text: str) -> Counter:
+        """Add a slice's tally (from :meth:`to_json`), which follows every slice merged so far in the
+        stream; returns that slice's drops per reason."""
+        part = json.loads(text)
+        for name in self._COUNTERS:
+            counter = getattr(self, name)
+            for *key, n in part[name]:
+                counter[key[0] if len(key) == 1 else tuple(key)] += n
+        for source, stage, docs, size in part["drops"]:
+            entry = self.drops[(source, stage)]
+            entry[0] += docs
+            entry[1] += size
+        for stage, reason, rows in part["samples"]:
+            kept = self.samples[(stage, reason)]
+            kept.extend(rows[:self.sample_rejected - len(kept)])
+        for source, messages in part["first_errors"].items():
+            self.first_errors[source].extend(messages[:FIRST_ERRORS - len(self.first_errors[source])])
+        for name, values in part["signals"].items():
+            self.signals[name].extend(values[:self.signal_values - len(self.signals[name])])
+        self.stages_seen += [stage for stage in part["stages_seen"] if stage not in self.stages_seen]
+        for dataset, names in part["files"].items():
+            self.files[dataset].extend(names)
+        return Counter({reason: n for reason, n in part["dropped"]})
+
+    # -- the whole stream -----------------------------------------------------------------------
 
     def check_quarantine(self, max_fraction: float) -> None:
         """Raise :class:`~llmray.data.readers.errors.QuarantineExceeded` naming every source whose quarantined share of
@@ -207,36 +220,30 @@ class CurateWriter:
                 f"(a wrong reader or field, or a bug; raise limits.max_quarantine_fraction if the data is "
                 f"really this dirty):\n  " + "\n  ".join(over))
 
-    def finish(self) -> dict:
-        files = {"documents": self.documents.finish(), "rejected": self.rejected.finish(),
-                 "quarantine": self.quarantine.finish()}
-        if self.sample_rejected:
-            lines = [json.dumps(s, ensure_ascii=False) + "\n" for key in sorted(self.samples)
-                     for s in self.samples[key]]
-            storage.write_text(runs.at(self.output, "rejected_samples.jsonl"), "".join(lines))
-        return self.summary(files)
+    def samples_jsonl(self) -> str:
+        return "".join(json.dumps(s, ensure_ascii=False) + "\n" for key in sorted(self.samples)
+                       for s in self.samples[key])
 
-    def abort(self) -> None:
-        for writer in (self.documents, self.rejected, self.quarantine):
-            writer.abort()
-
-    def summary(self, files: dict) -> dict:
+    def summary(self, stage_order: list[str]) -> dict:
+        """The funnel of every stage in ``stage_order`` (then any other stage rows were dropped at,
+        e.g. dedup's, in arrival order), per source and in total."""
+        stage_order = [*stage_order, *(s for s in self.stages_seen if s not in stage_order)]
         sources = sorted({source for source, _ in self.drops})
-        per_source = {source: self._funnel(source) for source in sources}
-        total = self._funnel(None)
+        per_source = {source: self._funnel(source, stage_order) for source in sources}
+        total = self._funnel(None, stage_order)
         totals = {"documents_in": total[0]["docs_in"] if total else 0,
-                  "documents_out": self.documents.rows, "rejected": self.rejected.rows,
-                  "quarantined": self.quarantine.rows, "bytes_out": sum(self.kept_bytes.values()),
+                  "documents_out": self.datasets["documents"], "rejected": self.datasets["rejected"],
+                  "quarantined": self.datasets["quarantine"], "bytes_out": sum(self.kept_bytes.values()),
                   "est_tokens_out": sum(self.kept_bytes.values()) // BYTES_PER_TOKEN}
         reasons = [{"source": s, "stage": st, "reason": r, "docs": n}
                    for (s, st, r), n in sorted(self.reasons.items())]
         return {"totals": totals, "stages": total, "per_source": per_source, "reasons": reasons,
                 "quarantine": [{"source": s, "error": e, "records": n} for (s, e), n in sorted(self.errors.items())],
-                "pii": dict(sorted(self.pii.items())), "files": files,
+                "pii": dict(sorted(self.pii.items())), "files": {d: self.files[d] for d in DATASET_SCHEMAS},
                 "kept_bytes": dict(sorted(self.kept_bytes.items())), "signals": dict(self.signals),
                 "bytes_per_token": BYTES_PER_TOKEN}
 
-    def _funnel(self, source: str | None) -> list[dict]:
+    def _funnel(self, source: str | None, stage_order: list[str]) -> list[dict]:
         def entry(stage: str) -> list[int]:
             if source is not None:
                 return self.drops.get((source, stage), [0, 0])
@@ -250,10 +257,10 @@ class CurateWriter:
             return dict(sorted(found.items(), key=lambda item: (not item[0].startswith("documents"), item[0])))
 
         kept = entry("kept")
-        docs = sum(entry(stage)[0] for stage in self.stage_order) + kept[0]
-        size = sum(entry(stage)[1] for stage in self.stage_order) + kept[1]
+        docs = sum(entry(stage)[0] for stage in stage_order) + kept[0]
+        size = sum(entry(stage)[1] for stage in stage_order) + kept[1]
         rows = []
-        for stage in self.stage_order:
+        for stage in stage_order:
             dropped_docs, dropped_bytes = entry(stage)
             rows.append({"stage": stage, "docs_in": docs, "docs_out": docs - dropped_docs, "bytes_in": size,
                          "bytes_out": size - dropped_bytes, "est_tokens_in": size // BYTES_PER_TOKEN,
@@ -262,6 +269,10 @@ class CurateWriter:
                 rows[-1]["edits"] = edited
             docs, size = docs - dropped_docs, size - dropped_bytes
         return rows
+
+
+def _key(key) -> list:
+    return list(key) if isinstance(key, tuple) else [key]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,11 +2,14 @@
 
 Why one row shape for everything: Ray Data cannot fork a stream without materialising it, so a
 document, a rejected document and a quarantined (unreadable) record all travel in the same
-stream and the driver routes them when writing:
+stream and are routed when written:
 
 * ``error`` set            → quarantine (``path``, ``offset``, ``error``, ``message``);
 * ``reason`` set           → rejected (``id``, ``source``, ``stage``, ``reason``, ``value``);
 * neither                  → a curated document (the Document contract in DESIGN.md).
+
+Each slice of the ordered stream is routed and written by the Ray task that holds it
+(:func:`llmray.data.funnel.write_slice`); only counts reach the driver.
 
 **Contract for pipeline steps** (filters, classifiers, dedup): a step receives every row and
 touches only *live* rows (``error`` and ``reason`` both null, see :func:`is_live`); to drop a
@@ -46,6 +49,9 @@ ROW_SCHEMA = pa.schema([
     ("message", pa.string()),
     ("signals", pa.string()),         # JSON {signal: value} of every rule evaluated (histograms),
                                       # PII replacements (pii.*) and edits of kept rows (edit.*)
+    ("unit", pa.int64()),             # index of the work unit (file) the row was read from, in plan order
+    ("seq", pa.int64()),              # the row's position among its unit's rows: (unit, seq) orders
+                                      # the stream and names the output files of each slice of it
 ])
 COLUMNS = tuple(ROW_SCHEMA.names)
 

@@ -128,3 +128,32 @@ def test_curate_on_s3_equals_the_local_run_skips_when_unchanged_and_reports_from
         in report
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert linked and {rel for rel, _ in storage.list_files(report_dir)} == {"report.md", *linked}
+
+
+def test_the_driver_receives_counts_not_documents(shared_data, ray_session, s3_bucket, monkeypatch):
+    """Every batch that reaches the driver during curate (with dedup) is counted: none carries a
+    text column, and all of them together are a small fraction of the curated text."""
+    import ray.data
+
+    lines = (shared_data / "c4_sample" / "c4_demo.jsonl").read_bytes()
+    storage.write_bytes(storage.join(s3_bucket, "raw", "c4.jsonl"), lines + lines)  # 300 duplicates for dedup
+    raw = {"sources": [{"name": "c4", "kind": "jsonl", "paths": [storage.join(s3_bucket, "raw", "c4.jsonl")]}],
+           "dedup": {"exact": True, "decontam": {"enabled": False}},
+           "output": {"rows_per_file": 200}, "signal_sample": 10, "execution": {"batch_rows": 32}}
+    delivered = []
+    iter_batches = ray.data.Dataset.iter_batches
+
+    def counted(self, *args, **kwargs):
+        for batch in iter_batches(self, *args, **kwargs):
+            delivered.append((tuple(batch.column_names), batch.nbytes))
+            yield batch
+
+    monkeypatch.setattr(ray.data.Dataset, "iter_batches", counted)
+    result = stages.run_stage(stages.STAGES["curate"], config_lib.from_dict(stages.STAGES["curate"].config_cls, raw),
+                              storage.join(s3_bucket, "runs", "demo"), cluster.RayConfig())
+    totals = result.manifest["summary"]
+    assert totals["documents_out"] > 100 and totals["rejected"] >= 300  # duplicates dropped, files written
+    assert delivered and all("text" not in columns for columns, _ in delivered)
+    assert sum(size for _, size in delivered) < 0.03 * totals["bytes_out"], delivered
+    funnel = json.loads(storage.read_text(storage.join(result.output, "funnel.json")))
+    assert 0 < funnel["signal_stats"]["gopher_quality.words"]["n"] <= 10 * len(delivered)

@@ -4,6 +4,8 @@ counts on the stage's row (and only then grows a "changed" column)."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 
 import numpy as np
@@ -68,9 +70,9 @@ def test_no_drops_and_no_edits_return_the_block_unchanged():
 def test_funnel_rows_and_tables_show_edits(tmp_path):
     rows = curate._mark_dropped(records.to_table(_rows()), _dropped(["doc-3"]), _edits(["doc-2"], [0b11]))
     stages = ["c4", "boilerplate", "exact_dedup", "near_dedup", "decontamination"]
-    writer = funnel.CurateWriter(tmp_path, curate.OutputConfig(), stages, 0)
-    writer.add(rows)
-    summary = writer.finish()
+    tally = funnel.FunnelTally(0)
+    tally.add(rows)
+    summary = tally.summary(stages)
     by_stage = {s["stage"]: s for s in summary["stages"]}
     assert by_stage["boilerplate"]["edits"] == {"documents_changed": 2, "bytes_removed": 2 * (len(BANNER) + 1),
                                                 "lines_removed": 2}
@@ -84,9 +86,28 @@ def test_funnel_rows_and_tables_show_edits(tmp_path):
     assert table[6].endswith("| 1 documents flagged |") and table[5].endswith("|  |")
 
 
-def test_funnel_table_without_edits_keeps_its_columns(tmp_path):
-    writer = funnel.CurateWriter(tmp_path, curate.OutputConfig(), ["c4"], 0)
-    writer.add(records.to_table(_rows()))
-    table = funnel._stage_table(writer.finish()["stages"]).splitlines()
+def test_funnel_table_without_edits_keeps_its_columns():
+    tally = funnel.FunnelTally(0)
+    tally.add(records.to_table(_rows()))
+    summary = tally.summary(["c4"])
+    table = funnel._stage_table(summary["stages"]).splitlines()
     assert table[0] == "| stage | docs in | docs out | kept % | MB in | MB out | est. tokens out |"
-    assert all("edits" not in row for row in writer.summary({})["stages"])
+    assert all("edits" not in row for row in summary["stages"])
+
+
+def test_slice_tallies_merged_in_order_equal_one_tally_of_the_whole_stream():
+    """Workers count their slices; the driver's merge must give the funnel of the whole stream,
+    including the capped "first values" lists (samples, signals) in stream order."""
+    rows = curate._mark_dropped(records.to_table(_rows() * 3), _dropped(["doc-3"]), _edits(["doc-2"], [0b11]))
+    whole = funnel.FunnelTally(sample_rejected=2)
+    whole.add(rows)
+    merged = funnel.FunnelTally(sample_rejected=2)
+    dropped = Counter()
+    for start in range(0, rows.num_rows, 4):
+        part = funnel.FunnelTally(sample_rejected=2)
+        part.add(rows.slice(start, 4))
+        dropped += merged.merge_json(part.to_json())
+    stages = ["c4", "boilerplate", "exact_dedup", "near_dedup", "decontamination"]
+    assert merged.summary(stages) == whole.summary(stages)
+    assert merged.samples_jsonl() == whole.samples_jsonl() and max(map(len, whole.samples.values())) == 2
+    assert dropped == whole.dropped and sum(dropped.values()) > 0
