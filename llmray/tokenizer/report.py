@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmray import runs
+from llmray import runs, storage
 from llmray.report import escape_markdown
 
 LONGEST = 20
@@ -70,9 +70,9 @@ def build_report(tokenizer, source_texts: dict[str, list[str]], held_out_texts: 
     }
 
 
-def write_report(report: dict, training: dict, directory: Path) -> None:
-    runs.write_json(directory / "report.json", {**report, "training": training})
-    runs.write_text(directory / "report.md", render_markdown(report, training))
+def write_report(report: dict, training: dict, directory: Path | str) -> None:
+    storage.write_json(runs.at(directory, "report.json"), {**report, "training": training})
+    storage.write_text(runs.at(directory, "report.md"), render_markdown(report, training))
 
 
 def render_markdown(report: dict, training: dict) -> str:

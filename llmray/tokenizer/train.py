@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from llmray import runs
+from llmray import runs, storage
 from llmray.config import param
 from llmray.data.readers import documents
 from llmray.progress import Progress
@@ -126,10 +126,11 @@ def hf_tokenizer_config() -> dict:
     }
 
 
-def save(tokenizer, directory: Path) -> dict[str, int]:
-    """Write ``tokenizer.json`` and ``tokenizer_config.json`` atomically; return the special ids."""
-    runs.write_text(directory / TOKENIZER_FILE, tokenizer.to_str(pretty=True))
-    runs.write_json(directory / TOKENIZER_CONFIG_FILE, hf_tokenizer_config())
+def save(tokenizer, directory: Path | str) -> dict[str, int]:
+    """Write ``tokenizer.json`` and ``tokenizer_config.json`` atomically (any location, see
+    :mod:`llmray.storage`); return the special ids."""
+    storage.write_text(runs.at(directory, TOKENIZER_FILE), tokenizer.to_str(pretty=True))
+    storage.write_json(runs.at(directory, TOKENIZER_CONFIG_FILE), hf_tokenizer_config())
     return special_ids(tokenizer)
 
 
@@ -251,7 +252,7 @@ def run_tokenizer(cfg: TokenizerConfig, ctx) -> dict:
                 "available_chars": available, "keep_probability": sample.keep_probability,
                 "val_fraction": cfg.val_fraction, "seed": cfg.seed, "special_ids": ids,
                 "vocab_size": tokenizer.get_vocab_size()}
-    runs.write_json(ctx.output / TRAINING_FILE, training)
+    storage.write_json(runs.at(ctx.output, TRAINING_FILE), training)
     report = report_lib.build_report(tokenizer, sample.report_texts, sample.held_out_texts)
     report_lib.write_report(report, training, ctx.output)
     ctx.log_metrics(train_seconds=train_seconds, train_chars=sum(sample.chars.values()),

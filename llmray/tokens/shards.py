@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmray import runs
+from llmray import runs, storage
 
 FORMAT = "llmray-tokens/1"
 MANIFEST = "manifest.json"
@@ -61,11 +61,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class ShardWriter:
     """Appends documents' tokens to ``<directory>/<split>/NNNNNN.bin``, rolling over at ``shard_tokens``.
 
-    Each shard is written through :func:`llmray.runs.atomic_write` (it appears at its final path
-    only once complete) and hashed while it is written.
+    Each shard is written through :func:`llmray.storage.atomic_output` (it appears at its final
+    location, local or on an object store, only once complete) and hashed while it is written.
     """
 
-    directory: Path
+    directory: Path | str
     split: str
     dtype: np.dtype
     shard_tokens: int
@@ -103,7 +103,7 @@ class ShardWriter:
     def _open(self) -> None:
         relative = f"{self.split}/{len(self.shards):06d}.bin"
         self._stack = contextlib.ExitStack()
-        self._handle = self._stack.enter_context(runs.atomic_write(self.directory / relative, "wb"))
+        self._handle = self._stack.enter_context(storage.atomic_output(runs.at(self.directory, relative)))
         self._digest = hashlib.sha256()
         self._tokens = self._documents = 0
         self.shards.append({"path": relative})

@@ -49,7 +49,7 @@ from typing import Iterator, Literal
 import numpy as np
 import pyarrow as pa
 
-from llmray import runs
+from llmray import runs, storage
 from llmray.config import param
 from llmray.data.readers import documents
 from llmray.read_ahead import read_ahead
@@ -94,7 +94,7 @@ class TokensConfig:
 def read_files(batch: dict[str, np.ndarray], root: str, batch_chars: int):
     """map_batches UDF over rows ``{"path"}``: yields the documents of each file in record order."""
     for path in batch["path"]:
-        for docs in documents.read_batches(str(path), Path(root), batch_docs=1 << 30, batch_chars=batch_chars):
+        for docs in documents.read_batches(str(path), root, batch_docs=1 << 30, batch_chars=batch_chars):
             yield {**docs, "path": [str(path)] * len(docs["id"])}
 
 
@@ -153,7 +153,7 @@ def resolve_val_fraction(cfg: TokensConfig) -> float:
         return DEFAULT_VAL_FRACTION
 
 
-def build_dataset(cfg: TokensConfig, files: list[Path], root: Path, val_fraction: float, actors: int):
+def build_dataset(cfg: TokensConfig, files: list[str], root: str, val_fraction: float, actors: int):
     """The lazy Ray Data pipeline from document files to ordered token rows."""
     import ray
 
@@ -166,7 +166,7 @@ def build_dataset(cfg: TokensConfig, files: list[Path], root: Path, val_fraction
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cfg.actor_cpus)
 
 
-def local_rows(cfg: TokensConfig, files: list[Path], root: Path, val_fraction: float):
+def local_rows(cfg: TokensConfig, files: list[str], root: str, val_fraction: float):
     """The actor plan's ordered token rows, computed in this process: same reader, same
     :class:`Encoder`, blocks of ``encode_batch_docs`` documents, tokenizer threads on every core."""
     encoder = Encoder(cfg.tokenizer, val_fraction, threads=None)
@@ -174,7 +174,7 @@ def local_rows(cfg: TokensConfig, files: list[Path], root: Path, val_fraction: f
         yield encoder(table)
 
 
-def _document_blocks(files: list[Path], root: Path, cfg: TokensConfig) -> Iterator[pa.Table]:
+def _document_blocks(files: list[str], root: str, cfg: TokensConfig) -> Iterator[pa.Table]:
     for file in files:
         for batch in read_files({"path": [str(file)]}, str(root), cfg.read_batch_chars):
             table = pa.table(batch)
@@ -194,7 +194,7 @@ def default_actors(cfg: TokensConfig) -> int:
     return cfg.actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def write_shards(rows, output: Path, dtype: np.dtype, shard_tokens: int) -> dict:
+def write_shards(rows, output: Path | str, dtype: np.dtype, shard_tokens: int) -> dict:
     """Consume ordered token rows (pyarrow batches); write shards and quarantine; return counts."""
     writers = {split: shards_lib.ShardWriter(output, split, dtype, shard_tokens) for split in shards_lib.SPLITS}
     quarantine: list[dict] = []
@@ -214,7 +214,7 @@ def write_shards(rows, output: Path, dtype: np.dtype, shard_tokens: int) -> dict
         for writer in writers.values():
             writer.abort()
         raise
-    runs.write_text(output / shards_lib.QUARANTINE, "".join(json.dumps(q) + "\n" for q in quarantine))
+    storage.write_text(runs.at(output, shards_lib.QUARANTINE), "".join(json.dumps(q) + "\n" for q in quarantine))
     return {"splits": {split: writer.finish() for split, writer in writers.items()},
             "quarantined": len(quarantine), "skipped_empty": skipped_empty}
 
@@ -222,13 +222,13 @@ def write_shards(rows, output: Path, dtype: np.dtype, shard_tokens: int) -> dict
 def run_tokens(cfg: TokensConfig, ctx) -> dict:
     """Tokenize ``cfg.documents`` into ``ctx.output``; return a summary of tokens per split."""
     tokenizer = load_tokenizer(cfg.tokenizer)
-    tokenizer_file = Path(cfg.tokenizer) / TOKENIZER_FILE
+    tokenizer_file = storage.join(cfg.tokenizer, TOKENIZER_FILE)
     vocab_size = tokenizer.get_vocab_size()
     dtype = shards_lib.token_dtype(vocab_size)
     val_fraction = resolve_val_fraction(cfg)
     files = documents.list_files(cfg.documents)
     root = documents.input_root(cfg.documents)
-    input_bytes = sum(f.stat().st_size for f in files)
+    input_bytes = sum(map(storage.size, files))
     plan = choose_plan(cfg, input_bytes)
     started = time.perf_counter()
     if plan == "local":
@@ -241,14 +241,14 @@ def run_tokens(cfg: TokensConfig, ctx) -> dict:
         "format": shards_lib.FORMAT, "dtype": dtype.name, "byte_order": "little", "vocab_size": vocab_size,
         "bos_id": tokenizer.token_to_id(chat.BOS), "eos_id": tokenizer.token_to_id(chat.EOS),
         "pad_id": tokenizer.token_to_id(chat.PAD),
-        "tokenizer": {"path": str(tokenizer_file), "sha256": runs.sha256_file(tokenizer_file)},
+        "tokenizer": {"path": tokenizer_file, "sha256": storage.sha256_file(tokenizer_file)},
         "documents": cfg.documents, "val_fraction": val_fraction,
         "split_rule": "val when int(sha256(id)[:8 bytes]) / 2**64 < val_fraction, else train",
         "order": "input files sorted by path, records in file order; shards cut at shard_tokens",
         **counts, "source_mixture": shards_lib.source_mixture(counts["splits"]),
     }
     ctx.logger.info("tokenized with the %s plan in %.1f s", plan, seconds)
-    runs.write_json(ctx.output / shards_lib.MANIFEST, manifest)
+    storage.write_json(runs.at(ctx.output, shards_lib.MANIFEST), manifest)
     tokens = {split: entry["tokens"] for split, entry in counts["splits"].items()}
     ctx.log_metrics(seconds=seconds, tokens=sum(tokens.values()),
                     tokens_per_s=sum(tokens.values()) / max(seconds, 1e-9))
@@ -258,7 +258,7 @@ def run_tokens(cfg: TokensConfig, ctx) -> dict:
             "seconds": round(seconds, 3), "tokens_per_s": round(sum(tokens.values()) / max(seconds, 1e-9))}
 
 
-def _tokenize_on_actors(cfg: TokensConfig, ctx, files: list[Path], root: Path, val_fraction: float,
+def _tokenize_on_actors(cfg: TokensConfig, ctx, files: list[str], root: str, val_fraction: float,
                         dtype: np.dtype) -> dict:
     import ray
 

@@ -45,6 +45,24 @@ def curate_config(root: str) -> dict:
     }
 
 
+def run(stage: str, raw: dict, run_root: str) -> stages.StageResult:
+    return stages.run_stage(stages.STAGES[stage], stages.build_config(stages.STAGES[stage], raw, run_root), run_root,
+                            cluster.RayConfig())
+
+
+def without_timings(data: bytes, name: str):
+    """A JSON file without its wall-clock fields; any other file as it is."""
+    if not name.endswith(".json"):
+        return data
+
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if "seconds" not in k and k != "tokens_per_s"}
+        return [strip(v) for v in node] if isinstance(node, list) else node
+
+    return strip(json.loads(data))
+
+
 def runs_path(root: str, relative: str) -> str:
     return storage.join(root, relative)
 
@@ -93,6 +111,17 @@ def test_curate_on_s3_equals_the_local_run_skips_when_unchanged_and_reports_from
     funnel = json.loads(storage.read_text(storage.join(remote_output, "funnel.json")))
     assert funnel["totals"] == json.loads((local.output / "funnel.json").read_text())["totals"]
 
+    for name, raw in (("tokenizer", {"vocab_size": 600}), ("tokens", {"plan": "actors", "shard_tokens": 4000})):
+        on_s3 = run(name, raw, storage.join(runs_dir, "demo"))
+        on_disk = run(name, raw, str(tmp_path / "runs" / "demo"))
+        names = [rel for rel, _ in storage.list_files(on_s3.output)]
+        assert names == [rel for rel, _ in storage.list_files(on_disk.output)] and len(names) >= 3
+        for rel in (n for n in names if not n.endswith(".md")):  # .md: the .json beside it, with timings
+            remote, local = (storage.read_bytes(storage.join(str(out), rel)) for out in (on_s3.output, on_disk.output))
+            remote = remote.replace(runs_dir.encode(), str(tmp_path / "runs").encode())
+            assert without_timings(remote, rel) == without_timings(local, rel), rel  # byte-identical but paths
+    assert list(workdir.iterdir()) == []
+
     stage_root = storage.join(runs_dir, "demo", "curate")
     manifest = json.loads(storage.read_text(storage.join(stage_root, "manifest.json")))
     assert manifest["status"] == "complete"
@@ -124,7 +153,7 @@ def test_curate_on_s3_equals_the_local_run_skips_when_unchanged_and_reports_from
     assert list(elsewhere.iterdir()) == []
     report_dir = storage.join(runs_dir, "demo", "report")
     report = storage.read_text(storage.join(report_dir, "report.md"))
-    assert "| curate | complete |" in report and f"| documents_out | {changed.manifest['summary']['documents_out']} |" \
+    assert "| tokens | complete |" in report and "| curate | complete |" in report and f"| documents_out | {changed.manifest['summary']['documents_out']} |" \
         in report
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert linked and {rel for rel, _ in storage.list_files(report_dir)} == {"report.md", *linked}

@@ -146,9 +146,9 @@ def test_report_compares_with_the_byte_baseline(trained):
 
 def test_lineage_inputs_resolve_files_globs_and_stable_ids(trained, tmp_path):
     corpus = trained[0]
-    names = [p.name for p in documents.list_files(corpus)]
+    names = [Path(p).name for p in documents.list_files(corpus)]
     assert names == ["c4.jsonl", "shakespeare.jsonl", "wiki.parquet"]
-    assert [p.name for p in documents.list_files(f"{corpus}/*.jsonl")] == ["c4.jsonl", "shakespeare.jsonl"]
+    assert [Path(p).name for p in documents.list_files(f"{corpus}/*.jsonl")] == ["c4.jsonl", "shakespeare.jsonl"]
     assert train.TokenizerConfig(documents=f"{corpus}/*.jsonl").inputs() == {
         "documents/00000": str(corpus / "c4.jsonl"), "documents/00001": str(corpus / "shakespeare.jsonl")}
     with pytest.raises(FileNotFoundError, match="no document files .* found at"):

@@ -30,7 +30,7 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from llmray import jsonl
+from llmray import jsonl, storage
 
 SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json", ".json.gz")
 COLUMNS = ("id", "text", "source", "error", "message", "offset")
@@ -41,46 +41,50 @@ def is_glob(spec: str | Path) -> bool:
     return bool(_GLOB_CHARS & set(str(spec)))
 
 
-def list_files(spec: str | Path) -> list[Path]:
-    """The document files named by ``spec`` (a file, a directory searched recursively, or a glob)."""
+def list_files(spec: str | Path) -> list[str]:
+    """The document files named by ``spec`` (a file, a directory searched recursively, or a glob;
+    a local path or a URI such as ``s3://bucket/run/curate/output/documents``), sorted."""
     spec = str(spec)
-    if is_glob(spec):
-        matches = [Path(p) for p in glob.glob(spec, recursive=True)]
+    if storage.is_remote(spec):
+        matches = storage.glob(spec) if is_glob(spec) else [storage.normalize(spec)]
+        folders = [m for m in matches if storage.is_dir(m)]
+        found = {storage.join(f, rel) for f in folders for rel, _ in storage.list_files(f) if _is_document_name(rel)}
+        singles = [m for m in matches if m not in folders and storage.is_file(m)]
     else:
-        matches = [Path(spec)]
-    files: set[Path] = set()
-    for match in matches:
-        if match.is_dir():
-            files.update(p for p in match.rglob("*") if p.is_file() and _is_document_file(p))
-        elif match.is_file():
-            if not _is_document_file(match):
-                raise ValueError(f"{match} is not a document file: expected one of {', '.join(SUFFIXES)}")
-            files.add(match)
+        matches = [Path(p) for p in glob.glob(spec, recursive=True)] if is_glob(spec) else [Path(spec)]
+        found = {str(p) for m in matches if m.is_dir() for p in m.rglob("*") if p.is_file() and _is_document_name(p.name)}
+        singles = [str(m) for m in matches if m.is_file()]
+    for single in singles:
+        if not _is_document_name(storage.name(single)):
+            raise ValueError(f"{single} is not a document file: expected one of {', '.join(SUFFIXES)}")
+    files = found | set(singles)
     if not files:
         raise FileNotFoundError(f"no document files ({', '.join(SUFFIXES)}) found at {spec!r}")
-    return sorted(files)
+    return sorted(files, key=lambda f: f.split("/"))  # path order, as pathlib sorts
 
 
-def input_root(spec: str | Path) -> Path:
+def input_root(spec: str | Path) -> str:
     """The directory that document ids are made relative to: the non-glob prefix of ``spec``."""
-    parts = Path(spec).parts
+    parts = str(spec).split("/")
     fixed = []
     for part in parts:
         if is_glob(part):
             break
         fixed.append(part)
-    root = Path(*fixed) if fixed else Path(".")
-    return root if root.is_dir() else root.parent
+    root = "/".join(fixed) or "."
+    if storage.is_remote(root):
+        return root if storage.is_dir(root) else root.rsplit("/", 1)[0]
+    return str(Path(root) if Path(root).is_dir() else Path(root).parent)
 
 
-def _is_document_file(path: Path) -> bool:
-    name = path.name
+def _is_document_name(relative: str) -> bool:
+    name = relative.rsplit("/", 1)[-1]
     return not name.startswith((".", "_")) and name.endswith(SUFFIXES)
 
 
-def source_name(path: Path) -> str:
+def source_name(path: str | Path) -> str:
     """Default source of a file without a ``source`` column: its name without document suffixes."""
-    name = path.name
+    name = str(path).rsplit("/", 1)[-1]
     for suffix in sorted(SUFFIXES, key=len, reverse=True):
         if name.endswith(suffix):
             return name[: -len(suffix)]
@@ -103,9 +107,8 @@ def split_of(doc_id: str, val_fraction: float) -> str:
 def read_batches(path: str | Path, root: str | Path, batch_docs: int = 1024,
                  batch_chars: int = 8 << 20) -> Iterator[dict[str, list]]:
     """Yield column batches (see :data:`COLUMNS`) of at most ``batch_docs`` records / ~``batch_chars``."""
-    path = Path(path)
-    relative = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
-    records = _parquet_records(path) if path.name.endswith(".parquet") else _jsonl_records(path)
+    relative = _relative(str(path), str(root))
+    records = _parquet_records(str(path)) if str(path).endswith(".parquet") else _jsonl_records(str(path))
     batch = _empty_batch()
     chars = 0
     for offset, line, record in records:
@@ -123,6 +126,14 @@ def read_batches(path: str | Path, root: str | Path, batch_docs: int = 1024,
         yield batch
 
 
+def _relative(path: str, root: str) -> str:
+    """``path`` relative to ``root`` (ids are made of it), or its name when it lies elsewhere."""
+    if storage.is_remote(path):
+        return path[len(root) + 1:] if path.startswith(root.rstrip("/") + "/") else storage.name(path)
+    local = Path(path)
+    return local.relative_to(root).as_posix() if local.is_relative_to(root) else local.name
+
+
 def iter_documents(spec: str | Path, batch_docs: int = 1024) -> Iterator[dict[str, list]]:
     """Every batch of every file named by ``spec``, in sorted file order."""
     root = input_root(spec)
@@ -137,20 +148,21 @@ def _empty_batch() -> dict[str, list]:
 # Records come as (offset, line, record): ``offset`` is the 0-based row / line index that ids are
 # made of, ``line`` the 1-based line number messages name (None for parquet rows).
 
-def _parquet_records(path: Path) -> Iterator[tuple[int, None, dict]]:
-    parquet = pq.ParquetFile(path)
-    names = set(parquet.schema_arrow.names)
-    if "text" not in names:
-        raise ValueError(f"{path}: parquet file has no 'text' column (columns: {sorted(names)})")
-    columns = [c for c in ("id", "text", "source") if c in names]
-    offset = 0
-    for batch in parquet.iter_batches(batch_size=1024, columns=columns):
-        for record in batch.to_pylist():
-            yield offset, None, record
-            offset += 1
+def _parquet_records(path: str) -> Iterator[tuple[int, None, dict]]:
+    with storage.open_input(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        names = set(parquet.schema_arrow.names)
+        if "text" not in names:
+            raise ValueError(f"{path}: parquet file has no 'text' column (columns: {sorted(names)})")
+        columns = [c for c in ("id", "text", "source") if c in names]
+        offset = 0
+        for batch in parquet.iter_batches(batch_size=1024, columns=columns):
+            for record in batch.to_pylist():
+                yield offset, None, record
+                offset += 1
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, int, dict | jsonl.BadLine]]:
+def _jsonl_records(path: str) -> Iterator[tuple[int, int, dict | jsonl.BadLine]]:
     for line in jsonl.read_lines(path):
         yield line.index, line.number, line.record
 
