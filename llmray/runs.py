@@ -31,27 +31,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from llmray import jsonl, storage
-from llmray.storage import atomic_write, fingerprint, fsync_dir, sha256_file  # noqa: F401 - this module's API
+from llmray.storage import fingerprint, fsync_dir, sha256_file
 
 MANIFEST = "manifest.json"
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic writes (local files; :mod:`llmray.storage` writes any location)
-# ---------------------------------------------------------------------------------------------
-
-def write_text(path: str | Path, text: str) -> None:
-    with atomic_write(path) as handle:
-        handle.write(text)
-
-
-def write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_write(path, "wb") as handle:
-        handle.write(data)
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+# Atomic writes of any location, kept under the names stages have always called them by.
+atomic_write, write_bytes, write_text, write_json = (storage.atomic_write, storage.write_bytes,
+                                                     storage.write_text, storage.write_json)
 
 
 @contextlib.contextmanager
