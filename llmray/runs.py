@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,21 @@ def replace_dir(location: str | Path) -> Iterator[Path | str]:
     except BaseException:
         storage.delete(location)
         raise
+
+
+@contextlib.contextmanager
+def built_locally(location: str | Path, last: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A local folder to build ``location`` in, with libraries that write only local files
+    (safetensors, tokenizers). Local: :func:`atomic_dir`. Remote: a temp folder that replaces
+    ``location`` when the block succeeds, files named in ``last`` uploaded after the rest."""
+    if not storage.is_remote(location):
+        with atomic_dir(location) as partial:
+            yield partial
+        return
+    with tempfile.TemporaryDirectory(prefix="llmray-build-") as scratch:
+        yield Path(scratch)
+        storage.delete(location)
+        storage.upload_folder(Path(scratch), location, last=last)
 
 
 # ---------------------------------------------------------------------------------------------

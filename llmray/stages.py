@@ -75,7 +75,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("tokens", "tokenize the documents on Ray Data into train/val token shards",
           "llmray.tokens.tokenize:TokensConfig", "llmray.tokens.tokenize:run_tokens", object_storage=True),
     Stage("pretrain", "pretrain the model on token shards (Ray Train or in process; FSDP2/ZeRO, TP, PP), resumable",
-          "llmray.train.pretrain:PretrainConfig", "llmray.train.pretrain:run_pretrain"),
+          "llmray.train.pretrain:PretrainConfig", "llmray.train.pretrain:run_pretrain", object_storage=True),
     Stage("proxy", "pretrain a small proxy model in this process (the unit of sweeps and data ablations)",
           "llmray.train.pretrain:ProxyConfig", "llmray.train.pretrain:run_pretrain", verb="train"),
     Stage("sft", "instruction-tune a model on chat data (assistant-only loss, best-fit packing) on the shared Trainer",

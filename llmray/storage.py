@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -63,6 +64,11 @@ def join(base: str | os.PathLike, *parts: str) -> str:
 
 def name(location: str | os.PathLike) -> str:
     return normalize(location).rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(location: str | os.PathLike) -> str:
+    """The folder holding ``location``."""
+    return normalize(location).rstrip("/").rsplit("/", 1)[0]
 
 
 def local_path(location: str | os.PathLike) -> Path | None:
@@ -236,6 +242,66 @@ def fingerprint(location: str | os.PathLike) -> str:
     return "stat:" + digest.hexdigest()
 
 
+def cache_root() -> Path:
+    """This node's cache of remote files: ``$LLMRAY_CACHE_DIR``, else ``~/.cache/llmray``."""
+    return Path(os.environ.get("LLMRAY_CACHE_DIR") or Path.home() / ".cache" / "llmray").expanduser()
+
+
+def local_copy(location: str | os.PathLike) -> Path:
+    """A local path holding the bytes of ``location``, for libraries that read only local files
+    (memory-mapped token shards, safetensors, DCP checkpoints, tokenizers).
+
+    A local location is returned as it is. A remote file or folder is downloaded once per node
+    into :func:`cache_root` under a key of its URI and :func:`fingerprint`, so a rewritten object
+    is fetched again and an unchanged one never is; the copy is built in a temp folder and
+    renamed into place whole, so concurrent workers on one node never see a partial copy. The
+    cache is not pruned: it holds what this node's workers read."""
+    path = local_path(location)
+    if path is not None:
+        return path
+    uri = normalize(location)
+    key = hashlib.sha256(f"{uri}\0{fingerprint(uri)}".encode()).hexdigest()[:32]
+    objects = cache_root() / "objects"
+    entry = objects / key
+    if not entry.is_dir():
+        objects.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{key}{TEMP_MARK}", dir=objects))
+        try:
+            download(uri, staging / name(uri))
+            os.rename(staging, entry)
+        except OSError:
+            if not entry.is_dir():  # not a lost race with another worker of this node
+                raise
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    return entry / name(uri)
+
+
+def download(location: str | os.PathLike, target: Path) -> None:
+    """Copy a file, or every file under a folder, from ``location`` to the local ``target``."""
+    if is_file(location):
+        files = [("", None)]
+    else:
+        files = list_files(location)
+        if not files and not is_dir(location):
+            raise FileNotFoundError(f"cannot download {location}: no such file or folder")
+    for rel, _ in files:
+        destination = target / rel if rel else target
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with open_input(join(location, rel) if rel else location) as source, open(destination, "wb") as out:
+            shutil.copyfileobj(source, out, _CHUNK)
+
+
+def upload_folder(folder: Path, location: str | os.PathLike, last: tuple[str, ...] = ()) -> None:
+    """Write every file under the local ``folder`` to ``location`` (each atomically); files named in
+    ``last`` go after all others, so a reader that waits for them finds the rest complete."""
+    files = sorted((p for p in Path(folder).rglob("*") if p.is_file()), key=lambda p: (p.name in last, str(p)))
+    for file in files:
+        with open(file, "rb") as source, atomic_output(join(location, str(file.relative_to(folder)))) as out:
+            shutil.copyfileobj(source, out, _CHUNK)
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open_input(path) as handle:
@@ -338,8 +404,7 @@ def staged_folder(location: str | os.PathLike) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="llmray-staged-") as scratch:
         yield Path(scratch)
-        for file in sorted(p for p in Path(scratch).rglob("*") if p.is_file()):
-            write_bytes(join(location, str(file.relative_to(scratch))), file.read_bytes())
+        upload_folder(Path(scratch), location)
 
 
 def make_dirs(location: str | os.PathLike) -> None:

@@ -8,7 +8,10 @@ machine.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,10 @@ import pytest
 from tests import s3_support
 
 s3_support.configure_environment()  # before any Ray starts: its workers inherit the S3 endpoint
+# This session's node-local cache of remote files (llmray.storage.local_copy), for the tests and
+# the Ray workers they start, instead of the developer's ~/.cache/llmray.
+os.environ["LLMRAY_CACHE_DIR"] = tempfile.mkdtemp(prefix="llmray-test-cache-")
+atexit.register(shutil.rmtree, os.environ["LLMRAY_CACHE_DIR"], ignore_errors=True)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LLMRAY_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from llmray import runs
+from llmray import runs, storage
 from llmray.model.config import ModelConfig, RopeScaling
 from llmray.model.llama import Transformer, build
 from llmray.tokenizer.chat import END
@@ -274,7 +274,7 @@ def special_tokens_from_tokenizer(tokenizer_dir: str | Path, chat: bool = False)
     ``chat``: the end-of-turn token first among the eos ids."""
     from tokenizers import Tokenizer
 
-    tokenizer_dir = Path(tokenizer_dir)
+    tokenizer_dir = storage.local_copy(tokenizer_dir)
     config_path = tokenizer_dir / "tokenizer_config.json"
     names = json.loads(config_path.read_text()) if config_path.is_file() else {}
     tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
@@ -316,7 +316,7 @@ def check_exportable(cfg: ModelConfig) -> None:
 
 def export(out_dir: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *,
            tokenizer_dir: str | Path | None = None, special_tokens: SpecialTokens | None = None,
-           dtype: torch.dtype = torch.float32, chat: bool = False) -> Path:
+           dtype: torch.dtype = torch.float32, chat: bool = False) -> str | Path:
     """Write ``out_dir`` in HF layout from a full (unsharded) llmray state dict.
 
     Special token ids come from ``special_tokens``, else from the tokenizer's own config, with
@@ -337,8 +337,7 @@ def export(out_dir: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.Te
     if missing or unexpected:
         raise ValueError(f"state dict does not hold a full model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-    out_dir = Path(out_dir)
-    with runs.atomic_dir(out_dir) as partial:
+    with runs.built_locally(out_dir, last=(CONFIG_FILE,)) as partial:
         save_file(tensors, str(partial / WEIGHTS_FILE), metadata={"format": "pt"})
         runs.write_json(partial / CONFIG_FILE, hf_config(cfg, special_tokens, dtype))
         generation = {"bos_token_id": special_tokens.bos_token_id,
@@ -347,7 +346,7 @@ def export(out_dir: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.Te
         runs.write_json(partial / GENERATION_CONFIG_FILE,
                         {key: value for key, value in generation.items() if value is not None})
         if tokenizer_dir is not None:
-            _copy_tokenizer(Path(tokenizer_dir), partial)
+            _copy_tokenizer(storage.local_copy(tokenizer_dir), partial)
     return out_dir
 
 
@@ -386,23 +385,24 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def read_config(path: str | Path) -> ModelConfig:
     """The model shape of a directory in HF layout, from its config.json alone (no weights read)."""
-    raw, config_path = _config_json(Path(path))
-    return config_from_hf(raw, str(config_path))
+    raw, config_path = _config_json(path)
+    return config_from_hf(raw, config_path)
 
 
-def _config_json(path: Path) -> tuple[dict, Path]:
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
+def _config_json(path: str | Path) -> tuple[dict, str]:
+    config_path = storage.join(path, CONFIG_FILE)
+    if not storage.is_file(config_path):
         raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: not a model directory")
-    return json.loads(config_path.read_text()), config_path
+    return json.loads(storage.read_text(config_path)), config_path
 
 
 def load(path: str | Path, device: torch.device | str = "cpu",
          dtype: torch.dtype = torch.float32) -> Pretrained:
-    """Load a directory in HF layout (an export, or a checkpoint's exported weights)."""
-    path = Path(path)
+    """Load a directory in HF layout (an export, or a checkpoint's exported weights), local or on
+    an object store (read through this node's cache, :func:`llmray.storage.local_copy`)."""
+    path = storage.local_copy(path)
     raw, config_path = _config_json(path)
-    cfg = config_from_hf(raw, str(config_path))
+    cfg = config_from_hf(raw, config_path)
     special = special_tokens_from(raw)
     generation_path = path / GENERATION_CONFIG_FILE
     if generation_path.is_file():  # generation_config.json wins for generation settings, as in HF

@@ -44,6 +44,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from llmray import storage
 from llmray.tokens import shards as shards_lib
 from llmray.tokens.order import EpochOrder
 
@@ -60,7 +61,7 @@ class TokenLoader:
                  verify: bool = True) -> None:
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
-        self.directory = Path(directory)
+        self.directory = storage.normalize(directory)
         self.seq_len, self.batch_size = seq_len, batch_size
         self.rank, self.world_size = rank, world_size
         self.split, self.seed, self.shuffle = split, seed, shuffle

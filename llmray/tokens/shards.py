@@ -136,9 +136,9 @@ def source_mixture(splits: dict[str, dict]) -> dict[str, dict]:
 
 def read_manifest(directory: str | Path) -> dict:
     """The manifest of a tokens directory, checked for format and required keys."""
-    path = Path(directory) / MANIFEST
+    path = storage.join(directory, MANIFEST)
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_text(path))
     except FileNotFoundError:
         raise ShardError(f"{path} does not exist; is {directory} the output of `llmray tokens`?") from None
     except json.JSONDecodeError as exc:
@@ -156,20 +156,23 @@ def split_shards(manifest: dict, split: str, directory: str | Path) -> list[dict
     entry = manifest["splits"].get(split)
     if not entry or not entry.get("shards"):
         available = [s for s, e in manifest["splits"].items() if e.get("shards")]
-        raise ShardError(f"{Path(directory) / MANIFEST}: split {split!r} has no shards; splits with "
+        raise ShardError(f"{storage.join(directory, MANIFEST)}: split {split!r} has no shards; splits with "
                          f"shards: {available}")
     return entry["shards"]
 
 
 def check_shard(directory: str | Path, shard: dict, dtype: np.dtype, verify_sha256: bool = True) -> Path:
-    """Refuse a shard whose size or (when asked) sha256 differs from its manifest entry."""
-    path = Path(directory) / shard["path"]
-    if not path.is_file():
-        raise ShardError(f"shard {path} listed in the manifest does not exist")
+    """The local path of a shard (on an object store: this node's cached copy, see
+    :func:`llmray.storage.local_copy`), refused when its size or (when asked) sha256 differs from
+    its manifest entry."""
+    location = storage.join(directory, shard["path"])
+    if not storage.is_file(location):
+        raise ShardError(f"shard {location} listed in the manifest does not exist")
     expected_bytes = shard["tokens"] * dtype.itemsize
-    if path.stat().st_size != expected_bytes:
-        raise ShardError(f"shard {path} has {path.stat().st_size} bytes; the manifest says {shard['tokens']} "
-                         f"{dtype.name} tokens = {expected_bytes} bytes")
+    if storage.size(location) != expected_bytes:
+        raise ShardError(f"shard {location} has {storage.size(location)} bytes; the manifest says "
+                         f"{shard['tokens']} {dtype.name} tokens = {expected_bytes} bytes")
+    path = storage.local_copy(location)
     if verify_sha256:
         actual = runs.sha256_file(path)
         if actual != shard["sha256"]:

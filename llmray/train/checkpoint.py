@@ -15,8 +15,11 @@ and every file it references present at its full length. Incomplete directories 
 restored; :func:`latest_complete` falls back to the newest complete one.
 
 Where checkpoints live is a :class:`CheckpointStore`: :class:`LocalCheckpointStore` (a directory;
-single process and torchrun-style runs) here, and the Ray Train store in ``ray_train.py`` that
-hands each rank's directory to ``ray.train.report``.
+single process and torchrun-style runs) and :class:`ObjectStoreCheckpointStore` (one process
+writing to ``s3://``, ``gs://``...) here, and the Ray Train store in ``ray_train.py`` that hands
+each rank's directory to ``ray.train.report``. A checkpoint on an object store is read through a
+node-local copy (:func:`llmray.storage.local_copy`): :func:`latest_in` finds the newest complete
+one under a local folder or a URI alike.
 """
 
 from __future__ import annotations
@@ -26,12 +29,12 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import torch
 import torch.distributed as dist
 
-from llmray import runs
+from llmray import runs, storage
 from llmray.parallel.deepspeed import DEEPSPEED_DIR
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -110,7 +113,18 @@ def checkpoint_dirs(root: Path) -> list[Path]:
                   key=lambda p: p.name, reverse=True)
 
 
-def latest_complete(candidates: list[Path], log=None) -> Path | None:
+def latest_in(root: str | Path, log=None, newest: str | None = None) -> Path | None:
+    """The newest complete checkpoint under ``root`` (a local folder or a URI) no newer than the
+    step folder named ``newest``, as a local path (a remote one is copied to this node first)."""
+    if storage.local_path(root) is not None:
+        candidates = checkpoint_dirs(Path(root))
+    else:
+        names = sorted((n for n in storage.list_dirs(root) if STEP_DIR.match(n)), reverse=True)
+        candidates = (storage.local_copy(storage.join(root, n)) for n in names)
+    return latest_complete([p for p in candidates if newest is None or p.name <= newest], log)
+
+
+def latest_complete(candidates: Iterable[Path], log=None) -> Path | None:
     """The first complete checkpoint among ``candidates`` (in order); incomplete ones are logged and skipped."""
     for path in candidates:
         ok, why = is_complete(path)
@@ -194,6 +208,39 @@ class LocalCheckpointStore:
 
     def latest(self) -> Path | None:
         return latest_complete(checkpoint_dirs(self.root), self.log)
+
+
+class ObjectStoreCheckpointStore:
+    """Checkpoints as ``root/step_N`` on an object store, written by one process (the in-process
+    launcher; Ray Train uploads its workers' own). Each is written to a node-local folder, then
+    uploaded with the engine's metadata (``.metadata``, ``deepspeed/latest``) last, so a copy of an
+    interrupted upload fails :func:`is_complete`; the newest ``num_to_keep`` step folders stay."""
+
+    def __init__(self, root: str, num_to_keep: int | None = None, log=None):
+        self.root = storage.normalize(root)
+        self.num_to_keep = num_to_keep
+        self.log = log
+
+    def staging_dir(self, step: int) -> Path:
+        return local_staging_dir(step)
+
+    def commit(self, step: int, directory: Path, metrics: dict) -> None:
+        target = storage.join(self.root, step_dir_name(step))
+        try:
+            storage.delete(target)  # what an interrupted earlier upload of this step left
+            storage.upload_folder(directory, target, last=(".metadata", "latest"))
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        if self.num_to_keep:
+            names = sorted((n for n in storage.list_dirs(self.root) if STEP_DIR.match(n)), reverse=True)
+            for old in names[self.num_to_keep:]:
+                storage.delete(storage.join(self.root, old))
+
+    def report(self, metrics: dict) -> None:
+        pass
+
+    def latest(self) -> Path | None:
+        return latest_in(self.root, self.log)
 
 
 def local_staging_dir(step: int) -> Path:

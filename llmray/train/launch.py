@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 import torch
 import torch.distributed as dist
 
+from llmray import storage
 from llmray.config import param
 from llmray.model.config import ModelConfig
 from llmray.parallel import ParallelConfig
@@ -87,9 +88,10 @@ class ExecutionConfig:
             return self.workers == 1 and self.use_gpu is not True
         return self.launcher == "process"
 
-    def checkpoint_root(self, work: Path) -> Path:
-        """Where a stage's checkpoint folders go: ``storage_path``, else the stage's ``work/checkpoints``."""
-        return Path(self.storage_path) if self.storage_path else Path(work) / "checkpoints"
+    def checkpoint_root(self, work: str | Path) -> str:
+        """Where a stage's checkpoint folders go (a local path or a URI): ``storage_path``, else the
+        stage's ``work/checkpoints``."""
+        return storage.normalize(self.storage_path) if self.storage_path else storage.join(work, "checkpoints")
 
     @property
     def worker_threads(self) -> int:
@@ -183,7 +185,7 @@ class TrainJob:
 
 @dataclass
 class LaunchResult:
-    checkpoint: Path  # the last complete checkpoint
+    checkpoint: str  # the last complete checkpoint (a local path or a URI)
     model_config: ModelConfig
     worker: dict  # rank 0's report: losses, evals, guard counts, hook histories, last metrics
     evaluations: list[dict] = field(default_factory=list)  # in-training evaluation records, as finished
@@ -191,10 +193,12 @@ class LaunchResult:
 
 def launch(job: TrainJob, connect_ray: Callable[[], Any]) -> LaunchResult:
     """Run ``job`` in this process or on Ray Train (``connect_ray`` is called only for the latter, or for
-    in-training evaluation), then export the last complete checkpoint when ``job.export_dir`` is set."""
-    from llmray.train import checkpoint as ckpt
-
-    checkpoints = Path(job.checkpoint_dir).resolve()
+    in-training evaluation); rank 0 exports the last complete checkpoint when ``job.export_dir`` is set."""
+    checkpoints = storage.normalize(job.checkpoint_dir)
+    if job.evaluation is not None and storage.is_remote(checkpoints):
+        raise ValueError(f"in-training evaluation reads checkpoints from a filesystem every worker mounts; "
+                         f"checkpoints go to {checkpoints}: evaluate the exported model with `llmray eval` "
+                         f"instead, or set execution.storage_path to a shared filesystem")
     coordinator = None
     if job.evaluation is not None:
         connect_ray()
@@ -205,27 +209,23 @@ def launch(job: TrainJob, connect_ray: Callable[[], Any]) -> LaunchResult:
     finally:
         if coordinator is not None:
             periodic_eval.stop(coordinator)
-    latest = ckpt.latest_complete(ckpt.checkpoint_dirs(checkpoints))
-    if latest is None:
-        raise TrainingFailed(f"training finished without a complete checkpoint in {checkpoints}")
-    model_config = job.model.config
-    if job.export_dir:
-        export_checkpoint(latest, model_config, job.export_dir, job.tokenizer_dir, chat=job.chat)
-    return LaunchResult(latest, model_config, report, evaluations)
+    return LaunchResult(report["checkpoint"], job.model.config, report, evaluations)
 
 
-def _train(job: TrainJob, checkpoints: Path, coordinator: Any, connect_ray: Callable[[], Any]) -> dict:
+def _train(job: TrainJob, checkpoints: str, coordinator: Any, connect_ray: Callable[[], Any]) -> dict:
     from llmray.train import checkpoint as ckpt
 
     if job.execution.in_process:
-        store = ckpt.LocalCheckpointStore(checkpoints, num_to_keep=job.execution.num_to_keep, log=log.warning)
+        store_type = ckpt.ObjectStoreCheckpointStore if storage.is_remote(checkpoints) else ckpt.LocalCheckpointStore
+        store = store_type(checkpoints, num_to_keep=job.execution.num_to_keep, log=log.warning)
         with _torch_threads(job.execution.threads_per_worker):
             return train_worker(job, store, coordinator)
     from llmray.train import ray_train
 
     connect_ray()
+    parent, _, name = checkpoints.rpartition("/")
     return ray_train.fit(_ray_train_entry, {"job": job, "coordinator": coordinator}, job.execution,
-                         name=checkpoints.name, storage_path=checkpoints.parent)
+                         name=name, storage_path=parent)
 
 
 def export_checkpoint(checkpoint: Path, model_config: ModelConfig, out_dir: str | Path,
@@ -241,7 +241,8 @@ def export_checkpoint(checkpoint: Path, model_config: ModelConfig, out_dir: str 
 
 
 def train_worker(job: TrainJob, store, coordinator: Any = None, ray_train_worker: bool = False) -> dict:
-    """Build and run the Trainer on this worker's share of the data; rank 0's return value is the report.
+    """Build and run the Trainer on this worker's share of the data; rank 0's return value is the report,
+    and rank 0 exports the final weights (``job.export_dir``) straight to the run's storage.
 
     ``coordinator``: the in-training evaluation actor (:mod:`llmray.train.periodic_eval`), when on.
     ``ray_train_worker``: called by Ray Train, whose assigned device the worker uses."""
@@ -256,9 +257,9 @@ def train_worker(job: TrainJob, store, coordinator: Any = None, ray_train_worker
     model, model_config = job.model.build(device, job.train.seed)
     writer = None
     if rank == 0 and job.metrics_path:
-        path = Path(job.metrics_path)
-        writer = MetricsWriter(path, path.parent / "tensorboard", console_every=job.train.log_every)
-    token_bytes = token_byte_lengths(Path(job.tokenizer_dir), model_config.vocab_size) \
+        writer = MetricsWriter(job.metrics_path, storage.join(storage.parent(job.metrics_path), "tensorboard"),
+                               console_every=job.train.log_every)
+    token_bytes = token_byte_lengths(storage.local_copy(job.tokenizer_dir), model_config.vocab_size) \
         if job.bits_per_byte and job.tokenizer_dir else None
     trainer = Trainer(job.train, model, job.objective, job.train_data(shard, shards), parallel=job.parallel,
                       store=store, val_data=_validation(job.val_data, shard, shards, rank),
@@ -282,7 +283,15 @@ def train_worker(job: TrainJob, store, coordinator: Any = None, ray_train_worker
             writer.close()
         if hasattr(trainer.data, "close"):  # data that holds workers (RL rollout actors) releases them
             trainer.data.close()
+    if rank:
+        return {}
+    latest = store.latest()
+    if latest is None:
+        raise TrainingFailed(f"training finished without a complete checkpoint in {job.checkpoint_dir}")
+    if job.export_dir:
+        export_checkpoint(latest, model_config, job.export_dir, job.tokenizer_dir, chat=job.chat)
     return {"steps": trainer.step, "losses": result.losses, "evals": result.evals,
+            "checkpoint": storage.join(job.checkpoint_dir, latest.name),
             "guard_counts": result.guard_counts, "metrics": result.last_metrics,
             "hooks": [getattr(hook, "history", None) for hook in hooks]}
 
@@ -328,7 +337,7 @@ def _ray_train_entry(config: dict) -> dict:
     job: TrainJob = config["job"]
     ray_train.quiet_worker_logging()
     torch.set_num_threads(job.execution.worker_threads)
-    return train_worker(job, ray_train.RayCheckpointStore(Path(job.checkpoint_dir).resolve(), log.warning),
+    return train_worker(job, ray_train.RayCheckpointStore(job.checkpoint_dir, log.warning),
                         config["coordinator"], ray_train_worker=True)
 
 

@@ -17,11 +17,15 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from llmray import storage
 
 EVAL_PREFIX = "eval/"  # in-training evaluation results in metrics.jsonl: eval/<task>/<metric>, eval/core
 
@@ -94,11 +98,24 @@ class MetricsWriter:
 
     The console line is written to stderr directly (not ``print``), and Ray Train workers run with
     Ray's print patch off (:mod:`llmray.train.ray_train`), so a line is never echoed twice.
+    On an object store, where nothing can be appended to, both are kept in a node-local folder
+    (continuing the stored ``metrics.jsonl`` of an earlier attempt) and uploaded whole at most
+    every ``sync_seconds`` and at ``close``; lines after the last upload are lost with the
+    worker, as the steps they describe are: the run resumes from a checkpoint before them.
     """
 
-    def __init__(self, jsonl: Path | None, tensorboard_dir: Path | None, console_every: int = 10):
+    def __init__(self, jsonl: str | Path | None, tensorboard_dir: str | Path | None, console_every: int = 10,
+                 sync_seconds: float = 30.0):
+        self.console_every, self.sync_seconds = console_every, sync_seconds
+        self.remote = {"jsonl": jsonl, "tensorboard": tensorboard_dir} if jsonl and storage.is_remote(jsonl) else None
+        self._scratch = None
+        if self.remote is not None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="llmray-metrics-"))
+            jsonl, tensorboard_dir = self._scratch / "metrics.jsonl", self._scratch / "tensorboard"
+            if storage.exists(self.remote["jsonl"]):
+                storage.download(self.remote["jsonl"], jsonl)
         self.jsonl = Path(jsonl) if jsonl else None
-        self.console_every = console_every
+        self._synced = time.monotonic()
         self.tb = None
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -117,6 +134,16 @@ class MetricsWriter:
                     self.tb.add_scalar(key, value, step)
         if console and self.console_every and (step % self.console_every == 0 or "val_loss" in metrics):
             self.say(format_progress(step, metrics))
+        if self.remote is not None and time.monotonic() - self._synced >= self.sync_seconds:
+            self._upload()
+
+    def _upload(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            storage.upload_folder(self._scratch / "tensorboard", self.remote["tensorboard"])
+        if self.jsonl.is_file():
+            storage.write_bytes(self.remote["jsonl"], self.jsonl.read_bytes())
+        self._synced = time.monotonic()
 
     @staticmethod
     def say(line: str) -> None:
@@ -126,6 +153,9 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.remote is not None:
+            self._upload()
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 def format_evaluation(step: int, results: dict) -> str:

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmray import runs
+from llmray import runs, storage
 from llmray.config import param
 from llmray.model import hf
 from llmray.model.config import ModelConfig, preset
@@ -143,16 +143,17 @@ class ProxyConfig(PretrainConfig):
     vocab_from_tokens: bool = param(True, doc="set model.vocab_size to the token shards' vocabulary")
 
 
-def tokenizer_dir(cfg: PretrainConfig, manifest: dict) -> Path | None:
+def tokenizer_dir(cfg: PretrainConfig, manifest: dict) -> str | None:
+    """The tokenizer folder (a local path or a URI): configured, else the token manifest's."""
     if cfg.tokenizer:
-        return Path(cfg.tokenizer)
+        return storage.normalize(cfg.tokenizer)
     recorded = (manifest.get("tokenizer") or {}).get("path")
-    return Path(recorded).parent if recorded and Path(recorded).is_file() else None
+    return storage.parent(recorded) if recorded and storage.is_file(recorded) else None
 
 
-def pretrain_job(cfg: PretrainConfig, checkpoint_dir: Path, metrics_path: Path | None,
-                 export_dir: Path | None = None, hooks: tuple = (), tags: dict[str, str] | None = None,
-                 evaluation_dir: Path | None = None) -> TrainJob:
+def pretrain_job(cfg: PretrainConfig, checkpoint_dir: str | Path, metrics_path: str | Path | None,
+                 export_dir: str | Path | None = None, hooks: tuple = (), tags: dict[str, str] | None = None,
+                 evaluation_dir: str | Path | None = None) -> TrainJob:
     """The causal-LM training job of ``cfg``: token shards split by data-parallel shard.
 
     ``tags`` (``run``, ``stage``) turn on the workers' live gauges; ``evaluation_dir`` is where
@@ -194,23 +195,24 @@ def pretrain_job(cfg: PretrainConfig, checkpoint_dir: Path, metrics_path: Path |
                     evaluation_dir=str(evaluation_dir) if evaluation_dir else None)
 
 
-def checkpoint_dir(cfg: PretrainConfig, ctx) -> Path:
+def checkpoint_dir(cfg: PretrainConfig, ctx) -> str:
     """The run's own folder under ``storage_path`` (shared by many runs), else the work directory's."""
     root = cfg.execution.checkpoint_root(ctx.dir.work)
-    return root / (cfg.execution.name or f"{ctx.run_name}-{ctx.stage}") if cfg.execution.storage_path else root
+    return storage.join(root, cfg.execution.name or f"{ctx.run_name}-{ctx.stage}") if cfg.execution.storage_path \
+        else root
 
 
 def run_pretrain(cfg: PretrainConfig, ctx, hooks: tuple = ()) -> dict:
     """Train, then export the final weights; ``hooks`` are hook factories (see :class:`TrainJob`)."""
     checkpoints = checkpoint_dir(cfg, ctx)
-    export_dir = ctx.output / "model"
+    export_dir = runs.at(ctx.output, "model")
     try:
         hf.check_exportable(cfg.model)
     except ValueError as exc:  # the GPT-2-style baseline: trained for comparison, kept as checkpoints
         ctx.logger.warning("no export: %s", exc)
         export_dir = None
-    job = pretrain_job(cfg, checkpoints, ctx.dir.root / "metrics.jsonl", export_dir, hooks,
-                       tags={"run": ctx.run_name, "stage": ctx.stage}, evaluation_dir=ctx.dir.root / "evals")
+    job = pretrain_job(cfg, checkpoints, ctx.dir.metrics_file, export_dir, hooks,
+                       tags={"run": ctx.run_name, "stage": ctx.stage}, evaluation_dir=ctx.dir.at("evals"))
     ctx.logger.info("pretraining %.2fM parameters on %d worker(s) (%s), strategy %s; checkpoints in %s",
                     job.model.config.num_params() / 1e6, cfg.execution.workers,
                     "this process" if cfg.execution.in_process else "Ray Train", cfg.parallel.strategy, checkpoints)
@@ -218,10 +220,10 @@ def run_pretrain(cfg: PretrainConfig, ctx, hooks: tuple = ()) -> dict:
     steps, metrics = result.worker["steps"], result.worker["metrics"]
     summary = {"steps": steps, "params": result.model_config.num_params(),
                "tokens_seen": steps * cfg.tokens_per_step(),
-               "checkpoint": str(result.checkpoint),
+               "checkpoint": result.checkpoint,
                **{k: metrics[k] for k in ("loss", "val_loss", "val_bpb", "tokens_per_s", "mfu") if k in metrics},
                "guard": result.worker["guard_counts"]}
     if result.evaluations:
         summary["eval"] = result.evaluations[-1]
-    runs.write_json(ctx.output / "training.json", summary)
+    runs.write_json(runs.at(ctx.output, "training.json"), summary)
     return summary

@@ -9,10 +9,14 @@ inside a worker:
 * each rank writes its part of a checkpoint into a node-local temp directory and hands it to
   ``ray.train.report(..., checkpoint_dir_name="step_N")``; Ray merges the ranks' files into one
   directory under ``storage_path/name`` and registers it only when every rank has reported;
-* ``latest()`` is ``ray.train.get_checkpoint()`` (the newest registered checkpoint, kept up to
-  date during the run, which the guard's rollback uses) checked with
-  :func:`~llmray.train.checkpoint.is_complete`; an incomplete one falls back to the newest
-  complete sibling ``step_*`` directory.
+* ``latest()`` is the newest complete ``step_*`` folder no newer than
+  ``ray.train.get_checkpoint()`` (the newest registered checkpoint, kept up to date during the
+  run, which the guard's rollback uses), checked with
+  :func:`~llmray.train.checkpoint.is_complete`;
+* ``storage_path`` may be a URI (``s3://bucket/runs``): Ray uploads each rank's part through
+  the same pyarrow filesystem llmray uses (:mod:`llmray.storage`), and a worker reads a
+  checkpoint back through its node's cached copy, so a run on nodes without a shared
+  filesystem restarts on any node.
 
 Resuming is Ray Train V2's: reusing the same ``RunConfig(name, storage_path)`` restarts from the
 run's latest checkpoint (``resume_from_checkpoint`` is deprecated). Worker failures are retried
@@ -37,6 +41,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from llmray import storage
 from llmray.train import checkpoint as ckpt
 
 if TYPE_CHECKING:
@@ -46,8 +51,8 @@ if TYPE_CHECKING:
 class RayCheckpointStore:
     """The trainer's :class:`~llmray.train.checkpoint.CheckpointStore` inside a Ray Train worker."""
 
-    def __init__(self, root: Path, log: Callable[[str], None] | None = None):
-        self.root, self.log = root, log  # the run's folder (storage_path/name)
+    def __init__(self, root: str, log: Callable[[str], None] | None = None):
+        self.root, self.log = root, log  # the run's folder (storage_path/name): a local path or a URI
 
     def staging_dir(self, step: int) -> Path:
         return ckpt.local_staging_dir(step)
@@ -67,17 +72,13 @@ class RayCheckpointStore:
         ray.train.report(_plain(metrics))
 
     def latest(self) -> Path | None:
+        """The newest complete checkpoint no newer than the one Ray registered (a remote one is
+        copied to this node); with none registered, whatever an in-process run left in the folder."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:  # none registered with Ray: an in-process run may have filled the folder
-            return ckpt.latest_complete(ckpt.checkpoint_dirs(self.root), self.log)
-        path = Path(checkpoint.path)
-        if not path.is_dir():  # remote storage: download the registered checkpoint only
-            path = Path(checkpoint.to_directory())
-            return ckpt.latest_complete([path], self.log)
-        older = [p for p in ckpt.checkpoint_dirs(path.parent) if p.name < path.name]
-        return ckpt.latest_complete([path, *older], self.log)
+        newest = None if checkpoint is None else checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+        return ckpt.latest_in(self.root, self.log, newest=newest)
 
 
 TRAIN_LOG_LEVEL = "WARNING"
@@ -98,13 +99,14 @@ def _plain(metrics: dict) -> dict:
 
 
 def fit(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], cfg: ExecutionConfig, *,
-        name: str, storage_path: Path) -> Any:
+        name: str, storage_path: str) -> Any:
     """Run ``train_fn(loop_config)`` on ``cfg.workers`` Ray Train workers and return rank 0's value; a run of
-    the same ``storage_path/name`` resumes from its latest checkpoint."""
+    the same ``storage_path/name`` (a local folder or a URI) resumes from its latest checkpoint."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    filesystem, path = storage.resolve(storage_path)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     resources = {"CPU": cfg.cpus_per_worker, **cfg.resources_per_worker}
     if use_gpu:
@@ -113,7 +115,8 @@ def fit(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], cfg: Execu
         train_fn,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
+        run_config=RunConfig(name=name, storage_path=path,
+                             storage_filesystem=filesystem if storage.is_remote(storage_path) else None,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
@@ -123,7 +126,7 @@ def fit(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], cfg: Execu
         return trainer.fit().return_value
     except Exception as exc:  # noqa: BLE001 - re-raised with the run's context
         raise TrainingFailed(f"Ray Train run {name!r} failed after {cfg.max_failures} allowed worker "
-                             f"failure(s) (execution.max_failures); checkpoints are in {storage_path / name}: "
+                             f"failure(s) (execution.max_failures); checkpoints are in {storage.join(storage_path, name)}: "
                              f"{type(exc).__name__}: {exc}") from exc
 
 

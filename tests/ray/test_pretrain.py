@@ -22,9 +22,10 @@ import pytest
 from ray import cloudpickle
 
 from llmray import config as config_lib
-from llmray import stages
+from llmray import stages, storage
 from llmray.model import hf
 from llmray.tokenizer import train as tokenizer_train
+from llmray.tokens import shards as shards_lib
 from llmray.tokens.tokenize import TokensConfig
 from llmray.train import ray_train
 from llmray.train.launch import launch
@@ -194,8 +195,58 @@ def test_a_ray_train_run_resumes_what_an_in_process_run_left_in_its_folder(token
     second = pretrain_config(token_run, "train.steps=6", "execution.launcher=ray_train", *common)
     result = launch(pretrain_job(second, tmp_path / "ckpt", tmp_path / "second.jsonl"), connect_ray=lambda: None)
     steps = [json.loads(x)["step"] for x in (tmp_path / "second.jsonl").read_text().splitlines()]
-    assert steps == [5, 6] and result.checkpoint.name == "step_00000006"
+    assert steps == [5, 6] and result.checkpoint.endswith("/step_00000006")
 
+
+
+def test_pretrain_on_s3_checkpoints_resumes_and_exports_there_as_a_local_run_does(token_run, s3_bucket, tmp_path,
+                                                                                   monkeypatch):
+    """Tokens, tokenizer, run directory, checkpoints, metrics and export all on S3: the first 2 steps in
+    process, the next 2 on Ray Train resuming from the S3 checkpoint; same losses and weights as one
+    local 4-step run, nothing left in the working directory, and an unchanged re-run skipped."""
+    tokens, tokenizer = storage.join(s3_bucket, "tokens"), storage.join(s3_bucket, "tokenizer")
+    storage.upload_folder(token_run / "tokens" / "output", tokens)
+    storage.upload_folder(token_run / "tokenizer" / "output", tokenizer)
+    common = ("train.log_every=1", "train.eval_every=0", "train.checkpoint_every=2", "execution.workers=1",
+              "parallel.strategy=none", "execution.threads_per_worker=1")
+    local_root = tmp_path / "local"
+    local = stages.run_stage(stages.STAGES["pretrain"], pretrain_config(
+        local_root, f"data.tokens={token_run}/tokens/output", f"tokenizer={token_run}/tokenizer/output",
+        "train.steps=4", "execution.launcher=process", *common), local_root)
+
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    remote_root = storage.join(s3_bucket, "runs", "demo")
+    on_s3 = (f"data.tokens={tokens}", f"tokenizer={tokenizer}", *common)
+    first = stages.run_stage(stages.STAGES["pretrain"], pretrain_config(
+        remote_root, "train.steps=2", "execution.launcher=process", *on_s3), remote_root)
+    assert first.manifest["summary"]["checkpoint"] == storage.join(
+        remote_root, "pretrain", "work", "checkpoints", "step_00000002")
+    second_cfg = pretrain_config(remote_root, "train.steps=4", "execution.launcher=ray_train", *on_s3)
+    second = stages.run_stage(stages.STAGES["pretrain"], second_cfg, remote_root)
+    assert second.manifest["summary"]["checkpoint"] == storage.join(
+        remote_root, "pretrain", "work", "checkpoints", "step_00000004")
+    assert list(workdir.iterdir()) == [], "a run on S3 left files in the working directory"
+
+    def losses(text: str) -> dict[int, float]:
+        return {m["step"]: m["loss"] for m in map(json.loads, text.splitlines()) if "loss" in m}
+
+    stage_root = storage.join(remote_root, "pretrain")
+    assert losses(storage.read_text(storage.join(stage_root, "metrics.jsonl"))) == \
+        losses((local_root / "pretrain" / "metrics.jsonl").read_text())
+    assert storage.list_files(storage.join(stage_root, "tensorboard"))
+    export = storage.join(second.output, "model")
+    assert {rel for rel, _ in storage.list_files(export)} == {p.name for p in (local.output / "model").iterdir()}
+    assert storage.read_bytes(storage.join(export, hf.WEIGHTS_FILE)) == \
+        (local.output / "model" / hf.WEIGHTS_FILE).read_bytes()
+    assert hf.load(export).config == hf.load(local.output / "model").config
+    cached = {p.name for p in storage.cache_root().rglob("*.bin")}
+    assert {e["path"].rsplit("/", 1)[-1] for e in shards_lib.read_manifest(tokens)["splits"]["train"]["shards"]} \
+        <= cached
+
+    again = stages.run_stage(stages.STAGES["pretrain"], second_cfg, remote_root)
+    assert again.skipped and "unchanged" in again.reason
 
 LAYOUTS = {"in_process": ("execution.workers=1", "execution.launcher=process", "parallel.strategy=none",
                           "execution.threads_per_worker=1"),

@@ -91,3 +91,45 @@ def test_local_fingerprint_is_the_content_hash(tmp_path):
     populate(str(tmp_path / "a"))
     populate(str(tmp_path / "b"))
     assert storage.fingerprint(tmp_path / "a") == storage.fingerprint(tmp_path / "b")
+
+
+def test_local_copy_downloads_once_per_version_and_never_exposes_a_partial_copy(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMRAY_CACHE_DIR", str(tmp_path / "cache"))
+    assert storage.local_copy(tmp_path / "here") == tmp_path / "here"  # a local location is used in place
+    folder = storage.join(s3_bucket, "model")
+    storage.write_bytes(storage.join(folder, "weights.bin"), b"w1")
+    storage.write_bytes(storage.join(folder, "tok/vocab.json"), b"{}")
+    copy = storage.local_copy(folder)
+    assert copy.name == "model" and (copy / "weights.bin").read_bytes() == b"w1"
+    assert (copy / "tok" / "vocab.json").read_bytes() == b"{}"
+    (copy / "weights.bin").write_bytes(b"marker")  # a second call must not download again
+    assert (storage.local_copy(folder) / "weights.bin").read_bytes() == b"marker"
+    storage.write_bytes(storage.join(folder, "weights.bin"), b"w2-rewritten")  # a new version: a new copy
+    assert (storage.local_copy(folder) / "weights.bin").read_bytes() == b"w2-rewritten"
+    assert storage.local_copy(storage.join(folder, "weights.bin")).read_bytes() == b"w2-rewritten"
+
+    def broken(location, target):
+        target.mkdir(parents=True)
+        (target / "half").write_bytes(b"x")
+        raise ConnectionError("network dropped")
+
+    storage.write_bytes(storage.join(s3_bucket, "other", "a"), b"a")
+    monkeypatch.setattr(storage, "download", broken)
+    with pytest.raises(ConnectionError):
+        storage.local_copy(storage.join(s3_bucket, "other"))
+    leftovers = [p for p in (tmp_path / "cache").rglob("*") if "half" in p.name or storage.TEMP_MARK in p.name]
+    assert leftovers == []
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        storage.local_copy(storage.join(s3_bucket, "missing"))
+
+
+def test_upload_folder_writes_the_named_files_last(s3_bucket, tmp_path, monkeypatch):
+    for rel in ("b/.metadata", "a.distcp", "z.pt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(rel.encode())
+    written = []
+    atomic_output = storage.atomic_output
+    monkeypatch.setattr(storage, "atomic_output", lambda location: written.append(location) or atomic_output(location))
+    storage.upload_folder(tmp_path, storage.join(s3_bucket, "ckpt"), last=(".metadata",))
+    assert [w.rsplit("ckpt/", 1)[1] for w in written] == ["a.distcp", "z.pt", "b/.metadata"]
+    assert storage.read_bytes(storage.join(s3_bucket, "ckpt", "b/.metadata")) == b"b/.metadata"

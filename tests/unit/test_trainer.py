@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from llmray.train.checkpoint import LocalCheckpointStore, is_complete, step_dir_name
+from llmray import storage
+from llmray.train.checkpoint import LocalCheckpointStore, ObjectStoreCheckpointStore, is_complete, step_dir_name
 from llmray.train.guards import GuardConfig, TrainingDiverged
 from llmray.train.metrics import MetricsWriter
 from llmray.train.objectives import CausalLM
@@ -168,6 +169,32 @@ def test_num_to_keep_prunes_old_checkpoints(shards, tmp_path):
     make_trainer(shards, steps=8, store=store, checkpoint_every=2).fit()
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [step_dir_name(6), step_dir_name(8)]
 
+
+def test_checkpoints_on_an_object_store_resume_bitwise_and_an_interrupted_upload_is_never_used(
+        shards, s3_bucket, monkeypatch):
+    straight = make_trainer(shards, steps=8).fit().losses
+    root = storage.join(s3_bucket, "ckpt")
+    store = ObjectStoreCheckpointStore(root, num_to_keep=2)
+    with pytest.raises(Stop):
+        make_trainer(shards, steps=8, store=store, checkpoint_every=2, hooks=[stop_at(6)]).fit()
+    assert storage.list_dirs(root) == [step_dir_name(4), step_dir_name(6)]
+
+    upload_folder = storage.upload_folder
+
+    def dropped_before_the_metadata(folder, location, last=()):
+        upload_folder(folder, location, last=last)
+        storage.delete(storage.join(location, ".metadata"))  # the connection died before the last file
+        raise ConnectionError("upload interrupted")
+
+    monkeypatch.setattr(storage, "upload_folder", dropped_before_the_metadata)
+    with pytest.raises(ConnectionError):
+        make_trainer(shards, steps=8, store=store, checkpoint_every=8).fit()
+    monkeypatch.setattr(storage, "upload_folder", upload_folder)
+    assert step_dir_name(8) in storage.list_dirs(root) and store.latest().name == step_dir_name(6)
+    resumed = make_trainer(shards, steps=8, store=store, init_seed=123).fit()
+    assert resumed.resumed_from.endswith(step_dir_name(6))
+    assert [resumed.losses[s] for s in (7, 8)] == [straight[7], straight[8]]  # bitwise
+    assert is_complete(store.latest())[0] and store.latest().name == step_dir_name(8)
 
 def test_resume_from_explicit_checkpoint_refuses_an_incomplete_one(shards, tmp_path):
     store = LocalCheckpointStore(tmp_path / "a")
