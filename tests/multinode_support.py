@@ -42,16 +42,18 @@ class LocalCluster:
     worker node per entry (resource named like it, extra environment from its value)."""
 
     def __init__(self, root: Path, workers: dict[str, dict[str, str]], cpus_per_node: int = 1,
-                 timeout: float = 120) -> None:
+                 timeout: float = 120, head_cpus: int | None = None) -> None:
         self.root = Path(root)
         # Ray's socket paths live under each temp dir and may not exceed 107 bytes: keep it short.
         self.ray_root = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
         self.address = f"127.0.0.1:{_free_port()}"
         self.nodes: dict[str, subprocess.Popen] = {}
+        self.temp_dirs: dict[str, Path] = {}
+        self.workers, self.cpus_per_node = workers, cpus_per_node
         try:
             self._start("head", ["--head", "--port", self.address.rsplit(":", 1)[1], "--include-dashboard=false"],
-                        cpus_per_node, {})
+                        cpus_per_node if head_cpus is None else head_cpus, {})
             self._wait_for_port(timeout)
             for name, env in workers.items():
                 self._start(name, ["--address", self.address], cpus_per_node, env)
@@ -61,14 +63,24 @@ class LocalCluster:
             raise
 
     def _start(self, name: str, args: list[str], cpus: int, env: dict[str, str]) -> None:
-        log = open(self.root / f"{name}.log", "wb")
+        log = open(self.root / f"{name}.log", "ab")
+        self.temp_dirs[name] = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.ray_root))
         self.nodes[name] = subprocess.Popen(
             [RAY, "start", "--block", *args, "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
-             "--resources", json.dumps({name: 1}), "--disable-usage-stats", "--temp-dir", str(self.temp_dir(name))],
+             "--resources", json.dumps({name: 1}), "--disable-usage-stats", "--temp-dir", str(self.temp_dirs[name])],
             env={**self.env, **env}, stdout=log, stderr=log, start_new_session=True)
 
-    def temp_dir(self, name: str) -> Path:
-        return self.ray_root / name
+    def kill(self, name: str) -> None:
+        """SIGKILL every Ray process of worker node ``name`` (a node lost), without waiting for Ray to notice."""
+        process = self.nodes[name]
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        subprocess.run(["pkill", "-9", "-f", str(self.temp_dirs[name])], check=False)
+
+    def replace(self, name: str) -> None:
+        """Start a fresh node with ``name``'s resources and environment (an autoscaler's replacement)."""
+        self._start(name, ["--address", self.address], self.cpus_per_node, self.workers[name])
 
     def _wait_for_port(self, timeout: float) -> None:
         host, port = self.address.rsplit(":", 1)
@@ -107,6 +119,6 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-        for name in self.nodes:  # workers and agents that left the process group
-            subprocess.run(["pkill", "-9", "-f", str(self.temp_dir(name))], check=False)
+        for temp_dir in self.temp_dirs.values():  # workers and agents that left the process group
+            subprocess.run(["pkill", "-9", "-f", str(temp_dir)], check=False)
         shutil.rmtree(self.ray_root, ignore_errors=True)

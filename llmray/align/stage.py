@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from llmray import runs
+from llmray import runs, storage
 from llmray.align.loader import RowData, RowSource
 from llmray.align.records import Quarantined
 from llmray.config import config_hash, param
@@ -97,11 +97,11 @@ class Trained:
                 "final_loss": losses[max(losses)] if losses else None}
 
 
-def checkpoint_location(cfg: Any, work: Path, data_fingerprint: str) -> Path:
+def checkpoint_location(cfg: Any, work: str | Path, data_fingerprint: str) -> str:
     """Where a training stage (SFT, DPO, RL) checkpoints, keyed by its config (``model`` names the
     initial weights, ``execution`` the storage) and a fingerprint of its training data."""
     key = json.dumps({"config": config_hash(cfg), "init": runs.fingerprint(cfg.model), "train": data_fingerprint})
-    return cfg.execution.checkpoint_root(work) / hashlib.sha256(key.encode()).hexdigest()[:16]
+    return storage.join(cfg.execution.checkpoint_root(work), hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
 def alignment_job(cfg: AlignConfig, prepared: Prepared, checkpoint_dir: Path, export_dir: Path | None,

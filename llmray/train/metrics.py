@@ -100,8 +100,9 @@ class MetricsWriter:
     Ray's print patch off (:mod:`llmray.train.ray_train`), so a line is never echoed twice.
     On an object store, where nothing can be appended to, both are kept in a node-local folder
     (continuing the stored ``metrics.jsonl`` of an earlier attempt) and uploaded whole at most
-    every ``sync_seconds`` and at ``close``; lines after the last upload are lost with the
-    worker, as the steps they describe are: the run resumes from a checkpoint before them.
+    every ``sync_seconds``, at every ``durable`` write (the trainer's checkpoint steps) and at
+    ``close``; lines after the last upload are lost with the worker, as the steps they describe
+    are: the run resumes from a checkpoint before them.
     """
 
     def __init__(self, jsonl: str | Path | None, tensorboard_dir: str | Path | None, console_every: int = 10,
@@ -122,8 +123,9 @@ class MetricsWriter:
 
             self.tb = SummaryWriter(str(tensorboard_dir))
 
-    def write(self, step: int, metrics: dict, console: bool = True) -> None:
-        """Record ``metrics`` of ``step``; ``console=False`` for figures that are not the step's own."""
+    def write(self, step: int, metrics: dict, console: bool = True, durable: bool = False) -> None:
+        """Record ``metrics`` of ``step``; ``console=False`` for figures that are not the step's own;
+        ``durable``: on an object store, upload now."""
         if self.jsonl is not None:
             self.jsonl.parent.mkdir(parents=True, exist_ok=True)
             with open(self.jsonl, "a", encoding="utf-8") as handle:  # one write per line: never half a line
@@ -134,7 +136,7 @@ class MetricsWriter:
                     self.tb.add_scalar(key, value, step)
         if console and self.console_every and (step % self.console_every == 0 or "val_loss" in metrics):
             self.say(format_progress(step, metrics))
-        if self.remote is not None and time.monotonic() - self._synced >= self.sync_seconds:
+        if self.remote is not None and (durable or time.monotonic() - self._synced >= self.sync_seconds):
             self._upload()
 
     def _upload(self) -> None:

@@ -241,16 +241,17 @@ class Trainer:
             evaluate = self.cfg.eval_every and self.step % self.cfg.eval_every == 0
             if evaluate or self.step == self.cfg.steps:
                 metrics.update(self.evaluate())
-            checkpoint = (self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0) \
+            checkpoint = bool(self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0) \
                 or self.step == self.cfg.steps
+            if self.rank == 0 and self.writer is not None and (self.step % self.cfg.log_every == 0
+                                                               or "val_loss" in metrics or checkpoint):
+                # stored before the checkpoint: a run resumed from it has every line up to it
+                self.writer.write(self.step, metrics, durable=checkpoint)
             if checkpoint and self.store is not None and self.step != last_checkpoint:
                 self.save_checkpoint(metrics)
                 last_checkpoint = self.step
             elif self.step % self.cfg.log_every == 0 and self.store is not None:
                 self.store.report(metrics)
-            if self.rank == 0 and self.writer is not None and (self.step % self.cfg.log_every == 0
-                                                               or "val_loss" in metrics or checkpoint):
-                self.writer.write(self.step, metrics)
             for hook in self.hooks:
                 hook(self.step, metrics)
             self.result.last_metrics = metrics

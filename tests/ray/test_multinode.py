@@ -1,14 +1,18 @@
-"""Curate on a three-node Ray cluster started by the test (head + two worker nodes, token auth)."""
+"""A three-node Ray cluster started by the test (head + two worker nodes, token auth): curate's per-node
+model check, and pretraining that loses a node."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import textwrap
+import time
 
 import pytest
 import yaml
 
+from llmray import config as config_lib, stages
 from tests.multinode_support import LocalCluster
 
 pytestmark = pytest.mark.ray
@@ -38,3 +42,81 @@ def test_a_node_without_the_language_id_model_stops_curate_before_anything_is_re
     assert manifest["status"] == "failed" and "lid.176.ftz" in manifest["error"]
     assert not (stage / "output").exists() and "curating" not in (stage / "stage.log").read_text().split(
         "curate cannot start")[0].split("connected to")[-1]
+
+
+# The cluster's driver: pretraining with a pause after each step, so that the test can lose a node
+# mid-run. Prints rank 0's report as JSON.
+PRETRAIN_DRIVER = textwrap.dedent("""
+    import json, sys, time
+    import ray
+    from llmray import config as config_lib, stages
+    from llmray.train.launch import launch
+    from llmray.train.pretrain import pretrain_job
+
+    args = json.loads(sys.argv[1])
+    raw = config_lib.apply_overrides(config_lib.read_yaml(args["config"]), args["overrides"])
+    cfg = stages.build_config(stages.STAGES["pretrain"], raw, args["root"])
+
+    def paced(trainer):
+        return lambda step, metrics: time.sleep(args["pause"])
+
+    ray.init(logging_level="ERROR")  # RAY_ADDRESS and the token come from the environment
+    result = launch(pretrain_job(cfg, args["checkpoints"], args["metrics"], args["export"], hooks=[paced]),
+                    connect_ray=lambda: None)
+    print(json.dumps({"checkpoint": result.checkpoint, "losses": result.worker["losses"]}))
+""")
+
+
+def test_pretraining_on_two_nodes_survives_losing_one_and_resumes_from_its_s3_checkpoint(
+        tmp_path, ray_session, s3_bucket):
+    """Two Ray Train workers, one per worker node (the head has no CPU for them), checkpoint to S3;
+    node_c is killed once a checkpoint is on S3 and a replacement joins; Ray Train restarts both
+    workers from that checkpoint and the run ends with the losses of an undisturbed run."""
+    from llmray import storage
+    from llmray.train.launch import launch
+    from llmray.train.pretrain import pretrain_job
+    from tests.ray.test_pretrain import CONFIGS, make_token_run, token_shards_on_s3
+
+    tokens, tokenizer = token_shards_on_s3(make_token_run(tmp_path / "prep" / "run"), s3_bucket)
+    overrides = [f"data.tokens={tokens}", f"tokenizer={tokenizer}", "execution.workers=2",
+                 "execution.launcher=ray_train", "execution.cpus_per_worker=1", "execution.max_failures=2",
+                 "train.steps=16", "train.checkpoint_every=4", "train.log_every=1", "train.eval_every=0"]
+    raw = config_lib.apply_overrides(config_lib.read_yaml(CONFIGS / "tiny.yaml"), overrides)
+    clean_cfg = stages.build_config(stages.STAGES["pretrain"], raw, str(tmp_path / "clean"))
+    launch(pretrain_job(clean_cfg, tmp_path / "clean" / "ckpt", tmp_path / "clean" / "metrics.jsonl"),
+           connect_ray=lambda: None)
+    clean = {m["step"]: m["loss"] for m in map(json.loads, (tmp_path / "clean" / "metrics.jsonl").read_text().splitlines())}
+
+    run = storage.join(s3_bucket, "runs", "demo", "pretrain")
+    checkpoints = storage.join(run, "work", "checkpoints")
+    args = {"config": str(CONFIGS / "tiny.yaml"), "overrides": overrides, "root": storage.join(s3_bucket, "runs", "demo"),
+            "checkpoints": checkpoints, "metrics": storage.join(run, "metrics.jsonl"),
+            "export": storage.join(run, "output", "model"), "pause": 0.5}
+    caches = {name: {"LLMRAY_CACHE_DIR": str(tmp_path / f"cache-{name}")} for name in ("node_b", "node_c")}
+    cluster = LocalCluster(tmp_path, caches, head_cpus=0)
+    try:
+        driver = subprocess.Popen([sys.executable, "-c", PRETRAIN_DRIVER, json.dumps(args)], env=cluster.client_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = storage.join(checkpoints, "step_00000004", ".metadata")
+        deadline = time.monotonic() + 240
+        while not storage.exists(first):
+            assert driver.poll() is None, driver.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint reached S3"
+            time.sleep(0.2)
+        cluster.kill("node_c")
+        cluster.replace("node_c")
+        out, err = driver.communicate(timeout=400)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        cluster.stop()
+    assert driver.returncode == 0, err[-4000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["checkpoint"] == storage.join(checkpoints, "step_00000016")
+    resumed_at = min(map(int, report["losses"])) - 1
+    assert resumed_at in (4, 8, 12), report["losses"]  # the final attempt started from an S3 checkpoint
+    logged = {m["step"]: m["loss"] for m in map(json.loads, storage.read_text(args["metrics"]).splitlines())}
+    assert sorted(logged) == list(range(1, 17))
+    assert logged == pytest.approx(clean, rel=1e-6, abs=1e-6)
+    assert storage.is_file(storage.join(args["export"], "model.safetensors"))
+    assert any((tmp_path / "cache-node_b").rglob("*.bin")), "node_b did not read the shards through its cache"

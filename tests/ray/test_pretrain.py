@@ -40,9 +40,20 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the kill hook tra
 @pytest.fixture(scope="module")
 def token_run(ray_session, tmp_path_factory):
     """A run directory whose tokenizer and tokens stages ran on real text."""
-    root = tmp_path_factory.mktemp("pretrain") / "run"
+    return make_token_run(tmp_path_factory.mktemp("pretrain") / "run")
+
+
+def token_shards_on_s3(run: Path, bucket: str) -> tuple[str, str]:
+    """The locations of the tokens and tokenizer of ``run``, copied to ``bucket``."""
+    tokens, tokenizer = storage.join(bucket, "tokens"), storage.join(bucket, "tokenizer")
+    storage.upload_folder(run / "tokens" / "output", tokens)
+    storage.upload_folder(run / "tokenizer" / "output", tokenizer)
+    return tokens, tokenizer
+
+
+def make_token_run(root: Path) -> Path:
     corpus = root.parent / "corpus"
-    corpus.mkdir()
+    corpus.mkdir(parents=True)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     with open(corpus / "stdlib.jsonl", "w", encoding="utf-8") as handle:
         for path in sorted(stdlib.glob("[a-m]*.py"))[:60]:
@@ -204,9 +215,7 @@ def test_pretrain_on_s3_checkpoints_resumes_and_exports_there_as_a_local_run_doe
     """Tokens, tokenizer, run directory, checkpoints, metrics and export all on S3: the first 2 steps in
     process, the next 2 on Ray Train resuming from the S3 checkpoint; same losses and weights as one
     local 4-step run, nothing left in the working directory, and an unchanged re-run skipped."""
-    tokens, tokenizer = storage.join(s3_bucket, "tokens"), storage.join(s3_bucket, "tokenizer")
-    storage.upload_folder(token_run / "tokens" / "output", tokens)
-    storage.upload_folder(token_run / "tokenizer" / "output", tokenizer)
+    tokens, tokenizer = token_shards_on_s3(token_run, s3_bucket)
     common = ("train.log_every=1", "train.eval_every=0", "train.checkpoint_every=2", "execution.workers=1",
               "parallel.strategy=none", "execution.threads_per_worker=1")
     local_root = tmp_path / "local"
