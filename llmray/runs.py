@@ -117,15 +117,15 @@ class StageDir:
     """The folder of one stage of one run, and what a running stage writes into it.
 
     ``root`` is a local path (kept as a ``Path``) or a URI on an object store (kept as a string;
-    see :mod:`llmray.storage`). Objects cannot be appended to, so on an object store
-    ``metrics.jsonl`` is rewritten whole, earlier attempts' lines and this process's (tens of lines
-    per stage), and the stage's log is uploaded when the stage ends (:func:`llmray.stages.run_stage`).
+    see :mod:`llmray.storage`). Objects cannot be appended to, so on an object store a line is
+    added to ``metrics.jsonl`` by reading the stored file and writing it back whole (tens of lines
+    per stage; the stage and a trainer's rank 0 take turns, never writing at the same time), and
+    the stage's log is uploaded when the stage ends (:func:`llmray.stages.run_stage`).
     """
 
     root: Path | str
     stage: str
     remote: bool = field(init=False)
-    _remote_metrics: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.remote = storage.is_remote(self.root)
@@ -170,10 +170,8 @@ class StageDir:
         """Append one JSON line; a line is written with one ``write`` call so readers never see half."""
         line = json.dumps({"time": time.time(), **metrics}, default=float) + "\n"
         if self.remote:
-            if not self._remote_metrics and storage.exists(self.metrics_file):  # earlier attempts' lines
-                self._remote_metrics.append(storage.read_text(self.metrics_file))
-            self._remote_metrics.append(line)
-            storage.write_text(self.metrics_file, "".join(self._remote_metrics))
+            earlier = storage.read_text(self.metrics_file) if storage.exists(self.metrics_file) else ""
+            storage.write_text(self.metrics_file, earlier + line)
             return
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_file, "a", encoding="utf-8") as handle:

@@ -66,7 +66,8 @@ def resolve(ref: str) -> Any:
 # One entry per stage, in pipeline order.
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("classifier", "train fastText quality/toxicity classifiers from labelled data (held-out P/R/F1)",
-          "llmray.data.filters.classifiers:ClassifierConfig", "llmray.data.filters.classifiers:run_classifier", verb="train"),
+          "llmray.data.filters.classifiers:ClassifierConfig", "llmray.data.filters.classifiers:run_classifier", verb="train",
+          object_storage=True),
     Stage("curate", "curate raw sources into documents on Ray Data: normalize, filter, LID/quality/toxicity, PII",
           "llmray.data.curate:CurateConfig", "llmray.data.curate:run_curate", object_storage=True),
     Stage("tokenizer", "train a byte-level BPE tokenizer (and its chat template) on the documents",
@@ -79,15 +80,15 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("proxy", "pretrain a small proxy model in this process (the unit of sweeps and data ablations)",
           "llmray.train.pretrain:ProxyConfig", "llmray.train.pretrain:run_pretrain", verb="train"),
     Stage("sft", "instruction-tune a model on chat data (assistant-only loss, best-fit packing) on the shared Trainer",
-          "llmray.align.sft:SftConfig", "llmray.align.sft:run_sft"),
+          "llmray.align.sft:SftConfig", "llmray.align.sft:run_sft", object_storage=True),
     Stage("dpo", "align a model to preference pairs with DPO (reference log-probs cached, Ray actor pool)",
-          "llmray.align.dpo:DpoConfig", "llmray.align.dpo:run_dpo"),
+          "llmray.align.dpo:DpoConfig", "llmray.align.dpo:run_dpo", object_storage=True),
     Stage("reward", "train a reward model (scalar head, Bradley-Terry) on preference pairs, for RL from human feedback",
           "llmray.rl.reward_stage:RewardModelConfig", "llmray.rl.reward_stage:run_reward_model", verb="train"),
     Stage("rl", "reinforcement learning with GRPO on verifiable rewards: rollout actors feeding the shared Trainer",
           "llmray.rl.stage:RlConfig", "llmray.rl.stage:run_rl"),
     Stage("eval", "score checkpoints on benchmark tasks (acc, acc_norm, bits/byte, CORE) on a Ray actor pool",
-          "llmray.eval.stage:EvalConfig", "llmray.eval.stage:run_eval"),
+          "llmray.eval.stage:EvalConfig", "llmray.eval.stage:run_eval", object_storage=True),
     Stage("tune", "sweep any config keys of any stages with Ray Tune (ASHA/PBT), incl. data ablations",
           "llmray.tune.sweep:TuneConfig", "llmray.tune.sweep:run_tune"),
 )}

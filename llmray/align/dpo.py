@@ -193,8 +193,8 @@ def run_dpo(cfg: DpoConfig, ctx) -> dict:
                "reference": data["reference"], "initial": before, "final": after,
                "end_of_turn_rate": samples_lib.end_of_turn_rate(replies)}
     ctx.log_metrics(**{f"final_{k}": v for k, v in after.items() if k != "step"})
-    runs.write_json(ctx.output / "preference_metrics.json", history)
-    runs.write_text(ctx.output / "report.md", "\n".join(_report(summary, data["counts"], replies)) + "\n")
+    runs.write_json(runs.at(ctx.output, "preference_metrics.json"), history)
+    runs.write_text(runs.at(ctx.output, "report.md"), "\n".join(_report(summary, data["counts"], replies)) + "\n")
     return summary
 
 

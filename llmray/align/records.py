@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from llmray import jsonl
+from llmray import jsonl, storage
 from llmray.config import param
 from llmray.data.readers.errors import QuarantineExceeded
 
@@ -67,8 +67,8 @@ class Quarantined:
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict | Quarantined]]:
     """(1-based line number, JSON object or Quarantined) for every non-blank line of a (.gz) JSONL
     file (:func:`llmray.jsonl.read_lines`); a line that is not a JSON object is quarantined."""
-    path = Path(path)
-    if not path.is_file():
+    path = storage.normalize(path)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"data file {path} does not exist")
     for line in jsonl.read_lines(path):
         if isinstance(line.record, jsonl.BadLine):

@@ -21,6 +21,7 @@ forward per step), and a re-run with the same reference and the same pairs skips
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmray import runs
+from llmray import runs, storage
 from llmray.align.pairs import PairRows
 from llmray.config import param
 from llmray.progress import Progress
@@ -54,15 +55,15 @@ class ReferenceConfig:
 
 
 def checkpoint_fingerprint(model_dir: str | Path) -> str:
-    """sha256 over the model's config.json and weight files (names and contents)."""
-    model_dir = Path(model_dir)
-    files = sorted(p for p in model_dir.iterdir() if p.name == "config.json"
-                   or p.name.endswith(".safetensors") or p.name.endswith(".safetensors.index.json"))
-    if not any(p.name.endswith(".safetensors") for p in files):
+    """sha256 over the model's config.json and weight files (names and :func:`llmray.storage.fingerprint`:
+    their contents locally, size and modification time on an object store)."""
+    names = [rel for rel, _ in storage.list_files(model_dir) if "/" not in rel and (
+        rel == "config.json" or rel.endswith(".safetensors") or rel.endswith(".safetensors.index.json"))]
+    if not any(name.endswith(".safetensors") for name in names):
         raise FileNotFoundError(f"{model_dir} holds no .safetensors weights: not a reference checkpoint")
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.name}\0{runs.sha256_file(path)}\0".encode())
+    for name in names:
+        digest.update(f"{name}\0{storage.fingerprint(storage.join(model_dir, name))}\0".encode())
     return digest.hexdigest()
 
 
@@ -132,28 +133,28 @@ def score_on_ray(model_dir: str | Path, rows: PairRows, cfg: ReferenceConfig) ->
 class CacheResult:
     logps: np.ndarray
     hit: bool
-    directory: Path
+    directory: str
 
 
-def cache_directory(cache_dir: str | Path, reference_sha: str, data_sha: str) -> Path:
-    return Path(cache_dir) / f"{reference_sha[:16]}-{data_sha[:16]}"
+def cache_directory(cache_dir: str | Path, reference_sha: str, data_sha: str) -> str:
+    return storage.join(cache_dir, f"{reference_sha[:16]}-{data_sha[:16]}")
 
 
 def reference_logps(model_dir: str | Path, rows: PairRows, cfg: ReferenceConfig) -> CacheResult:
     """Cached reference log-probs of ``rows`` under the checkpoint at ``model_dir``; computes on a miss."""
     reference_sha, data_sha = checkpoint_fingerprint(model_dir), rows.fingerprint
     directory = cache_directory(cfg.cache_dir, reference_sha, data_sha)
-    meta_path = directory / META_FILE
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+    meta_path = storage.join(directory, META_FILE)
+    if storage.is_file(meta_path):
+        meta = json.loads(storage.read_text(meta_path))
         if meta.get("reference_sha256") == reference_sha and meta.get("data_sha256") == data_sha:
-            logps = np.load(directory / LOGPS_FILE, allow_pickle=False)
+            logps = np.load(io.BytesIO(storage.read_bytes(storage.join(directory, LOGPS_FILE))), allow_pickle=False)
             if logps.shape == rows.lengths.shape:
                 log.info("reference log-probs: cache hit %s", directory)
                 return CacheResult(logps, True, directory)
     log.info("reference log-probs: computing %d sequences on %d actors", len(rows.lengths), cfg.actors)
     logps = score_on_ray(model_dir, rows, cfg)
-    with runs.atomic_dir(directory) as partial:
+    with runs.built_locally(directory, last=(META_FILE,)) as partial:
         with runs.atomic_write(partial / LOGPS_FILE, "wb", encoding=None) as handle:
             np.save(handle, logps, allow_pickle=False)
         runs.write_json(partial / META_FILE, {"reference_sha256": reference_sha, "data_sha256": data_sha,

@@ -53,8 +53,8 @@ def end_of_turn_rate(samples: list[dict]) -> float | None:
     return sum(s["finished"] for s in samples) / len(samples) if samples else None
 
 
-def write_samples(directory: Path, samples: list[dict]) -> None:
-    runs.write_text(directory / SAMPLES_FILE, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+def write_samples(directory: str | Path, samples: list[dict]) -> None:
+    runs.write_text(runs.at(directory, SAMPLES_FILE), "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 
 
 def markdown(samples: list[dict], limit: int = 8) -> list[str]:

@@ -71,7 +71,7 @@ def run_sft(cfg: SftConfig, ctx) -> dict:
     summary = {**trained.loss_summary(), "final_val_loss": final_val, "end_of_turn_rate": rate,
                "samples": len(replies), "train_rows": data["train_rows"], "conversations": data["train"]["conversations"],
                "quarantined": data["quarantined"]}
-    runs.write_text(ctx.output / "report.md", "\n".join(_report(summary, data, replies)) + "\n")
+    runs.write_text(runs.at(ctx.output, "report.md"), "\n".join(_report(summary, data, replies)) + "\n")
     return summary
 
 

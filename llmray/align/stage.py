@@ -104,8 +104,8 @@ def checkpoint_location(cfg: Any, work: str | Path, data_fingerprint: str) -> st
     return storage.join(cfg.execution.checkpoint_root(work), hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
-def alignment_job(cfg: AlignConfig, prepared: Prepared, checkpoint_dir: Path, export_dir: Path | None,
-                  metrics_path: Path | None, tags: dict[str, str] | None = None) -> TrainJob:
+def alignment_job(cfg: AlignConfig, prepared: Prepared, checkpoint_dir: str | Path,
+                  export_dir: str | Path | None, metrics_path: str | Path | None, tags: dict[str, str] | None = None) -> TrainJob:
     """The training job of an SFT/DPO stage: the rows split by data-parallel shard, from ``cfg.model``;
     a chat model (its export stops generation at end of turn)."""
     b = cfg.batch
@@ -129,19 +129,19 @@ def run_alignment(cfg: AlignConfig, ctx, prepare: Callable[[Any, int], Prepared]
 
     tokenizer = load_tokenizer(cfg.tokenizer)
     prepared = prepare(chat.ChatTemplate(tokenizer), tokenizer.token_to_id(chat.PAD))
-    runs.write_text(ctx.output / "quarantine.jsonl", "".join(json.dumps(q.to_dict()) + "\n" for q in prepared.quarantined))
+    runs.write_text(runs.at(ctx.output, "quarantine.jsonl"), "".join(json.dumps(q.to_dict()) + "\n" for q in prepared.quarantined))
     for q in prepared.quarantined[:5]:
         ctx.logger.warning("quarantined %s:%d (%s): %s", q.path, q.offset, q.error, q.message)
-    runs.write_json(ctx.output / "data.json", prepared.data)
+    runs.write_json(runs.at(ctx.output, "data.json"), prepared.data)
     ctx.logger.info("%s data: %s", ctx.stage, json.dumps(prepared.data))
 
     job = alignment_job(cfg, prepared, checkpoint_location(cfg, ctx.dir.work, prepared.train_rows.fingerprint),
-                        ctx.output / "model", ctx.dir.root / "metrics.jsonl",
+                        runs.at(ctx.output, "model"), ctx.dir.metrics_file,
                         tags={"run": ctx.run_name, "stage": ctx.stage})
     result = launch(job, ctx.connect_ray)
     replies = []
     if cfg.samples.prompts and prepared.prompts:
-        replies = samples_lib.sample_replies(ctx.output / "model", cfg.tokenizer, prepared.prompts, cfg.samples)
+        replies = samples_lib.sample_replies(runs.at(ctx.output, "model"), cfg.tokenizer, prepared.prompts, cfg.samples)
         samples_lib.write_samples(ctx.output, replies)
     return Trained(prepared, result.worker, replies)
 

@@ -52,15 +52,15 @@ def lm_eval_file(checkpoint: str, checkpoints: int) -> str:
     return LM_EVAL_FILE if checkpoints == 1 else LM_EVAL_FILE.replace(".json", f".{checkpoint}.json")
 
 
-def write(output: Path, results: dict, samples: dict[str, dict[str, list[dict]]] | None,
+def write(output: str | Path, results: dict, samples: dict[str, dict[str, list[dict]]] | None,
           lm_eval: dict[str, dict]) -> None:
     """results.json, report.md (the table), the lm-eval-schema files of ``lm_eval`` (checkpoint ->
     dict) and (optionally) samples/<checkpoint>/<task>.jsonl under ``output``."""
-    runs.write_json(output / RESULTS_FILE, results)
-    runs.write_text(output / TABLE_FILE, table(results))
+    runs.write_json(runs.at(output, RESULTS_FILE), results)
+    runs.write_text(runs.at(output, TABLE_FILE), table(results))
     for checkpoint, lm_eval_dict in lm_eval.items():
-        runs.write_json(output / lm_eval_file(checkpoint, len(lm_eval)), lm_eval_dict)
+        runs.write_json(runs.at(output, lm_eval_file(checkpoint, len(lm_eval))), lm_eval_dict)
     for checkpoint, tasks in (samples or {}).items():
         for task, scores in tasks.items():
-            runs.write_text(output / SAMPLES_DIR / checkpoint / f"{task}.jsonl",
+            runs.write_text(runs.at(output, SAMPLES_DIR, checkpoint, f"{task}.jsonl"),
                             "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in scores))

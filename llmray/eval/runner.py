@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from llmray import storage
 from llmray.config import param
 from llmray.eval import scoring
 from llmray.eval.prompts import Encoder, GenerationRequest, Request, example_requests, packed_length, \
@@ -155,19 +156,18 @@ class ModelInfo:
     max_seq_len: int
     start_id: int
     eos_ids: tuple[int, ...]
-    tokenizer_file: Path
+    tokenizer_file: str  # a local path or a URI
 
 
 def model_info(model_dir: str | Path, tokenizer_dir: str | Path | None = None) -> ModelInfo:
-    model_dir = Path(model_dir)
-    config_path = model_dir / hf.CONFIG_FILE
-    if not config_path.is_file():
+    config_path = storage.join(model_dir, hf.CONFIG_FILE)
+    if not storage.is_file(config_path):
         raise FileNotFoundError(f"{model_dir} has no {hf.CONFIG_FILE}: not a model directory")
-    raw = json.loads(config_path.read_text())
-    model_cfg = hf.config_from_hf(raw, str(config_path))
-    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else model_dir
-    tokenizer_file = tokenizer_dir / "tokenizer.json"
-    if not tokenizer_file.is_file():
+    raw = json.loads(storage.read_text(config_path))
+    model_cfg = hf.config_from_hf(raw, config_path)
+    tokenizer_dir = tokenizer_dir or model_dir
+    tokenizer_file = storage.join(tokenizer_dir, "tokenizer.json")
+    if not storage.is_file(tokenizer_file):
         raise FileNotFoundError(f"no tokenizer.json in {tokenizer_dir} (set `tokenizer` to its directory)")
     from_model = hf.special_tokens_from(raw)
     from_tokenizer = hf.special_tokens_from_tokenizer(tokenizer_dir)
@@ -195,7 +195,7 @@ def plan_requests(model_dir: str | Path, tasks: list[Task], *, chat: bool = Fals
     from llmray.tokenizer.chat import ChatTemplate
 
     info = model_info(model_dir, tokenizer_dir)
-    tokenizer = Tokenizer.from_file(str(info.tokenizer_file))
+    tokenizer = Tokenizer.from_str(storage.read_text(info.tokenizer_file))
     encoder = Encoder(tokenizer, info.start_id, info.eos_ids, ChatTemplate(tokenizer) if chat else None)
     requests: list[Request] = []
     spans: dict[str, list[tuple[int, int]]] = {}

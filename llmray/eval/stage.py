@@ -90,7 +90,7 @@ class EvalConfig:
                 for name in self.selected_tasks()]
 
 
-def evaluate_to(cfg: EvalConfig, output: Path, log_metrics: Callable[..., Any] | None = None,
+def evaluate_to(cfg: EvalConfig, output: str | Path, log_metrics: Callable[..., Any] | None = None,
                 logger=None) -> dict:
     """Evaluate every checkpoint on every selected task; write the result files under ``output``."""
     tasks = cfg.load_tasks()

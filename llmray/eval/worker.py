@@ -32,10 +32,10 @@ Design choices:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from llmray import storage
 from llmray.eval.prompts import GenerationRequest, LoglikelihoodRequest, Request, fit, shared_context_rows
 from llmray.model import hf
 from llmray.model.generate import FINISHED, SamplingConfig, stream
@@ -212,8 +212,8 @@ class ModelWorker:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
-        self.model = hf.load(Path(model_dir), device=self.device, dtype=self.dtype).model
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.model = hf.load(model_dir, device=self.device, dtype=self.dtype).model
+        self.tokenizer = Tokenizer.from_str(storage.read_text(tokenizer_file))
 
     def run(self, batch: list[Request]) -> list:
         if isinstance(batch[0], GenerationRequest):

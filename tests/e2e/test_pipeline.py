@@ -24,6 +24,11 @@ DOWNSTREAM_OF_PRETRAIN = ["pretrain", "sft", "dpo", "eval"]
 
 
 def tiny_pipeline(pretrain_steps: int) -> PipelineConfig:
+    return config_lib.from_dict(PipelineConfig, tiny_pipeline_raw(pretrain_steps))
+
+
+def tiny_pipeline_raw(pretrain_steps: int) -> dict:
+    """The shipped demo pipeline with the amount of work cut (see the module docstring)."""
     raw = config_lib.read_yaml(CONFIGS / "pipeline" / "tiny.yaml")
     stages = raw["stages"]
     assert list(stages) == ORDER
@@ -49,7 +54,7 @@ def tiny_pipeline(pretrain_steps: int) -> PipelineConfig:
             source["max_records"] = 30
     stages["dpo"].update(metric_pairs=8, reference={**stages["dpo"]["reference"], "actors": 1})
     stages["eval"].update(limit=4, tasks=["arc_easy"], runner={**stages["eval"].get("runner", {}), "num_actors": 1})
-    return config_lib.from_dict(PipelineConfig, raw)
+    return raw
 
 
 def manifests(run_root: Path) -> dict[str, dict]:

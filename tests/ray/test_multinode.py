@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -16,6 +17,7 @@ from llmray import config as config_lib, stages
 from tests.multinode_support import LocalCluster
 
 pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_node_without_the_language_id_model_stops_curate_before_anything_is_read(tmp_path, shared_data):
@@ -120,3 +122,57 @@ def test_pretraining_on_two_nodes_survives_losing_one_and_resumes_from_its_s3_ch
     assert logged == pytest.approx(clean, rel=1e-6, abs=1e-6)
     assert storage.is_file(storage.join(args["export"], "model.safetensors"))
     assert any((tmp_path / "cache-node_b").rglob("*.bin")), "node_b did not read the shards through its cache"
+
+
+def test_the_tiny_pipeline_runs_on_the_cluster_with_its_run_directory_on_s3(tmp_path, s3_bucket, shared_data):
+    """`llmray pipeline --runs-dir s3://...` from an empty directory, driving the 3-node cluster: every
+    stage completes with its files on S3, a second run skips every stage from the manifests there,
+    nothing is left in the working directory, and the report is rebuilt from S3 elsewhere."""
+    from llmray import storage
+    from tests.e2e.test_pipeline import ORDER, tiny_pipeline_raw
+
+    raw = tiny_pipeline_raw(pretrain_steps=4)  # the demo's data paths are relative to the repository: made absolute
+    for source in raw["stages"]["curate"]["sources"]:
+        source["paths"] = [str(REPO / p) if not p.startswith("../") else p for p in source.get("paths", [])]
+    raw["stages"]["eval"]["data_dir"] = str(shared_data)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False).replace("../shared/data", str(shared_data)))
+    runs_dir = storage.join(s3_bucket, "runs")
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    caches = {name: {"LLMRAY_CACHE_DIR": str(tmp_path / f"cache-{name}")} for name in ("node_b", "node_c")}
+    # 2 CPUs a node: a node of 1 CPU that holds a 0.5-CPU classifier actor has no room left for
+    # Ray Data's 1-CPU repartition tasks, and curate would wait forever
+    cluster = LocalCluster(tmp_path, caches, cpus_per_node=2)
+
+    def manifests() -> dict[str, dict]:
+        return {stage: json.loads(storage.read_text(storage.join(runs_dir, "tiny", stage, "manifest.json")))
+                for stage in ORDER}
+
+    try:
+        def pipeline() -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "llmray.cli", "pipeline", "--config", str(config),
+                                   "--runs-dir", runs_dir], cwd=workdir, env=cluster.client_env(),
+                                  capture_output=True, text=True, timeout=1200)
+        first = pipeline()
+        assert first.returncode == 0, first.stderr[-5000:]
+        before = manifests()
+        assert all(m["status"] == "complete" for m in before.values())
+        second = pipeline()
+        assert second.returncode == 0, second.stderr[-5000:]
+    finally:
+        cluster.stop()
+    assert manifests() == before, "the second run re-ran a stage"
+    assert second.stderr.count("skipping") + second.stderr.count("skipped") >= len(ORDER), second.stderr[-3000:]
+    assert list(workdir.iterdir()) == [], "the run left files in the working directory"
+    model = storage.join(runs_dir, "tiny", "dpo", "output", "model", "model.safetensors")
+    assert storage.is_file(model)
+
+    elsewhere = tmp_path / "empty"
+    elsewhere.mkdir()
+    report = subprocess.run([sys.executable, "-m", "llmray.cli", "report", "--runs-dir", runs_dir, "--run", "tiny"],
+                            cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert list(elsewhere.iterdir()) == []
+    text = storage.read_text(storage.join(runs_dir, "tiny", "report", "report.md"))
+    assert all(f"| {stage} | complete |" in text for stage in ORDER), text[:3000]

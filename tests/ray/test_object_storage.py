@@ -186,3 +186,52 @@ def test_the_driver_receives_counts_not_documents(shared_data, ray_session, s3_b
     assert sum(size for _, size in delivered) < 0.03 * totals["bytes_out"], delivered
     funnel = json.loads(storage.read_text(storage.join(result.output, "funnel.json")))
     assert 0 < funnel["signal_stats"]["gopher_quality.words"]["n"] <= 10 * len(delivered)
+
+
+def test_sft_then_dpo_on_s3_equal_the_local_runs_and_the_reference_cache_lives_there(
+        shared_data, ray_session, s3_bucket, tmp_path, monkeypatch):
+    """Initial model and tokenizer on S3, the run directory on S3 (checkpoints, export, samples,
+    metrics, DPO's reference cache): the same weights, samples and losses as the runs on disk."""
+    from tests.align_support import export_tiny_model, tokenizer_dir
+
+    local_model = export_tiny_model(tmp_path / "init", shared_data)
+    remote_model, remote_tokenizer = storage.join(s3_bucket, "init"), storage.join(s3_bucket, "tokenizer")
+    storage.upload_folder(local_model, remote_model)
+    storage.upload_folder(tokenizer_dir(shared_data), remote_tokenizer)
+    sft = {"batch": {"seq_len": 160, "micro_batch_size": 4}, "val_fraction": 0.1,
+           "sources": [{"kind": "oasst", "path": str(shared_data / "oasst1_en_100" / "en_100_tree.jsonl")}],
+           "train": {"steps": 4, "log_every": 2, "eval_every": 4, "eval_batches": 1, "optimizer": {"lr": 3e-3}},
+           "samples": {"prompts": 2, "max_new_tokens": 6}}
+    dpo = {"batch": {"seq_len": 160, "micro_batch_size": 4}, "val_fraction": 0.2, "metric_pairs": 16,
+           "sources": [{"kind": "hh_rlhf", "path": str(shared_data / "hh_rlhf_harmless_base" / "test.jsonl.gz"),
+                        "max_records": 20}],
+           "reference": {"actors": 1, "actor_cpus": 0.5, "batch_size": 16},
+           "train": {"steps": 4, "log_every": 2, "eval_every": 4, "eval_batches": 1}, "samples": {"prompts": 1,
+                                                                                                "max_new_tokens": 6}}
+
+    def both(root: str, model: str, tokenizer: str) -> tuple[stages.StageResult, stages.StageResult]:
+        first = run("sft", {**sft, "model": model, "tokenizer": tokenizer}, root)
+        second = run("dpo", {**dpo, "model": storage.join(str(first.output), "model"), "tokenizer": tokenizer}, root)
+        return first, second
+
+    on_disk = both(str(tmp_path / "runs" / "demo"), str(local_model), str(tokenizer_dir(shared_data)))
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    remote_root = storage.join(s3_bucket, "runs", "demo")
+    on_s3 = both(remote_root, remote_model, remote_tokenizer)
+    assert list(workdir.iterdir()) == [], "a run on S3 left files in the working directory"
+    for local, remote in zip(on_disk, on_s3):
+        assert str(remote.output).startswith("s3://")
+        for rel in ("model/model.safetensors", "model/config.json", "samples.jsonl"):
+            assert storage.read_bytes(storage.join(str(remote.output), rel)) == \
+                storage.read_bytes(storage.join(str(local.output), rel)), rel
+
+        def losses(root):
+            return {m["step"]: m["loss"] for m in runs.StageDir(root, "x").read_metrics()[0] if "loss" in m}
+
+        assert losses(storage.parent(str(remote.output))) == losses(storage.parent(str(local.output)))
+    assert storage.list_dirs(storage.join(remote_root, "dpo", "reference_cache"))
+    again = run("dpo", {**dpo, "model": storage.join(str(on_s3[0].output), "model"), "tokenizer": remote_tokenizer,
+                        "train": {**dpo["train"], "steps": 2}}, remote_root)
+    assert again.manifest["summary"]["reference"]["train"]["cache_hit"] is True

@@ -136,10 +136,11 @@ def test_run_dir_in_defaults_is_resolved(tmp_path):
 
 def test_a_stage_not_ready_for_object_storage_refuses_before_touching_it():
     """Without the check, a local stage would write a folder named ``s3:`` in the working directory."""
-    stage = stages.STAGES["classifier"]
+    stage = stages.STAGES["proxy"]
     run_root = "s3://no-such-bucket/runs/demo"
-    with pytest.raises(ConfigError, match=r"'classifier' cannot yet .* object store .*: curate, tokenizer, tokens, pretrain"):
+    with pytest.raises(ConfigError, match=r"'proxy' cannot yet .* object store .*: classifier, curate, tokenizer, tokens, "
+                                          r"pretrain, sft, dpo, eval\."):
         stages.run_stage(stage, stages.build_config(stage, {}, run_root), run_root)
-    cfg = from_dict(PipelineConfig, {"name": "demo", "stages": {"curate": {}, "tokenizer": {}, "sft": {}}})
-    with pytest.raises(ConfigError, match=r"in stages.sft: .*cannot yet"):
+    cfg = from_dict(PipelineConfig, {"name": "demo", "stages": {"curate": {}, "tokenizer": {}, "proxy": {}}})
+    with pytest.raises(ConfigError, match=r"in stages.proxy: .*cannot yet"):
         run_pipeline(cfg, "s3://no-such-bucket/runs")  # refused before curate runs

@@ -37,7 +37,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmray import runs
+from llmray import runs, storage
 from llmray.config import param
 from llmray.data.filters import fasttext_train, normalize
 from llmray.data.readers import sources
@@ -107,10 +107,11 @@ def model_problems(models: dict[str, str | None]) -> list[str]:
 
 
 def load_model(path: str | Path):
+    """A fastText model from a local path or a URI (read through this node's cache)."""
     import fasttext
 
     fasttext.FastText.eprint = lambda *args, **kwargs: None  # silence the load_model deprecation print
-    return fasttext.load_model(str(path))
+    return fasttext.load_model(str(storage.local_copy(path)))
 
 
 def prepare(text: str, max_chars: int) -> str:
@@ -207,7 +208,7 @@ def split_examples(docs: list[tuple[str, str]], spec: ClassifierSpec, label: str
     return train, test
 
 
-def train_classifier(spec: ClassifierSpec, limits: sources.ReadLimits, output: Path) -> dict | None:
+def train_classifier(spec: ClassifierSpec, limits: sources.ReadLimits, output: str | Path) -> dict | None:
     """Train one classifier into ``output/<name>.bin``; None when its data is missing."""
     import fasttext
 
@@ -228,7 +229,7 @@ def train_classifier(spec: ClassifierSpec, limits: sources.ReadLimits, output: P
                                         wordNgrams=spec.word_ngrams, dim=spec.dim, bucket=spec.bucket,
                                         minCount=spec.min_count, thread=1, seed=spec.seed, verbose=0)
         model = fasttext.load_model(str(model_file))
-        runs.write_bytes(output / f"{spec.name}.bin", model_file.read_bytes())
+        runs.write_bytes(runs.at(output, f"{spec.name}.bin"), model_file.read_bytes())
     test = pos_test + neg_test
     scores = predict_positive(model, [line for _, line in test], spec.max_chars)
     metrics = binary_metrics([label == POSITIVE for label, _ in test], [s >= spec.threshold for s in scores])
@@ -261,7 +262,7 @@ def run_classifier(cfg: ClassifierConfig, ctx) -> dict:
         ctx.logger.info("classifier %-10s held-out precision %.3f recall %.3f F1 %.3f (test: %s)", spec.name,
                         metrics["precision"], metrics["recall"], metrics["f1"], metrics["test_examples"])
         ctx.log_metrics(classifier=spec.name, **{k: metrics[k] for k in ("precision", "recall", "f1", "accuracy")})
-    runs.write_json(ctx.output / "metrics.json", results)
+    runs.write_json(runs.at(ctx.output, "metrics.json"), results)
     return results
 
 
@@ -293,7 +294,7 @@ class ScoreModelConfig:
     max_chars: int = param(4000, doc="characters of each document given to the model", min=16)
 
     def available(self) -> bool:
-        return bool(self.model) and Path(self.model).is_file()
+        return bool(self.model) and storage.is_file(self.model)
 
 
 @dataclass
