@@ -283,6 +283,8 @@ def train_worker(job: TrainJob, store, coordinator: Any = None, ray_train_worker
             writer.close()
         if hasattr(trainer.data, "close"):  # data that holds workers (RL rollout actors) releases them
             trainer.data.close()
+    if dist.is_initialized():  # every rank's part of the last checkpoint is stored (its report returned)
+        dist.barrier()
     if rank:
         return {}
     latest = store.latest()
