@@ -10,10 +10,12 @@ Design choices:
 * ``execution.launcher: auto`` trains in this process when there is one worker and no GPU is
   asked for (no worker group to start: proxy trials, a laptop), else on Ray Train (worker
   restarts from the latest checkpoint, multi-node).
-* Checkpoints are one directory of ``step_*`` folders under either launcher (a local store, or
-  Ray Train's run directory ``storage_path/name``); either launcher resumes from the newest
-  complete one there, and the exported weights are read back from it (DCP reshards on load, so
-  the export does not depend on the layout that trained). A chat model's export (``chat``)
+* Checkpoints are one directory of ``step_*`` folders under either launcher (a local store, an
+  object store, or Ray Train's run directory ``storage_path/name``, any of them a URI); either
+  launcher resumes from the newest complete one there, and rank 0 reads the exported weights
+  back from it, once every rank's part is stored, and writes them to ``export_dir`` itself (DCP
+  reshards on load, so the export does not depend on the layout that trained; the driver never
+  handles the weights). A chat model's export (``chat``)
   names end-of-turn as well as end-of-sequence as its ``eos_token_id``, so ``generate`` in
   ``transformers`` stops at the end of the reply.
 * Observability, the same under either launcher: every worker sets its live gauges
