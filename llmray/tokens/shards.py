@@ -168,9 +168,9 @@ def check_shard(directory: str | Path, shard: dict, dtype: np.dtype, verify_sha2
     location = storage.join(directory, shard["path"])
     if not storage.is_file(location):
         raise ShardError(f"shard {location} listed in the manifest does not exist")
-    expected_bytes = shard["tokens"] * dtype.itemsize
-    if storage.size(location) != expected_bytes:
-        raise ShardError(f"shard {location} has {storage.size(location)} bytes; the manifest says "
+    expected_bytes, size = shard["tokens"] * dtype.itemsize, storage.size(location)
+    if size != expected_bytes:
+        raise ShardError(f"shard {location} has {size} bytes; the manifest says "
                          f"{shard['tokens']} {dtype.name} tokens = {expected_bytes} bytes")
     path = storage.local_copy(location)
     if verify_sha256:

@@ -104,24 +104,22 @@ def _deepspeed_files_complete(directory: Path, world_size: int) -> tuple[bool, s
     return True, "complete"
 
 
+def step_names(root: str | Path) -> list[str]:
+    """Names of the ``step_*`` folders under ``root`` (a local folder or a URI), newest first."""
+    return sorted((n for n in storage.list_dirs(root) if STEP_DIR.match(n)), reverse=True)
+
+
 def checkpoint_dirs(root: Path) -> list[Path]:
-    """``step_*`` directories under ``root``, newest (highest step) first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)),
-                  key=lambda p: p.name, reverse=True)
+    """``step_*`` directories under the local ``root``, newest (highest step) first."""
+    return [Path(root) / name for name in step_names(root)]
 
 
 def latest_in(root: str | Path, log=None, newest: str | None = None) -> Path | None:
     """The newest complete checkpoint under ``root`` (a local folder or a URI) no newer than the
-    step folder named ``newest``, as a local path (a remote one is copied to this node first)."""
-    if storage.local_path(root) is not None:
-        candidates = checkpoint_dirs(Path(root))
-    else:
-        names = sorted((n for n in storage.list_dirs(root) if STEP_DIR.match(n)), reverse=True)
-        candidates = (storage.local_copy(storage.join(root, n)) for n in names)
-    return latest_complete([p for p in candidates if newest is None or p.name <= newest], log)
+    step folder named ``newest``, as a local path. Remote ones are copied to this node one at a
+    time, newest first, until a complete one is found."""
+    names = [n for n in step_names(root) if newest is None or n <= newest]
+    return latest_complete((storage.local_copy(storage.join(root, n)) for n in names), log)
 
 
 def latest_complete(candidates: Iterable[Path], log=None) -> Path | None:
@@ -232,8 +230,7 @@ class ObjectStoreCheckpointStore:
         finally:
             shutil.rmtree(directory, ignore_errors=True)
         if self.num_to_keep:
-            names = sorted((n for n in storage.list_dirs(self.root) if STEP_DIR.match(n)), reverse=True)
-            for old in names[self.num_to_keep:]:
+            for old in step_names(self.root)[self.num_to_keep:]:
                 storage.delete(storage.join(self.root, old))
 
     def report(self, metrics: dict) -> None:

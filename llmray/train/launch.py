@@ -225,9 +225,8 @@ def _train(job: TrainJob, checkpoints: str, coordinator: Any, connect_ray: Calla
     from llmray.train import ray_train
 
     connect_ray()
-    parent, _, name = checkpoints.rpartition("/")
     return ray_train.fit(_ray_train_entry, {"job": job, "coordinator": coordinator}, job.execution,
-                         name=name, storage_path=parent)
+                         name=storage.name(checkpoints), storage_path=storage.parent(checkpoints))
 
 
 def export_checkpoint(checkpoint: Path, model_config: ModelConfig, out_dir: str | Path,

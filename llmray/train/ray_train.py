@@ -77,7 +77,7 @@ class RayCheckpointStore:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        newest = None if checkpoint is None else checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+        newest = None if checkpoint is None else storage.name(checkpoint.path)
         return ckpt.latest_in(self.root, self.log, newest=newest)
 
 
