@@ -247,27 +247,31 @@ def redact_step(table: pa.Table, pii_cfg: pii_lib.PIIConfig) -> pa.Table:
     return records.to_table(rows)
 
 
-def _live_documents(table: pa.Table) -> pa.Table:
-    return table.filter(pa.array(records.live_mask(table), pa.bool_()))
-
-
-def _mark_dropped(table: pa.Table, dropped_ref, edits: dedup_lib.KeptEdits) -> pa.Table:
-    """Reject live rows that dedup dropped (``dropped``: sorted ids with stage, reason, detail),
-    then apply dedup's ``edits`` to the rows still live."""
-    dropped = fetch_broadcast(dropped_ref)
-    ids = dropped.column("id").to_pylist()
-    if not ids and not edits.active:
+def _mark_dropped(table: pa.Table, first_position: int, dropped: pa.Table, edits: dedup_lib.KeptEdits) -> pa.Table:
+    """Reject the rows dedup dropped (``dropped``: this slice's rejected rows, each with its
+    ``position`` among all rows, so row ``position - first_position`` here), then apply dedup's
+    ``edits`` to the rows still live."""
+    if not dropped.num_rows and not edits.active:
         return table
-    index = {doc_id: i for i, doc_id in enumerate(ids)}
     rows = table.to_pylist()
-    for row in rows:
-        i = index.get(row["id"]) if records.is_live(row) else None
-        if i is not None:
-            records.reject(row, dropped["stage"][i].as_py(), dropped["reason"][i].as_py(), None)
-            row["detail"] = dropped["value"][i].as_py() or None  # boilerplate drops keep no other id
+    for position, stage, reason, value in zip(*(dropped.column(c).to_pylist()
+                                                for c in ("position", "stage", "reason", "value"))):
+        row = rows[position - first_position]
+        records.reject(row, stage, reason, None)
+        row["detail"] = value or None  # boilerplate drops keep no other id
     if edits.active:
         _apply_edits([row for row in rows if records.is_live(row)], edits)
     return records.to_table(rows)
+
+
+def _mark_slice(batch: dict, plan: tuple) -> pa.Table:
+    """map_batches over slice numbers: that slice's rows, marked with its own dedup drops (``plan``:
+    a broadcast of the slices, one drops ref per slice, and the edits; only refs and sizes)."""
+    import ray
+
+    slices, drops, edits = fetch_broadcast(plan[0])
+    row_slice = slices[int(batch["slice"][0])]
+    return _mark_dropped(row_slice.table(), row_slice.position, ray.get(drops[int(batch["slice"][0])]), edits)
 
 
 def _apply_edits(rows: list[dict], edits: dedup_lib.KeptEdits) -> None:
@@ -292,19 +296,23 @@ def dedup_step(ds, cfg: dedup_lib.DedupConfig, clean_cpus: float):
     """Deduplicate the live rows of ``ds``, mark the dropped ones and edit the kept ones (rows keep
     their order).
 
-    ``ds`` is materialised first because dedup reads its input twice (keys, then filtering) and
-    read+classify must not run twice. Only the dropped rows' ids go to the driver and back as a
-    broadcast (bounded by the duplicates, like dedup's own removed-node array); dedup's output
-    documents are not used: its edits (boilerplate lines, flags: broadcasts too) are applied here."""
+    ``ds`` is materialised first because dedup reads its input twice (keys, then marking) and
+    read+classify must not run twice. Dedup routes each decision to the slice of rows it concerns
+    (a join on the cluster by row position), so a marking task reads only its own slice's drops
+    and nothing but refs and counts reaches the driver; dedup's output documents are not used: its
+    edits (boilerplate lines, flags: broadcasts bounded by the frequent lines and the flagged
+    documents) are applied here."""
     import ray
 
     ds = ds.materialize()
-    live = ds.map_batches(_live_documents, batch_size=None, batch_format="pyarrow", num_cpus=clean_cpus)
-    result = dedup_lib.deduplicate(live, cfg)
-    dropped = pa.concat_tables([dedup_lib.REJECTED_SCHEMA.empty_table(),
-                                *ray.get(result.rejected.to_arrow_refs())]).sort_by("id")
-    return ds.map_batches(_mark_dropped, fn_kwargs={"dropped_ref": ray.put(dropped), "edits": result.edits},
-                          batch_size=None, batch_format="pyarrow", num_cpus=clean_cpus), result.stats
+    result = dedup_lib.deduplicate(ds, cfg, consider=records.live_mask)
+    if not result.slices:  # no rows at all
+        return ds, result.stats
+    plan = ray.put((result.slices, result.drops, result.edits))
+    slices = ray.data.from_items([{"slice": i} for i in range(len(result.slices))],
+                                 override_num_blocks=max(1, len(result.slices)))
+    return slices.map_batches(_mark_slice, fn_kwargs={"plan": (plan,)}, batch_size=1, num_cpus=clean_cpus), \
+        result.stats
 
 
 # ---------------------------------------------------------------------------------------------

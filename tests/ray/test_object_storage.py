@@ -161,7 +161,12 @@ def test_curate_on_s3_equals_the_local_run_skips_when_unchanged_and_reports_from
 
 def test_the_driver_receives_counts_not_documents(shared_data, ray_session, s3_bucket, monkeypatch):
     """Every batch that reaches the driver during curate (with dedup) is counted: none carries a
-    text column, and all of them together are a small fraction of the curated text."""
+    text column, and all of them together are a small fraction of the curated text. Nothing the
+    driver fetches with ``ray.get`` is per document either: no table of ids or texts (dedup's drops
+    are joined with the rows on the cluster), no array with an entry per duplicate."""
+    import numpy as np
+    import pyarrow as pa
+    import ray
     import ray.data
 
     lines = (shared_data / "c4_sample" / "c4_demo.jsonl").read_bytes()
@@ -178,12 +183,27 @@ def test_the_driver_receives_counts_not_documents(shared_data, ray_session, s3_b
             yield batch
 
     monkeypatch.setattr(ray.data.Dataset, "iter_batches", counted)
+    fetched = []
+    get = ray.get
+
+    def recorded(refs, *args, **kwargs):
+        values = get(refs, *args, **kwargs)
+        for value in values if isinstance(refs, list) else [values]:
+            for item in value if isinstance(value, tuple) else (value,):
+                if isinstance(item, pa.Table) and {"id", "text"} & set(item.column_names):
+                    fetched.append(("table", item.column_names, item.num_rows))
+                elif isinstance(item, np.ndarray) and item.size > 16:
+                    fetched.append(("array", item.dtype, item.size))
+        return values
+
+    monkeypatch.setattr(ray, "get", recorded)
     result = stages.run_stage(stages.STAGES["curate"], config_lib.from_dict(stages.STAGES["curate"].config_cls, raw),
                               storage.join(s3_bucket, "runs", "demo"), cluster.RayConfig())
     totals = result.manifest["summary"]
     assert totals["documents_out"] > 100 and totals["rejected"] >= 300  # duplicates dropped, files written
     assert delivered and all("text" not in columns for columns, _ in delivered)
     assert sum(size for _, size in delivered) < 0.03 * totals["bytes_out"], delivered
+    assert fetched == []
     funnel = json.loads(storage.read_text(storage.join(result.output, "funnel.json")))
     assert 0 < funnel["signal_stats"]["gopher_quality.words"]["n"] <= 10 * len(delivered)
 

@@ -38,15 +38,22 @@ def _edits(flag_ids: list[str], masks: list[int]) -> KeptEdits:
     return KeptEdits(lines, 20, (nodes[order], np.array(masks, np.uint64)[order]), ("arc", "piqa"))
 
 
-def _dropped(ids: list[str]) -> pa.Table:
+FIRST_POSITION = 40  # the slice's first row is row 40 of curate's rows
+
+
+def _dropped(ids: list[str], copies: int = 1) -> pa.Table:
+    """Dedup's drops of the slice ``_rows() * copies``, each at its row position (doc-N of copy k
+    is row 4k + N - 1)."""
+    ids = ids * copies
+    positions = [FIRST_POSITION + 4 * (k // max(1, len(ids) // copies)) + int(i[-1]) - 1 for k, i in enumerate(ids)]
     return pa.table({"id": ids, "source": ["web"] * len(ids), "stage": ["exact_dedup"] * len(ids),
-                     "reason": ["exact_duplicate"] * len(ids), "value": ["doc-1"] * len(ids)},
-                    schema=REJECTED_SCHEMA)
+                     "reason": ["exact_duplicate"] * len(ids), "value": ["doc-1"] * len(ids),
+                     "position": positions}, schema=REJECTED_SCHEMA)
 
 
 def test_kept_rows_lose_boilerplate_lines_and_flagged_ones_name_their_tasks():
     table = records.to_table(_rows())
-    rows = curate._mark_dropped(table, _dropped(["doc-3"]), _edits(["doc-2"], [0b10])).to_pylist()
+    rows = curate._mark_dropped(table, FIRST_POSITION, _dropped(["doc-3"]), _edits(["doc-2"], [0b10])).to_pylist()
     by_id = {r["id"]: r for r in rows}
     assert by_id["doc-1"]["text"] == BODY and by_id["doc-2"]["text"] == f"{BODY} Again."
     assert json.loads(by_id["doc-2"]["meta"]) == {"title": "Café", "contamination": ["piqa"]}
@@ -64,11 +71,11 @@ def test_kept_rows_lose_boilerplate_lines_and_flagged_ones_name_their_tasks():
 
 def test_no_drops_and_no_edits_return_the_block_unchanged():
     table = records.to_table(_rows())
-    assert curate._mark_dropped(table, _dropped([]), KeptEdits()) is table
+    assert curate._mark_dropped(table, FIRST_POSITION, _dropped([]), KeptEdits()) is table
 
 
 def test_funnel_rows_and_tables_show_edits(tmp_path):
-    rows = curate._mark_dropped(records.to_table(_rows()), _dropped(["doc-3"]), _edits(["doc-2"], [0b11]))
+    rows = curate._mark_dropped(records.to_table(_rows()), FIRST_POSITION, _dropped(["doc-3"]), _edits(["doc-2"], [0b11]))
     stages = ["c4", "boilerplate", "exact_dedup", "near_dedup", "decontamination"]
     tally = funnel.FunnelTally(0)
     tally.add(rows)
@@ -98,7 +105,8 @@ def test_funnel_table_without_edits_keeps_its_columns():
 def test_slice_tallies_merged_in_order_equal_one_tally_of_the_whole_stream():
     """Workers count their slices; the driver's merge must give the funnel of the whole stream,
     including the capped "first values" lists (samples, signals) in stream order."""
-    rows = curate._mark_dropped(records.to_table(_rows() * 3), _dropped(["doc-3"]), _edits(["doc-2"], [0b11]))
+    rows = curate._mark_dropped(records.to_table(_rows() * 3), FIRST_POSITION, _dropped(["doc-3"], copies=3),
+                                _edits(["doc-2"], [0b11]))
     whole = funnel.FunnelTally(sample_rejected=2)
     whole.add(rows)
     merged = funnel.FunnelTally(sample_rejected=2)

@@ -35,7 +35,7 @@ import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -49,10 +49,14 @@ from llmray.data.dedup import partition
 from llmray.data.dedup.components import connected_components
 from llmray.data.dedup.decontam import EvalIndex
 from llmray.data.dedup.minhash import MinHasher, distinct_rows, sorted_distinct
-from llmray.data.dedup.shuffle import LocalShuffler, RayShuffler, column, concat, fetch_broadcast, log
+from llmray.data.dedup.shuffle import (LocalShuffler, RayShuffler, column, concat, fetch_broadcast, log,
+                                       route_to_slices)
 
+# ``position``: the document's row number in the input (its order among all rows).
 REJECTED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("stage", pa.string()),
-                             ("reason", pa.string()), ("value", pa.string())])
+                             ("reason", pa.string()), ("value", pa.string()), ("position", pa.int64())])
+# Which rows of a batch dedup considers (one bool per row); see ``deduplicate(consider=...)``.
+Consider = Callable[[pa.Table], "list[bool] | np.ndarray"]
 STAGES = ("boilerplate", "exact_dedup", "near_dedup", "decontamination")
 
 DEFAULT_EVAL_TASKS = {
@@ -219,12 +223,14 @@ class DedupResult:
     stats: dict = field(default_factory=dict)
     edits: KeptEdits = field(default_factory=KeptEdits)  # applied to ``documents``
     kept: Callable[[], Any] = lambda: None  # builds ``documents``
+    slices: list[RowSlice] = field(default_factory=list)  # the input, in order
+    drops: list = field(default_factory=list)  # per slice: its rejected rows (REJECTED_SCHEMA, by position)
 
     @functools.cached_property
     def documents(self) -> Any:
         """The kept documents, edited (a ray.data.Dataset, same schema and order as the input).
-        Its filter tasks start on first access only: curate marks rows from ``rejected`` and
-        ``edits`` instead, and must not pay for a copy of every kept document."""
+        Its filter tasks start on first access only: curate marks rows from ``slices``, ``drops``
+        and ``edits`` instead, and must not pay for a copy of every kept document."""
         return self.kept()
 
 
@@ -234,11 +240,21 @@ class DedupResult:
 
 @dataclass(frozen=True)
 class RowSlice:
-    """Rows ``start:stop`` of one block of the input: the unit of work of every document pass."""
+    """Rows ``start:stop`` of one block of the input, whose first row is row ``position`` of the
+    whole input: the unit of work of every document pass."""
 
-    block: Any  # ObjectRef of a block (resolved to the block inside a task)
+    block: Any  # ObjectRef of a block
     start: int
     stop: int
+    position: int
+
+    def table(self) -> pa.Table:
+        """The slice's rows, fetched inside the task that reads them (a ref nested in an
+        argument is not resolved by Ray; ``ray.get`` maps the block from the object store)."""
+        import ray
+        from ray.data.block import BlockAccessor
+
+        return BlockAccessor.for_block(ray.get(self.block)).to_arrow().slice(self.start, self.stop - self.start)
 
 
 def row_slices(documents: Any, block_rows: int, cpus: int) -> list[RowSlice]:
@@ -249,22 +265,29 @@ def row_slices(documents: Any, block_rows: int, cpus: int) -> list[RowSlice]:
               for entry in bundle.blocks]
     total = sum(rows for _, rows in blocks)
     rows_per_slice = max(1, min(block_rows, -(-total // (2 * cpus))))
-    return [RowSlice(ref, start, min(start + rows_per_slice, rows))
-            for ref, rows in blocks for start in range(0, rows, rows_per_slice)]
+    slices, position = [], 0
+    for ref, rows in blocks:
+        for start in range(0, rows, rows_per_slice):
+            stop = min(start + rows_per_slice, rows)
+            slices.append(RowSlice(ref, start, stop, position))
+            position += stop - start
+    return slices
 
 
-def _batches(block: Any, start: int, stop: int, batch_size: int) -> Iterator[pa.Table]:
-    from ray.data.block import BlockAccessor
-
-    table = BlockAccessor.for_block(block).to_arrow().slice(start, stop - start)
-    for offset in range(0, table.num_rows, batch_size):
-        yield table.slice(offset, batch_size)
-
-
-def _slice_task(fn: Callable[..., pa.Table], batch_size: int, block: Any, start: int, stop: int,
+def _slice_task(fn: Callable[..., pa.Table], batch_size: int, consider: Consider | None, row_slice: RowSlice,
                 *args: Any) -> pa.Table:
-    """``fn(batch, *args)`` over the slice's batches, concatenated (one output table per slice)."""
-    return concat([fn(batch, *args) for batch in _batches(block, start, stop, batch_size)])
+    """``fn(batch, positions, *args)`` over the slice's batches of considered rows (``positions``:
+    their row numbers in the input), concatenated: one output table per slice."""
+    table = row_slice.table()
+    outputs = []
+    for offset in range(0, table.num_rows, batch_size):
+        batch = table.slice(offset, batch_size)
+        positions = np.arange(batch.num_rows, dtype=np.int64) + row_slice.position + offset
+        if consider is not None:
+            mask = np.asarray(consider(batch), dtype=bool)
+            batch, positions = batch.filter(pa.array(mask)), positions[mask]
+        outputs.append(fn(batch, positions, *args))
+    return concat(outputs)
 
 
 def node_ids(ids: list[str]) -> np.ndarray:
@@ -284,12 +307,12 @@ def _clean_texts(batch: pa.Table, cfg: DedupConfig, boilerplate_ref: Any) -> tup
     return boilerplate_lib.remove_from_texts(texts, fetch_broadcast(boilerplate_ref), cfg.boilerplate.min_chars)
 
 
-def _line_counts_batch(batch: pa.Table, min_chars: int) -> pa.Table:
+def _line_counts_batch(batch: pa.Table, positions: np.ndarray, min_chars: int) -> pa.Table:
     hashes, counts = boilerplate_lib.document_line_hashes(batch.column("text").to_pylist(), min_chars)
     return pa.table({"line": hashes, "count": counts})
 
 
-def _keys_batch(batch: pa.Table, cfg: DedupConfig, broadcasts: tuple[Any, Any]) -> pa.Table:
+def _keys_batch(batch: pa.Table, positions: np.ndarray, cfg: DedupConfig, broadcasts: tuple[Any, Any]) -> pa.Table:
     boilerplate_ref, index_ref = broadcasts
     texts, lines_removed = _clean_texts(batch, cfg, boilerplate_ref)
     ids = batch.column("id").to_pylist()
@@ -319,14 +342,13 @@ def _keys_batch(batch: pa.Table, cfg: DedupConfig, broadcasts: tuple[Any, Any]) 
         if bands.shape[1] else pa.nulls(n, pa.list_(pa.uint64())),
         "has_shingles": has_shingles, "contaminated": contaminated,
         "too_short": boilerplate_lib.too_short(texts, lines_removed, cfg.boilerplate.min_words),
-        **verify_columns,
+        "position": positions, **verify_columns,
     })
 
 
-def _filter_batch(batch: pa.Table, removed: tuple[Any], edits: KeptEdits) -> pa.Table:
-    nodes = node_ids(batch.column("id").to_pylist())
-    batch = batch.filter(pa.array(~partition.contains(fetch_broadcast(removed[0]), nodes)))
-    return edits.apply(batch)[0]
+def _kept_batch(batch: pa.Table, positions: np.ndarray, drops: pa.Table, edits: KeptEdits) -> pa.Table:
+    dropped = partition.contains(column(drops, "position"), positions)
+    return edits.apply(batch.filter(pa.array(~dropped)))[0]
 
 
 def _flag_contaminated(batch: pa.Table, flags: tuple[np.ndarray, np.ndarray],
@@ -403,7 +425,8 @@ def _removed_summary(table: pa.Table) -> tuple[int, int]:
 
 def _to_rejected(table: pa.Table, stage: str, reason: str) -> pa.Table:
     return pa.table({"id": table["id"], "source": table["source"], "stage": [stage] * table.num_rows,
-                     "reason": [reason] * table.num_rows, "value": table["kept_id"]}, schema=REJECTED_SCHEMA)
+                     "reason": [reason] * table.num_rows, "value": table["kept_id"],
+                     "position": table["position"]}, schema=REJECTED_SCHEMA)
 
 
 def _keys_summary(keys: pa.Table) -> dict:
@@ -426,22 +449,27 @@ def _contaminated_rows(keys: pa.Table, duplicates_removed: np.ndarray, task_name
     tasks = [",".join(t for bit, t in enumerate(task_names) if int(m) >> bit & 1)
              for m in column(rows, "contaminated")]
     return pa.table({"node": rows["node"], "id": rows["id"], "source": rows["source"], "bytes": rows["bytes"],
-                     "mask": rows["contaminated"], "kept_id": pa.array(tasks, pa.string())})
+                     "mask": rows["contaminated"], "kept_id": pa.array(tasks, pa.string()),
+                     "position": rows["position"]})
 
 
 def _too_short_rows(keys: pa.Table) -> pa.Table:
     rows = keys.filter(keys["too_short"])
     return pa.table({"node": rows["node"], "id": rows["id"], "source": rows["source"], "bytes": rows["bytes"],
-                     "kept_id": pa.array([""] * rows.num_rows, pa.string())})
+                     "kept_id": pa.array([""] * rows.num_rows, pa.string()), "position": rows["position"]})
 
 
 # ---------------------------------------------------------------------------------------------
 # The driver
 # ---------------------------------------------------------------------------------------------
 
-def deduplicate(documents: Any, cfg: DedupConfig) -> DedupResult:
+def deduplicate(documents: Any, cfg: DedupConfig, consider: Consider | None = None) -> DedupResult:
     """Run boilerplate removal, exact and near dedup and decontamination on a Ray Dataset of
-    documents (``id``, ``text``, ``source``, optionally ``quality_score`` and ``meta``)."""
+    documents (``id``, ``text``, ``source``, optionally ``quality_score`` and ``meta``).
+
+    ``consider`` (a picklable function of a batch, one bool per row) limits dedup to the rows it
+    selects; the others take no part, and the caller applies ``drops`` to ``slices`` itself
+    (curate passes its rows with the already-rejected ones, so that positions are its own)."""
     import ray
 
     shuffler = RayShuffler()
@@ -452,7 +480,7 @@ def deduplicate(documents: Any, cfg: DedupConfig) -> DedupResult:
     def each_slice(fn: Callable[..., pa.Table], *args: Any) -> list:
         # A ref passed as an argument is resolved anew for each task; broadcasts go inside a tuple
         # so that fetch_broadcast fetches them once per worker.
-        return [shuffler.run(_slice_task, fn, cfg.batch_size, s.block, s.start, s.stop, *args) for s in slices]
+        return [shuffler.run(_slice_task, fn, cfg.batch_size, consider, s, *args) for s in slices]
 
     boilerplate_ref, lines_flagged = None, 0
     if cfg.boilerplate.enabled:
@@ -475,21 +503,25 @@ def deduplicate(documents: Any, cfg: DedupConfig) -> DedupResult:
     key_bytes = sum(summary["key_bytes"] for summary in summaries)
     plan = choose_plan(cfg, key_bytes)
     if plan == "local":
-        found_ref, removed_ref, flags_ref, rejected_ref = shuffler.run(
-            _dedup_keys_in_one_task, cfg, index_ref, summaries, lines_flagged, *keys, num_returns=4)
+        found_ref, flags_ref, rejected_ref = shuffler.run(
+            _dedup_keys_in_one_task, cfg, index_ref, summaries, lines_flagged, *keys, num_returns=3)
         found, rejected_parts = ray.get(found_ref), [rejected_ref]
     else:
         parts = cfg.num_partitions or _auto_partitions(cpus, key_bytes)
-        found, removed_ref, flags_ref, rejected_parts = _dedup_keys(shuffler, keys, summaries, lines_flagged, cfg,
-                                                                    parts, index)
+        found, flags_ref, rejected_parts = _dedup_keys(shuffler, keys, summaries, lines_flagged, cfg, parts, index)
     # Without flag mode there are no flags (the local plan's task returned a ref to None).
     flags_ref = flags_ref if cfg.decontam.flags else None
     edits = KeptEdits(boilerplate_ref, cfg.boilerplate.min_chars, flags_ref, tuple(index.tasks if index else ()))
+    drops = route_to_slices(shuffler, rejected_parts, "position", [s.position for s in slices], parts)
 
     def kept() -> Any:
-        return ray.data.from_arrow_refs(each_slice(_filter_batch, (removed_ref,), edits))
+        if consider is not None:
+            raise ValueError("deduplicate(consider=...) leaves the documents to the caller: apply "
+                             "result.drops to result.slices")
+        return ray.data.from_arrow_refs([shuffler.run(_slice_task, _kept_batch, cfg.batch_size, None, s, d, edits)
+                                         for s, d in zip(slices, drops)])
 
-    return DedupResult(ray.data.from_arrow_refs(rejected_parts), {"plan": plan, **found}, edits, kept)
+    return DedupResult(ray.data.from_arrow_refs(rejected_parts), {"plan": plan, **found}, edits, kept, slices, drops)
 
 
 def choose_plan(cfg: DedupConfig, key_bytes: int) -> str:
@@ -501,17 +533,17 @@ def choose_plan(cfg: DedupConfig, key_bytes: int) -> str:
 
 
 def _dedup_keys_in_one_task(cfg: DedupConfig, index: EvalIndex | None, summaries: list[dict], lines_flagged: int,
-                            *keys: pa.Table) -> tuple[dict, np.ndarray, Any, pa.Table]:
+                            *keys: pa.Table) -> tuple[dict, Any, pa.Table]:
     """The local plan: :func:`_dedup_keys` over all key rows in this process, one partition."""
-    found, removed, flags, rejected = _dedup_keys(LocalShuffler(), keys, summaries, lines_flagged, cfg, 1, index)
-    return found, removed, flags, pa.concat_tables([REJECTED_SCHEMA.empty_table(), *rejected])
+    found, flags, rejected = _dedup_keys(LocalShuffler(), keys, summaries, lines_flagged, cfg, 1, index)
+    return found, flags, pa.concat_tables([REJECTED_SCHEMA.empty_table(), *rejected])
 
 
 def _dedup_keys(shuffler: LocalShuffler | RayShuffler, keys: list, summaries: list[dict], lines_flagged: int,
-                cfg: DedupConfig, parts: int, index: EvalIndex | None) -> tuple[dict, Any, Any, list]:
+                cfg: DedupConfig, parts: int, index: EvalIndex | None) -> tuple[dict, Any, list]:
     """Everything decided from the key rows, with ``shuffler`` (values in process, refs on Ray):
-    returns the statistics, the sorted node ids to remove, the decontamination flags (or None)
-    and the rejected rows' tables."""
+    returns the statistics, the decontamination flags (or None) and the rejected rows' tables
+    (every removed document once)."""
     stats: dict[str, Any] = {"partitions": parts}
     stats["input"] = {"documents": sum(s["documents"] for s in summaries), "bytes": sum(s["bytes"] for s in summaries)}
     stats["boilerplate"] = {"enabled": cfg.boilerplate.enabled, "lines_flagged": lines_flagged,
@@ -525,8 +557,8 @@ def _dedup_keys(shuffler: LocalShuffler | RayShuffler, keys: list, summaries: li
     if cfg.exact:
         results = shuffler.shuffle(keys, "exact_hi", parts, _keep_exact(cfg.keep), map_fn=_exact_rows, num_returns=2)
         exact_removed = [r for r, _ in results]
-        sizes = np.concatenate(shuffler.get([s for _, s in results], "dedup: exact duplicates"))
-        stats["exact_dedup"] = _stage_stats(shuffler, exact_removed, duplicate_groups=int(sizes.size))
+        groups = _group_sizes(shuffler, [s for _, s in results], "dedup: exact duplicates")
+        stats["exact_dedup"] = _stage_stats(shuffler, exact_removed, duplicate_groups=sum(groups.values()))
         rejected_parts += [shuffler.run(_to_rejected, r, "exact_dedup", "exact_duplicate") for r in exact_removed]
     exact_set = shuffler.run(_sorted_nodes, *exact_removed)
 
@@ -554,7 +586,7 @@ def _dedup_keys(shuffler: LocalShuffler | RayShuffler, keys: list, summaries: li
     removed_bytes = sum(stats.get(s, {}).get("bytes_removed", 0) for s in STAGES)
     stats["output"] = {"documents": stats["input"]["documents"] - removed_docs,
                        "bytes": stats["input"]["bytes"] - removed_bytes}
-    return stats, removed, flags, rejected_parts
+    return stats, flags, rejected_parts
 
 
 def _near_duplicates(shuffler: LocalShuffler | RayShuffler, keys: list, exact_set: Any, cfg: DedupConfig,
@@ -576,9 +608,8 @@ def _near_duplicates(shuffler: LocalShuffler | RayShuffler, keys: list, exact_se
     clustered = shuffler.shuffle(keys, "node", parts, partition.attach_roots, map_fn=_info_rows,
                                  side_inputs=[(m,) for m in members])
     results = shuffler.shuffle(clustered, "root", parts, _keep_cluster(cfg.keep), num_returns=2)
-    sizes = np.concatenate(shuffler.get([s for _, s in results], "dedup: one document per cluster"))
-    histogram = {int(size): int(count) for size, count in zip(*np.unique(sizes, return_counts=True))}
-    return [r for r, _ in results], {**counts, "clusters": int(sizes.size),
+    histogram = _group_sizes(shuffler, [s for _, s in results], "dedup: one document per cluster")
+    return [r for r, _ in results], {**counts, "clusters": sum(histogram.values()),
                                      "cluster_size_histogram": histogram, "rounds": rounds}
 
 
@@ -601,6 +632,21 @@ def _auto_partitions(cpus: int, data_bytes: int) -> int:
     """One partition per CPU of the cluster (every core reduces), more when ``data_bytes`` would
     give a reducer more than ``PARTITION_BYTES``."""
     return max(1, cpus, -(-data_bytes // PARTITION_BYTES))
+
+
+def _group_sizes(shuffler: LocalShuffler | RayShuffler, sizes: list, what: str) -> dict[int, int]:
+    """How many duplicate groups have each size, summed over the partitions' group-size arrays
+    (counted where they are: the driver gets one small histogram per partition, not a number
+    per group)."""
+    total: dict[int, int] = {}
+    for histogram in shuffler.get([shuffler.run(_histogram, s) for s in sizes], what):
+        for size, count in histogram.items():
+            total[size] = total.get(size, 0) + count
+    return dict(sorted(total.items()))
+
+
+def _histogram(sizes: np.ndarray) -> dict[int, int]:
+    return {int(size): int(count) for size, count in zip(*np.unique(sizes, return_counts=True))}
 
 
 def _stage_stats(shuffler: LocalShuffler | RayShuffler, removed: list, **extra: Any) -> dict:

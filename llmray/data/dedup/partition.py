@@ -23,9 +23,11 @@ from llmray.data.dedup.minhash import row_jaccard
 from llmray.data.dedup.shuffle import column
 
 KeepRule = Literal["first_id", "longest", "quality"]
+# ``position``: the document's row number in dedup's input, which routes a decision back to the
+# slice of rows it came from (see ``shuffle.route_to_slices``).
 REMOVED_SCHEMA = pa.schema([("node", pa.uint64()), ("id", pa.string()), ("source", pa.string()),
-                            ("bytes", pa.int64()), ("kept_id", pa.string())])
-INFO_COLUMNS = ["node", "id", "source", "chars", "bytes", "quality"]
+                            ("bytes", pa.int64()), ("kept_id", pa.string()), ("position", pa.int64())])
+INFO_COLUMNS = ["node", "id", "source", "chars", "bytes", "quality", "position"]
 
 _PREFERENCE: dict[str, list[tuple[str, str]]] = {
     "first_id": [],
@@ -58,7 +60,8 @@ def choose_kept(table: pa.Table, group_keys: list[str], rule: KeepRule) -> tuple
     is_first[starts] = True
     kept_ids = pc.take(table["id"], pa.array(np.repeat(starts, sizes)))
     removed = pa.table({"node": table["node"], "id": table["id"], "source": table["source"],
-                        "bytes": table["bytes"], "kept_id": kept_ids}).filter(pa.array(~is_first))
+                        "bytes": table["bytes"], "kept_id": kept_ids,
+                        "position": table["position"]}).filter(pa.array(~is_first))
     return removed.cast(REMOVED_SCHEMA), sizes[sizes > 1]
 
 

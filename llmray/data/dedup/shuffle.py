@@ -23,6 +23,7 @@ local plan runs every step after the key pass with it in one task (no shuffle st
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -33,6 +34,7 @@ from llmray.data.dedup.minhash import mix64
 log = logging.getLogger("llmray.dedup")
 MapFn = Callable[[pa.Table], pa.Table]
 ReduceFn = Callable[[pa.Table], Any]
+PartitionFn = Callable[[np.ndarray, int], np.ndarray]
 
 
 def partition_of(keys: np.ndarray, num_partitions: int) -> np.ndarray:
@@ -45,14 +47,15 @@ def column(table: pa.Table, name: str) -> np.ndarray:
     return table.column(name).combine_chunks().to_numpy(zero_copy_only=False)
 
 
-def split_table(table: pa.Table, key: str, num_partitions: int,
-                map_fn: MapFn | None = None) -> list[pa.Table]:
-    """Rewrite ``table`` with ``map_fn`` and split it into ``num_partitions`` tables by ``key``."""
+def split_table(table: pa.Table, key: str, num_partitions: int, map_fn: MapFn | None = None,
+                partition_fn: PartitionFn = partition_of) -> list[pa.Table]:
+    """Rewrite ``table`` with ``map_fn`` and split it into ``num_partitions`` tables by
+    ``partition_fn(table[key])`` (a hash of the key unless told otherwise)."""
     if map_fn is not None:
         table = map_fn(table)
     if num_partitions == 1:
         return [table]
-    parts = partition_of(column(table, key), num_partitions)
+    parts = partition_fn(column(table, key), num_partitions)
     order = np.argsort(parts, kind="stable")
     bounds = np.searchsorted(parts[order], np.arange(num_partitions + 1))
     return [table.take(order[bounds[p]:bounds[p + 1]]) for p in range(num_partitions)]
@@ -63,8 +66,9 @@ def concat(pieces: Sequence[pa.Table]) -> pa.Table:
     return pa.concat_tables(non_empty, promote_options="default").combine_chunks()
 
 
-def _split_task(table: pa.Table, key: str, num_partitions: int, map_fn: MapFn | None):
-    pieces = split_table(table, key, num_partitions, map_fn)
+def _split_task(table: pa.Table, key: str, num_partitions: int, map_fn: MapFn | None,
+                partition_fn: PartitionFn):
+    pieces = split_table(table, key, num_partitions, map_fn, partition_fn)
     return pieces[0] if num_partitions == 1 else tuple(pieces)
 
 
@@ -104,8 +108,8 @@ class LocalShuffler:
 
     def shuffle(self, parts: Sequence[pa.Table], key: str, num_partitions: int, reduce_fn: ReduceFn,
                 map_fn: MapFn | None = None, num_returns: int = 1,
-                side_inputs: Sequence[tuple] | None = None) -> list:
-        pieces = [split_table(part, key, num_partitions, map_fn) for part in parts]
+                side_inputs: Sequence[tuple] | None = None, partition_fn: PartitionFn = partition_of) -> list:
+        pieces = [split_table(part, key, num_partitions, map_fn, partition_fn) for part in parts]
         side_inputs = side_inputs or [()] * num_partitions
         return [reduce_fn(concat([p[i] for p in pieces]), *side_inputs[i]) for i in range(num_partitions)]
 
@@ -139,9 +143,9 @@ class RayShuffler:
 
     def shuffle(self, parts: Sequence[Any], key: str, num_partitions: int, reduce_fn: ReduceFn,
                 map_fn: MapFn | None = None, num_returns: int = 1,
-                side_inputs: Sequence[tuple] | None = None) -> list:
+                side_inputs: Sequence[tuple] | None = None, partition_fn: PartitionFn = partition_of) -> list:
         split = self._split.options(num_returns=num_partitions, name=f"split by {key}")
-        pieces = [split.remote(part, key, num_partitions, map_fn) for part in parts]
+        pieces = [split.remote(part, key, num_partitions, map_fn, partition_fn) for part in parts]
         if num_partitions == 1:
             pieces = [[p] for p in pieces]
         side_inputs = side_inputs or [()] * num_partitions
@@ -152,6 +156,55 @@ class RayShuffler:
     def run(self, fn: Callable, *args: Any, num_returns: int = 1) -> Any:
         """Run ``fn(*args)`` as a task (refs among ``args`` are resolved on the worker)."""
         return self._call.options(num_returns=num_returns, name=task_name(fn)).remote(fn, *args)
+
+
+@dataclass(frozen=True)
+class SliceGroups:
+    """Range partitioning of row positions: slice ``s`` holds rows ``starts[s]`` up to the next
+    slice's start and belongs to group ``s // per_group``, so each group is a run of whole slices."""
+
+    starts: np.ndarray  # int64, ascending: the first position of each slice
+    per_group: int
+
+    def __call__(self, positions: np.ndarray, num_groups: int) -> np.ndarray:
+        return self.slice_of(positions) // self.per_group
+
+    def slice_of(self, positions: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.starts, positions, side="right") - 1
+
+
+@dataclass(frozen=True)
+class _split_slices:
+    """Reducer of :func:`route_to_slices`: a group's rows as one table per slice of the group,
+    sorted by position (slices past the last one get empty tables)."""
+
+    groups: SliceGroups
+    key: str
+
+    def __call__(self, table: pa.Table, group: int) -> tuple[pa.Table, ...] | pa.Table:
+        table = table.sort_by(self.key)
+        first = group * self.groups.per_group
+        bounds = np.searchsorted(self.groups.slice_of(column(table, self.key)),
+                                 np.arange(first, first + self.groups.per_group + 1))
+        pieces = tuple(table.slice(bounds[i], bounds[i + 1] - bounds[i]) for i in range(self.groups.per_group))
+        return pieces if len(pieces) > 1 else pieces[0]
+
+
+def route_to_slices(shuffler: LocalShuffler | RayShuffler, parts: Sequence[Any], key: str, starts: Sequence[int],
+                    num_groups: int) -> list:
+    """Rows of ``parts`` routed to the slice their ``key`` (a row position) falls in: one table
+    (or ref) per slice, sorted by position. This is the join of per-document decisions with the
+    documents, by position: each slice's task then reads only its own rows, where a broadcast
+    would send every decision to every task. ``num_groups`` reducers each own a run of slices,
+    so the driver holds ``len(parts) x num_groups`` pieces plus one ref per slice."""
+    num_slices = len(starts)
+    per_group = -(-num_slices // max(1, min(num_groups, num_slices)))
+    groups = SliceGroups(np.asarray(starts, dtype=np.int64), per_group)
+    count = -(-num_slices // per_group)
+    routed = shuffler.shuffle(parts, key, count, _split_slices(groups, key), num_returns=per_group,
+                              side_inputs=[(g,) for g in range(count)], partition_fn=groups)
+    flat = [piece for group in routed for piece in (group if per_group > 1 else [group])]
+    return flat[:num_slices]
 
 
 def task_name(fn: Callable) -> str:
