@@ -3,15 +3,16 @@
 Layout of a tokens output directory::
 
     manifest.json          what a reader needs (below)
-    train/000000.bin ...   the training split's shards
-    val/000000.bin ...     the validation split's shards
+    train/<unit>-<k>.bin   the training split's shards (``unit`` names the work unit that wrote it)
+    val/<unit>-<k>.bin     the validation split's shards
     quarantine.jsonl       documents that could not be tokenized (path, offset, id, error, message)
 
 A shard is the concatenation of whole documents, each starting with BOS (documents are
 delimited by BOS; no EOS is appended). Tokens are ``uint16`` when the vocabulary has at most
 65,536 ids, else ``uint32``, little-endian, with no header, so ``numpy.memmap`` reads them in
 place. A shard is closed once it holds at least ``shard_tokens`` tokens (documents are never
-split across shards).
+split across shards); a writer of one work unit numbers its shards ``k = 0, 1, ...`` after the
+unit's name, so shard names and bytes depend on the input, not on who wrote them.
 
 ``manifest.json`` (format ``llmray-tokens/1``)::
 
@@ -21,7 +22,7 @@ split across shards).
      "val_fraction": ..., "split_rule": ..., "order": ...,
      "splits": {"train": {"tokens": ..., "documents": ...,
                           "sources": {<source>: {"documents": ..., "tokens": ...}},
-                          "shards": [{"path": "train/000000.bin", "tokens": ..., "documents": ...,
+                          "shards": [{"path": "train/000000-000000-000000.bin", "tokens": ..., "documents": ...,
                                       "sha256": ...}, ...]},
                 "val": {...}},
      "source_mixture": {<source>: {"tokens": ..., "fraction": ...}},
@@ -59,7 +60,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 @dataclass
 class ShardWriter:
-    """Appends documents' tokens to ``<directory>/<split>/NNNNNN.bin``, rolling over at ``shard_tokens``.
+    """Appends documents' tokens to ``<directory>/<split>/<prefix>NNNNNN.bin``, rolling over at ``shard_tokens``.
 
     Each shard is written through :func:`llmray.storage.atomic_output` (it appears at its final
     location, local or on an object store, only once complete) and hashed while it is written.
@@ -69,6 +70,7 @@ class ShardWriter:
     split: str
     dtype: np.dtype
     shard_tokens: int
+    prefix: str = ""  # the work unit's name, so that writers of different units never collide
     shards: list[dict] = field(default_factory=list)
     sources: dict[str, dict[str, int]] = field(default_factory=dict)
     _stack: contextlib.ExitStack | None = None
@@ -101,7 +103,7 @@ class ShardWriter:
                 "sources": dict(sorted(self.sources.items())), "shards": self.shards}
 
     def _open(self) -> None:
-        relative = f"{self.split}/{len(self.shards):06d}.bin"
+        relative = f"{self.split}/{self.prefix}{len(self.shards):06d}.bin"
         self._stack = contextlib.ExitStack()
         self._handle = self._stack.enter_context(storage.atomic_output(runs.at(self.directory, relative)))
         self._digest = hashlib.sha256()
@@ -118,6 +120,18 @@ class ShardWriter:
         if self._stack is not None:
             self._stack.__exit__(ShardError, ShardError("aborted"), None)
             self._stack = self._handle = None
+
+
+def merge_splits(entries: list[dict]) -> dict:
+    """One split's manifest entry from the entries of its work units (``ShardWriter.finish``), in order."""
+    sources: dict[str, dict[str, int]] = {}
+    for entry in entries:
+        for source, counts in entry["sources"].items():
+            total = sources.setdefault(source, {"documents": 0, "tokens": 0})
+            total["documents"] += counts["documents"]
+            total["tokens"] += counts["tokens"]
+    return {"tokens": sum(e["tokens"] for e in entries), "documents": sum(e["documents"] for e in entries),
+            "sources": dict(sorted(sources.items())), "shards": [s for e in entries for s in e["shards"]]}
 
 
 def source_mixture(splits: dict[str, dict]) -> dict[str, dict]:

@@ -6,6 +6,7 @@ import json
 import logging
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from llmray import stages
@@ -14,7 +15,7 @@ from llmray import runs
 from llmray.tokenizer import TOKENIZER_FILE, load_tokenizer, train
 from llmray.tokens import shards
 from llmray.tokens.loader import TokenLoader
-from llmray.tokens.tokenize import Encoder, TokensConfig
+from llmray.tokens.tokenize import Encoder, TokensConfig, read_files
 from tests.unit.tokenizer_corpus import write_corpus
 
 BAD_LINES = ('{"text": 5}\n'            # not a string
@@ -89,11 +90,15 @@ def test_tokens_stage_equals_reference_and_is_deterministic(ray_session, corpus_
     assert all(q["path"].endswith("zz_bad.jsonl") for q in quarantine)
     assert manifest["quarantined"] == 3 and manifest["skipped_empty"] == 1
 
-    # Another run with one actor and different block sizes writes byte-identical shards.
-    second = run_tokens(tmp_path / "run2", corpus, tokenizer_dir, actors=1, encode_batch_docs=37,
-                        read_batch_chars=50_000, plan="actors")
-    again = shards.read_manifest(second.output)
-    assert again["splits"] == manifest["splits"]
+    # Another run with one actor and other encode batches writes byte-identical shards; smaller
+    # work units cut the same token streams into more shards.
+    second = run_tokens(tmp_path / "run2", corpus, tokenizer_dir, actors=1, encode_batch_docs=37, plan="actors")
+    assert shards.read_manifest(second.output)["splits"] == manifest["splits"]
+    smaller = run_tokens(tmp_path / "run4", corpus, tokenizer_dir, actors=2, read_batch_chars=50_000, plan="actors")
+    finer = shards.read_manifest(smaller.output)
+    for split in ("train", "val"):
+        assert np.array_equal(read_split(smaller.output, finer, split), reference[split])
+        assert len(finer["splits"][split]["shards"]) > len(manifest["splits"][split]["shards"])
 
     # A small input takes the local plan (no Ray Data) and writes the same bytes, quarantine included.
     local = run_tokens(tmp_path / "run3", corpus, tokenizer_dir)
@@ -110,12 +115,36 @@ def test_tokens_stage_equals_reference_and_is_deterministic(ray_session, corpus_
     assert next(loader).shape == (4, 65)
 
 
-def test_an_encoding_failure_is_a_bug_that_fails_loudly_not_quarantine(corpus_and_tokenizer, monkeypatch):
-    _, tokenizer_dir = corpus_and_tokenizer
+def _encoder(tokenizer_dir, output, monkeypatch) -> Encoder:
     for name in ("RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM"):  # the actor sets them; restore after
         monkeypatch.setenv(name, "1")
-    encoder = Encoder(str(tokenizer_dir), val_fraction=0.0)
-    good = np.frombuffer(encoder.encode(["good text"])[0][0], dtype=np.uint16)
+    return Encoder(str(tokenizer_dir), val_fraction=0.0, output=str(output), shard_tokens=1000, encode_batch_docs=2)
+
+
+def test_an_encoding_failure_is_a_bug_that_fails_loudly_not_quarantine(corpus_and_tokenizer, tmp_path, monkeypatch):
+    _, tokenizer_dir = corpus_and_tokenizer
+    encoder = _encoder(tokenizer_dir, tmp_path, monkeypatch)
+    good = np.frombuffer(encoder.encode(["good text"])[0], dtype=np.uint16)
     assert good[0] == 0 and len(good) > 1
     with pytest.raises(TypeError):
         encoder.encode(["good text", None, "more text"])  # only a bug can pass a non-string
+
+
+def test_an_encoder_writes_whole_units_and_refuses_a_partial_one(corpus_and_tokenizer, tmp_path, monkeypatch):
+    """Two units in one block: each gets its own shards, named after it; a block holding only part
+    of a unit (its rows say how many it has) is a bug and fails."""
+    _, tokenizer_dir = corpus_and_tokenizer
+    encoder = _encoder(tokenizer_dir, tmp_path, monkeypatch)
+    (tokenizer_dir.parent / "unit.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 60}) + "\n"
+                                                             for i in range(6)))
+    units = [pa.table(u) for u in read_files({"path": [str(tokenizer_dir.parent / "unit.jsonl")], "unit": [7]},
+                                             str(tokenizer_dir.parent), batch_chars=1500)]
+    assert [(u["part"][0].as_py(), u.num_rows) for u in units] == [(0, 3), (1, 3)]
+    summaries = [json.loads(s) for s in encoder(pa.concat_tables(units))["summary"].to_pylist()]
+    assert [(s["unit"], s["part"]) for s in summaries] == [(7, 0), (7, 1)]
+    assert [sh["path"] for sh in summaries[1]["splits"]["train"]["shards"]] == ["train/000007-000001-000000.bin"]
+    assert summaries[0]["splits"]["train"]["documents"] == 3 and summaries[0]["skipped_empty"] == 0
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["000007-000000-000000.bin",
+                                                                     "000007-000001-000000.bin"]
+    with pytest.raises(RuntimeError, match="work unit 7/1 reached an encoder with 2 of its 3 rows"):
+        encoder(pa.concat_tables(units).slice(0, 5))
