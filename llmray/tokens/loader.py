@@ -12,12 +12,14 @@ Usage (one loader per data-parallel rank)::
 
 How sequences are made and ordered:
 
-* **Windows**: shard ``s`` holding ``n_s`` tokens is cut into ``(n_s - 1) // T`` windows of
-  ``T + 1`` tokens with stride ``T`` (window ``w`` = tokens ``[wT, wT + T + 1)``), so consecutive
-  windows share one token and every next-token transition inside a shard is a target exactly
-  once. Windows never cross shards; the < T tokens left at a shard's end are unused. Windows
-  pack across documents (each starts with BOS), as in GPT-style pretraining.
-* **Order**: windows are numbered globally (shard by shard, in manifest order) and visited in
+* **Windows**: the split's shards, in manifest order, are one stream of ``N`` tokens, cut into
+  ``(N - 1) // T`` windows of ``T + 1`` tokens with stride ``T`` (window ``w`` = tokens
+  ``[wT, wT + T + 1)`` of the stream), so consecutive windows share one token and every
+  next-token transition is a target exactly once; only the < T tokens at the stream's end are
+  unused. Windows pack across documents (each starts with BOS), as in GPT-style pretraining, and
+  across shards, so how the tokens stage cut its work units (many small validation shards, say)
+  wastes nothing.
+* **Order**: windows are visited in
   the shared epoch order (:class:`~llmray.tokens.order.EpochOrder`: a seeded permutation per
   epoch, ranks interleaved, position ``(epoch, consumed)``); the fewer than ``B*W`` windows left
   at an epoch's end are skipped that epoch. Shards are memory-mapped, so a batch reads ``B``
@@ -29,7 +31,7 @@ How sequences are made and ordered:
 
 ``state_dict()`` format (version 1)::
 
-    {"format": "llmray-loader/1", "epoch": int, "consumed": int, "seed": int, "seq_len": int,
+    {"format": "llmray-loader/2", "epoch": int, "consumed": int, "seed": int, "seq_len": int,
      "split": str, "shuffle": bool, "data_sha256": str, "batch_size": int, "world_size": int}
 """
 
@@ -48,7 +50,7 @@ from llmray import storage
 from llmray.tokens import shards as shards_lib
 from llmray.tokens.order import EpochOrder
 
-STATE_FORMAT = "llmray-loader/1"
+STATE_FORMAT = "llmray-loader/2"  # /1 cut windows inside each shard: its positions mean other tokens
 # Keys whose values must match for a saved state to describe this loader's sequence of batches.
 _IDENTITY_KEYS = ("seed", "seq_len", "split", "shuffle", "data_sha256")
 
@@ -72,9 +74,8 @@ class TokenLoader:
         entries = shards_lib.split_shards(manifest, split, self.directory)
         self._paths = [shards_lib.check_shard(self.directory, e, self.dtype, verify) for e in entries]
         self._maps: list[np.memmap | None] = [None] * len(entries)
-        windows = [max(0, (e["tokens"] - 1) // seq_len) for e in entries]
-        self._first_window = np.concatenate([[0], np.cumsum(windows)]).astype(np.int64)
-        self.num_windows = int(self._first_window[-1])
+        self._first_token = np.concatenate([[0], np.cumsum([e["tokens"] for e in entries])]).astype(np.int64)
+        self.num_windows = max(0, int(self._first_token[-1]) - 1) // seq_len
         self.order = EpochOrder(self.num_windows, batch_size=batch_size, rank=rank, world_size=world_size,
                                 seed=seed, shuffle=shuffle, pad=False)
         self.batches_per_epoch = self.order.batches_per_epoch
@@ -105,11 +106,20 @@ class TokenLoader:
 
     def _gather(self, windows: np.ndarray) -> np.ndarray:
         out = np.empty((len(windows), self.seq_len + 1), dtype=np.int64)  # (B, T+1)
-        shard_of = np.searchsorted(self._first_window, windows, side="right") - 1
-        for row, (window, shard) in enumerate(zip(windows, shard_of)):
-            start = (int(window) - int(self._first_window[shard])) * self.seq_len
-            out[row] = self._shard(int(shard))[start: start + self.seq_len + 1]
+        for row, window in enumerate(windows):
+            self._read(int(window) * self.seq_len, out[row])
         return out
+
+    def _read(self, start: int, out: np.ndarray) -> None:
+        """Stream tokens ``[start, start + len(out))`` into ``out``, across shard ends."""
+        shard = int(np.searchsorted(self._first_token, start, side="right")) - 1
+        done = 0
+        while done < len(out):
+            offset = start + done - int(self._first_token[shard])
+            piece = self._shard(shard)[offset: offset + len(out) - done]
+            out[done: done + len(piece)] = piece
+            done += len(piece)
+            shard += 1
 
     def _shard(self, index: int) -> np.memmap:
         if self._maps[index] is None:

@@ -21,22 +21,29 @@ SEQ_LEN, BATCH = 16, 4
 @pytest.fixture(scope="module")
 def tokens_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tokens")
-    # shards of 497, 500, 550 tokens; windows = (n - 1) // 16 -> 31 + 31 + 34 = 96 windows = 4 ranks x 4 x 6 batches.
+    # shards of 497, 500, 550 tokens: one stream of 1547, (1547 - 1) // 16 = 96 windows = 4 ranks x 4 x 6 batches.
     write_positional_shards(directory, [200, 297, 150, 350, 300, 250], shard_tokens=490)
     return directory
 
 
-def test_batches_are_packed_windows_of_the_shards(tokens_dir):
+def test_batches_are_packed_windows_of_the_split_stream_across_shard_ends(tokens_dir):
     loader = TokenLoader(tokens_dir, seq_len=SEQ_LEN, batch_size=BATCH, seed=3)
     assert loader.num_windows == 96 and loader.batches_per_epoch == 24
-    windows = loader.windows_of_next_batch()
-    batch = next(loader)
-    assert batch.dtype == torch.int64 and batch.shape == (BATCH, SEQ_LEN + 1)
-    shard_starts = {0: 0, 1: 497, 2: 997}  # global position of each shard's first token
-    for row, window in zip(batch, windows):
-        shard = 0 if window < 31 else 1 if window < 62 else 2
-        first = shard_starts[shard] + (int(window) - [0, 31, 62][shard]) * SEQ_LEN
-        assert torch.equal(row, torch.arange(first, first + SEQ_LEN + 1))
+    for _ in range(loader.batches_per_epoch):
+        windows = loader.windows_of_next_batch()
+        batch = next(loader)
+        assert batch.dtype == torch.int64 and batch.shape == (BATCH, SEQ_LEN + 1)
+        for row, window in zip(batch, windows):  # token values are stream positions
+            assert torch.equal(row, torch.arange(window * SEQ_LEN, window * SEQ_LEN + SEQ_LEN + 1))
+
+
+def test_windows_span_many_tiny_shards(tmp_path):
+    """Shards shorter than a window (the tokens stage's small validation shards) still fill whole
+    windows: nothing but the stream's last < T tokens is lost."""
+    write_positional_shards(tmp_path, [5, 3, 9, 1, 7, 12, 4, 6, 2, 8], shard_tokens=1)  # 10 shards, 57 tokens
+    loader = TokenLoader(tmp_path, seq_len=SEQ_LEN, batch_size=3, shuffle=False)
+    assert loader.num_windows == 3
+    assert torch.equal(next(loader), torch.arange(3 * SEQ_LEN + 1).unfold(0, SEQ_LEN + 1, SEQ_LEN))
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
@@ -46,7 +53,7 @@ def test_each_token_is_an_input_once_per_epoch_across_ranks(tokens_dir, world_si
     steps = loaders[0].batches_per_epoch
     assert steps == 96 // (BATCH * world_size)
     seen = torch.cat([torch.cat([next(loader)[:, :-1].reshape(-1) for _ in range(steps)]) for loader in loaders])
-    expected = np.concatenate([np.arange(0, 496), np.arange(497, 497 + 496), np.arange(997, 997 + 544)])
+    expected = np.arange(96 * SEQ_LEN)  # the stream's first 96 x 16 tokens, across the shards' ends
     assert seen.numel() == expected.size
     assert np.array_equal(np.sort(seen.numpy()), expected)  # every token once, none twice
 
