@@ -9,16 +9,50 @@ Figures (``report.json`` + a readable ``report.md`` beside the tokenizer):
 * **vocabulary usage**: the share of ids that occur at least once in all the report text;
   a low share on a large sample means merges were spent on rare strings.
 * **longest tokens** by decoded byte length (often runs of ``=`` or whitespace, or boilerplate).
+
+``report.json`` repeats ``training.json`` without its wall time (``seconds``, kept in
+``training.json`` and ``report.md``), so the same data and config give the same bytes whichever
+plan trained the tokenizer.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmray import runs, storage
 from llmray.report import escape_markdown
 
 LONGEST = 20
+
+
+@dataclass
+class ReportTexts:
+    """The text the report encodes, taken in document order: per source (training split) and
+    held out (``source`` None), each bucket taking texts while it holds fewer than ``budget``
+    characters.
+
+    A bucket so keeps a prefix of its texts. Gathering one per file and then :meth:`extend`-ing
+    them in file order therefore keeps exactly what one pass over all the files keeps, while each
+    file sends on at most about ``budget`` characters per bucket."""
+
+    budget: int
+    sources: dict[str, list[str]] = field(default_factory=dict)
+    held_out: list[str] = field(default_factory=list)
+    _chars: dict[str | None, int] = field(default_factory=dict, repr=False)
+
+    def add(self, source: str | None, text: str) -> None:
+        held = self._chars.get(source, 0)
+        if held < self.budget:
+            (self.held_out if source is None else self.sources.setdefault(source, [])).append(text)
+            self._chars[source] = held + len(text)
+
+    def extend(self, other: ReportTexts) -> None:
+        for source, texts in other.sources.items():
+            for text in texts:
+                self.add(source, text)
+        for text in other.held_out:
+            self.add(None, text)
 
 
 def compression(tokenizer, texts: list[str]) -> dict | None:
@@ -71,7 +105,8 @@ def build_report(tokenizer, source_texts: dict[str, list[str]], held_out_texts: 
 
 
 def write_report(report: dict, training: dict, directory: Path | str) -> None:
-    storage.write_json(runs.at(directory, "report.json"), {**report, "training": training})
+    timeless = {key: value for key, value in training.items() if key != "seconds"}
+    storage.write_json(runs.at(directory, "report.json"), {**report, "training": timeless})
     storage.write_text(runs.at(directory, "report.md"), render_markdown(report, training))
 
 

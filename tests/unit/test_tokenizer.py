@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from llmray.config import ConfigError, from_dict
 from llmray.data.readers import documents
 from llmray.tokenizer import TOKENIZER_FILE, chat, load_tokenizer, read_training, train
+from llmray.tokenizer.report import ReportTexts
 from tests.unit.tokenizer_corpus import write_corpus
 
 
@@ -115,13 +116,32 @@ def test_held_out_documents_are_not_trained_on_and_mixture_follows_weights(train
 def test_sample_never_contains_validation_documents(trained):
     corpus, _, _ = trained
     cfg = train.TokenizerConfig(documents=str(corpus), val_fraction=0.3, char_budget=10**9)
-    sample = train.Sample({}, {"c4": 1.0, "wikipedia": 1.0, "shakespeare": 1.0}, {}, {}, {}, [])
-    sampled = {text for batch in train.sample_texts(cfg, sample) for text in batch}
+    keep = {"c4": 1.0, "wikipedia": 1.0, "shakespeare": 1.0}
+    root = documents.input_root(str(corpus))
+    files = [train.sample_file(path, root, cfg, keep) for path in documents.list_files(corpus)]
+    sampled = {text for texts, _, _ in files for text in texts}
+    held_out = {text for _, _, report in files for text in report.held_out}
     val_texts = {text[:cfg.max_doc_chars] for batch in documents.iter_documents(corpus)
                  for doc_id, text in zip(batch["id"], batch["text"])
                  if text and documents.split_of(doc_id, 0.3) == "val"}
     assert val_texts and not (sampled & val_texts)
-    assert set(sample.held_out_texts) <= val_texts
+    assert held_out and held_out <= val_texts
+
+
+def test_report_texts_gathered_per_file_equal_one_pass_over_all_files():
+    files = [[("a", "x" * 300), (None, "v" * 700), ("a", "y" * 500)],
+             [("b", "z" * 900), ("a", "w" * 400), (None, "u" * 400), ("a", "t" * 10)],
+             [("b", "s" * 200), ("a", "r" * 50)]]
+    one_pass, merged = ReportTexts(1000), ReportTexts(1000)
+    for records in files:
+        part = ReportTexts(1000)
+        for source, text in records:
+            one_pass.add(source, text)
+            part.add(source, text)
+        merged.extend(part)
+    assert (merged.sources, merged.held_out) == (one_pass.sources, one_pass.held_out)
+    assert [len(t) for t in merged.sources["a"]] == [300, 500, 400]  # budget reached inside file 2
+    assert [len(t) for t in merged.sources["b"]] == [900, 200] and len(merged.held_out) == 2
 
 
 def test_unknown_source_weight_is_refused_naming_the_sources(trained, tmp_path):
