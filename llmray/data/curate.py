@@ -270,8 +270,8 @@ def _mark_slice(batch: dict, plan: tuple) -> pa.Table:
     import ray
 
     slices, drops, edits = fetch_broadcast(plan[0])
-    row_slice = slices[int(batch["slice"][0])]
-    return _mark_dropped(row_slice.table(), row_slice.position, ray.get(drops[int(batch["slice"][0])]), edits)
+    index = int(batch["slice"][0])
+    return _mark_dropped(slices[index].table(), slices[index].position, ray.get(drops[index]), edits)
 
 
 def _apply_edits(rows: list[dict], edits: dedup_lib.KeptEdits) -> None:

@@ -568,21 +568,20 @@ def _dedup_keys(shuffler: LocalShuffler | RayShuffler, keys: list, summaries: li
         stats["near_dedup"] = {**_stage_stats(shuffler, near_removed), **near_stats}
         rejected_parts += [shuffler.run(_to_rejected, r, "near_dedup", "near_duplicate") for r in near_removed]
 
-    dropped = [shuffler.run(_too_short_rows, k) for k in keys] + exact_removed + near_removed
     flags = None
     if cfg.decontam.enabled:
         duplicate_set = shuffler.run(_sorted_nodes, *exact_removed, *near_removed)
         contaminated = [shuffler.run(_contaminated_rows, k, duplicate_set, index.tasks) for k in keys]
         stats["decontamination"] = _decontam_stats(shuffler, contaminated, summaries, index, cfg.decontam)
         if cfg.decontam.action == "drop":
-            dropped += contaminated
             rejected_parts += [shuffler.run(_to_rejected, c, "decontamination", "eval_ngram_overlap")
                                for c in contaminated]
         else:
             flags = shuffler.run(_flag_table, *contaminated)
 
-    removed = shuffler.run(_sorted_nodes, *dropped)
-    removed_docs = int(shuffler.get(shuffler.run(len, removed)))
+    # Each stage removes documents no earlier stage removed, and removal is by row position now,
+    # so the stages' counts add up to the rows removed.
+    removed_docs = sum(stats.get(s, {}).get("documents_removed", 0) for s in STAGES)
     removed_bytes = sum(stats.get(s, {}).get("bytes_removed", 0) for s in STAGES)
     stats["output"] = {"documents": stats["input"]["documents"] - removed_docs,
                        "bytes": stats["input"]["bytes"] - removed_bytes}
