@@ -169,7 +169,30 @@ def test_deterministic_across_runs_blocks_and_partitions(ray_session, corpus):
     first = run(ray_session, corpus, PLAIN_LSH, blocks=4)
     again = run(ray_session, corpus, PLAIN_LSH, blocks=4)
     other = run(ray_session, corpus, {**PLAIN_LSH, "num_partitions": 3, "batch_size": 17}, blocks=9)
-    assert first[:2] == again[:2] == other[:2]
+    spanning = run(ray_session, corpus, {**PLAIN_LSH, "block_rows": 23}, blocks=37)  # slices span blocks
+    assert first[:2] == again[:2] == other[:2] == spanning[:2]
+
+
+@pytest.mark.parametrize("block_sizes, block_rows, cpus, expected_rows", [
+    ([7] * 50, 20, 1, [20] * 17 + [10]),  # small blocks are joined into slices of block_rows
+    ([100], 8192, 2, [25] * 4),  # one large block is cut into two slices per CPU
+    ([3, 0, 40, 1, 9], 16, 1, [16, 16, 16, 5]),  # empty and uneven blocks
+])
+def test_row_slices_cover_the_rows_in_order_whatever_the_blocks(ray_session, block_sizes, block_rows, cpus,
+                                                                 expected_rows):
+    import pyarrow as pa
+    import ray
+
+    from llmray.data.dedup import row_slices
+
+    first = np.cumsum([0, *block_sizes])
+    dataset = ray.data.from_arrow([pa.table({"row": np.arange(start, start + size)})
+                                   for start, size in zip(first, block_sizes)])
+    slices = row_slices(dataset, block_rows, cpus)
+    tables = [s.table() for s in slices]
+    assert [t.num_rows for t in tables] == expected_rows
+    assert [s.position for s in slices] == np.cumsum([0, *expected_rows[:-1]]).tolist()
+    assert [r for t in tables for r in t.column("row").to_pylist()] == list(range(sum(block_sizes)))
 
 
 ONE_CPU_RUN = """
