@@ -76,8 +76,9 @@ class Rewarder:
 
     def __init__(self, cfg: RewardConfig):
         self.cfg = cfg
-        self.fn = {"final_number": exact_final_number, "reward_model": None}.get(cfg.kind) \
-            or resolve_function(cfg.function)
+        # A reward model scores in batches on the actor (``from_value``): no per-completion function.
+        self.fn = {"final_number": exact_final_number, "reward_model": None}[cfg.kind] \
+            if cfg.kind != "function" else resolve_function(cfg.function)
 
     def from_value(self, value: float, finished: bool) -> Scored:
         """The reward of a completion whose task reward was computed elsewhere (a reward model)."""

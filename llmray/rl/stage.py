@@ -179,7 +179,7 @@ def run_rl(cfg: RlConfig, ctx) -> dict:
     template = ChatTemplate(tokenizer)
     train, val, quarantined, counts = split_sources(cfg.prompts, read_problems, cfg.val_fraction, cfg.seed,
                                                     cfg.max_quarantine_fraction)
-    runs.write_text(ctx.output / "quarantine.jsonl", "".join(json.dumps(q.to_dict()) + "\n" for q in quarantined))
+    runs.write_text(runs.at(ctx.output, "quarantine.jsonl"), "".join(json.dumps(q.to_dict()) + "\n" for q in quarantined))
     if not train:
         raise ValueError(f"rl: no training problems left after holding out val_fraction={cfg.val_fraction}")
     train_prompts = render_prompts(template, train)
@@ -187,18 +187,18 @@ def run_rl(cfg: RlConfig, ctx) -> dict:
     val_prompts = render_prompts(template, val)
     data = {"counts": counts, "quarantined": len(quarantined), "train_problems": len(train),
             "held_out_problems": len(val)}
-    runs.write_json(ctx.output / "data.json", data)
+    runs.write_json(runs.at(ctx.output, "data.json"), data)
     ctx.logger.info("rl data: %s", json.dumps(data))
 
     ctx.connect_ray()
     before = held_out_exact_match(cfg.model, cfg, val, val_prompts)
     job = rl_job(cfg, train, train_prompts, tokenizer.token_to_id(PAD),
                  checkpoint_location(cfg, ctx.dir.work, problems_fingerprint(train, train_prompts)),
-                 export_dir=ctx.output / "model", metrics_path=ctx.dir.root / "metrics.jsonl",
+                 export_dir=runs.at(ctx.output, "model"), metrics_path=ctx.dir.metrics_file,
                  tags={"run": ctx.run_name, "stage": ctx.stage})
     result = launch(job, ctx.connect_ray)
     history = result.worker["hooks"][0] or []
-    after = held_out_exact_match(ctx.output / "model", cfg, val, val_prompts)
+    after = held_out_exact_match(runs.at(ctx.output, "model"), cfg, val, val_prompts)
     summary = {"steps": result.worker["steps"], "train_problems": len(train), "quarantined": len(quarantined),
                "exact_match_before": before["exact_match"], "exact_match_after": after["exact_match"],
                "ci95_before": before["ci95"], "ci95_after": after["ci95"],
@@ -208,9 +208,9 @@ def run_rl(cfg: RlConfig, ctx) -> dict:
                "reward_failures": sum(h["reward_failures"] for h in history),
                "skipped_steps": sum(result.worker["guard_counts"].get(k, 0) for k in ("skip_nonfinite", "skip_spike"))}
     ctx.log_metrics(**{k: v for k, v in summary.items() if isinstance(v, (int, float))})
-    runs.write_json(ctx.output / "rollouts.json", history)
-    runs.write_json(ctx.output / "held_out.json", {"before": before, "after": after})
-    runs.write_text(ctx.output / "report.md", "\n".join(_report(summary, counts, history)) + "\n")
+    runs.write_json(runs.at(ctx.output, "rollouts.json"), history)
+    runs.write_json(runs.at(ctx.output, "held_out.json"), {"before": before, "after": after})
+    runs.write_text(runs.at(ctx.output, "report.md"), "\n".join(_report(summary, counts, history)) + "\n")
     return summary
 
 

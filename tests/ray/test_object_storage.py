@@ -255,3 +255,49 @@ def test_sft_then_dpo_on_s3_equal_the_local_runs_and_the_reference_cache_lives_t
     again = run("dpo", {**dpo, "model": storage.join(str(on_s3[0].output), "model"), "tokenizer": remote_tokenizer,
                         "train": {**dpo["train"], "steps": 2}}, remote_root)
     assert again.manifest["summary"]["reference"]["train"]["cache_hit"] is True
+
+
+def test_reward_model_then_rl_on_s3_equal_the_local_runs(shared_data, ray_session, s3_bucket, tmp_path, monkeypatch):
+    """Policy, tokenizer and run directory on S3: the reward model trains there, and RL scores its
+    rollouts with that model read from S3 by the rollout actors; the same weights and losses as the
+    runs on disk, and nothing left in the working directory."""
+    from tests.align_support import export_tiny_model, tokenizer_dir
+
+    local_model = export_tiny_model(tmp_path / "init", shared_data)
+    remote_model, remote_tokenizer = storage.join(s3_bucket, "policy"), storage.join(s3_bucket, "tokenizer")
+    storage.upload_folder(local_model, remote_model)
+    storage.upload_folder(tokenizer_dir(shared_data), remote_tokenizer)
+    reward = {"batch": {"seq_len": 127, "micro_batch_size": 8}, "val_fraction": 0.2,
+              "sources": [{"kind": "hh_rlhf", "path": str(shared_data / "hh_rlhf_harmless_base" / "test.jsonl.gz"),
+                           "max_records": 40}],
+              "train": {"steps": 3, "log_every": 1, "peak_flops": 1e11}, "execution": {"threads_per_worker": 1}}
+    rl = {"prompts": [{"kind": "arithmetic", "level": 1, "count": 40}], "eval_problems": 2, "max_staleness": 0,
+          "prompts_per_step": 2, "group_size": 4, "micro_batch_size": 4, "sampling": {"max_new_tokens": 6},
+          "rollout": {"actors": 1, "actor_cpus": 0.25},
+          "train": {"steps": 2, "log_every": 1, "peak_flops": 1e11, "optimizer": {"lr": 3e-3}},
+          "execution": {"launcher": "process", "threads_per_worker": 1}}
+
+    def both(root: str, model: str, tokenizer: str) -> tuple[stages.StageResult, stages.StageResult]:
+        first = run("reward", {**reward, "model": model, "tokenizer": tokenizer}, root)
+        scorer = {"kind": "reward_model", "model": storage.join(str(first.output), "model"), "format_weight": 0.0}
+        return first, run("rl", {**rl, "model": model, "tokenizer": tokenizer, "reward": scorer}, root)
+
+    on_disk = both(str(tmp_path / "runs" / "demo"), str(local_model), str(tokenizer_dir(shared_data)))
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    remote_root = storage.join(s3_bucket, "runs", "demo")
+    on_s3 = both(remote_root, remote_model, remote_tokenizer)
+    assert list(workdir.iterdir()) == [], "a run on S3 left files in the working directory"
+    for local, remote in zip(on_disk, on_s3):
+        assert str(remote.output).startswith("s3://")
+        assert storage.read_bytes(storage.join(str(remote.output), "model/model.safetensors")) == \
+            storage.read_bytes(storage.join(str(local.output), "model/model.safetensors"))
+
+        def losses(root):
+            return {m["step"]: m["loss"] for m in runs.StageDir(root, "x").read_metrics()[0] if "loss" in m}
+
+        assert losses(storage.parent(str(remote.output))) == losses(storage.parent(str(local.output))) != {}
+    rollouts = [json.loads(storage.read_text(storage.join(str(r.output), "rollouts.json"))) for r in (on_disk[1], on_s3[1])]
+    assert [h["reward_mean"] for h in rollouts[0]] == [h["reward_mean"] for h in rollouts[1]]
+    assert "held-out greedy exact match" in storage.read_text(storage.join(str(on_s3[1].output), "report.md"))

@@ -257,6 +257,35 @@ def test_pretrain_on_s3_checkpoints_resumes_and_exports_there_as_a_local_run_doe
     again = stages.run_stage(stages.STAGES["pretrain"], second_cfg, remote_root)
     assert again.skipped and "unchanged" in again.reason
 
+
+def test_proxy_on_s3_trains_and_exports_there_as_a_local_run_does(token_run, s3_bucket, tmp_path, monkeypatch):
+    """The proxy stage (the unit of sweeps) with tokens, tokenizer and run directory on S3: the same
+    losses and exported weights as on disk, and nothing left in the working directory."""
+    tokens, tokenizer = token_shards_on_s3(token_run, s3_bucket)
+    proxy = stages.STAGES["proxy"]
+    raw = {"model": config_lib.read_yaml(CONFIGS.parent / "model" / "tiny.yaml"), "batch": {"seq_len": 64,
+           "micro_batch_size": 4}, "train": {"steps": 3, "log_every": 1, "eval_every": 0}}
+
+    def train(root: str, tokens: str, tokenizer: str) -> stages.StageResult:
+        cfg = stages.build_config(proxy, {**raw, "data": {"tokens": tokens}, "tokenizer": tokenizer}, root)
+        return stages.run_stage(proxy, cfg, root)
+
+    local = train(str(tmp_path / "local"), f"{token_run}/tokens/output", f"{token_run}/tokenizer/output")
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    remote = train(storage.join(s3_bucket, "runs", "proxy"), tokens, tokenizer)
+    assert list(workdir.iterdir()) == [], "a run on S3 left files in the working directory"
+    assert str(remote.output).startswith("s3://")
+    assert storage.read_bytes(storage.join(str(remote.output), "model", hf.WEIGHTS_FILE)) == \
+        (local.output / "model" / hf.WEIGHTS_FILE).read_bytes()
+
+    def losses(text: str) -> dict[int, float]:
+        return {m["step"]: m["loss"] for m in map(json.loads, text.splitlines()) if "loss" in m}
+
+    assert losses(storage.read_text(storage.join(storage.parent(str(remote.output)), "metrics.jsonl"))) == \
+        losses((local.output.parent / "metrics.jsonl").read_text()) != {}
+
 LAYOUTS = {"in_process": ("execution.workers=1", "execution.launcher=process", "parallel.strategy=none",
                           "execution.threads_per_worker=1"),
            "tp2": ("parallel.tp=2",),

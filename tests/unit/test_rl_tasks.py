@@ -74,6 +74,12 @@ def test_rewarder_scores_format_and_marks_failures():
         Rewarder(RewardConfig(kind="function", function="math:no_such_function"))
 
 
+def test_a_reward_model_config_needs_no_function():
+    """kind reward_model scores with the model (``from_value``); it must not look up ``function``."""
+    rewarder = Rewarder(RewardConfig(kind="reward_model", model="some/reward/model", format_weight=0.25))
+    assert rewarder.from_value(0.5, finished=True).reward == pytest.approx(0.75)
+
+
 @pytest.fixture(scope="module")
 def worker(shared_data, tmp_path_factory):
     model_dir = export_tiny_model(tmp_path_factory.mktemp("policy"), shared_data, seed=0)

@@ -136,11 +136,12 @@ def test_run_dir_in_defaults_is_resolved(tmp_path):
 
 def test_a_stage_not_ready_for_object_storage_refuses_before_touching_it():
     """Without the check, a local stage would write a folder named ``s3:`` in the working directory."""
-    stage = stages.STAGES["proxy"]
+    stage = stages.STAGES["tune"]
+    sweep = {"stages": {"proxy": {}}, "space": {"proxy.train.optimizer.lr": {"grid": [1e-3]}}}
     run_root = "s3://no-such-bucket/runs/demo"
-    with pytest.raises(ConfigError, match=r"'proxy' cannot yet .* object store .*: classifier, curate, tokenizer, tokens, "
-                                          r"pretrain, sft, dpo, eval\."):
-        stages.run_stage(stage, stages.build_config(stage, {}, run_root), run_root)
-    cfg = from_dict(PipelineConfig, {"name": "demo", "stages": {"curate": {}, "tokenizer": {}, "proxy": {}}})
-    with pytest.raises(ConfigError, match=r"in stages.proxy: .*cannot yet"):
+    with pytest.raises(ConfigError, match=r"'tune' cannot yet .* object store .*: classifier, curate, tokenizer, tokens, "
+                                          r"pretrain, proxy, sft, dpo, reward, rl, eval\."):
+        stages.run_stage(stage, stages.build_config(stage, sweep, run_root), run_root)
+    cfg = from_dict(PipelineConfig, {"name": "demo", "stages": {"curate": {}, "tokenizer": {}, "tune": sweep}})
+    with pytest.raises(ConfigError, match=r"in stages.tune: .*cannot yet"):
         run_pipeline(cfg, "s3://no-such-bucket/runs")  # refused before curate runs
