@@ -46,6 +46,7 @@ from llmray.data.filters import classifiers, normalize
 from llmray.data.filters import heuristics as filters_lib
 from llmray.data.filters import pii as pii_lib
 from llmray.data.readers import sources as sources_lib
+from llmray.data.repartition import repartition_rows
 
 
 @dataclass
@@ -331,7 +332,7 @@ def build_dataset(cfg: CurateConfig, units: list[dict], actors: int, dedup: dedu
     ds = ds.map_batches(read_step, fn_kwargs={"source_configs": source_configs, "limits": cfg.limits,
                                               "batch_rows": ex.read_batch_rows},
                         batch_size=1, num_cpus=ex.read_cpus)
-    ds = ds.repartition(target_num_rows_per_block=ex.batch_rows)
+    ds = repartition_rows(ds, ex.batch_rows, ex.read_cpus)
     source_groups = {s.name: s.filter_groups for s in cfg.sources}
     ds = ds.map_batches(clean_step, fn_kwargs={"filter_cfg": cfg.filters, "source_groups": source_groups},
                         batch_size=None,
@@ -351,7 +352,7 @@ def write_dataset(ds, output, cfg: CurateConfig):
     """Cut the ordered stream into slices of ``output.rows_per_file`` rows (exact, so the slices
     are the same on any cluster) and have the task holding each slice write it
     (:func:`funnel.write_slice`) and count it; the result holds one tally per slice, no text."""
-    ds = ds.repartition(target_num_rows_per_block=cfg.output.rows_per_file, strict=True)
+    ds = repartition_rows(ds, cfg.output.rows_per_file, cfg.execution.clean_cpus, strict=True)
     return ds.map_batches(_write_and_count, fn_kwargs={"output": output, "cfg": cfg}, batch_size=None,
                           batch_format="pyarrow", num_cpus=cfg.execution.clean_cpus)
 

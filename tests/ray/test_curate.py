@@ -186,6 +186,30 @@ def test_output_is_byte_identical_across_runs_and_parallelism(corpus, small_clea
     assert len(hashes) >= 3 and hashes == parquet_hashes(other.output)
 
 
+ONE_CPU_CURATE = """
+import json, sys
+from llmray import cluster, config as config_lib, stages
+stage = stages.STAGES["curate"]
+cfg = config_lib.from_dict(stage.config_cls, json.loads(sys.argv[1]))
+stages.run_stage(stage, cfg, sys.argv[2], cluster.RayConfig(num_cpus=1, dashboard=False))
+"""
+
+
+def test_a_one_cpu_machine_curates_the_same_bytes(corpus, small_clean, tmp_path):
+    """On a fresh 1-CPU Ray (a small container, a 1-CPU node) curate finishes with the same files:
+    the classifier actors hold half the CPU for the whole stream, so every other task must fit in
+    the rest (a 1-CPU repartition task waited forever before)."""
+    run_root = tmp_path / "one_cpu"
+    try:
+        child = subprocess.run([sys.executable, "-c", ONE_CPU_CURATE, json.dumps(small_config(corpus)), str(run_root)],
+                               timeout=240, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                               capture_output=True, text=True)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"curate on 1 CPU did not finish in 240 s:\n{(exc.stderr or '')[-3000:]}") from None
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert parquet_hashes(run_root / "curate" / "output") == parquet_hashes(small_clean.output)
+
+
 def test_sigkill_mid_run_then_restart_matches_a_clean_run(corpus, ray_session, small_clean, tmp_path):
     config_file = tmp_path / "curate.yaml"
     config_file.write_text(json.dumps(small_config(corpus)))
