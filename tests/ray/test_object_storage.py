@@ -208,16 +208,47 @@ def test_the_driver_receives_counts_not_documents(shared_data, ray_session, s3_b
     assert 0 < funnel["signal_stats"]["gopher_quality.words"]["n"] <= 10 * len(delivered)
 
 
+def model_inputs(shared_data: Path, tmp_path: Path, bucket: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    """A tiny exported model and the test tokenizer: (model, tokenizer) on disk, and copied to S3."""
+    from tests.align_support import export_tiny_model, tokenizer_dir
+
+    local = str(export_tiny_model(tmp_path / "init", shared_data)), str(tokenizer_dir(shared_data))
+    remote = storage.join(bucket, "init"), storage.join(bucket, "tokenizer")
+    for folder, location in zip(local, remote):
+        storage.upload_folder(Path(folder), location)
+    return local, remote
+
+
+def on_disk_then_on_s3(both, shared_data: Path, tmp_path: Path, bucket: str, monkeypatch) -> tuple[tuple, tuple]:
+    """``both(run_root, model, tokenizer)`` run on disk, then from an empty working directory with the
+    model, tokenizer and run directory on S3; the working directory must stay empty."""
+    local, remote = model_inputs(shared_data, tmp_path, bucket)
+    on_disk = both(str(tmp_path / "runs" / "demo"), *local)
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    on_s3 = both(storage.join(bucket, "runs", "demo"), *remote)
+    assert list(workdir.iterdir()) == [], "a run on S3 left files in the working directory"
+    assert all(str(result.output).startswith("s3://") for result in on_s3)
+    return on_disk, on_s3
+
+
+def same_files_and_losses(local: stages.StageResult, remote: stages.StageResult, files: tuple[str, ...]) -> None:
+    for rel in files:
+        assert storage.read_bytes(storage.join(str(remote.output), rel)) == \
+            storage.read_bytes(storage.join(str(local.output), rel)), rel
+
+    def losses(result: stages.StageResult) -> dict[int, float]:
+        stage_dir = runs.StageDir(storage.parent(str(result.output)), "x")
+        return {m["step"]: m["loss"] for m in stage_dir.read_metrics()[0] if "loss" in m}
+
+    assert losses(remote) == losses(local) != {}
+
+
 def test_sft_then_dpo_on_s3_equal_the_local_runs_and_the_reference_cache_lives_there(
         shared_data, ray_session, s3_bucket, tmp_path, monkeypatch):
     """Initial model and tokenizer on S3, the run directory on S3 (checkpoints, export, samples,
     metrics, DPO's reference cache): the same weights, samples and losses as the runs on disk."""
-    from tests.align_support import export_tiny_model, tokenizer_dir
-
-    local_model = export_tiny_model(tmp_path / "init", shared_data)
-    remote_model, remote_tokenizer = storage.join(s3_bucket, "init"), storage.join(s3_bucket, "tokenizer")
-    storage.upload_folder(local_model, remote_model)
-    storage.upload_folder(tokenizer_dir(shared_data), remote_tokenizer)
     sft = {"batch": {"seq_len": 160, "micro_batch_size": 4}, "val_fraction": 0.1,
            "sources": [{"kind": "oasst", "path": str(shared_data / "oasst1_en_100" / "en_100_tree.jsonl")}],
            "train": {"steps": 4, "log_every": 2, "eval_every": 4, "eval_batches": 1, "optimizer": {"lr": 3e-3}},
@@ -234,26 +265,14 @@ def test_sft_then_dpo_on_s3_equal_the_local_runs_and_the_reference_cache_lives_t
         second = run("dpo", {**dpo, "model": storage.join(str(first.output), "model"), "tokenizer": tokenizer}, root)
         return first, second
 
-    on_disk = both(str(tmp_path / "runs" / "demo"), str(local_model), str(tokenizer_dir(shared_data)))
-    workdir = tmp_path / "cwd"
-    workdir.mkdir()
-    monkeypatch.chdir(workdir)
-    remote_root = storage.join(s3_bucket, "runs", "demo")
-    on_s3 = both(remote_root, remote_model, remote_tokenizer)
-    assert list(workdir.iterdir()) == [], "a run on S3 left files in the working directory"
+    on_disk, on_s3 = on_disk_then_on_s3(both, shared_data, tmp_path, s3_bucket, monkeypatch)
     for local, remote in zip(on_disk, on_s3):
-        assert str(remote.output).startswith("s3://")
-        for rel in ("model/model.safetensors", "model/config.json", "samples.jsonl"):
-            assert storage.read_bytes(storage.join(str(remote.output), rel)) == \
-                storage.read_bytes(storage.join(str(local.output), rel)), rel
-
-        def losses(root):
-            return {m["step"]: m["loss"] for m in runs.StageDir(root, "x").read_metrics()[0] if "loss" in m}
-
-        assert losses(storage.parent(str(remote.output))) == losses(storage.parent(str(local.output)))
+        same_files_and_losses(local, remote, ("model/model.safetensors", "model/config.json", "samples.jsonl"))
+    remote_root = storage.join(s3_bucket, "runs", "demo")
     assert storage.list_dirs(storage.join(remote_root, "dpo", "reference_cache"))
-    again = run("dpo", {**dpo, "model": storage.join(str(on_s3[0].output), "model"), "tokenizer": remote_tokenizer,
-                        "train": {**dpo["train"], "steps": 2}}, remote_root)
+    again = run("dpo", {**dpo, "model": storage.join(str(on_s3[0].output), "model"),
+                        "tokenizer": storage.join(s3_bucket, "tokenizer"), "train": {**dpo["train"], "steps": 2}},
+                remote_root)
     assert again.manifest["summary"]["reference"]["train"]["cache_hit"] is True
 
 
@@ -261,12 +280,6 @@ def test_reward_model_then_rl_on_s3_equal_the_local_runs(shared_data, ray_sessio
     """Policy, tokenizer and run directory on S3: the reward model trains there, and RL scores its
     rollouts with that model read from S3 by the rollout actors; the same weights and losses as the
     runs on disk, and nothing left in the working directory."""
-    from tests.align_support import export_tiny_model, tokenizer_dir
-
-    local_model = export_tiny_model(tmp_path / "init", shared_data)
-    remote_model, remote_tokenizer = storage.join(s3_bucket, "policy"), storage.join(s3_bucket, "tokenizer")
-    storage.upload_folder(local_model, remote_model)
-    storage.upload_folder(tokenizer_dir(shared_data), remote_tokenizer)
     reward = {"batch": {"seq_len": 127, "micro_batch_size": 8}, "val_fraction": 0.2,
               "sources": [{"kind": "hh_rlhf", "path": str(shared_data / "hh_rlhf_harmless_base" / "test.jsonl.gz"),
                            "max_records": 40}],
@@ -282,22 +295,9 @@ def test_reward_model_then_rl_on_s3_equal_the_local_runs(shared_data, ray_sessio
         scorer = {"kind": "reward_model", "model": storage.join(str(first.output), "model"), "format_weight": 0.0}
         return first, run("rl", {**rl, "model": model, "tokenizer": tokenizer, "reward": scorer}, root)
 
-    on_disk = both(str(tmp_path / "runs" / "demo"), str(local_model), str(tokenizer_dir(shared_data)))
-    workdir = tmp_path / "cwd"
-    workdir.mkdir()
-    monkeypatch.chdir(workdir)
-    remote_root = storage.join(s3_bucket, "runs", "demo")
-    on_s3 = both(remote_root, remote_model, remote_tokenizer)
-    assert list(workdir.iterdir()) == [], "a run on S3 left files in the working directory"
+    on_disk, on_s3 = on_disk_then_on_s3(both, shared_data, tmp_path, s3_bucket, monkeypatch)
     for local, remote in zip(on_disk, on_s3):
-        assert str(remote.output).startswith("s3://")
-        assert storage.read_bytes(storage.join(str(remote.output), "model/model.safetensors")) == \
-            storage.read_bytes(storage.join(str(local.output), "model/model.safetensors"))
-
-        def losses(root):
-            return {m["step"]: m["loss"] for m in runs.StageDir(root, "x").read_metrics()[0] if "loss" in m}
-
-        assert losses(storage.parent(str(remote.output))) == losses(storage.parent(str(local.output))) != {}
+        same_files_and_losses(local, remote, ("model/model.safetensors",))
     rollouts = [json.loads(storage.read_text(storage.join(str(r.output), "rollouts.json"))) for r in (on_disk[1], on_s3[1])]
     assert [h["reward_mean"] for h in rollouts[0]] == [h["reward_mean"] for h in rollouts[1]]
     assert "held-out greedy exact match" in storage.read_text(storage.join(str(on_s3[1].output), "report.md"))
