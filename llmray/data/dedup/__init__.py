@@ -12,10 +12,11 @@ Design choices:
 * One pass makes a small key row per document; everything after is hash-partitioned shuffles of
   key rows and edges between Ray tasks (``shuffle.py``, per-partition steps in ``partition.py``),
   so the driver holds only references and counters, and a last pass filters the documents.
-* The passes over documents are plain Ray tasks over row ranges of the input's blocks, not Ray
-  Data ``map_batches``: Ray Data 2.60 starts each execution with zero resources until its
-  autoscaling coordinator grants a reservation, so a short pass ran one task at a time (8 tasks
-  of 65 ms: 0.70 s against 0.29 s as tasks, on 2 CPUs).
+* The passes over documents are plain Ray tasks over slices of ``block_rows`` consecutive rows
+  (spanning small blocks, :func:`row_slices`), not Ray Data ``map_batches``: Ray Data 2.60
+  starts each execution with zero resources until its autoscaling coordinator grants a
+  reservation, so a short pass ran one task at a time (8 tasks of 65 ms: 0.70 s against 0.29 s
+  as tasks, on 2 CPUs).
 * **Plans** (``plan: auto``): when the key rows are at most ``local_max_mb``, everything after the
   key pass runs in one task on one partition (``LocalShuffler``), which skips ~15 rounds of
   shuffle tasks; larger inputs shuffle across the cluster. Both give the same documents, rejected
