@@ -68,7 +68,8 @@ class ExecutionConfig:
     read_cpus: float = param(0.25, doc="logical CPUs per read task", min=0.01)
     clean_cpus: float = param(0.5, doc="logical CPUs per clean/redact task (Ray fuses clean into the "
                                        "classifier actors when it can)", min=0.01)
-    batch_rows: int = param(256, doc="rows per block after reading (unit of work of clean/classify)", min=1)
+    batch_rows: int = param(1024, doc="rows per block after reading (unit of work of clean/classify; the "
+                                      "driver tracks every block, so smaller blocks cost it memory)", min=1)
     read_batch_rows: int = param(1024, doc="max rows a read task yields per batch", min=1)
     actors: int | None = param(None, doc="classifier actors (empty: one per cluster CPU)", min=1)
     actor_cpus: float = param(0.5, doc="logical CPUs per classifier actor (fractional: leave read tasks "

@@ -72,7 +72,8 @@ def run_reward_model(cfg: RewardModelConfig, ctx) -> dict:
         summary["val_accuracy_ci95"] = wilson_interval(round(after["val_accuracy"] * pairs), pairs)
     ctx.log_metrics(**{f"final_{k}": v for k, v in after.items() if k != "step"})
     runs.write_json(runs.at(ctx.output, "reward_metrics.json"), history)
-    runs.write_text(runs.at(ctx.output, "report.md"), "\n".join(_report(summary, trained.prepared.data["counts"])) + "\n")
+    report = _report(summary, trained.prepared.data["counts"])
+    runs.write_text(runs.at(ctx.output, "report.md"), "\n".join(report) + "\n")
     return summary
 
 

@@ -179,7 +179,8 @@ def run_rl(cfg: RlConfig, ctx) -> dict:
     template = ChatTemplate(tokenizer)
     train, val, quarantined, counts = split_sources(cfg.prompts, read_problems, cfg.val_fraction, cfg.seed,
                                                     cfg.max_quarantine_fraction)
-    runs.write_text(runs.at(ctx.output, "quarantine.jsonl"), "".join(json.dumps(q.to_dict()) + "\n" for q in quarantined))
+    runs.write_text(runs.at(ctx.output, "quarantine.jsonl"),
+                    "".join(json.dumps(q.to_dict()) + "\n" for q in quarantined))
     if not train:
         raise ValueError(f"rl: no training problems left after holding out val_fraction={cfg.val_fraction}")
     train_prompts = render_prompts(template, train)

@@ -244,7 +244,7 @@ class DedupResult:
 class RowSlice:
     """Consecutive rows of the input, the first of them row ``position`` of the whole input: the
     unit of work of every document pass. ``pieces`` are ``(block ref, start, stop)`` row ranges
-    of consecutive blocks, so a slice can span many small blocks (curate's are 256 rows)."""
+    of consecutive blocks, so a slice can span many small blocks (curate's are 1,024 rows)."""
 
     pieces: tuple[tuple[Any, int, int], ...]
     position: int
