@@ -76,9 +76,10 @@ class Rewarder:
 
     def __init__(self, cfg: RewardConfig):
         self.cfg = cfg
-        # A reward model scores in batches on the actor (``from_value``): no per-completion function.
-        self.fn = {"final_number": exact_final_number, "reward_model": None}[cfg.kind] \
-            if cfg.kind != "function" else resolve_function(cfg.function)
+        if cfg.kind == "function":
+            self.fn = resolve_function(cfg.function)
+        else:  # a reward model scores in batches on the actor (``from_value``): no per-completion function
+            self.fn = exact_final_number if cfg.kind == "final_number" else None
 
     def from_value(self, value: float, finished: bool) -> Scored:
         """The reward of a completion whose task reward was computed elsewhere (a reward model)."""

@@ -210,6 +210,11 @@ def test_a_ray_train_run_resumes_what_an_in_process_run_left_in_its_folder(token
 
 
 
+def metrics_losses(text: str) -> dict[int, float]:
+    """step -> loss of a metrics.jsonl's text."""
+    return {m["step"]: m["loss"] for m in map(json.loads, text.splitlines()) if "loss" in m}
+
+
 def test_pretrain_on_s3_checkpoints_resumes_and_exports_there_as_a_local_run_does(token_run, s3_bucket, tmp_path,
                                                                                    monkeypatch):
     """Tokens, tokenizer, run directory, checkpoints, metrics and export all on S3: the first 2 steps in
@@ -238,12 +243,9 @@ def test_pretrain_on_s3_checkpoints_resumes_and_exports_there_as_a_local_run_doe
         remote_root, "pretrain", "work", "checkpoints", "step_00000004")
     assert list(workdir.iterdir()) == [], "a run on S3 left files in the working directory"
 
-    def losses(text: str) -> dict[int, float]:
-        return {m["step"]: m["loss"] for m in map(json.loads, text.splitlines()) if "loss" in m}
-
     stage_root = storage.join(remote_root, "pretrain")
-    assert losses(storage.read_text(storage.join(stage_root, "metrics.jsonl"))) == \
-        losses((local_root / "pretrain" / "metrics.jsonl").read_text())
+    assert metrics_losses(storage.read_text(storage.join(stage_root, "metrics.jsonl"))) == \
+        metrics_losses((local_root / "pretrain" / "metrics.jsonl").read_text())
     assert storage.list_files(storage.join(stage_root, "tensorboard"))
     export = storage.join(second.output, "model")
     assert {rel for rel, _ in storage.list_files(export)} == {p.name for p in (local.output / "model").iterdir()}
@@ -280,11 +282,9 @@ def test_proxy_on_s3_trains_and_exports_there_as_a_local_run_does(token_run, s3_
     assert storage.read_bytes(storage.join(str(remote.output), "model", hf.WEIGHTS_FILE)) == \
         (local.output / "model" / hf.WEIGHTS_FILE).read_bytes()
 
-    def losses(text: str) -> dict[int, float]:
-        return {m["step"]: m["loss"] for m in map(json.loads, text.splitlines()) if "loss" in m}
+    assert metrics_losses(storage.read_text(storage.join(storage.parent(str(remote.output)), "metrics.jsonl"))) == \
+        metrics_losses((local.output.parent / "metrics.jsonl").read_text()) != {}
 
-    assert losses(storage.read_text(storage.join(storage.parent(str(remote.output)), "metrics.jsonl"))) == \
-        losses((local.output.parent / "metrics.jsonl").read_text()) != {}
 
 LAYOUTS = {"in_process": ("execution.workers=1", "execution.launcher=process", "parallel.strategy=none",
                           "execution.threads_per_worker=1"),
