@@ -56,7 +56,6 @@ def typed_stage_configs(cfg: PipelineConfig, run_root: Path | str) -> list[tuple
     for name, raw in cfg.stages.items():
         stage = stages_lib.STAGES[name]
         try:
-            stages_lib.check_storage(stage, run_root)
             typed.append((stage, stages_lib.build_config(stage, raw or {}, run_root)))
         except config_lib.ConfigError as exc:
             raise config_lib.ConfigError(f"in stages.{name}: {exc}") from exc

@@ -168,14 +168,7 @@ class StageDir:
 
     def log_metrics(self, **metrics: Any) -> None:
         """Append one JSON line; a line is written with one ``write`` call so readers never see half."""
-        line = json.dumps({"time": time.time(), **metrics}, default=float) + "\n"
-        if self.remote:
-            earlier = storage.read_text(self.metrics_file) if storage.exists(self.metrics_file) else ""
-            storage.write_text(self.metrics_file, earlier + line)
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_file, "a", encoding="utf-8") as handle:
-            handle.write(line)
+        storage.append_text(self.metrics_file, json.dumps({"time": time.time(), **metrics}, default=float) + "\n")
 
     def read_metrics(self) -> tuple[list[dict], list[jsonl.BadLine]]:
         """The records of ``metrics.jsonl`` and, apart, its lines that are not records.

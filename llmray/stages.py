@@ -44,9 +44,6 @@ class Stage:
     config_ref: str  # "module:ConfigClass"
     run_ref: str  # "module:function"
     verb: str | None = None  # CLI spelling `llmray <name> <verb>` (e.g. `llmray tokenizer train`)
-    # Whether the stage reads and writes every location through llmray.storage, so that its run
-    # directory may be on an object store (``--runs-dir s3://...``).
-    object_storage: bool = False
 
     @property
     def config_cls(self) -> type:
@@ -66,31 +63,27 @@ def resolve(ref: str) -> Any:
 # One entry per stage, in pipeline order.
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("classifier", "train fastText quality/toxicity classifiers from labelled data (held-out P/R/F1)",
-          "llmray.data.filters.classifiers:ClassifierConfig", "llmray.data.filters.classifiers:run_classifier", verb="train",
-          object_storage=True),
+          "llmray.data.filters.classifiers:ClassifierConfig", "llmray.data.filters.classifiers:run_classifier", verb="train"),
     Stage("curate", "curate raw sources into documents on Ray Data: normalize, filter, LID/quality/toxicity, PII",
-          "llmray.data.curate:CurateConfig", "llmray.data.curate:run_curate", object_storage=True),
+          "llmray.data.curate:CurateConfig", "llmray.data.curate:run_curate"),
     Stage("tokenizer", "train a byte-level BPE tokenizer (and its chat template) on the documents",
-          "llmray.tokenizer.train:TokenizerConfig", "llmray.tokenizer.train:run_tokenizer", verb="train",
-          object_storage=True),
+          "llmray.tokenizer.train:TokenizerConfig", "llmray.tokenizer.train:run_tokenizer", verb="train"),
     Stage("tokens", "tokenize the documents on Ray Data into train/val token shards",
-          "llmray.tokens.tokenize:TokensConfig", "llmray.tokens.tokenize:run_tokens", object_storage=True),
+          "llmray.tokens.tokenize:TokensConfig", "llmray.tokens.tokenize:run_tokens"),
     Stage("pretrain", "pretrain the model on token shards (Ray Train or in process; FSDP2/ZeRO, TP, PP), resumable",
-          "llmray.train.pretrain:PretrainConfig", "llmray.train.pretrain:run_pretrain", object_storage=True),
+          "llmray.train.pretrain:PretrainConfig", "llmray.train.pretrain:run_pretrain"),
     Stage("proxy", "pretrain a small proxy model in this process (the unit of sweeps and data ablations)",
-          "llmray.train.pretrain:ProxyConfig", "llmray.train.pretrain:run_pretrain", verb="train",
-          object_storage=True),
+          "llmray.train.pretrain:ProxyConfig", "llmray.train.pretrain:run_pretrain", verb="train"),
     Stage("sft", "instruction-tune a model on chat data (assistant-only loss, best-fit packing) on the shared Trainer",
-          "llmray.align.sft:SftConfig", "llmray.align.sft:run_sft", object_storage=True),
+          "llmray.align.sft:SftConfig", "llmray.align.sft:run_sft"),
     Stage("dpo", "align a model to preference pairs with DPO (reference log-probs cached, Ray actor pool)",
-          "llmray.align.dpo:DpoConfig", "llmray.align.dpo:run_dpo", object_storage=True),
+          "llmray.align.dpo:DpoConfig", "llmray.align.dpo:run_dpo"),
     Stage("reward", "train a reward model (scalar head, Bradley-Terry) on preference pairs, for RL from human feedback",
-          "llmray.rl.reward_stage:RewardModelConfig", "llmray.rl.reward_stage:run_reward_model", verb="train",
-          object_storage=True),
+          "llmray.rl.reward_stage:RewardModelConfig", "llmray.rl.reward_stage:run_reward_model", verb="train"),
     Stage("rl", "reinforcement learning with GRPO on verifiable rewards: rollout actors feeding the shared Trainer",
-          "llmray.rl.stage:RlConfig", "llmray.rl.stage:run_rl", object_storage=True),
+          "llmray.rl.stage:RlConfig", "llmray.rl.stage:run_rl"),
     Stage("eval", "score checkpoints on benchmark tasks (acc, acc_norm, bits/byte, CORE) on a Ray actor pool",
-          "llmray.eval.stage:EvalConfig", "llmray.eval.stage:run_eval", object_storage=True),
+          "llmray.eval.stage:EvalConfig", "llmray.eval.stage:run_eval"),
     Stage("tune", "sweep any config keys of any stages with Ray Tune (ASHA/PBT), incl. data ablations",
           "llmray.tune.sweep:TuneConfig", "llmray.tune.sweep:run_tune"),
 )}
@@ -102,7 +95,7 @@ class StageContext:
 
     stage: str
     run_name: str
-    run_root: Path | str  # runs/<name>: a local Path, or a URI (str) for stages with object_storage
+    run_root: Path | str  # runs/<name>: a local Path, or a URI (str) on an object store
     dir: runs.StageDir
     output: Path | str  # the output folder being built; becomes dir.output on success
     logger: logging.Logger
@@ -183,20 +176,9 @@ def _stage_log(stage_dir: runs.StageDir) -> Iterator[logging.Logger]:
             local_log.unlink()
 
 
-def check_storage(stage: Stage, run_root: Path | str) -> None:
-    """Refuse, before anything runs, a run directory on an object store for a stage that still
-    reads or writes some of its files with local paths (it would create a local ``s3:`` folder)."""
-    if storage.is_remote(run_root) and not stage.object_storage:
-        ready = ", ".join(s.name for s in STAGES.values() if s.object_storage)
-        raise config_lib.ConfigError(
-            f"stage {stage.name!r} cannot yet keep its run directory on an object store ({run_root}); "
-            f"stages that can: {ready}. Use a local or shared-filesystem --runs-dir for {stage.name!r}.")
-
-
 def run_stage(stage: Stage, cfg: Any, run_root: Path | str, ray_cfg: cluster.RayConfig | None = None,
               force: bool = False, tracking: TrackingConfig | None = None) -> StageResult:
     """Run one stage (or skip it when its lineage is unchanged) and return what it produced."""
-    check_storage(stage, run_root)
     run_root = runs.at(run_root)
     stage_dir = runs.StageDir(runs.at(run_root, stage.name), stage.name)
     config_sha = config_lib.config_hash(cfg)

@@ -392,6 +392,20 @@ def write_json(location: str | os.PathLike, obj: Any) -> None:
     write_text(location, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def append_text(location: str | os.PathLike, text: str) -> None:
+    """Add ``text`` at the end of a file, creating it. Locally: one ``write`` to a file opened for
+    appending, so appenders in other processes never split each other's lines. An object cannot
+    be appended to: it is read and written back whole (logs of tens of lines whose writers take
+    turns)."""
+    path = local_path(location)
+    if path is None:
+        write_text(location, (read_text(location) if exists(location) else "") + text)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(text)
+
+
 @contextlib.contextmanager
 def staged_folder(location: str | os.PathLike) -> Iterator[Path]:
     """A local folder whose files end up in ``location``: the folder itself when it is local,

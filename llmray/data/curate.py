@@ -90,9 +90,10 @@ class CurateConfig:
                                                           "(dedup.boilerplate) and decontamination "
                                                           "(dedup.decontam: drop or flag) after "
                                                           "redaction (empty: off)")
-    signal_sample: int = param(1000, doc="filter-signal values per slice of rows_per_file rows that feed the "
-                                         "funnel's histograms and quantiles (the first ones of each slice; they "
-                                         "are all that crosses to the driver besides counts)", min=0)
+    signal_sample: int = param(1000, doc="filter-signal values sampled per slice of rows_per_file rows for the "
+                                         "funnel's histograms and quantiles (spread evenly over the slice; they "
+                                         "are all that crosses to the driver besides counts, which keeps an "
+                                         "even sample of 10,000 per signal)", min=0)
     sample_rejected: int = param(0, doc="keep this many example texts per (stage, reason) in "
                                         "rejected_samples.jsonl", min=0)
     output: OutputConfig = param(default_factory=OutputConfig, doc="output files")

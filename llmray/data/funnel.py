@@ -5,8 +5,8 @@ each row to ``documents/``, ``rejected/`` or ``quarantine/`` and writes one parq
 dataset for the slice (slices are cut by row count, so file and row-group boundaries never depend
 on how Ray batched the stream). The same task counts the slice into a :class:`FunnelTally`
 (documents, bytes and estimated tokens entering and leaving each stage, per source and per
-reason, every filter signal's values for the histograms, ``sample_rejected`` example texts per
-(stage, reason)); only that tally, as JSON, goes to the driver, which merges the tallies in stream
+reason, an even sample of every filter signal's values for the histograms, ``sample_rejected``
+example texts per (stage, reason)); only that tally, as JSON, goes to the driver, which merges the tallies in stream
 order. A stage that changes documents it keeps (dedup's boilerplate lines, contamination flags)
 counts it in the rows' ``edit.*`` signals (``records.count_edits``); the sums appear on that
 stage's funnel row as ``edits`` and in a "changed" column of the tables, which exists only when
@@ -34,7 +34,7 @@ from llmray.data import records
 from llmray.data.readers import errors
 
 BYTES_PER_TOKEN = 4
-MAX_SIGNAL_VALUES = 200_000  # per signal, for histograms (first values in stream order)
+MAX_SIGNAL_VALUES = 10_000  # per signal, for histograms and quantiles (see SignalSample)
 SCORE_COLUMNS = ("lang_score", "quality_score", "toxicity_score")
 FIRST_ERRORS = 3  # quarantine messages kept per source for the max_quarantine_fraction error
 
@@ -82,16 +82,39 @@ def _write_parquet(table: pa.Table, location: Path | str, output_cfg) -> None:
                        compression=output_cfg.compression)
 
 
+class SignalSample:
+    """Every ``stride``-th value of a stream, never more than ``capacity`` of them.
+
+    When the sample overflows, every other kept value goes and the stride doubles, so the sample
+    stays spread evenly over the whole stream in bounded memory (the driver merges one slice's
+    sample after another: a "first N values" list would describe only the first slices, and an
+    unbounded one grows with the corpus). The values kept depend only on the order of the values
+    added, so merged slices give the sample of the whole stream."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.stride, self.seen = capacity, 1, 0
+        self.values: list[float] = []
+
+    def extend(self, values) -> None:
+        for value in values:
+            if self.seen % self.stride == 0:
+                self.values.append(value)
+                if len(self.values) > self.capacity:
+                    del self.values[1::2]
+                    self.stride *= 2
+            self.seen += 1
+
+
 class FunnelTally:
     """The funnel's counts over part of the row stream: one slice (counted by the task that writes
     it, and sent to the driver as JSON) or, merged in stream order, the whole of it.
 
-    Lists that keep "the first values" (signals for histograms, rejected samples, first quarantine
-    errors) stay in stream order because slices are merged in stream order."""
+    Lists that keep "the first values" (rejected samples, first quarantine errors) and the signal
+    samples stay in stream order because slices are merged in stream order."""
 
     def __init__(self, sample_rejected: int, signal_values: int = MAX_SIGNAL_VALUES) -> None:
         self.sample_rejected = sample_rejected
-        self.signal_values = signal_values  # values kept per signal (a slice sends few: they cross to the driver)
+        self.signal_values = signal_values  # values sampled per signal (a slice sends few: they cross to the driver)
         self.samples: dict[tuple[str, str], list[dict]] = defaultdict(list)
         # (source, stage-dropped-at or "kept") → [docs, bytes as read]
         self.drops: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
@@ -103,7 +126,7 @@ class FunnelTally:
         self.kept_bytes: Counter = Counter()  # source → UTF-8 bytes of the curated text
         self.pii: Counter = Counter()
         self.edits: Counter = Counter()  # (source, stage, count) → sum of edit.<stage>.<count> signals
-        self.signals: dict[str, list[float]] = defaultdict(list)
+        self.signals: dict[str, SignalSample] = defaultdict(lambda: SignalSample(self.signal_values))
         self.stages_seen: list[str] = []  # stages rows were dropped at, in arrival order
         self.datasets: Counter = Counter()  # dataset → rows written
         self.files: dict[str, list[str]] = defaultdict(list)  # dataset → file names, in stream order
@@ -162,8 +185,8 @@ class FunnelTally:
             elif name.startswith(records.EDIT_PREFIX):
                 stage, count = name.removeprefix(records.EDIT_PREFIX).split(".", 1)
                 self.edits[(source, stage, count)] += int(value)
-            elif len(self.signals[name]) < self.signal_values:
-                self.signals[name].append(value)
+            elif self.signal_values:
+                self.signals[name].extend((value,))
 
     # -- merging slices (worker → driver) -------------------------------------------------------
 
@@ -175,7 +198,8 @@ class FunnelTally:
             **{name: [[*_key(k), n] for k, n in getattr(self, name).items()] for name in self._COUNTERS},
             "drops": [[*k, *v] for k, v in self.drops.items()],
             "samples": [[*k, v] for k, v in self.samples.items()],
-            "first_errors": self.first_errors, "signals": self.signals, "stages_seen": self.stages_seen,
+            "first_errors": self.first_errors,
+            "signals": {name: sample.values for name, sample in self.signals.items()}, "stages_seen": self.stages_seen,
             "files": self.files})
 
     def merge_json(self, text: str) -> Counter:
@@ -196,7 +220,7 @@ class FunnelTally:
         for source, messages in part["first_errors"].items():
             self.first_errors[source].extend(messages[:FIRST_ERRORS - len(self.first_errors[source])])
         for name, values in part["signals"].items():
-            self.signals[name].extend(values[:self.signal_values - len(self.signals[name])])
+            self.signals[name].extend(values)
         self.stages_seen += [stage for stage in part["stages_seen"] if stage not in self.stages_seen]
         for dataset, names in part["files"].items():
             self.files[dataset].extend(names)
@@ -240,7 +264,7 @@ class FunnelTally:
         return {"totals": totals, "stages": total, "per_source": per_source, "reasons": reasons,
                 "quarantine": [{"source": s, "error": e, "records": n} for (s, e), n in sorted(self.errors.items())],
                 "pii": dict(sorted(self.pii.items())), "files": {d: self.files[d] for d in DATASET_SCHEMAS},
-                "kept_bytes": dict(sorted(self.kept_bytes.items())), "signals": dict(self.signals),
+                "kept_bytes": dict(sorted(self.kept_bytes.items())), "signals": {name: sample.values for name, sample in self.signals.items()},
                 "bytes_per_token": BYTES_PER_TOKEN}
 
     def _funnel(self, source: str | None, stage_order: list[str]) -> list[dict]:

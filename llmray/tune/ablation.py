@@ -12,20 +12,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llmray import runs, storage
 from llmray.tune.trial import TRIAL_RECORD, TRIALS
 
 
-def lineage(work: Path, trial_ids: list[str]) -> dict:
+def lineage(work: Path | str, trial_ids: list[str]) -> dict:
     """``{"trials": {id: record}, "stages": {name: {"keys": n, "ran": n, "reused": n}}}``."""
     trials, stages = {}, {}
     for trial_id in trial_ids:
-        trial_dir = Path(work) / TRIALS / trial_id
-        path = trial_dir / TRIAL_RECORD
-        if not path.is_file():
+        trial_dir = runs.at(work, TRIALS, trial_id)
+        path = runs.at(trial_dir, TRIAL_RECORD)
+        if not storage.is_file(path):
             continue
-        record = json.loads(path.read_text())
-        attempts = trial_dir / "attempts.jsonl"
-        record["attempts"] = len(attempts.read_text().splitlines()) if attempts.is_file() else 0
+        record = json.loads(storage.read_text(path))
+        attempts = runs.at(trial_dir, "attempts.jsonl")
+        record["attempts"] = len(storage.read_text(attempts).splitlines()) if storage.is_file(attempts) else 0
         trials[trial_id] = record
         for run in record["stages"]:
             entry = stages.setdefault(run["name"], {"keys": set(), "ran": 0, "reused": 0})

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from llmray import runs
+from llmray import runs, storage
 from llmray import stages as stages_lib
 from llmray.report import escape_markdown
 from llmray.tune import ablation
@@ -129,12 +129,12 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
-    with runs.atomic_write(path, "wb", encoding=None) as handle:
+def _save(fig, path: Path | str) -> None:
+    with storage.atomic_output(path) as handle:
         fig.savefig(handle, format="png", dpi=110)
 
 
-def plot_metric_vs_step(rows: list[dict], metric: str, time_attr: str, path: Path) -> bool:
+def plot_metric_vs_step(rows: list[dict], metric: str, time_attr: str, path: Path | str) -> bool:
     curves = []
     for r in rows:
         frame = r["frame"]
@@ -165,7 +165,7 @@ def plot_metric_vs_step(rows: list[dict], metric: str, time_attr: str, path: Pat
     return True
 
 
-def plot_metric_vs_keys(rows: list[dict], metric: str, domains: dict, path: Path) -> bool:
+def plot_metric_vs_keys(rows: list[dict], metric: str, domains: dict, path: Path | str) -> bool:
     scored = [r for r in rows if r["metric"] is not None]
     if not scored or not domains:
         return False
@@ -193,35 +193,35 @@ def plot_metric_vs_keys(rows: list[dict], metric: str, domains: dict, path: Path
     return True
 
 
-def write_results(grid, cfg, work: Path, output: Path, run_name: str) -> tuple[dict, list[dict]]:
+def write_results(grid, cfg, work: Path | str, output: Path | str, run_name: str) -> tuple[dict, list[dict]]:
     """Write every result file into ``output``; returns the stage summary and the trial rows."""
     domains = cfg.domains()
     keys = list(domains)
     rows = trial_rows(grid, cfg)
     best = best_row(rows, cfg.mode)
     lineage = ablation.lineage(work, [r["trial_id"] for r in rows])
-    runs.write_text(output / "trials.csv", table_csv(rows, cfg, keys))
+    runs.write_text(runs.at(output, "trials.csv"), table_csv(rows, cfg, keys))
     table = table_markdown(rows, cfg, keys)
-    runs.write_text(output / "trials.md", table)
-    runs.write_json(output / "lineage.json", lineage)
+    runs.write_text(runs.at(output, "trials.md"), table)
+    runs.write_json(runs.at(output, "lineage.json"), lineage)
     lineage_md = ablation.lineage_markdown(lineage)
-    runs.write_text(output / "lineage.md", lineage_md)
+    runs.write_text(runs.at(output, "lineage.md"), lineage_md)
     parts = [f"# Sweep: {cfg.metric} ({cfg.mode}), {len(rows)} trials, search {cfg.search}, "
              f"scheduler {cfg.scheduler.kind}", "", table]
     if best is None:
         parts += [f"**No trial reported `{cfg.metric}`**: check the metric name against the reported keys "
                   "(progress.csv of a trial under work/ray_results/sweep).", ""]
     else:
-        runs.write_text(output / "best_config.yaml", best_config_yaml(cfg, best, run_name))
+        runs.write_text(runs.at(output, "best_config.yaml"), best_config_yaml(cfg, best, run_name))
         parts += [f"Best completed trial: **{best['trial_id']}**, {cfg.metric} = {best['metric']:.6g}, "
                   + ", ".join(f"`{k}={v!r}`" for k, v in best["config"].items())
                   + "; its config is in `best_config.yaml`.", ""]
-    if plot_metric_vs_step(rows, cfg.metric, cfg.scheduler.time_attr, output / "metric_vs_step.png"):
+    if plot_metric_vs_step(rows, cfg.metric, cfg.scheduler.time_attr, runs.at(output, "metric_vs_step.png")):
         parts += ["![metric per trial](metric_vs_step.png)", ""]
-    if plot_metric_vs_keys(rows, cfg.metric, domains, output / "metric_vs_keys.png"):
+    if plot_metric_vs_keys(rows, cfg.metric, domains, runs.at(output, "metric_vs_keys.png")):
         parts += ["![metric by swept key](metric_vs_keys.png)", ""]
     parts += ["## Stage lineage per trial", "", lineage_md]
-    runs.write_text(output / "report.md", "\n".join(parts) + "\n")
+    runs.write_text(runs.at(output, "report.md"), "\n".join(parts) + "\n")
     counts = {status: sum(r["status"] == status for r in rows) for status in ("completed", "stopped", "error")}
     summary = {"trials": len(rows), **counts, "metric": cfg.metric,
                "best_trial": best["trial_id"] if best else None,

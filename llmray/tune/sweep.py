@@ -30,6 +30,8 @@ Design choices:
   folder to delete (:func:`plan_start`). A *finished* sweep is replaced by a new one: the stage
   reruns only when its config changed or on ``--force``, and its results are in the output
   (the stage cache is kept: unchanged stages are still reused).
+* **Storage**: the run directory may be on an object store (``--runs-dir s3://...``): the Tune
+  experiment, the trials' stage slots and records, and the outputs are all locations there.
 * **Outputs** (:mod:`llmray.tune.results`): ``trials.csv``/``trials.md`` (config, metric,
   status, steps, error), ``best_config.yaml`` ready to run, plots, and ``report.md``, which the
   run report includes.
@@ -43,15 +45,15 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from llmray import config as config_lib
-from llmray import runs
+from llmray import runs, storage
 from llmray import stages as stages_lib
 from llmray.config import param
+from llmray.tune import leases
 from llmray.tune import space as space_lib
 from llmray.tune import trial as trial_lib
 
@@ -201,8 +203,12 @@ def build_searcher(cfg: TuneConfig):
     return create_searcher(cfg.search)
 
 
-def experiment_path(work: Path) -> Path:
-    return Path(work).resolve() / RAY_RESULTS / EXPERIMENT
+def experiment_path(work: Path | str) -> Path | str:
+    return runs.at(_absolute(work), RAY_RESULTS, EXPERIMENT)
+
+
+def _absolute(location: Path | str) -> Path | str:
+    return location if storage.is_remote(location) else Path(location).resolve()
 
 
 def sweep_key(cfg: TuneConfig) -> str:
@@ -210,15 +216,15 @@ def sweep_key(cfg: TuneConfig) -> str:
     return config_lib.config_hash(dataclasses.replace(cfg, resume="auto"))
 
 
-def _record_path(work: Path) -> Path:
-    return experiment_path(work).with_suffix(".json")
+def _record_path(work: Path | str) -> Path | str:
+    return runs.at(_absolute(work), RAY_RESULTS, EXPERIMENT + ".json")
 
 
-def record_sweep(work: Path, key: str, finished: bool) -> None:
+def record_sweep(work: Path | str, key: str, finished: bool) -> None:
     runs.write_json(_record_path(work), {"config_sha256": key, "finished": finished})
 
 
-def plan_start(resume: bool | str, work: Path, key: str, restorable: bool) -> Literal["restore", "fresh"]:
+def plan_start(resume: bool | str, work: Path | str, key: str, restorable: bool) -> Literal["restore", "fresh"]:
     """Restore the sweep in ``work`` or start a new one; raise rather than delete an interrupted one.
 
     ``restorable`` is ``Tuner.can_restore`` of the experiment folder. A restorable sweep that its
@@ -228,13 +234,13 @@ def plan_start(resume: bool | str, work: Path, key: str, restorable: bool) -> Li
     the output) or an unrestorable folder gives way to a new sweep, except under ``true``.
     """
     path, record_file = experiment_path(work), _record_path(work)
-    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    record = json.loads(storage.read_text(record_file)) if storage.is_file(record_file) else {}
     if not restorable or record.get("finished"):
         if resume is True:
             raise FileNotFoundError(f"resume=true, but {path} holds no interrupted sweep to continue; "
                                     "resume=auto starts a new sweep when there is none")
         return "fresh"
-    to_delete = f"delete {path} and {Path(work) / trial_lib.TRIALS} to start over"
+    to_delete = f"delete {path} and {runs.at(work, trial_lib.TRIALS)} to start over"
     if resume is False:
         raise FileExistsError(f"{path} holds an interrupted sweep, which resume=false does not delete: "
                               f"pass resume=auto to continue it, or {to_delete}")
@@ -244,17 +250,17 @@ def plan_start(resume: bool | str, work: Path, key: str, restorable: bool) -> Li
     return "restore"
 
 
-def build_tuner(cfg: TuneConfig, work: Path, run_root: Path, ray_cfg):
+def build_tuner(cfg: TuneConfig, work: Path | str, run_root: Path | str, ray_cfg):
     """The interrupted :class:`ray.tune.Tuner` restored, or a new one (see :func:`plan_start`)."""
     from ray import tune
 
-    work = Path(work).resolve()
+    work = _absolute(work)
     # A trial reports each stage's metrics as they come; the sweep metric may appear only in a
     # later stage (eval), so Tune's check that the first result already holds it must be off.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     domains = cfg.domains()
-    plan = trial_lib.TrialPlan(stages=cfg.stages, work=work, run_root=Path(run_root).resolve(),
-                               run_dir_text=str(run_root),
+    plan = trial_lib.TrialPlan(stages=cfg.stages, work=work, run_root=_absolute(run_root),
+                               run_dir_text=str(run_root), leases=leases.actor_name(str(work)),
                                cwd=Path.cwd().resolve(), ray=ray_cfg,
                                checkpoint_stage=cfg.checkpoint.stage, checkpoint_subdir=cfg.checkpoint.subdir,
                                restore_key=cfg.checkpoint.restore_key)
@@ -267,10 +273,10 @@ def build_tuner(cfg: TuneConfig, work: Path, run_root: Path, ray_cfg):
         log.info("resuming the sweep in %s: finished trials are kept", path)
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False, param_space=param_space)
-    if path.exists():
+    if storage.exists(path):
         log.info("starting a new sweep in place of the finished (or unrestorable) one in %s", path)
-    shutil.rmtree(path, ignore_errors=True)
-    shutil.rmtree(work / trial_lib.TRIALS, ignore_errors=True)
+    storage.delete(path)
+    storage.delete(runs.at(work, trial_lib.TRIALS))
     record_sweep(work, key, finished=False)
     tune_config = tune.TuneConfig(
         metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples, search_alg=build_searcher(cfg),
@@ -278,7 +284,7 @@ def build_tuner(cfg: TuneConfig, work: Path, run_root: Path, ray_cfg):
         time_budget_s=cfg.time_budget_s, reuse_actors=False,
         trial_dirname_creator=lambda t: t.trial_id)
     run_config = tune.RunConfig(
-        name=EXPERIMENT, storage_path=str(path.parent),
+        name=EXPERIMENT, storage_path=str(runs.at(work, RAY_RESULTS)),
         failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
@@ -289,9 +295,10 @@ def run_tune(cfg: TuneConfig, ctx) -> dict:
 
     ctx.connect_ray()
     tuner = build_tuner(cfg, ctx.dir.work, ctx.run_root, ctx.ray)
-    grid = tuner.fit()
+    with leases.serving(leases.actor_name(str(_absolute(ctx.dir.work)))):
+        grid = tuner.fit()
     record_sweep(ctx.dir.work, sweep_key(cfg), finished=True)
-    summary, rows = results_lib.write_results(grid, cfg, ctx.dir.work, ctx.output, ctx.run_root.name)
+    summary, rows = results_lib.write_results(grid, cfg, ctx.dir.work, ctx.output, storage.name(ctx.run_root))
     for row in rows:
         ctx.log_metrics(trial=row["trial_id"], status=row["status"], steps=row["steps"],
                         **({cfg.metric: row["metric"]} if row["metric"] is not None else {}))

@@ -6,12 +6,17 @@ Design choices:
   keys (:func:`llmray.tune.space.with_values`), run in order through
   :func:`llmray.stages.run_stage`, exactly as ``llmray pipeline`` would run them.
 * **Lineage keys**: each stage's key is the hash of its raw config (``{run_dir}`` unexpanded)
-  chained with the previous stage's key; the stage runs in ``work/stages/<stage>-<key>/``, a run
-  root whose earlier stages are symlinks to *their* keyed directories. Trials with the same
-  upstream settings meet in the same directory and ``run_stage``'s lineage cache skips the
-  repeat (conservative: anything upstream changing reruns the stage). A file lock per keyed
-  directory makes concurrent trials wait instead of computing a stage twice.
-  ``work/trials/<trial_id>/`` records which stages a trial ran and which it reused.
+  chained with the previous stage's key; the stage runs in ``work/stages/<stage>-<key>/`` (a
+  *slot*), and the paths of its config that name an earlier stage under ``{run_dir}`` are
+  pointed at *that* stage's slot (or at the sweep run's own stage, for stages the trial does not
+  run). Trials with the same upstream settings meet in the same slot and ``run_stage``'s lineage
+  cache skips the repeat (conservative: anything upstream changing reruns the stage). A lease
+  per slot (:mod:`llmray.tune.leases`) makes concurrent trials, on any node, wait instead of
+  computing a stage twice. ``work/trials/<trial_id>/`` records which stages a trial ran and
+  which it reused.
+* **Storage**: slots, trial records and the Tune experiment are locations
+  (:mod:`llmray.storage`), so a sweep's run directory may be on an object store like any other
+  stage's.
 * **Metrics**: while a stage runs in a helper thread, the trial tails its ``metrics.jsonl`` and
   reports each record to Tune (ASHA/PBT see per-step results without the stage knowing Tune);
   a new complete checkpoint of the checkpoint stage goes with the next report, so a PBT exploit
@@ -21,8 +26,6 @@ Design choices:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -33,11 +36,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from llmray import cluster, runs
+from llmray import cluster, runs, storage
 from llmray import config as config_lib
 from llmray import stages as stages_lib
+from llmray.tune import leases
 from llmray.tune import space as space_lib
 
 log = logging.getLogger("llmray.tune")
@@ -53,10 +57,11 @@ class TrialPlan:
     """Everything a trial needs, shipped to the trial's process once per sweep."""
 
     stages: dict[str, dict]  # stage name -> raw config, in run order
-    work: Path  # the tune stage's work directory (absolute)
-    run_root: Path  # the sweep's run directory: its other stages are visible to trials under {run_dir}
+    work: Path | str  # the tune stage's work directory (absolute, or a URI)
+    run_root: Path | str  # the sweep's run directory: its other stages are visible to trials under {run_dir}
     cwd: Path  # the driver's working directory: relative paths in configs are relative to it
     run_dir_text: str = ""  # what {run_dir} became in the sweep config: rebased onto each stage's own root
+    leases: str = ""  # name of the sweep's lease actor (llmray.tune.leases)
     ray: cluster.RayConfig = field(default_factory=cluster.RayConfig)
     checkpoint_stage: str | None = None  # whose checkpoints go to Tune
     checkpoint_subdir: str = "work/checkpoints"  # where that stage writes step_* checkpoints
@@ -79,48 +84,30 @@ class StageSlot:
 
     name: str
     key: str
-    root: Path  # the run root of this stage (its earlier stages are symlinks inside it)
+    root: Path | str  # the run root of this stage: the stage's folder is root/<name>
 
     @property
-    def stage_dir(self) -> Path:
-        return self.root / self.name
+    def stage_dir(self) -> Path | str:
+        return runs.at(self.root, self.name)
 
 
-def stage_slots(stages: dict[str, dict], cache: Path) -> list[StageSlot]:
+def stage_slots(stages: dict[str, dict], cache: Path | str) -> list[StageSlot]:
     names, keys = list(stages), lineage_keys(stages)
-    return [StageSlot(name, key, cache / f"{name}-{key}") for name, key in zip(names, keys)]
+    return [StageSlot(name, key, runs.at(cache, f"{name}-{key}")) for name, key in zip(names, keys)]
 
 
-def prepare_slot(slots: list[StageSlot], index: int, run_root: Path) -> None:
-    """Create stage ``index``'s run root: symlinks to the directories of its earlier stages, and to
-    the sweep run's own stage directories that the trial does not run (outputs made before the sweep)."""
-    slot = slots[index]
-    slot.root.mkdir(parents=True, exist_ok=True)
-    links = {earlier.name: earlier.stage_dir for earlier in slots[:index]}
+def upstream_dirs(slots: list[StageSlot], index: int, run_root: Path | str) -> dict[str, Path | str]:
+    """Where stage ``index`` finds each stage it may read: the slots of its earlier stages, and
+    the sweep run's own stage folders that the trial does not run (outputs made before the sweep)."""
+    found = {earlier.name: earlier.stage_dir for earlier in slots[:index]}
     trial_stages = {s.name for s in slots}
-    if run_root.is_dir():
-        for path in run_root.iterdir():
-            if path.is_dir() and path.name not in trial_stages and path.name not in ("tune", "report"):
-                links.setdefault(path.name, path)
-    for name, target in links.items():
-        link = slot.root / name
-        if not link.is_symlink():
-            link.symlink_to(os.path.relpath(target, slot.root), target_is_directory=True)
+    for name in storage.list_dirs(run_root):
+        if name not in trial_stages and name not in ("tune", "report"):
+            found.setdefault(name, runs.at(run_root, name))
+    return found
 
 
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (created if needed), held for the block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def rebase(data: Any, old_root: str, new_root: Path) -> Any:
+def rebase(data: Any, old_root: str, new_root: Path | str) -> Any:
     """Point every string path under ``old_root`` at the same place under ``new_root``."""
     if isinstance(data, str):
         if old_root and (data == old_root or data.startswith(old_root + "/")):
@@ -133,21 +120,24 @@ def rebase(data: Any, old_root: str, new_root: Path) -> Any:
     return data
 
 
-def build_stage_configs(stages: dict[str, dict], slots: list[StageSlot],
-                        run_dir_text: str = "") -> list[tuple[stages_lib.Stage, Any]]:
+def build_stage_configs(stages: dict[str, dict], slots: list[StageSlot], run_dir_text: str,
+                        run_root: Path | str) -> list[tuple[stages_lib.Stage, Any]]:
     """Validate every stage's config before anything runs; errors name the trial's stage and key.
 
     The sweep's own config loading already replaced ``{run_dir}`` with the sweep's run directory
     (``run_dir_text``); inside a trial, ``{run_dir}`` means the stage's lineage root, so those
-    paths are rebased onto it (the sweep run's other stages are linked there too)."""
+    paths are rebased onto it, and from there onto the folder of the stage they name
+    (:func:`upstream_dirs`)."""
     typed = []
-    for slot in slots:
+    for index, slot in enumerate(slots):
         stage = stages_lib.STAGES[slot.name]
         try:
             raw = rebase(stages[slot.name] or {}, run_dir_text, slot.root)
             cfg = stages_lib.build_config(stage, raw, slot.root)
             # a second pass resolves {run_dir} in defaults too (e.g. tokenizer.documents left unset)
             resolved = stages_lib.substitute_run_dir(config_lib.to_dict(cfg), slot.root)
+            for name, directory in upstream_dirs(slots, index, run_root).items():
+                resolved = rebase(resolved, str(runs.at(slot.root, name)), directory)
             typed.append((stage, config_lib.from_dict(stage.config_cls, resolved)))
         except config_lib.ConfigError as exc:
             raise config_lib.ConfigError(f"in stage {slot.name}: {exc}") from exc
@@ -159,16 +149,17 @@ def build_stage_configs(stages: dict[str, dict], slots: list[StageSlot],
 # ---------------------------------------------------------------------------------------------
 
 class MetricsTail:
-    """New complete JSON lines of a metrics.jsonl, from the byte offset where it was opened."""
+    """New complete JSON lines of a metrics.jsonl (a file or an object rewritten whole with lines
+    added), from the byte offset where it was opened."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.offset = path.stat().st_size if path.is_file() else 0
+    def __init__(self, location: Path | str):
+        self.location = location
+        self.offset = storage.size(location) if storage.is_file(location) else 0
 
     def read(self) -> list[dict]:
-        if not self.path.is_file():
+        if not storage.is_file(self.location) or storage.size(self.location) <= self.offset:
             return []
-        with open(self.path, "rb") as handle:
+        with storage.open_input(self.location) as handle:
             handle.seek(self.offset)
             data = handle.read()
         end = data.rfind(b"\n") + 1  # a line still being written stays for the next read
@@ -213,10 +204,9 @@ class StageRunner:
         try:
             for index, (stage, cfg) in enumerate(self.typed):
                 slot = self.slots[index]
-                prepare_slot(self.slots, index, self.plan.run_root)
-                with locked(slot.root / ".lock"):
+                with leases.leased(self.plan.leases, str(slot.root)):
                     with self._lock:
-                        self.current = (slot, MetricsTail(slot.stage_dir / "metrics.jsonl"))
+                        self.current = (slot, MetricsTail(runs.at(slot.stage_dir, "metrics.jsonl")))
                     started = time.time()
                     result = stages_lib.run_stage(stage, cfg, slot.root, self.plan.ray)
                 self.runs.append(StageRun(slot.name, slot.key, str(slot.stage_dir), result.skipped,
@@ -265,11 +255,11 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     if restored is not None and plan.checkpoint_stage:
         values[f"{plan.checkpoint_stage}.{plan.restore_key}"] = _local_copy(restored, plan.work, trial_id)
     stages = space_lib.with_values(stages, values)
-    slots = stage_slots(stages, plan.work / STAGE_CACHE)
-    record = TrialRecord(plan.work / TRIALS / trial_id, trial_id, config, slots)
+    slots = stage_slots(stages, runs.at(plan.work, STAGE_CACHE))
+    record = TrialRecord(runs.at(plan.work, TRIALS, trial_id), trial_id, config, slots)
     record.attempt(restored is not None)
     try:
-        typed = build_stage_configs(stages, slots, plan.run_dir_text)  # a bad value fails here, before any work
+        typed = build_stage_configs(stages, slots, plan.run_dir_text, plan.run_root)  # a bad value fails here, before any work
     except config_lib.ConfigError as exc:
         record.save([], exc)
         raise
@@ -311,7 +301,7 @@ def _new_checkpoint(slots: list[StageSlot], plan: TrialPlan, reported: str | Non
     from llmray.train import checkpoint as ckpt
 
     slot = next(s for s in slots if s.name == plan.checkpoint_stage)
-    newest = ckpt.latest_complete(ckpt.checkpoint_dirs(slot.stage_dir / plan.checkpoint_subdir))
+    newest = ckpt.latest_in(runs.at(slot.stage_dir, plan.checkpoint_subdir))
     if newest is None or newest.name == reported:
         return None, reported
     copy = Path(tempfile.mkdtemp(prefix="llmray-tune-ckpt-")) / newest.name
@@ -323,33 +313,30 @@ def _new_checkpoint(slots: list[StageSlot], plan: TrialPlan, reported: str | Non
     return copy, newest.name
 
 
-def _local_copy(checkpoint, work: Path, trial_id: str) -> str:
-    """The Tune checkpoint handed to this trial (a PBT exploit, a restore), as a local directory."""
-    target = work / TRIALS / trial_id / "restored" / f"{time.time_ns()}"
+def _local_copy(checkpoint, work: Path | str, trial_id: str) -> str:
+    """The Tune checkpoint handed to this trial (a PBT exploit, a restore), as a local directory:
+    in the trial's record folder, or in this node's cache when that folder is on an object store."""
+    base = storage.local_path(work) or (
+        storage.cache_root() / "tune" / hashlib.sha256(storage.normalize(work).encode()).hexdigest()[:16])
+    target = base / TRIALS / trial_id / "restored" / f"{time.time_ns()}"
     checkpoint.to_directory(str(target))
     return str(target)
 
 
 class TrialRecord:
-    """``trials/<id>/``: ``attempts.jsonl`` (one line per start), ``trial.json`` (stages ran or
-    reused so far, lineage keys, error) and a symlink to each stage directory the trial used."""
+    """``trials/<id>/``: ``attempts.jsonl`` (one line per start) and ``trial.json`` (stages ran or
+    reused so far with their folders, lineage keys, error)."""
 
-    def __init__(self, directory: Path, trial_id: str, config: dict, slots: list[StageSlot]):
+    def __init__(self, directory: Path | str, trial_id: str, config: dict, slots: list[StageSlot]):
         self.directory, self.trial_id, self.config, self.slots = directory, trial_id, config, slots
-        directory.mkdir(parents=True, exist_ok=True)
 
     def attempt(self, restored: bool) -> None:
         line = json.dumps({"time": time.time(), "config": self.config, "restored_checkpoint": restored},
                           default=str)
-        with open(self.directory / "attempts.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
+        storage.append_text(runs.at(self.directory, "attempts.jsonl"), line + "\n")
 
     def save(self, done: list[StageRun], error: BaseException | None = None) -> None:
-        for slot in self.slots:
-            link = self.directory / slot.name
-            if not link.is_symlink() and slot.stage_dir.exists():
-                link.symlink_to(os.path.relpath(slot.stage_dir, self.directory), target_is_directory=True)
-        runs.write_json(self.directory / TRIAL_RECORD, {
+        runs.write_json(runs.at(self.directory, TRIAL_RECORD), {
             "trial_id": self.trial_id, "config": self.config,
             "stages": [run.__dict__ for run in done],
             "lineage": {slot.name: slot.key for slot in self.slots},

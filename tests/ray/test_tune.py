@@ -1,6 +1,7 @@
 """``llmray tune`` on the session's Ray: an LR sweep of the proxy trainer with ASHA (early stops, a
-sensible winner, a bad value errored with its message while the sweep goes on), and a sweep whose
-driver is killed, refused a fresh start over it, and resumed without re-running finished trials.
+sensible winner, a bad value errored with its message while the sweep goes on), a sweep whose
+driver is killed, refused a fresh start over it, and resumed without re-running finished trials,
+and a sweep whose run directory is on S3.
 
 Trials train a tiny Llama on real text (Python standard-library sources as byte tokens) through
 the one training core; nothing is mocked.
@@ -8,6 +9,8 @@ the one training core; nothing is mocked.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import signal
@@ -19,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmray import stages
+from llmray import stages, storage
 from tests.train_support import stdlib_texts, write_byte_shards
 
 pytestmark = pytest.mark.ray
@@ -46,11 +49,8 @@ def run_tune(raw: dict, run_root: Path) -> stages.StageResult:
     return stages.run_stage(stage, stages.build_config(stage, raw, run_root), run_root)
 
 
-def read_rows(output: Path) -> dict[str, dict]:
-    import csv
-
-    with open(output / "trials.csv", newline="") as handle:
-        return {row["trial_id"]: row for row in csv.DictReader(handle)}
+def read_rows(output: Path | str) -> dict[str, dict]:
+    return {row["trial_id"]: row for row in csv.DictReader(io.StringIO(storage.read_text(f"{output}/trials.csv")))}
 
 
 def test_lr_sweep_asha_stops_bad_trials_and_reports_a_bad_value(ray_session, shards, tmp_path):
@@ -129,3 +129,40 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_session, sha
     assert set(rows) >= before
     lineage = json.loads((result.output / "lineage.json").read_text())
     assert set(lineage["trials"]) == set(rows)
+
+
+def test_a_sweep_on_s3_keeps_everything_there_and_is_skipped_when_run_again(ray_session, shards, s3_bucket,
+                                                                            tmp_path, monkeypatch):
+    """``--runs-dir s3://...`` for a sweep: the trials' stage slots and records, the Tune experiment
+    and the results are all in the bucket, each trial ends as the same sweep does on disk, the
+    working directory stays empty, and a second run is skipped from the manifest on S3."""
+    raw = {"stages": {"proxy": proxy_stage(shards, steps=20)},
+           "space": {"proxy.train.optimizer.lr": {"grid": [3e-2, 1e-3]}},
+           "metric": "val_loss", "mode": "min", "num_samples": 1, "max_concurrent_trials": 2,
+           "scheduler": {"kind": "fifo"}}
+    local = run_tune(raw, tmp_path / "local")
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    root = storage.join(s3_bucket, "runs", "sweep")
+    remote = run_tune(raw, root)
+    assert str(remote.output).startswith("s3://") and list(workdir.iterdir()) == []
+
+    def outcome(rows: dict[str, dict]) -> dict[str, tuple]:
+        return {row["proxy.train.optimizer.lr"]: (row["status"], row["steps"], row["val_loss"]) for row in rows.values()}
+
+    assert outcome(read_rows(remote.output)) == outcome(read_rows(local.output))
+    assert {status for status, _, _ in outcome(read_rows(remote.output)).values()} == {"completed"}
+    work = storage.join(root, "tune", "work")
+    slots = [name for name in storage.list_dirs(storage.join(work, "stages")) if name.startswith("proxy-")]
+    assert len(slots) == 2 and all(
+        json.loads(storage.read_text(storage.join(work, "stages", slot, "proxy", "manifest.json")))["status"]
+        == "complete" for slot in slots)
+    assert json.loads(storage.read_text(f"{remote.output}/lineage.json"))["stages"]["proxy"] == \
+        {"keys": 2, "ran": 2, "reused": 0}
+    assert storage.list_files(storage.join(work, "ray_results", "sweep")), "the Tune experiment is not on S3"
+    for name in ("best_config.yaml", "report.md", "metric_vs_step.png"):
+        assert storage.size(f"{remote.output}/{name}") > 0
+
+    again = run_tune(raw, root)
+    assert again.skipped and list(workdir.iterdir()) == []

@@ -62,14 +62,14 @@ def test_data_ablation_reports_setting_and_score_and_reuses_unchanged_stages(ray
     manifests = sorted((run_root / "tune" / "work" / "stages").glob("curate-*/curate/manifest.json"))
     assert len(manifests) == 2
     for trial_dirs in by_setting.values():
-        curate_dirs = {(d / "curate").resolve() for d in trial_dirs}
-        assert len(curate_dirs) == 1
-        manifest = json.loads((curate_dirs.pop() / "manifest.json").read_text())
+        curate_runs = [json.loads((d / "trial.json").read_text())["stages"][0] for d in trial_dirs]
+        curate_dirs = {run["directory"] for run in curate_runs}
+        assert len(curate_dirs) == 1 and all(run["name"] == "curate" for run in curate_runs)
+        manifest = json.loads((Path(curate_dirs.pop()) / "manifest.json").read_text())
         assert manifest["status"] == "complete"
-        reuser = next(d for d in trial_dirs if json.loads((d / "trial.json").read_text())["stages"][0]["reused"])
+        reuser = next(d for d, run in zip(trial_dirs, curate_runs) if run["reused"])
         started = json.loads((reuser / "attempts.jsonl").read_text().splitlines()[0])["time"]
-        finished = json.loads((reuser / "curate" / "manifest.json").read_text())["finished_at"]
-        assert finished <= _iso(started)
+        assert manifest["finished_at"] <= _iso(started)
 
 
 def _iso(timestamp: float) -> str:

@@ -4,9 +4,9 @@ counts on the stage's row (and only then grows a "changed" column)."""
 
 from __future__ import annotations
 
-from collections import Counter
-
+import itertools
 import json
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -119,3 +119,22 @@ def test_slice_tallies_merged_in_order_equal_one_tally_of_the_whole_stream():
     assert merged.summary(stages) == whole.summary(stages)
     assert merged.samples_jsonl() == whole.samples_jsonl() and max(map(len, whole.samples.values())) == 2
     assert dropped == whole.dropped and sum(dropped.values()) > 0
+
+
+def test_the_signal_sample_is_bounded_spread_over_the_whole_stream_and_independent_of_slicing():
+    """The driver merges one slice's signal values after another: its sample must stay within its
+    capacity however long the corpus, describe the end of the stream as well as the start, and
+    be the same whether the stream arrived whole or in slices of any size."""
+    stream = [float(i) for i in range(100_000)]
+    whole = funnel.SignalSample(capacity=100)
+    whole.extend(stream)
+    sliced, start = funnel.SignalSample(capacity=100), 0
+    for size in itertools.cycle((1, 7, 333, 4096)):
+        if start >= len(stream):
+            break
+        sliced.extend(stream[start:start + size])
+        start += size
+    assert sliced.values == whole.values
+    assert 50 <= len(whole.values) <= 100
+    steps = set(b - a for a, b in zip(whole.values, whole.values[1:]))
+    assert steps == {float(whole.stride)} and whole.values[0] == 0.0 and whole.values[-1] >= 0.99 * len(stream)

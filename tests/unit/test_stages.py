@@ -132,16 +132,3 @@ class DefaultInputConfig:
 def test_run_dir_in_defaults_is_resolved(tmp_path):
     stage = stages.Stage("d", "d", f"{__name__}:DefaultInputConfig", f"{__name__}:run_upper")
     assert stages.build_config(stage, {}, tmp_path / "r").documents == f"{tmp_path}/r/curate/output/documents"
-
-
-def test_a_stage_not_ready_for_object_storage_refuses_before_touching_it():
-    """Without the check, a local stage would write a folder named ``s3:`` in the working directory."""
-    stage = stages.STAGES["tune"]
-    sweep = {"stages": {"proxy": {}}, "space": {"proxy.train.optimizer.lr": {"grid": [1e-3]}}}
-    run_root = "s3://no-such-bucket/runs/demo"
-    with pytest.raises(ConfigError, match=r"'tune' cannot yet .* object store .*: classifier, curate, tokenizer, tokens, "
-                                          r"pretrain, proxy, sft, dpo, reward, rl, eval\."):
-        stages.run_stage(stage, stages.build_config(stage, sweep, run_root), run_root)
-    cfg = from_dict(PipelineConfig, {"name": "demo", "stages": {"curate": {}, "tokenizer": {}, "tune": sweep}})
-    with pytest.raises(ConfigError, match=r"in stages.tune: .*cannot yet"):
-        run_pipeline(cfg, "s3://no-such-bucket/runs")  # refused before curate runs

@@ -3,6 +3,8 @@ lineage keys that decide which stages trials share, and the best-config YAML."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import yaml
 
@@ -10,6 +12,7 @@ from llmray import config as config_lib
 from llmray import stages
 from llmray.config import ConfigError
 from llmray.tune import results, space, trial
+from llmray.tune.leases import SlotLeases
 from llmray.train.pretrain import ProxyConfig
 from llmray.tune.sweep import TuneConfig
 
@@ -134,5 +137,31 @@ def test_run_dir_paths_of_the_sweep_are_rebased_onto_each_stage_lineage_root(tmp
         "data": {"tokens": f"{slots[1].root}/tokens/output"}, "tokenizer": None}
     assert trial.rebase(base["tokens"], "runs/x", slots[0].root)["tokenizer"] == "runs/xy/tok"  # a prefix only
     typed = trial.build_stage_configs({"proxy": {**base["proxy"], "train": {"steps": 5}}},
-                                      trial.stage_slots({"proxy": {}}, tmp_path / "stages"), "runs/x")
+                                      trial.stage_slots({"proxy": {}}, tmp_path / "stages"), "runs/x",
+                                      tmp_path / "runs" / "x")
     assert typed[0][1].data.tokens.endswith("/tokens/output") and str(tmp_path) in typed[0][1].data.tokens
+
+
+def test_a_trial_stage_reads_earlier_stages_from_their_slots_and_the_rest_from_the_sweep_run(tmp_path):
+    """Paths under a slot's {run_dir} are pointed at the folder of the stage they name: the slot of
+    an earlier stage of the trial, else the sweep run's own stage (made before the sweep)."""
+    run_root = tmp_path / "runs" / "x"
+    (run_root / "tokenizer" / "output").mkdir(parents=True)
+    (run_root / "tokens").mkdir()  # the trial runs its own tokens: the run's must not be used
+    stages_raw = {"curate": {"sources": [{"name": "s", "kind": "jsonl", "paths": ["in/*.jsonl"]}]}, "tokens": {}}
+    slots = trial.stage_slots(stages_raw, tmp_path / "stages")
+    tokens = trial.build_stage_configs(stages_raw, slots, str(run_root), run_root)[1][1]
+    assert tokens.documents == f"{slots[0].stage_dir}/output/documents"
+    assert tokens.tokenizer == f"{run_root}/tokenizer/output"
+
+
+def test_a_slot_lease_waits_for_its_holder_and_lapses_when_the_holder_stops_renewing():
+    leases = SlotLeases()
+    assert leases.take("slot", "a", ttl_s=60) and not leases.take("slot", "b", ttl_s=60)
+    assert leases.take("other", "b", ttl_s=60) and leases.take("slot", "a", ttl_s=60)  # renewal
+    leases.give_back("slot", "b")  # not b's to give
+    assert not leases.take("slot", "b", ttl_s=60)
+    leases.give_back("slot", "a")
+    assert leases.take("slot", "b", ttl_s=0.05)
+    time.sleep(0.1)  # b died without giving it back
+    assert leases.take("slot", "a", ttl_s=60)
