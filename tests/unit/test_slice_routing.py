@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from llmray.data.dedup.shuffle import LocalShuffler, route_to_slices
+from llmray.data.dedup.shuffle import LocalShuffler, _split_task, partition_of, route_to_slices, runs_of, split_table
 
 
 def _parts(positions: np.ndarray, pieces: int, rng: np.random.Generator) -> list[pa.Table]:
@@ -35,3 +35,20 @@ def test_no_rows_gives_empty_tables_with_the_schema():
     routed = route_to_slices(LocalShuffler(), [empty, empty], "position", [0, 5, 9], 2)
     assert [t.num_rows for t in routed] == [0, 0, 0]
     assert all(t.schema == empty.schema for t in routed)
+
+
+@pytest.mark.parametrize("count", [1, 2, 10, 91, 500])
+def test_split_tasks_take_runs_of_consecutive_parts_and_give_each_partition_its_rows_in_part_order(count):
+    """A shuffle's split tasks take runs of parts (so the pieces do not multiply with the parts):
+    the runs must cover every part once, in order, and splitting a run must give each partition
+    exactly what splitting its parts one by one and concatenating would."""
+    parts = list(range(91))
+    runs = runs_of(parts, count)
+    assert len(runs) <= count and [p for run in runs for p in run] == parts
+    rng = np.random.default_rng(count)
+    tables = _parts(np.arange(300, dtype=np.int64), 7, rng)
+    for run in runs_of(tables, count):
+        together = _split_task("position", 4, None, partition_of, *run)
+        one_by_one = [split_table(t, "position", 4) for t in run]
+        assert [t.to_pydict() for t in together] == \
+            [pa.concat_tables([pieces[i] for pieces in one_by_one]).to_pydict() for i in range(4)]

@@ -491,8 +491,8 @@ def deduplicate(documents: Any, cfg: DedupConfig, consider: Consider | None = No
     (curate passes its rows with the already-rejected ones, so that positions are its own)."""
     import ray
 
-    shuffler = RayShuffler()
     cpus = int(ray.cluster_resources().get("CPU", 1))
+    shuffler = RayShuffler(cpus)
     parts = cfg.num_partitions or _auto_partitions(cpus, 0)
     slices = row_slices(documents, cfg.block_rows, cpus)
 

@@ -11,9 +11,17 @@ sort, not a Python loop over groups.
 Why plain Ray tasks and not ``Dataset.groupby().map_groups()``: the reducers here are
 vectorised over whole partitions (one call per partition, not per group), the connected-
 components loop shuffles its edge list a dozen times per run and needs small per-reducer
-digests back on the driver, and a task shuffle is ``num_parts x num_partitions`` small objects
-with no actor start-up. Pieces live in the object store, which spills them to disk when it is
-full, so the data only has to fit on disk; the driver only ever holds references and digests.
+digests back on the driver, and a task shuffle is a few objects per partition with no actor
+start-up. Pieces live in the object store, which spills them to disk when it is full, so the data
+only has to fit on disk; the driver only ever holds references and digests.
+
+**Split tasks take runs of parts.** A shuffle runs at most ``max(CPUs, num_partitions)`` split
+tasks, each splitting a run of consecutive parts, so it makes that many pieces per partition
+however many parts come in. Ray keeps a task result under 100 KiB in the memory of its owner,
+the driver, and copies it into the spec of the task that reads it: one split task per part made
+``parts x partitions`` pieces, which grows with the square of the input, and at 800 MB of text
+those tiny pieces were the largest thing in the driver. Rows reach each reducer in the same
+order either way, so results do not depend on the grouping.
 
 :class:`LocalShuffler` runs the same map/split/reduce functions in-process: unit tests use it
 to check the algorithms (against a single-process reference) without a cluster, and dedup's
@@ -66,10 +74,18 @@ def concat(pieces: Sequence[pa.Table]) -> pa.Table:
     return pa.concat_tables(non_empty, promote_options="default").combine_chunks()
 
 
-def _split_task(table: pa.Table, key: str, num_partitions: int, map_fn: MapFn | None,
-                partition_fn: PartitionFn):
-    pieces = split_table(table, key, num_partitions, map_fn, partition_fn)
+def _split_task(key: str, num_partitions: int, map_fn: MapFn | None, partition_fn: PartitionFn,
+                *tables: pa.Table):
+    """Split a run of consecutive parts: one piece per partition for all of them, in part order."""
+    split = [split_table(table, key, num_partitions, map_fn, partition_fn) for table in tables]
+    pieces = [concat([pieces[i] for pieces in split]) for i in range(num_partitions)]
     return pieces[0] if num_partitions == 1 else tuple(pieces)
+
+
+def runs_of(items: Sequence[Any], count: int) -> list[Sequence[Any]]:
+    """``items`` cut into at most ``count`` runs of consecutive items, of near-equal length."""
+    per = -(-len(items) // max(1, count))
+    return [items[i:i + per] for i in range(0, len(items), per)]
 
 
 def _reduce_task(reduce_fn: ReduceFn, num_side_inputs: int, *args: Any):
@@ -119,12 +135,13 @@ class LocalShuffler:
 
 class RayShuffler:
     """Shuffles with Ray tasks; parts and results are ``ObjectRef``s (results of reducers with
-    ``num_returns > 1`` are tuples of refs, so small parts such as digests can be fetched alone)."""
+    ``num_returns > 1`` are tuples of refs, so small parts such as digests can be fetched alone).
+    ``cpus``: the cluster's CPUs, the fewest split tasks a shuffle of many parts runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, cpus: int) -> None:
         import ray
 
-        self._ray = ray
+        self._ray, self._cpus = ray, cpus
         self._split = ray.remote(_split_task)
         self._reduce = ray.remote(_reduce_task)
         self._call = ray.remote(lambda fn, *args: fn(*args))
@@ -145,7 +162,8 @@ class RayShuffler:
                 map_fn: MapFn | None = None, num_returns: int = 1,
                 side_inputs: Sequence[tuple] | None = None, partition_fn: PartitionFn = partition_of) -> list:
         split = self._split.options(num_returns=num_partitions, name=f"split by {key}")
-        pieces = [split.remote(part, key, num_partitions, map_fn, partition_fn) for part in parts]
+        pieces = [split.remote(key, num_partitions, map_fn, partition_fn, *run)
+                  for run in runs_of(parts, max(self._cpus, num_partitions))]
         if num_partitions == 1:
             pieces = [[p] for p in pieces]
         side_inputs = side_inputs or [()] * num_partitions
