@@ -14,7 +14,10 @@ single-process initialization bitwise.
 
 :func:`materialize` is the step between sharding and training: allocate the local shards of a
 ``meta`` model (``to_empty`` with tensor swapping, so tied weights stay one parameter and the
-sharding wrappers keep their references) and fill them by each parameter's :class:`Rule`.
+sharding wrappers keep their references) and fill them by each parameter's :class:`Rule`. With
+``each``, it goes one module at a time and hands each module to ``each`` as soon as its own
+parameters are filled: DeepSpeed ZeRO-3 partitions them there, so a rank never holds more than
+one module's parameters whole.
 """
 
 from __future__ import annotations
@@ -47,29 +50,47 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def materialize(module: nn.Module, device: torch.device, seed: int, rule_for: Callable[[str], Rule]) -> None:
-    """Allocate ``module``'s (local shards of) parameters on ``device`` and initialize them."""
-    with _swapping_parameters():
-        module.to_empty(device=device)
-    initialize(module, seed, rule_for)
+def materialize(module: nn.Module, device: torch.device, seed: int, rule_for: Callable[[str], Rule],
+                each: Callable[[nn.Module], None] | None = None) -> None:
+    """Allocate ``module``'s (local shards of) parameters on ``device`` and initialize them;
+    with ``each``, module by module, children before parents, calling ``each(submodule)`` after
+    each one whose own parameters were filled."""
+    if each is None:
+        with _swapping_parameters():
+            module.to_empty(device=device)
+        initialize(module, seed, rule_for)
+        return
+    names = {id(param): name for name, param in module.named_parameters()}  # a tied one: its first name
+    for submodule in reversed(list(module.modules())):  # pre-order reversed: children come first
+        own = [param for param in submodule.parameters(recurse=False) if param.device.type == "meta"]
+        if not own:
+            continue
+        with _swapping_parameters():
+            submodule.to_empty(device=device, recurse=False)
+        for param in own:
+            _fill(param, canonical_name(names[id(param)]), seed, rule_for)
+        each(submodule)
 
 
 @torch.no_grad()
 def initialize(module: nn.Module, seed: int, rule_for: Callable[[str], Rule]) -> None:
     """Fill every parameter of ``module`` (plain tensors or DTensor shards) by its rule."""
     for name, param in module.named_parameters():  # a tied parameter is visited once, by its first name
-        name = canonical_name(name)
-        rule = rule_for(name)
-        local = param.to_local() if isinstance(param, DTensor) else param
-        if rule.kind == "ones":
-            local.fill_(1.0)
-        elif rule.kind == "zeros":
-            local.zero_()
-        elif rule.kind == "normal":
-            local.copy_(normal_shard(seed, name, rule.std, tuple(param.shape), _global_offset(param),
-                                     tuple(local.shape)))
-        else:
-            raise ValueError(f"{name}: unknown init rule {rule.kind!r}")
+        _fill(param, canonical_name(name), seed, rule_for)
+
+
+@torch.no_grad()
+def _fill(param: torch.Tensor, name: str, seed: int, rule_for: Callable[[str], Rule]) -> None:
+    rule = rule_for(name)
+    local = param.to_local() if isinstance(param, DTensor) else param
+    if rule.kind == "ones":
+        local.fill_(1.0)
+    elif rule.kind == "zeros":
+        local.zero_()
+    elif rule.kind == "normal":
+        local.copy_(normal_shard(seed, name, rule.std, tuple(param.shape), _global_offset(param), tuple(local.shape)))
+    else:
+        raise ValueError(f"{name}: unknown init rule {rule.kind!r}")
 
 
 def normal_shard(seed: int, name: str, std: float, shape: tuple[int, ...], offset: tuple[int, ...],

@@ -91,12 +91,13 @@ def build_engine(model: nn.Module, make_optimizer: Callable[[nn.Module], torch.o
     when ``cfg.pp > 1``: only the last stage sees logits, so the objective is handed to the
     schedule rather than called on the model. ``materialize(part)`` is given for a model on
     ``meta``: it allocates and initializes what this rank holds of each part once it is split and
-    sharded, before any optimizer sees it (sharded initialization). DeepSpeed, which shards
-    inside ``deepspeed.initialize``, gets the whole model materialized first.
+    sharded, before any optimizer sees it (sharded initialization). Under ZeRO-3 each module is
+    partitioned as soon as it is materialized; ZeRO-1/2, which keep whole parameters on every
+    rank, get the whole model materialized before ``deepspeed.initialize``.
     """
     from llmray.parallel import compose, fsdp
 
-    materialize = materialize or (lambda part: None)
+    materialize = materialize or (lambda part, **_: None)
     dims = cfg.dims(world_size)
     shape = getattr(model, "cfg", None)
     if shape is not None:
@@ -113,10 +114,11 @@ def build_engine(model: nn.Module, make_optimizer: Callable[[nn.Module], torch.o
     if cfg.strategy == "deepspeed":
         from llmray.parallel import deepspeed
 
+        bf16 = param_dtype == torch.bfloat16
         compose.parallelize_part(model, layout, param_dtype=None)  # checkpointing / compile only
-        materialize(model)
+        materialize(model, **({"each": deepspeed.partitioner(bf16)} if cfg.zero_stage == 3 else {}))
         return deepspeed.DeepSpeedEngine(model, make_optimizer, cfg.zero_stage, world_size=world_size,
-                                         bf16=param_dtype == torch.bfloat16, grad_clip=grad_clip)
+                                         bf16=bf16, grad_clip=grad_clip)
     if dims.pp_enabled:
         return _pipeline_engine(model, make_optimizer, cfg, layout, param_dtype, pipeline_loss, device, materialize)
     compose.parallelize_part(model, layout, param_dtype=param_dtype)

@@ -15,6 +15,11 @@ Choices (measured, see PITFALLS.md):
   guard therefore judges the loss before the step; a skipped step drops the partitioned
   gradients exactly as DeepSpeed's own overflow path does (weights and optimizer untouched).
   DeepSpeed itself also skips steps whose gradient norm is not finite.
+* ZeRO-3 on a ``meta`` model partitions at initialization: each module is materialized and
+  handed at once to ``deepspeed.zero.Init(module=...)`` (:func:`partitioner`), which keeps this
+  rank's partition of its parameters, so no rank ever holds the whole model (one module's
+  parameters at a time). With bf16 they are cast first, as ``deepspeed.initialize`` would
+  cast a whole model.
 * Checkpoints are DeepSpeed's own ZeRO files under ``<checkpoint>/deepspeed/`` (they cannot
   be resharded to another world size; FSDP2's DCP checkpoints can).
 """
@@ -36,6 +41,35 @@ def extensions_dir() -> Path:
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "llmray" / "torch_extensions"))
 
 
+def engine_config(stage: int, bf16: bool, grad_clip: float = 0.0) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: batches are the trainer's
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2 ** 31 - 1,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def partitioner(bf16: bool) -> Callable[[nn.Module], None]:
+    """What ZeRO-3 does to each freshly materialized module: keep this rank's partition of its
+    parameters (the parameters of its children are partitioned already)."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    import deepspeed
+
+    config = engine_config(3, bf16)
+
+    def partition(module: nn.Module) -> None:
+        if bf16:
+            for param in module.parameters(recurse=False):
+                param.data = param.data.to(torch.bfloat16)
+        deepspeed.zero.Init(module=module, config_dict_or_path=config)
+
+    return partition
+
+
 class DeepSpeedEngine:
     def __init__(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                  stage: int, *, world_size: int, bf16: bool, grad_clip: float = 0.0):
@@ -43,17 +77,8 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.base_optimizer = make_optimizer(model)
-        config = {
-            "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: batches are the trainer's
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": grad_clip,
-            "zero_optimization": {"stage": stage},
-            "bf16": {"enabled": bf16},
-            "steps_per_print": 2 ** 31 - 1,
-            "zero_allow_untested_optimizer": True,
-        }
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.base_optimizer,
-                                                                config=config)
+                                                                config=engine_config(stage, bf16, grad_clip))
         self.world_size = world_size
         self.stage = stage
 

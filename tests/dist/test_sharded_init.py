@@ -12,8 +12,9 @@ init blocks and FSDP/TP shards cut through blocks. Checked on every rank:
   stage's parameter count, the other stage's layers staying on ``meta``;
 * the gathered weights equal ``llama.build(cfg, seed=SEED)`` in one process, bitwise.
 
-ZeRO-3 gets the whole model materialized before ``deepspeed.initialize`` partitions it (its
-partitioned init is not used): only the equality is checked there.
+Under ZeRO-3 each module is partitioned as soon as its parameters are filled: the most
+parameter elements ever whole on a rank at once are one module's (never the model's), and each
+rank keeps half of every parameter.
 """
 
 from __future__ import annotations
@@ -69,13 +70,21 @@ def ranks_main(_shards, out):
     cfg = preset("tiny", **SHAPE)
     results = {}
     for name, parallel in LAYOUTS.items():
-        parts_seen = []
+        parts_seen, whole_at_once = [], []
         materialize = param_init.materialize
 
         def watched(module, *args, **kwargs):
             params = list(module.parameters())
             parts_seen.append({"all_meta": all(p.device.type == "meta" for p in params),
                                "sharded": all(isinstance(p, DTensor) for p in params)})
+            if "each" in kwargs:  # ZeRO-3: count the whole (not yet partitioned) elements at each step
+                each = kwargs["each"]
+
+                def counted(submodule):
+                    whole_at_once.append(sum(p.numel() for p in params
+                                             if p.device.type != "meta" and not hasattr(p, "ds_id")))
+                    each(submodule)
+                kwargs["each"] = counted
             return materialize(module, *args, **kwargs)
         param_init.materialize = watched
         model = llama.build(cfg, "meta")
@@ -87,6 +96,9 @@ def ranks_main(_shards, out):
             param_init.materialize = materialize
         on_device = [p for p in model.parameters() if p.device.type != "meta"]
         results[name] = {"parts": parts_seen, "largest_created": largest.largest,
+                         "whole_at_once": max(whole_at_once, default=None),
+                         "partition_elements": sum(p.ds_tensor.numel() for p in model.parameters()
+                                                   if hasattr(p, "ds_tensor")),
                          "materialized_elements": sum(local(p).numel() for p in on_device),
                          "meta_elements": sum(p.numel() for p in model.parameters() if p.device.type == "meta"),
                          "stage_elements": sum(p.numel() for m in getattr(trainer.engine, "modules", [])
@@ -148,6 +160,17 @@ def test_parts_are_sharded_on_meta_before_any_full_parameter_exists(runs, single
     else:  # TP shards the matrices; norms (2 per layer + final, 128 each) are replicated on both ranks
         replicated = (2 * SHAPE["n_layers"] + 1) * SHAPE["dim"]
         assert sum(rank["materialized_elements"] for rank in per_rank) == total + replicated
+
+
+def test_zero3_partitions_each_module_as_it_is_filled_and_never_holds_the_model_whole(runs, single_process):
+    _, results = runs
+    total = sum(t.numel() for t in single_process.values())
+    largest_module = max(SHAPE["dim"] * SHAPE["ffn_hidden_dim"], SHAPE["vocab_size"] * SHAPE["dim"])
+    for rank in (r["zero3_dp2"] for r in results):
+        assert rank["parts"] == [{"all_meta": True, "sharded": False}]
+        assert rank["whole_at_once"] == largest_module < total / 10
+        # every parameter split in two, each half padded to an even count at most
+        assert total / 2 <= rank["partition_elements"] <= total / 2 + len(single_process)
 
 
 def test_pipeline_ranks_hold_only_their_stage(runs, single_process):
