@@ -114,11 +114,11 @@ def build_engine(model: nn.Module, make_optimizer: Callable[[nn.Module], torch.o
     if cfg.strategy == "deepspeed":
         from llmray.parallel import deepspeed
 
-        bf16 = param_dtype == torch.bfloat16
+        bf16, hidden = param_dtype == torch.bfloat16, deepspeed.model_width(model)
         compose.parallelize_part(model, layout, param_dtype=None)  # checkpointing / compile only
-        materialize(model, **({"each": deepspeed.partitioner(bf16)} if cfg.zero_stage == 3 else {}))
+        materialize(model, **({"each": deepspeed.partitioner(bf16, hidden)} if cfg.zero_stage == 3 else {}))
         return deepspeed.DeepSpeedEngine(model, make_optimizer, cfg.zero_stage, world_size=world_size,
-                                         bf16=bf16, grad_clip=grad_clip)
+                                         bf16=bf16, hidden=hidden, grad_clip=grad_clip)
     if dims.pp_enabled:
         return _pipeline_engine(model, make_optimizer, cfg, layout, param_dtype, pipeline_loss, device, materialize)
     compose.parallelize_part(model, layout, param_dtype=param_dtype)
