@@ -2,6 +2,7 @@
 
     python bench/driver_memory.py            # 200 MB and 800 MB of JSONL text
     python bench/driver_memory.py --quick    # 20 MB and 80 MB (under 5 minutes idle)
+    python bench/driver_memory.py --whole-cpus   # every task and actor asks for a whole CPU
 
 Input: documents of real sentences (from ``_dedup_corpus.base_documents``: ../shared/data and
 this machine's docs; see :func:`write_corpus`: prose that mostly passes the filters, 30% near
@@ -10,6 +11,13 @@ runs ``llmray curate`` (normalize, heuristic filters, language ID, exact + MinHa
 parquet output) in a fresh driver process on a fresh local Ray of 2 CPUs; the driver reports its
 own peak resident set (``ru_maxrss`` of its process only: Ray's workers are other processes,
 which is the point) and the wall time of the stage.
+
+``--whole-cpus``: curate's defaults ask for fractions of a CPU (two classifier actors at 0.5
+beside read and clean tasks at 0.25-0.5), so four processes share the 2 cores and the 1-minute
+load, which counts the bench's own processes, passes the idle bound (1.5x the cores) with nothing
+else running. With this flag one classifier actor and every task ask for a whole CPU, at most two
+processes compute at once, and the run can be judged idle; the driver's job (plans, refs,
+counts) is the same.
 
 Targets (issue: multi-node for real): driver peak RSS grows ≤ 1.2× while the input grows 4×;
 wall time grows ≤ 4.4×. The peer is the same stage at the smaller size: there is no single-process
@@ -94,13 +102,18 @@ def _prose(sentence: str) -> bool:
     return 6 <= len(words) <= 60 and sum(any(c.isalpha() for c in w) for w in words) >= 0.95 * len(words)
 
 
-def curate_config(corpus: Path) -> dict:
+WHOLE_CPUS = {"read_cpus": 1, "clean_cpus": 1, "actors": 1, "actor_cpus": 1}
+
+
+def curate_config(corpus: Path, whole_cpus: bool = False) -> dict:
     return {"sources": [{"name": "web", "kind": "jsonl", "paths": [str(corpus)]}],
-            "dedup": {"exact": True, "minhash": {"enabled": True}, "decontam": {"enabled": False}}}
+            "dedup": {"exact": True, "minhash": {"enabled": True}, "decontam": {"enabled": False}},
+            **({"execution": WHOLE_CPUS} if whole_cpus else {})}
 
 
-def run_driver(corpus: Path, run_root: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(curate_config(corpus)), str(run_root)],
+def run_driver(corpus: Path, run_root: Path, whole_cpus: bool) -> dict:
+    raw = curate_config(corpus, whole_cpus)
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(raw), str(run_root)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"curate failed on {corpus}:\n{proc.stderr[-4000:]}")
@@ -111,6 +124,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="20 MB and 80 MB instead of 200 MB and 800 MB")
     parser.add_argument("--megabytes", type=int, default=200, help="the smaller input (the larger is 4×)")
+    parser.add_argument("--whole-cpus", action="store_true", help="one classifier actor, every task and actor "
+                                                                  "asking for a whole CPU (see above)")
     args = parser.parse_args()
     small = 20 if args.quick else args.megabytes
     load = LoadWatch(2)
@@ -121,7 +136,7 @@ def main() -> None:
         for megabytes in (small, 4 * small):
             corpus = work / f"corpus-{megabytes}mb"
             documents = write_corpus(base, corpus, megabytes, seed=megabytes)
-            run = run_driver(corpus, work / f"runs-{megabytes}mb")
+            run = run_driver(corpus, work / f"runs-{megabytes}mb", args.whole_cpus)
             results[megabytes] = {"documents": documents, **run}
             print(f"{megabytes} MB, {documents:,} documents: {run['seconds']:.1f} s, driver peak RSS "
                   f"{run['peak_rss_mb']:.0f} MB, {run['summary']}", flush=True)
@@ -130,7 +145,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     one, four = results[small], results[4 * small]
     print(json.dumps({
-        "input_mb": [small, 4 * small], "documents": [one["documents"], four["documents"]],
+        "input_mb": [small, 4 * small], "whole_cpus": args.whole_cpus, "documents": [one["documents"], four["documents"]],
         "driver_peak_rss_mb": [round(one["peak_rss_mb"], 1), round(four["peak_rss_mb"], 1)],
         "seconds": [round(one["seconds"], 1), round(four["seconds"], 1)],
         "rss_growth_4x": round(four["peak_rss_mb"] / one["peak_rss_mb"], 3),
