@@ -83,26 +83,33 @@ def _write_parquet(table: pa.Table, location: Path | str, output_cfg) -> None:
 
 
 class SignalSample:
-    """Every ``stride``-th value of a stream, never more than ``capacity`` of them.
+    """The values of a stream at the positions that are multiples of ``stride``, never more than
+    ``capacity`` of them.
 
-    When the sample overflows, every other kept value goes and the stride doubles, so the sample
-    stays spread evenly over the whole stream in bounded memory (the driver merges one slice's
-    sample after another: a "first N values" list would describe only the first slices, and an
-    unbounded one grows with the corpus). The values kept depend only on the order of the values
-    added, so merged slices give the sample of the whole stream."""
+    When the sample overflows, the stride doubles and the values off the new grid go, so the
+    sample stays spread evenly over the whole stream in bounded memory (the driver merges one
+    slice's sample after another: a "first N values" list would describe only the first slices,
+    and an unbounded one grows with the corpus). A value added with ``weight`` w stands for w
+    positions: a slice's own sample, taken every w-th row, keeps its share of the stream however
+    many rows earlier filters left in the slice. The values kept depend only on the values added
+    and their weights, in order, so merged slices give the sample of the whole stream."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity, self.stride, self.seen = capacity, 1, 0
         self.values: list[float] = []
+        self._positions: list[int] = []
 
-    def extend(self, values) -> None:
+    def extend(self, values, weight: int = 1) -> None:
         for value in values:
             if self.seen % self.stride == 0:
                 self.values.append(value)
-                if len(self.values) > self.capacity:
-                    del self.values[1::2]
+                self._positions.append(self.seen)
+                while len(self.values) > self.capacity:
                     self.stride *= 2
-            self.seen += 1
+                    kept = [i for i, position in enumerate(self._positions) if position % self.stride == 0]
+                    self.values = [self.values[i] for i in kept]
+                    self._positions = [self._positions[i] for i in kept]
+            self.seen += weight
 
 
 class FunnelTally:
@@ -199,7 +206,8 @@ class FunnelTally:
             "drops": [[*k, *v] for k, v in self.drops.items()],
             "samples": [[*k, v] for k, v in self.samples.items()],
             "first_errors": self.first_errors,
-            "signals": {name: sample.values for name, sample in self.signals.items()}, "stages_seen": self.stages_seen,
+            "signals": {name: [sample.stride, sample.values] for name, sample in self.signals.items()},
+            "stages_seen": self.stages_seen,
             "files": self.files})
 
     def merge_json(self, text: str) -> Counter:
@@ -219,8 +227,8 @@ class FunnelTally:
             kept.extend(rows[:self.sample_rejected - len(kept)])
         for source, messages in part["first_errors"].items():
             self.first_errors[source].extend(messages[:FIRST_ERRORS - len(self.first_errors[source])])
-        for name, values in part["signals"].items():
-            self.signals[name].extend(values)
+        for name, (stride, values) in part["signals"].items():
+            self.signals[name].extend(values, weight=stride)
         self.stages_seen += [stage for stage in part["stages_seen"] if stage not in self.stages_seen]
         for dataset, names in part["files"].items():
             self.files[dataset].extend(names)

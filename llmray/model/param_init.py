@@ -63,13 +63,14 @@ def materialize(module: nn.Module, device: torch.device, seed: int, rule_for: Ca
     names = {id(param): name for name, param in module.named_parameters()}  # a tied one: its first name
     for submodule in reversed(list(module.modules())):  # pre-order reversed: children come first
         own = [param for param in submodule.parameters(recurse=False) if param.device.type == "meta"]
-        if not own:
+        if not own and all(buffer.device.type != "meta" for buffer in submodule.buffers(recurse=False)):
             continue
         with _swapping_parameters():
             submodule.to_empty(device=device, recurse=False)
         for param in own:
             _fill(param, canonical_name(names[id(param)]), seed, rule_for)
-        each(submodule)
+        if own:
+            each(submodule)
 
 
 @torch.no_grad()

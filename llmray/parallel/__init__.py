@@ -84,7 +84,7 @@ def casts_parameters(cfg: ParallelConfig, world_size: int) -> bool:
 def build_engine(model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                  cfg: ParallelConfig, *, world_size: int, param_dtype: torch.dtype | None, device: torch.device,
                  grad_clip: float = 0.0, pipeline_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 materialize: Callable[[nn.Module], None] | None = None):
+                 materialize: Callable[..., None] | None = None):
     """Parallelize ``model`` per ``cfg`` and return the engine the training loop drives.
 
     ``pipeline_loss(logits, targets)`` (the summed loss of one pipeline micro-batch) is needed
@@ -127,7 +127,7 @@ def build_engine(model: nn.Module, make_optimizer: Callable[[nn.Module], torch.o
 
 
 def _pipeline_engine(model: nn.Module, make_optimizer, cfg: ParallelConfig, layout, param_dtype, pipeline_loss,
-                     device: torch.device, materialize: Callable[[nn.Module], None]):
+                     device: torch.device, materialize: Callable[..., None]):
     """Split ``model`` into this rank's stages, parallelize each like a whole model, schedule them.
 
     Only the stages' modules are materialized: on a ``meta`` model the other stages' layers never

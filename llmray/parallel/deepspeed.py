@@ -42,11 +42,12 @@ def extensions_dir() -> Path:
 
 
 def model_width(model: nn.Module) -> int:
-    """The model's hidden size (``cfg.dim`` of an llmray model; else the widest parameter row)."""
+    """The model's hidden size (``cfg.dim`` of an llmray model; else the narrowest input width of
+    its matrices, which in a transformer is the hidden size)."""
     shape = getattr(model, "cfg", None)
     if shape is not None:
         return shape.dim
-    return max(p.shape[-1] for p in model.parameters())
+    return min(p.shape[-1] for p in model.parameters() if p.dim() == 2)
 
 
 def engine_config(stage: int, bf16: bool, hidden: int, grad_clip: float = 0.0) -> dict:

@@ -19,7 +19,7 @@ import uuid
 from typing import Iterator
 
 log = logging.getLogger("llmray.tune")
-TTL_S = 20.0
+TTL_S = 60.0
 _RETRY_S = 0.5
 
 
@@ -53,7 +53,13 @@ def serving(name: str) -> Iterator[None]:
     """The lease actor ``name`` for the block (the sweep); trials look it up by name."""
     import ray
 
-    actor = ray.remote(SlotLeases).options(name=name, get_if_exists=True, num_cpus=0).remote()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's node, which the sweep cannot outlive anyway; restarted (empty: holders take
+    # their leases again at the next renewal) if its process dies.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(SlotLeases).options(name=name, get_if_exists=True, num_cpus=0, max_restarts=-1,
+                                           max_task_retries=-1, scheduling_strategy=here).remote()
     try:
         yield
     finally:
@@ -75,9 +81,12 @@ def leased(name: str, slot: str, ttl_s: float = TTL_S) -> Iterator[None]:
 
     def renew() -> None:
         while not stop.wait(ttl_s / 4):
-            if not ray.get(leases.take.remote(slot, holder, ttl_s)):
-                log.error("lost the lease on %s (not renewed for %.0f s): another trial may run this stage "
-                          "at the same time", slot, ttl_s)
+            try:
+                if not ray.get(leases.take.remote(slot, holder, ttl_s)):
+                    log.error("lost the lease on %s (not renewed for %.0f s): another trial may run this "
+                              "stage at the same time", slot, ttl_s)
+            except ray.exceptions.RayError as exc:  # the lease actor restarting: try again next time
+                log.warning("could not renew the lease on %s (%s); retrying", slot, exc)
 
     thread = threading.Thread(target=renew, name="llmray-slot-lease", daemon=True)
     thread.start()
@@ -86,4 +95,7 @@ def leased(name: str, slot: str, ttl_s: float = TTL_S) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
-        ray.get(leases.give_back.remote(slot, holder))
+        try:
+            ray.get(leases.give_back.remote(slot, holder))
+        except ray.exceptions.RayError as exc:  # the lease lapses by itself; the stage's outcome stands
+            log.warning("could not give back the lease on %s (%s)", slot, exc)

@@ -211,6 +211,11 @@ def _absolute(location: Path | str) -> Path | str:
     return location if storage.is_remote(location) else Path(location).resolve()
 
 
+def lease_actor(work: Path | str) -> str:
+    """The name of the lease actor of the sweep in ``work`` (:mod:`llmray.tune.leases`)."""
+    return leases.actor_name(str(_absolute(work)))
+
+
 def sweep_key(cfg: TuneConfig) -> str:
     """The config hash of the sweep itself: how a sweep is continued (``resume``) is not part of it."""
     return config_lib.config_hash(dataclasses.replace(cfg, resume="auto"))
@@ -260,7 +265,7 @@ def build_tuner(cfg: TuneConfig, work: Path | str, run_root: Path | str, ray_cfg
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     domains = cfg.domains()
     plan = trial_lib.TrialPlan(stages=cfg.stages, work=work, run_root=_absolute(run_root),
-                               run_dir_text=str(run_root), leases=leases.actor_name(str(work)),
+                               run_dir_text=str(run_root), leases=lease_actor(work),
                                cwd=Path.cwd().resolve(), ray=ray_cfg,
                                checkpoint_stage=cfg.checkpoint.stage, checkpoint_subdir=cfg.checkpoint.subdir,
                                restore_key=cfg.checkpoint.restore_key)
@@ -295,7 +300,7 @@ def run_tune(cfg: TuneConfig, ctx) -> dict:
 
     ctx.connect_ray()
     tuner = build_tuner(cfg, ctx.dir.work, ctx.run_root, ctx.ray)
-    with leases.serving(leases.actor_name(str(_absolute(ctx.dir.work)))):
+    with leases.serving(lease_actor(ctx.dir.work)):
         grid = tuner.fit()
     record_sweep(ctx.dir.work, sweep_key(cfg), finished=True)
     summary, rows = results_lib.write_results(grid, cfg, ctx.dir.work, ctx.output, storage.name(ctx.run_root))

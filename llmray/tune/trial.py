@@ -297,20 +297,27 @@ def _report(tune, values: dict, checkpoint_dir: Path | None) -> None:
 
 
 def _new_checkpoint(slots: list[StageSlot], plan: TrialPlan, reported: str | None) -> tuple[Path | None, str | None]:
-    """A private copy of the stage's newest complete checkpoint if it is newer than ``reported``."""
+    """A private copy of the stage's newest complete checkpoint if it is newer than ``reported``.
+
+    Copied straight into a temp folder, which Tune's report then takes over (a checkpoint on an
+    object store is downloaded once, never into the node's cache: a trial reports many)."""
     from llmray.train import checkpoint as ckpt
 
     slot = next(s for s in slots if s.name == plan.checkpoint_stage)
-    newest = ckpt.latest_in(runs.at(slot.stage_dir, plan.checkpoint_subdir))
-    if newest is None or newest.name == reported:
-        return None, reported
-    copy = Path(tempfile.mkdtemp(prefix="llmray-tune-ckpt-")) / newest.name
-    try:
-        shutil.copytree(newest, copy)
-    except (FileNotFoundError, shutil.Error):  # rotated away by the trainer while copying: next time
+    root = runs.at(slot.stage_dir, plan.checkpoint_subdir)
+    for name in ckpt.step_names(root):  # newest first
+        if name == reported:
+            break
+        copy = Path(tempfile.mkdtemp(prefix="llmray-tune-ckpt-")) / name
+        try:
+            storage.download(runs.at(root, name), copy)
+            complete, _ = ckpt.is_complete(copy)
+        except OSError:  # rotated away by the trainer while copying
+            complete = False
+        if complete:
+            return copy, name
         shutil.rmtree(copy.parent, ignore_errors=True)
-        return None, reported
-    return copy, newest.name
+    return None, reported
 
 
 def _local_copy(checkpoint, work: Path | str, trial_id: str) -> str:

@@ -104,7 +104,7 @@ def test_funnel_table_without_edits_keeps_its_columns():
 
 def test_slice_tallies_merged_in_order_equal_one_tally_of_the_whole_stream():
     """Workers count their slices; the driver's merge must give the funnel of the whole stream,
-    including the capped "first values" lists (samples, signals) in stream order."""
+    including the capped "first values" lists (samples) and the signal samples, in stream order."""
     rows = curate._mark_dropped(records.to_table(_rows() * 3), FIRST_POSITION, _dropped(["doc-3"], copies=3),
                                 _edits(["doc-2"], [0b11]))
     whole = funnel.FunnelTally(sample_rejected=2)
@@ -138,3 +138,17 @@ def test_the_signal_sample_is_bounded_spread_over_the_whole_stream_and_independe
     assert 50 <= len(whole.values) <= 100
     steps = set(b - a for a, b in zip(whole.values, whole.values[1:]))
     assert steps == {float(whole.stride)} and whole.values[0] == 0.0 and whole.values[-1] >= 0.99 * len(stream)
+
+
+def test_a_slice_s_sparser_signal_sample_keeps_its_share_of_the_merged_one():
+    """A slice that sends every 4th value of 4,000 rows and one that sends all of its 1,000 rows
+    stand for 4,000 and 1,000 rows of the stream: the driver's sample keeps them 4 to 1."""
+    sparse, dense = funnel.SignalSample(capacity=1000), funnel.SignalSample(capacity=1000)
+    sparse.extend([0.0] * 4000)
+    dense.extend([1.0] * 1000)
+    assert (sparse.stride, len(sparse.values), dense.stride) == (4, 1000, 1)
+    merged = funnel.SignalSample(capacity=500)
+    for part in (sparse, dense):
+        merged.extend(part.values, weight=part.stride)
+    zeros, ones = merged.values.count(0.0), merged.values.count(1.0)
+    assert (zeros, ones) == (250, 63)  # positions 0, 16, ... of 4,000 and of the next 1,000 (unweighted: 250 / 250)

@@ -165,3 +165,25 @@ def test_a_slot_lease_waits_for_its_holder_and_lapses_when_the_holder_stops_rene
     assert leases.take("slot", "b", ttl_s=0.05)
     time.sleep(0.1)  # b died without giving it back
     assert leases.take("slot", "a", ttl_s=60)
+
+
+def test_the_checkpoint_handed_to_tune_is_a_copy_of_the_newest_complete_one_not_yet_reported(tmp_path):
+    """PBT's source of checkpoints: a half-written newest step is passed over for the complete one
+    before it, a step already reported is not copied again, and the copy is the trial's own."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from llmray.train import checkpoint as ckpt
+
+    slots = trial.stage_slots({"proxy": {}}, tmp_path / "stages")
+    plan = trial.TrialPlan(stages={"proxy": {}}, work=tmp_path, run_root=tmp_path / "run", cwd=tmp_path,
+                           checkpoint_stage="proxy")
+    root = slots[0].stage_dir / plan.checkpoint_subdir
+    complete, half_written = root / ckpt.step_dir_name(10), root / ckpt.step_dir_name(20)
+    dcp.save({"w": torch.arange(4.0)}, checkpoint_id=str(complete))
+    for directory in (complete, half_written):
+        ckpt.write_trainer_state(directory, 0, {"world_size": 1})
+    copy, name = trial._new_checkpoint(slots, plan, reported=None)
+    assert name == complete.name and copy != complete and ckpt.is_complete(copy)[0]
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in complete.iterdir())
+    assert trial._new_checkpoint(slots, plan, reported=name) == (None, name)

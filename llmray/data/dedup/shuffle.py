@@ -21,7 +21,9 @@ however many parts come in. Ray keeps a task result under 100 KiB in the memory 
 the driver, and copies it into the spec of the task that reads it: one split task per part made
 ``parts x partitions`` pieces, which grows with the square of the input, and at 800 MB of text
 those tiny pieces were the largest thing in the driver. Rows reach each reducer in the same
-order either way, so results do not depend on the grouping.
+order either way, so results do not depend on the grouping. A split task reads 1/max(CPUs,
+partitions) of the shuffled rows, no more than a reducer does (dedup sizes its partitions so
+that a reducer gets at most ``PARTITION_BYTES``).
 
 :class:`LocalShuffler` runs the same map/split/reduce functions in-process: unit tests use it
 to check the algorithms (against a single-process reference) without a cluster, and dedup's
@@ -84,6 +86,8 @@ def _split_task(key: str, num_partitions: int, map_fn: MapFn | None, partition_f
 
 def runs_of(items: Sequence[Any], count: int) -> list[Sequence[Any]]:
     """``items`` cut into at most ``count`` runs of consecutive items, of near-equal length."""
+    if not items:
+        return []
     per = -(-len(items) // max(1, count))
     return [items[i:i + per] for i in range(0, len(items), per)]
 
