@@ -123,7 +123,8 @@ def is_dir(location: str | os.PathLike) -> bool:
     return _info(location).type == pafs.FileType.Directory
 
 
-def size(location: str | os.PathLike) -> int:
+def size(location: str | os.PathLike) -> int | None:
+    """Bytes of the file at ``location``; None when no file is there (nothing, or a folder)."""
     return _info(location).size
 
 

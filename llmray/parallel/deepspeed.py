@@ -72,12 +72,18 @@ def engine_config(stage: int, bf16: bool, hidden: int, grad_clip: float = 0.0) -
     }
 
 
-def partitioner(bf16: bool, hidden: int) -> Callable[[nn.Module], None]:
-    """What ZeRO-3 does to each freshly materialized module: keep this rank's partition of its
-    parameters (the parameters of its children are partitioned already)."""
+def _deepspeed():
+    """The deepspeed module, its JIT-built ops cached under :func:`extensions_dir`."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     import deepspeed
 
+    return deepspeed
+
+
+def partitioner(bf16: bool, hidden: int) -> Callable[[nn.Module], None]:
+    """What ZeRO-3 does to each freshly materialized module: keep this rank's partition of its
+    parameters (the parameters of its children are partitioned already)."""
+    deepspeed = _deepspeed()
     config = engine_config(3, bf16, hidden)
 
     def partition(module: nn.Module) -> None:
@@ -92,9 +98,7 @@ def partitioner(bf16: bool, hidden: int) -> Callable[[nn.Module], None]:
 class DeepSpeedEngine:
     def __init__(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                  stage: int, *, world_size: int, bf16: bool, hidden: int, grad_clip: float = 0.0):
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
-        import deepspeed
-
+        deepspeed = _deepspeed()
         self.base_optimizer = make_optimizer(model)
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.base_optimizer,
                                                                 config=engine_config(stage, bf16, hidden, grad_clip))

@@ -3,9 +3,9 @@
 Trials that share upstream settings meet in the same slot (:mod:`llmray.tune.trial`) and must not
 compute one stage twice at once. Trials run on any node and a slot may be a prefix on an object
 store, so a file lock cannot do it: one named actor per sweep, started by the sweep's driver
-for the length of the sweep, holds every lease. A lease lasts ``ttl_s``; its holder renews it from a thread while the stage runs, so a
-holder that dies with its node or process lets the lease lapse and a waiting trial goes on
-instead of waiting forever.
+for the length of the sweep, holds every lease. A lease lasts ``ttl_s``; its holder renews it
+from a thread while the stage runs, so a holder that dies with its node or process lets the
+lease lapse and a waiting trial goes on instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ def actor_name(sweep: str) -> str:
 def serving(name: str) -> Iterator[None]:
     """The lease actor ``name`` for the block (the sweep); trials look it up by name."""
     import ray
-
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # On the driver's node, which the sweep cannot outlive anyway; restarted (empty: holders take

@@ -154,10 +154,11 @@ class MetricsTail:
 
     def __init__(self, location: Path | str):
         self.location = location
-        self.offset = storage.size(location) if storage.is_file(location) else 0
+        self.offset = storage.size(location) or 0
 
     def read(self) -> list[dict]:
-        if not storage.is_file(self.location) or storage.size(self.location) <= self.offset:
+        size = storage.size(self.location)  # one lookup per poll (a request, on an object store)
+        if size is None or size <= self.offset:
             return []
         with storage.open_input(self.location) as handle:
             handle.seek(self.offset)
