@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llmray import runs, storage
+from llmray.model import param_init
 from llmray.model.config import ModelConfig, RopeScaling
 from llmray.model.llama import Transformer, build
 from llmray.tokenizer.chat import END
@@ -332,7 +333,7 @@ def export(out_dir: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.Te
         if name == "output.weight" and cfg.tie_embeddings:
             continue  # stored once, as the embedding
         tensors[_hf_name(name, cfg)] = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
-    expected = {_hf_name(n, cfg) for n in _expected_names(cfg)}
+    expected = {_hf_name(n, cfg) for n in _expected_shapes(cfg)}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise ValueError(f"state dict does not hold a full model: missing {missing[:5]}, "
@@ -359,28 +360,81 @@ def _copy_tokenizer(source: Path, target: Path) -> None:
                 shutil.copyfileobj(src, handle)
 
 
-def _expected_names(cfg: ModelConfig) -> list[str]:
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Each stored parameter of a model of ``cfg`` (a tied head is the embedding) and its shape."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    names = list(model.state_dict().keys())
-    return [n for n in names if not (n == "output.weight" and cfg.tie_embeddings)]
+    return {n: tuple(t.shape) for n, t in model.state_dict().items()
+            if not (n == "output.weight" and cfg.tie_embeddings)}
 
 
 # ---------------------------------------------------------------------------------------------
 # Import
 # ---------------------------------------------------------------------------------------------
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``."""
+class WeightSlices:
+    """The weights of a directory in HF layout as a :data:`~llmray.model.param_init.Source`: any
+    slice of any parameter, read from the memory-mapped safetensors file alone.
+
+    Why: a sharded run (FSDP2 rows, tensor-parallel rows or columns, one pipeline stage, one
+    ZeRO-3 module at a time) starting from pretrained weights fills each rank's part straight from
+    the file, so no rank reads or holds the whole state. Opening checks the file against ``cfg``:
+    every parameter there with its shape. ``skip``: parameters the caller fills from elsewhere (a
+    new head), which the file may lack or hold in another shape.
+    """
+
+    def __init__(self, path: str | Path, cfg: ModelConfig, skip: tuple[str, ...] = ()):
+        from safetensors import safe_open
+
+        self.path, self.cfg = Path(path), cfg
+        self._files = {file: safe_open(str(self.path / file), framework="pt") for file in _weight_files(self.path)}
+        self._file_of = {name: file for file, handle in self._files.items() for name in handle.keys()}
+        expected = {name: shape for name, shape in _expected_shapes(cfg).items() if name not in skip}
+        ours = {}
+        for hf_name in self._file_of:
+            if hf_name == "lm_head.weight" and cfg.tie_embeddings:
+                continue  # some exporters store the tied head too; the embedding is the one weight
+            try:
+                ours[_our_name(hf_name, cfg)] = hf_name
+            except KeyError as exc:
+                raise HFFormatError(f"{self.path}: {exc.args[0]}") from None
+        missing = sorted(set(expected) - set(ours))
+        unexpected = sorted(set(ours) - set(expected) - set(skip))
+        if missing or unexpected:
+            raise HFFormatError(f"{self.path}: weights do not match {CONFIG_FILE}: missing "
+                                f"{[_hf_name(n, cfg) for n in missing][:5]}, unexpected "
+                                f"{[ours[n] for n in unexpected][:5]}")
+        for name, shape in expected.items():
+            stored = tuple(self._slice(name).get_shape())
+            if stored != shape:
+                raise HFFormatError(f"{self.path}: weights do not match {CONFIG_FILE}: size mismatch for "
+                                    f"{name} ({ours[name]}): the file has {list(stored)}, the config gives "
+                                    f"{list(shape)}")
+
+    def __call__(self, name: str, shape: tuple[int, ...], offset: tuple[int, ...],
+                 local_shape: tuple[int, ...]) -> torch.Tensor:
+        index = tuple(slice(start, start + size) for start, size in zip(offset, local_shape))
+        return self._slice(name)[index]
+
+    def _slice(self, name: str):
+        if name == "output.weight" and self.cfg.tie_embeddings:
+            name = "tok_embeddings.weight"
+        hf_name = _hf_name(name, self.cfg)
+        return self._files[self._file_of[hf_name]].get_slice(hf_name)
+
+
+def _weight_files(path: Path) -> list[str]:
+    """``model.safetensors``, or the shards listed in ``model.safetensors.index.json``."""
     if (path / WEIGHTS_FILE).is_file():
-        return load_file(str(path / WEIGHTS_FILE))
+        return [WEIGHTS_FILE]
     index = path / WEIGHTS_INDEX_FILE
     if not index.is_file():
         raise FileNotFoundError(f"{path} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}")
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        tensors.update(load_file(str(path / shard)))
-    return tensors
+    return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+
+
+def _our_name(hf_name: str, cfg: ModelConfig) -> str:
+    return from_hf_name(_SCORE_HEAD[0] if cfg.head == "score" and hf_name == _SCORE_HEAD[1] else hf_name)
 
 
 def read_config(path: str | Path) -> ModelConfig:
@@ -407,25 +461,6 @@ def load(path: str | Path, device: torch.device | str = "cpu",
     generation_path = path / GENERATION_CONFIG_FILE
     if generation_path.is_file():  # generation_config.json wins for generation settings, as in HF
         special = _prefer(special_tokens_from(json.loads(generation_path.read_text())), special)
-    state = {}
-    for name, tensor in read_state_dict(path).items():
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue  # some exporters store the tied head too; the embedding is the one weight
-        if cfg.head == "score" and name == _SCORE_HEAD[1]:
-            name = _SCORE_HEAD[0]
-        try:
-            state[from_hf_name(name)] = tensor
-        except KeyError as exc:
-            raise HFFormatError(f"{path}: {exc.args[0]}") from None
-    expected = set(_expected_names(cfg))
-    if set(state) != expected:
-        raise HFFormatError(f"{path}: weights do not match {CONFIG_FILE}: missing "
-                            f"{[to_hf_name(n) for n in sorted(expected - set(state))][:5]}")
-    if cfg.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    model = build(cfg, device, init=False, dtype=dtype)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:  # shape mismatches, each named by parameter
-        raise HFFormatError(f"{path}: weights do not match {CONFIG_FILE}: {exc}") from None
+    model = build(cfg, "meta").to(dtype)
+    param_init.materialize(model, torch.device(device), WeightSlices(path, cfg))
     return Pretrained(model=model.eval(), config=cfg, special_tokens=special, path=path)

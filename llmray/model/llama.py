@@ -385,7 +385,7 @@ class Transformer(nn.Module):
         """Initialize every parameter this module holds from ``seed`` (:mod:`~llmray.model.param_init`):
         the same values whichever layout holds which part."""
         self.tie_weights()
-        param_init.initialize(self, seed, self.init_rule)
+        param_init.initialize(self, param_init.seeded(seed, self.init_rule))
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache for this model's layers, on its device and in its dtype."""

@@ -14,10 +14,12 @@ single-process initialization bitwise.
 
 :func:`materialize` is the step between sharding and training: allocate the local shards of a
 ``meta`` model (``to_empty`` with tensor swapping, so tied weights stay one parameter and the
-sharding wrappers keep their references) and fill them by each parameter's :class:`Rule`. With
-``each``, it goes one module at a time and hands each module to ``each`` as soon as its own
-parameters are filled: DeepSpeed ZeRO-3 partitions them there, so a rank never holds more than
-one module's parameters whole.
+sharding wrappers keep their references) and fill them from a :data:`Source`, which gives any
+slice of any parameter: :func:`seeded` draws it by each parameter's :class:`Rule`, and a weights
+file (:class:`llmray.model.hf.WeightSlices`) reads just that slice, so a sharded run starting
+from pretrained weights never holds them whole either. With ``each``, it goes one module at a
+time and hands each module to ``each`` as soon as its own parameters are filled: DeepSpeed ZeRO-3
+partitions them there, so a rank never holds more than one module's parameters whole.
 """
 
 from __future__ import annotations
@@ -43,6 +45,26 @@ class Rule:
     std: float = 0.0
 
 
+# Initial values of a slice of one parameter: (plain name, full shape, offset of the slice, slice
+# shape) -> the slice as a tensor (any float dtype; it is copied into the parameter).
+Source = Callable[[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], torch.Tensor]
+
+
+def seeded(seed: int, rule_for: Callable[[str], Rule]) -> Source:
+    """The :data:`Source` of a fresh model: each parameter by its rule, random values from ``seed``."""
+    def values(name: str, shape: tuple[int, ...], offset: tuple[int, ...],
+               local_shape: tuple[int, ...]) -> torch.Tensor:
+        rule = rule_for(name)
+        if rule.kind == "ones":
+            return torch.ones(local_shape)
+        if rule.kind == "zeros":
+            return torch.zeros(local_shape)
+        if rule.kind == "normal":
+            return normal_shard(seed, name, rule.std, shape, offset, local_shape)
+        raise ValueError(f"{name}: unknown init rule {rule.kind!r}")
+    return values
+
+
 def canonical_name(name: str) -> str:
     """The parameter's name in the plain model (without activation-checkpoint / compile wrappers)."""
     for prefix in WRAPPER_PREFIXES:
@@ -50,15 +72,15 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def materialize(module: nn.Module, device: torch.device, seed: int, rule_for: Callable[[str], Rule],
+def materialize(module: nn.Module, device: torch.device, source: Source,
                 each: Callable[[nn.Module], None] | None = None) -> None:
-    """Allocate ``module``'s (local shards of) parameters on ``device`` and initialize them;
-    with ``each``, module by module, children before parents, calling ``each(submodule)`` after
-    each one whose own parameters were filled."""
+    """Allocate ``module``'s (local shards of) parameters on ``device`` and fill them from
+    ``source``; with ``each``, module by module, children before parents, calling
+    ``each(submodule)`` after each one whose own parameters were filled."""
     if each is None:
         with _swapping_parameters():
             module.to_empty(device=device)
-        initialize(module, seed, rule_for)
+        initialize(module, source)
         return
     names = {id(param): name for name, param in module.named_parameters()}  # a tied one: its first name
     for submodule in reversed(list(module.modules())):  # pre-order reversed: children come first
@@ -68,30 +90,22 @@ def materialize(module: nn.Module, device: torch.device, seed: int, rule_for: Ca
         with _swapping_parameters():
             submodule.to_empty(device=device, recurse=False)
         for param in own:
-            _fill(param, canonical_name(names[id(param)]), seed, rule_for)
+            _fill(param, canonical_name(names[id(param)]), source)
         if own:
             each(submodule)
 
 
 @torch.no_grad()
-def initialize(module: nn.Module, seed: int, rule_for: Callable[[str], Rule]) -> None:
-    """Fill every parameter of ``module`` (plain tensors or DTensor shards) by its rule."""
+def initialize(module: nn.Module, source: Source) -> None:
+    """Fill every parameter of ``module`` (plain tensors or DTensor shards) from ``source``."""
     for name, param in module.named_parameters():  # a tied parameter is visited once, by its first name
-        _fill(param, canonical_name(name), seed, rule_for)
+        _fill(param, canonical_name(name), source)
 
 
 @torch.no_grad()
-def _fill(param: torch.Tensor, name: str, seed: int, rule_for: Callable[[str], Rule]) -> None:
-    rule = rule_for(name)
+def _fill(param: torch.Tensor, name: str, source: Source) -> None:
     local = param.to_local() if isinstance(param, DTensor) else param
-    if rule.kind == "ones":
-        local.fill_(1.0)
-    elif rule.kind == "zeros":
-        local.zero_()
-    elif rule.kind == "normal":
-        local.copy_(normal_shard(seed, name, rule.std, tuple(param.shape), _global_offset(param), tuple(local.shape)))
-    else:
-        raise ValueError(f"{name}: unknown init rule {rule.kind!r}")
+    local.copy_(source(name, tuple(param.shape), _global_offset(param), tuple(local.shape)))
 
 
 def normal_shard(seed: int, name: str, std: float, shape: tuple[int, ...], offset: tuple[int, ...],

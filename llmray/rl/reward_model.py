@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmray import storage
 from llmray.align.pairs import PairRows
+from llmray.model import param_init
 from llmray.model.config import ModelConfig
 from llmray.train.objectives import LossOutput, Objective
 
@@ -125,19 +127,14 @@ class ScalarHeadInit:
 
         return dataclasses.replace(hf.read_config(self.directory), head="score", tie_embeddings=False)
 
-    def build(self, device: torch.device, seed: int) -> tuple[nn.Module, ModelConfig]:
+    def build(self, seed: int) -> tuple[nn.Module, ModelConfig, param_init.Source]:
+        """On ``meta``: the body from the LM's weights file, the scalar head N(0, init_std) from ``seed``."""
         from llmray.model import hf, llama
 
-        lm = hf.load(self.directory, device=device).model
         cfg = self.config
-        model = llama.build(cfg, device, init=False)
-        body = {name: tensor for name, tensor in lm.state_dict().items() if name != "output.weight"}
-        missing, unexpected = model.load_state_dict(body, strict=False)
-        if missing != ["output.weight"] or unexpected:
-            raise ValueError(f"{self.directory}: cannot put a scalar head on this model (missing {missing}, "
-                             f"unexpected {unexpected})")
-        generator = torch.Generator(device=device).manual_seed(seed)
-        with torch.no_grad():
-            model.output.weight.normal_(0.0, cfg.init_std, generator=generator)
-        torch.manual_seed(seed)
-        return model.train(), cfg
+        body = hf.WeightSlices(storage.local_copy(self.directory), cfg, skip=("output.weight",))
+        head = param_init.seeded(seed, lambda name: param_init.Rule("normal", cfg.init_std))
+
+        def values(name: str, *where) -> torch.Tensor:
+            return (head if name == "output.weight" else body)(name, *where)
+        return llama.build(cfg, "meta"), cfg, values

@@ -120,17 +120,18 @@ class FreshModel:
 
     config: ModelConfig
 
-    def build(self, device: torch.device, seed: int) -> tuple[torch.nn.Module, ModelConfig]:
-        """On ``meta``: the Trainer shards it, then initializes each rank's part from ``train.seed``."""
-        from llmray.model import llama
+    def build(self, seed: int) -> tuple[torch.nn.Module, ModelConfig, Any]:
+        """On ``meta``, with its :data:`~llmray.model.param_init.Source`: the Trainer shards the
+        model, then fills each rank's part from that source (here, the seeded initialization)."""
+        from llmray.model import llama, param_init
 
-        torch.manual_seed(seed)
-        return llama.build(self.config, "meta"), self.config
+        model = llama.build(self.config, "meta")
+        return model, self.config, param_init.seeded(seed, model.init_rule)
 
 
 @dataclass
 class PretrainedModel:
-    """A model loaded from a Hugging Face-layout directory (SFT, DPO)."""
+    """A model loaded from a Hugging Face-layout directory (SFT, DPO, RL)."""
 
     directory: str
 
@@ -140,12 +141,13 @@ class PretrainedModel:
 
         return hf.read_config(self.directory)
 
-    def build(self, device: torch.device, seed: int) -> tuple[torch.nn.Module, ModelConfig]:
-        from llmray.model import hf
+    def build(self, seed: int) -> tuple[torch.nn.Module, ModelConfig, Any]:
+        """On ``meta``; each rank reads only its part of the weights file (:class:`~llmray.model.hf.WeightSlices`)."""
+        from llmray.model import hf, llama
 
-        pretrained = hf.load(self.directory, device=device)
-        torch.manual_seed(seed)
-        return pretrained.model.train(), pretrained.config
+        directory = storage.local_copy(self.directory)
+        config = hf.read_config(directory)
+        return llama.build(config, "meta"), config, hf.WeightSlices(directory, config)
 
 
 # A data recipe: (data-parallel shard, shard count) -> micro-batch iterator (training) or iterable
@@ -255,7 +257,8 @@ def train_worker(job: TrainJob, store, coordinator: Any = None, ray_train_worker
     device = torch.device("cpu") if job.execution.use_gpu is False else device_for_worker(ray_train_worker)
     if job.memory_plan is not None:
         _check_memory(job, device)
-    model, model_config = job.model.build(device, job.train.seed)
+    torch.manual_seed(job.train.seed)
+    model, model_config, initial_values = job.model.build(job.train.seed)
     writer = None
     if rank == 0 and job.metrics_path:
         writer = MetricsWriter(job.metrics_path, storage.join(storage.parent(job.metrics_path), "tensorboard"),
@@ -265,7 +268,7 @@ def train_worker(job: TrainJob, store, coordinator: Any = None, ray_train_worker
     trainer = Trainer(job.train, model, job.objective, job.train_data(shard, shards), parallel=job.parallel,
                       store=store, val_data=_validation(job.val_data, shard, shards, rank),
                       token_bytes=token_bytes, flops_per_token=model_config.flops_per_token(job.seq_len),
-                      writer=writer, device=device)
+                      writer=writer, device=device, init=initial_values)
     if job.tags:  # before the job's hooks, which may read the gauges of the step
         trainer.hooks.append(WorkerGauges(job.tags["run"], job.tags["stage"], rank, job.train.log_every))
     if coordinator is not None:

@@ -184,10 +184,11 @@ class Trainer:
                  token_bytes: torch.Tensor | None = None,
                  flops_per_token: int | None = None,
                  writer: metrics_lib.MetricsWriter | None = None,
-                 hooks: Iterable[Callable[[int, dict], None]] = (), device: torch.device | None = None):
+                 hooks: Iterable[Callable[[int, dict], None]] = (), device: torch.device | None = None,
+                 init: param_init.Source | None = None):
         """``model`` is materialized, or on ``meta`` (built by ``llama.build(cfg, "meta")``): then it is
-        split and sharded first and each rank materializes and initializes only its part on
-        ``device``, from ``cfg.seed`` (the same weights on every layout)."""
+        split and sharded first and each rank materializes only its part on ``device`` and fills it
+        from ``init`` (default: initialized from ``cfg.seed``; the same weights on every layout)."""
         self.cfg = cfg
         self.objective = objective
         self.data = data
@@ -211,8 +212,9 @@ class Trainer:
         dims = parallel.dims(self.world_size)
         # tensor- and pipeline-parallel peers read the same rows: count each batch once
         self.batch_copies = dims.world_size // dims.dp
-        materialize = functools.partial(param_init.materialize, device=self.device, seed=cfg.seed,
-                                        rule_for=model.init_rule) if on_meta else None
+        materialize = functools.partial(param_init.materialize, device=self.device,
+                                        source=init or param_init.seeded(cfg.seed, model.init_rule)) \
+            if on_meta else None
         self.engine = build_engine(model, optimizer_factory(cfg.optimizer, self.device), parallel,
                                    world_size=self.world_size, param_dtype=self.dtype, device=self.device,
                                    grad_clip=cfg.grad_clip, materialize=materialize,

@@ -15,6 +15,11 @@ init blocks and FSDP/TP shards cut through blocks. Checked on every rank:
 Under ZeRO-3 each module is partitioned as soon as its parameters are filled: the most
 parameter elements ever whole on a rank at once are one module's (never the model's), and each
 rank keeps half of every parameter.
+
+Starting from pretrained weights (SFT, DPO, RL: an HF-layout directory), each rank reads only its
+part from the file: what :class:`~llmray.model.hf.WeightSlices` hands out on a rank adds up to
+what the rank holds, no single read is a whole parameter under FSDP2 / TP, and the gathered
+weights equal the file's.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from llmray.model import llama, param_init
+from llmray.model import hf, llama, param_init
 from llmray.model.config import preset
 from llmray.parallel import ParallelConfig
 from llmray.parallel.pipeline import PipelineScheduleConfig
@@ -36,6 +41,7 @@ from llmray.train.objectives import CausalLM
 from llmray.train.trainer import TrainConfig, Trainer
 
 SEED = 1234
+PRETRAINED_SEED = 99
 SHAPE = dict(vocab_size=257, dim=128, n_heads=4, n_kv_heads=2, ffn_hidden_dim=384, n_layers=4, max_seq_len=64,
              tie_embeddings=False)
 LAYOUTS = {
@@ -70,6 +76,7 @@ def ranks_main(_shards, out):
     cfg = preset("tiny", **SHAPE)
     results = {}
     for name, parallel in LAYOUTS.items():
+        results[f"{name}/pretrained"] = from_pretrained(cfg, name, parallel, out)
         parts_seen, whole_at_once = [], []
         materialize = param_init.materialize
 
@@ -110,6 +117,30 @@ def ranks_main(_shards, out):
     dist.all_gather_object(everything, results)
     if dist.get_rank() == 0:
         (out / "results.json").write_text(json.dumps(everything))
+
+
+def from_pretrained(cfg, layout: str, parallel: ParallelConfig, out) -> dict:
+    """Build the Trainer on ``meta`` filled from an HF export of another seed; the reads it made."""
+    directory = out / "pretrained"
+    if dist.get_rank() == 0 and not directory.exists():
+        hf.export(directory, cfg, llama.build(cfg, seed=PRETRAINED_SEED).state_dict())
+    dist.barrier()
+    source = hf.WeightSlices(directory, cfg)
+    reads = []
+
+    def counted(name, *where):
+        values = source(name, *where)
+        reads.append(values.numel())
+        return values
+    model = llama.build(cfg, "meta")
+    trainer = Trainer(TrainConfig(steps=1, seed=SEED, precision="fp32"), model, CausalLM(), iter(()),
+                      parallel=parallel, device=torch.device("cpu"), init=counted)
+    weights = gathered_weights(trainer)
+    if dist.get_rank() == 0:
+        torch.save(weights, out / f"{layout}-pretrained.pt")
+    return {"largest_read": max(reads), "read_elements": sum(reads),
+            "held_elements": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else local(p).numel()
+                                 for p in model.parameters() if p.device.type != "meta")}
 
 
 def gathered_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -198,3 +229,23 @@ def test_the_memory_planner_counts_what_each_rank_holds(runs, layout):
         assert plans[0].params == max(held)
     else:  # the planner rounds the total, FSDP2 each parameter
         assert abs(plans[0].params - max(held)) / max(held) < 0.01
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_sharded_run_reads_only_its_part_of_the_pretrained_weights(runs, layout):
+    out, results = runs
+    cfg = preset("tiny", **SHAPE)
+    expected = llama.build(cfg, seed=PRETRAINED_SEED).state_dict()
+    gathered = torch.load(out / f"{layout}-pretrained.pt", weights_only=True)
+    assert sorted(gathered) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(gathered[name], tensor), name
+    total = sum(t.numel() for t in expected.values())
+    for rank in (r[f"{layout}/pretrained"] for r in results):
+        if layout == "zero3_dp2":  # one module read whole at a time, then partitioned: half kept
+            assert rank["read_elements"] == total
+            assert rank["held_elements"] <= total / 2 + len(expected)
+        else:  # FSDP2 / TP: the rank's shards only; pp: its stage only
+            assert rank["read_elements"] == rank["held_elements"] < total
+        if layout in ("fsdp2_dp2", "tp2"):
+            assert rank["largest_read"] < expected["tok_embeddings.weight"].numel()

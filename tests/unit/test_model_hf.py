@@ -122,6 +122,28 @@ def test_transformers_random_model_imports_with_equal_logits(kind, options, tmp_
         assert loaded.model.output.weight is loaded.model.tok_embeddings.weight
 
 
+def test_slices_of_a_multi_file_bf16_checkpoint_are_read_without_the_rest(tmp_path):
+    """What a sharded rank asks for: a block of rows (FSDP2), of columns (TP) or of a norm, from a
+    checkpoint split over several files and stored in bf16; ``load`` takes the same path."""
+    theirs = _hf_random("llama", seed=3, tie_word_embeddings=False).to(torch.bfloat16)
+    theirs.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 2
+    state = {hf.from_hf_name(name): tensor for name, tensor in theirs.state_dict().items()}
+    config = hf.read_config(tmp_path / "hf")
+    slices = hf.WeightSlices(tmp_path / "hf", config)
+    for name, offset, size in [("layers.1.attention.wq.weight", (8, 0), (16, config.dim)),
+                               ("layers.0.feed_forward.w2.weight", (0, 40), (config.dim, 24)),
+                               ("output.weight", (100, 0), (1, config.dim)),
+                               ("layers.1.ffn_norm.weight", (5,), (7,))]:
+        full = state[name]
+        got = slices(name, tuple(full.shape), offset, size)
+        want = full[tuple(slice(o, o + n) for o, n in zip(offset, size))]
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want), name
+    loaded = hf.load(tmp_path / "hf").model
+    for name, tensor in loaded.state_dict().items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, state[name].float()), name
+
+
 def test_import_refuses_what_the_model_cannot_represent(tmp_path):
     theirs = _hf_random("llama", seed=2)
     theirs.save_pretrained(tmp_path / "hf")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llmray.align.pairs import PairRows
-from llmray.model import hf, llama
+from llmray.model import hf, llama, param_init
 from llmray.model.config import preset
 from llmray.rl.reward_model import BradleyTerry, RewardPairs, ScalarHeadInit
 
@@ -65,15 +65,22 @@ def test_scalar_head_keeps_the_lm_body_and_seeds_the_head(tmp_path):
     lm = llama.build(preset("tiny", vocab_size=VOCAB, max_seq_len=64))  # tied embeddings, like the presets
     directory = hf.export(tmp_path / "lm", lm.cfg, lm.state_dict())
     source = ScalarHeadInit(str(directory))
-    model, cfg = source.build(torch.device("cpu"), seed=5)
+
+    def built(seed):
+        model, cfg, values = source.build(seed=seed)
+        assert all(p.device.type == "meta" for p in model.parameters())  # each rank fills only its part
+        param_init.materialize(model, torch.device("cpu"), values)
+        return model, cfg
+    model, cfg = built(5)
     assert cfg.head == "score" and not cfg.tie_embeddings and model.output.weight.shape == (1, lm.cfg.dim)
     for name, tensor in lm.state_dict().items():
         if name != "output.weight":
             torch.testing.assert_close(model.state_dict()[name], tensor, msg=name)
-    again, _ = source.build(torch.device("cpu"), seed=5)
-    other, _ = source.build(torch.device("cpu"), seed=6)
+    again, _ = built(5)
+    other, _ = built(6)
     assert torch.equal(again.output.weight, model.output.weight)
     assert not torch.equal(other.output.weight, model.output.weight)
+    assert 0.5 * cfg.init_std < float(model.output.weight.detach().std()) < 2 * cfg.init_std
 
 
 def test_export_is_a_sequence_classifier_that_transformers_scores_alike(pairs, tmp_path):
