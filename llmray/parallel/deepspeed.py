@@ -95,6 +95,20 @@ def partitioner(bf16: bool, hidden: int) -> Callable[[nn.Module], None]:
     return partition
 
 
+def share_fp32_partitions(optimizer) -> None:
+    """Let ZeRO-3's fp32 master partitions be the fp32 parameter partitions, not a copy of them.
+
+    Why: with fp32 parameters DeepSpeed means to skip the master copy, but its check compares a
+    tensor's ``torch.device`` with the device *name* (a string), which is never equal, so each rank
+    kept every partition twice (measured: 0.23 GB per rank on a 125M model at dp=2). The step
+    updates the master partition and copies it into the parameter partition, a no-op once they
+    are one tensor.
+    """
+    for master, partition in zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat):
+        if master.dtype == partition.dtype and master.data_ptr() != partition.data_ptr():
+            master.data = partition.data
+
+
 class DeepSpeedEngine:
     def __init__(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                  stage: int, *, world_size: int, bf16: bool, hidden: int, grad_clip: float = 0.0):
@@ -104,6 +118,8 @@ class DeepSpeedEngine:
                                                                 config=engine_config(stage, bf16, hidden, grad_clip))
         self.world_size = world_size
         self.stage = stage
+        if stage == 3 and not bf16:
+            share_fp32_partitions(self.optimizer)
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:

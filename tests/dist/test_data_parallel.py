@@ -94,3 +94,36 @@ def test_deepspeed_zero_1_2_3_match_single_process(shards, reference, tmp_path):
     spawn_gloo(2, train_zero_stages_and_dump, shards, out, [1, 2, 3])
     for stage, losses in json.loads(out.read_text()).items():
         assert_same_losses({int(k): v for k, v in losses.items()}, reference, range(1, STEPS + 1))
+
+
+def zero3_stop_resume_and_dump(shards, out, root):
+    """ZeRO-3 stops after step 5 (checkpointed), a fresh engine resumes to step 10; the master
+    partitions are the parameter partitions (one fp32 copy) before and after the load."""
+    parallel = ParallelConfig(strategy="deepspeed", zero_stage=3)
+    first = make_trainer(shards, steps=STEPS, batch=1, accum=2, parallel=parallel, store=LocalCheckpointStore(root),
+                         checkpoint_every=5, hooks=[stop_at(5)])
+    try:
+        first.fit()
+    except Stop:
+        pass
+    resumed = make_trainer(shards, steps=STEPS, batch=1, accum=2, parallel=parallel, store=LocalCheckpointStore(root))
+    shared_before_load = one_fp32_copy(resumed.engine.optimizer)
+    resumed.fit()
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps({"first": {str(k): v for k, v in first.result.losses.items()},
+                                   "resumed": {str(k): v for k, v in resumed.result.losses.items()},
+                                   "one_copy": [shared_before_load, one_fp32_copy(resumed.engine.optimizer)]}))
+
+
+def one_fp32_copy(optimizer) -> bool:
+    return all(master.data_ptr() == partition.data_ptr() for master, partition
+               in zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat))
+
+
+def test_zero3_resumes_exactly_with_one_fp32_copy_of_its_partitions(shards, reference, tmp_path):
+    out = tmp_path / "losses.json"
+    spawn_gloo(2, zero3_stop_resume_and_dump, shards, out, tmp_path / "ckpt")
+    result = json.loads(out.read_text())
+    assert_same_losses({int(k): v for k, v in result["first"].items()}, reference, range(1, 6))
+    assert_same_losses({int(k): v for k, v in result["resumed"].items()}, reference, range(6, STEPS + 1))
+    assert result["one_copy"] == [True, True]
