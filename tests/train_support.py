@@ -50,9 +50,9 @@ def byte_token_lengths() -> torch.Tensor:
     return lengths
 
 
-def tiny_model(seed: int = 0, **overrides) -> torch.nn.Module:
+def tiny_model(seed: int = 0, device: str = "cpu", **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return llama.build(preset("tiny", **{"vocab_size": 257, "max_seq_len": 64, **overrides}))
+    return llama.build(preset("tiny", **{"vocab_size": 257, "max_seq_len": 64, **overrides}), device)
 
 
 SEQ_LEN = 32

@@ -98,11 +98,13 @@ def max_relative_error(a: list[float], b: list[float]) -> float:
 
 
 def trainer(shards: Path, parallel, *, steps: int, global_batch: int = 4, store=None, checkpoint_every: int = 0,
-            optimizer: OptimizerConfig | None = None, precision: str = "auto", **model_overrides):
+            optimizer: OptimizerConfig | None = None, precision: str = "auto", on_meta: bool = False,
+            **model_overrides):
     """A real :class:`~llmray.train.trainer.Trainer` on the byte shards; each data-parallel rank reads its slice.
 
     Ranks of one tensor-/pipeline-parallel group read the same rows: the loader is sharded by the
-    rank's ``dp`` coordinate on the mesh, not by its global rank.
+    rank's ``dp`` coordinate on the mesh, not by its global rank. ``on_meta``: the model is handed
+    over on ``meta`` and each rank initializes its part from the run's seed (as ``llmray pretrain``).
     """
     from llmray.tokens.loader import TokenLoader
     from llmray.train.schedule import ScheduleConfig
@@ -121,7 +123,8 @@ def trainer(shards: Path, parallel, *, steps: int, global_batch: int = 4, store=
     def val():
         return TokenLoader(shards, split="val", seq_len=SEQ, batch_size=batch, shuffle=False, rank=dp_rank,
                            world_size=dims.dp)
-    return Trainer(cfg, tiny_model(0, **model_overrides), CausalLM(), data, parallel=parallel, store=store, val_data=val,
+    model = tiny_model(0, device="meta", **model_overrides) if on_meta else tiny_model(0, **model_overrides)
+    return Trainer(cfg, model, CausalLM(), data, parallel=parallel, store=store, val_data=val, device=torch.device("cpu"),
                    token_bytes=byte_token_lengths(), flops_per_token=1000)
 
 
