@@ -376,11 +376,12 @@ class WeightSlices:
     """The weights of a directory in HF layout as a :data:`~llmray.model.param_init.Source`: any
     slice of any parameter, read from the memory-mapped safetensors file alone.
 
-    Why: a sharded run (FSDP2 rows, tensor-parallel rows or columns, one pipeline stage, one
-    ZeRO-3 module at a time) starting from pretrained weights fills each rank's part straight from
-    the file, so no rank reads or holds the whole state. Opening checks the file against ``cfg``:
+    Why: a sharded run starting from pretrained weights fills each rank's part straight from the
+    file: FSDP2 rows, tensor-parallel rows or columns and a pipeline stage read only that part;
+    ZeRO-3 reads one module at a time and keeps its partition. Opening checks the file against ``cfg``:
     every parameter there with its shape. ``skip``: parameters the caller fills from elsewhere (a
-    new head), which the file may lack or hold in another shape.
+    new head), which the file may lack or hold in another shape. ``path`` is a local directory
+    (an object-store one goes through :func:`llmray.storage.local_copy` first).
     """
 
     def __init__(self, path: str | Path, cfg: ModelConfig, skip: tuple[str, ...] = ()):

@@ -142,7 +142,8 @@ class PretrainedModel:
         return hf.read_config(self.directory)
 
     def build(self, seed: int) -> tuple[torch.nn.Module, ModelConfig, Any]:
-        """On ``meta``; each rank reads only its part of the weights file (:class:`~llmray.model.hf.WeightSlices`)."""
+        """On ``meta``, filled from the weights file (:class:`~llmray.model.hf.WeightSlices`): FSDP2, TP
+        and PP ranks read only their part of it, ZeRO-3 ranks one module at a time."""
         from llmray.model import hf, llama
 
         directory = storage.local_copy(self.directory)
@@ -269,6 +270,7 @@ def train_worker(job: TrainJob, store, coordinator: Any = None, ray_train_worker
                       store=store, val_data=_validation(job.val_data, shard, shards, rank),
                       token_bytes=token_bytes, flops_per_token=model_config.flops_per_token(job.seq_len),
                       writer=writer, device=device, init=initial_values)
+    del initial_values  # every part is filled: a weights file's memory maps close with it
     if job.tags:  # before the job's hooks, which may read the gauges of the step
         trainer.hooks.append(WorkerGauges(job.tags["run"], job.tags["stage"], rank, job.train.log_every))
     if coordinator is not None:

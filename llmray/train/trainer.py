@@ -203,6 +203,8 @@ class Trainer:
         on_meta = next(model.parameters()).device.type == "meta"
         if self.device.type == "meta":
             raise ValueError("a model on the meta device needs device= (where its shards are materialized)")
+        if init is not None and not on_meta:
+            raise ValueError("init= fills a model built on meta; this model is already materialized")
         shape = getattr(model, "cfg", None)
         self.dtype = precision.compute_dtype(cfg.precision, self.device, getattr(shape, "dim", None),
                                              getattr(shape, "ffn_hidden_dim", None))

@@ -44,6 +44,9 @@ SEED = 1234
 PRETRAINED_SEED = 99
 SHAPE = dict(vocab_size=257, dim=128, n_heads=4, n_kv_heads=2, ffn_hidden_dim=384, n_layers=4, max_seq_len=64,
              tie_embeddings=False)
+# pretrained starts on FSDP2 besides the plain shape: tied embeddings (the presets' default) and a
+# one-row score head (a reward model), whose second FSDP2 shard is empty
+VARIANTS = {"tied": {"tie_embeddings": True}, "score_head": {"head": "score"}}
 LAYOUTS = {
     "fsdp2_dp2": ParallelConfig(),
     "tp2": ParallelConfig(tp=2),
@@ -75,6 +78,9 @@ class LargestTensor(TorchDispatchMode):
 def ranks_main(_shards, out):
     cfg = preset("tiny", **SHAPE)
     results = {}
+    for variant in VARIANTS:
+        results[f"fsdp2_dp2-{variant}/pretrained"] = from_pretrained(variant_config(variant), f"fsdp2_dp2-{variant}",
+                                                                     LAYOUTS["fsdp2_dp2"], out, weights=variant)
     for name, parallel in LAYOUTS.items():
         results[f"{name}/pretrained"] = from_pretrained(cfg, name, parallel, out)
         parts_seen, whole_at_once = [], []
@@ -119,9 +125,13 @@ def ranks_main(_shards, out):
         (out / "results.json").write_text(json.dumps(everything))
 
 
-def from_pretrained(cfg, layout: str, parallel: ParallelConfig, out) -> dict:
+def variant_config(variant: str):
+    return preset("tiny", **{**SHAPE, **VARIANTS[variant]})
+
+
+def from_pretrained(cfg, layout: str, parallel: ParallelConfig, out, weights: str = "plain") -> dict:
     """Build the Trainer on ``meta`` filled from an HF export of another seed; the reads it made."""
-    directory = out / "pretrained"
+    directory = out / f"pretrained-{weights}"
     if dist.get_rank() == 0 and not directory.exists():
         hf.export(directory, cfg, llama.build(cfg, seed=PRETRAINED_SEED).state_dict())
     dist.barrier()
@@ -249,3 +259,15 @@ def test_a_sharded_run_reads_only_its_part_of_the_pretrained_weights(runs, layou
             assert rank["read_elements"] == rank["held_elements"] < total
         if layout in ("fsdp2_dp2", "tp2"):
             assert rank["largest_read"] < expected["tok_embeddings.weight"].numel()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fsdp2_reads_tied_embeddings_and_a_one_row_head_from_pretrained_weights(runs, variant):
+    out, results = runs
+    expected = llama.build(variant_config(variant), seed=PRETRAINED_SEED).state_dict()
+    gathered = torch.load(out / f"fsdp2_dp2-{variant}-pretrained.pt", weights_only=True)
+    assert sorted(gathered) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(gathered[name], tensor), name
+    for rank in (r[f"fsdp2_dp2-{variant}/pretrained"] for r in results):
+        assert rank["read_elements"] == rank["held_elements"]

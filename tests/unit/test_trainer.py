@@ -246,3 +246,12 @@ def test_repeated_spikes_roll_back_to_the_checkpoint_and_skip_the_batches(shards
     assert result.guard_counts["rollbacks"] == 1 and result.steps == 10
     # 13 batches were drawn for 10 steps: the data moved on past the spiking batches.
     assert trainer.data.order.consumed == 13 * 4
+
+
+def test_initial_values_are_refused_for_a_model_that_is_already_materialized():
+    from llmray.model import param_init
+    from llmray.train.trainer import TrainConfig, Trainer
+
+    model = tiny_model(0)
+    with pytest.raises(ValueError, match="already materialized"):
+        Trainer(TrainConfig(steps=1), model, CausalLM(), iter(()), init=param_init.seeded(0, model.init_rule))
