@@ -39,7 +39,7 @@ import torch.distributed as dist
 from llmray.config import param
 from llmray.rl.grpo import GrpoConfig, group_advantages
 from llmray.rl.rewards import RewardConfig
-from llmray.rl.rollout import RolloutWorker, SamplingSpec, WorkItem, pack_rows
+from llmray.rl.rollout import RolloutWorker, SamplingSpec, WorkItem, from_wire, pack_rows
 from llmray.rl.tasks import Problem
 
 log = logging.getLogger("llmray.rl")
@@ -159,7 +159,7 @@ class RolloutPool:
         for slot, chunk, future in pending.chunks:
             for attempt in range(self.spec.pool.max_replacements + 1):
                 try:
-                    samples += ray.get(future)
+                    samples += from_wire(ray.get(future))
                     break
                 except RayActorError as exc:
                     if attempt == self.spec.pool.max_replacements:

@@ -9,7 +9,7 @@ import torch
 
 from llmray.align.records import Quarantined
 from llmray.rl.rewards import RewardConfig, Rewarder
-from llmray.rl.rollout import RolloutWorker, SamplingSpec, completion_logps
+from llmray.rl.rollout import RolloutWorker, SamplingSpec, completion_logps, from_wire, to_wire
 from llmray.rl.grpo import GrpoConfig
 from llmray.rl.stream import RolloutPoolConfig, RolloutSpec
 from llmray.rl.tasks import Problem, PromptSource, arithmetic_problems, final_number, read_problems
@@ -111,6 +111,22 @@ def test_rollouts_depend_only_on_seed_and_weights(worker, shared_data):
         assert a["completion"].tolist() == b["completion"].tolist()
         torch.testing.assert_close(a["old_logps"], b["old_logps"], atol=1e-5, rtol=1e-5)
     assert len({tuple(s["completion"].tolist()) for s in whole[:4]}) > 1  # a group's samples differ
+
+
+def test_samples_cross_from_actor_to_learner_as_arrays_and_come_back_unchanged(worker, shared_data):
+    import pickle
+
+    samples = worker.samples(_spec(shared_data, arithmetic_problems(4, 1, seed=0)).work_items(0))
+    wire = to_wire(samples)
+    assert not any(isinstance(v, torch.Tensor) for sample in wire for v in sample.values())
+    back = from_wire(pickle.loads(pickle.dumps(wire)))
+    assert [sorted(s) for s in back] == [sorted(s) for s in samples]
+    for got, want in zip(back, samples):
+        for key, value in want.items():
+            if isinstance(value, torch.Tensor):
+                assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+            else:
+                assert got[key] == value, key
 
 
 def test_behaviour_log_probs_are_the_policys_own(worker, shared_data):
