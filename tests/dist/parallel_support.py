@@ -123,7 +123,7 @@ def trainer(shards: Path, parallel, *, steps: int, global_batch: int = 4, store=
     def val():
         return TokenLoader(shards, split="val", seq_len=SEQ, batch_size=batch, shuffle=False, rank=dp_rank,
                            world_size=dims.dp)
-    model = tiny_model(0, device="meta", **model_overrides) if on_meta else tiny_model(0, **model_overrides)
+    model = tiny_model(0, device="meta" if on_meta else "cpu", **model_overrides)
     return Trainer(cfg, model, CausalLM(), data, parallel=parallel, store=store, val_data=val, device=torch.device("cpu"),
                    token_bytes=byte_token_lengths(), flops_per_token=1000)
 
