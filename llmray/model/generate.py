@@ -25,11 +25,14 @@ Design choices:
 * A caller may ``send`` a (B,) bool tensor into :func:`stream` to finish rows early (a stop
   string seen in the decoded text, a client gone); they yield ``-1`` from the next step on.
 * :func:`stream` is the primitive (one ``(B,)`` tensor per step); :func:`generate` collects it.
+* ``Decoder(keep_logps=True)`` keeps each sampled token's log-probability under the model's
+  untempered, unfiltered distribution (``Row.logps``): RL's behaviour log-probs, read from the
+  logits the step computed anyway instead of a second, teacher-forced pass over the completions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generator, Sequence
 
 import torch
@@ -112,6 +115,7 @@ class Row:
     generated: int = 0
     finished: bool = False  # by a stop token, its budget, or :meth:`Decoder.finish`
     last_token: int = FINISHED  # fed to the model at the next step
+    logps: list[float] = field(default_factory=list)  # of each token sampled (``Decoder(keep_logps=True)``)
 
     def sampling_key(self) -> tuple:
         """Rows with equal keys are sampled with one call (greedy rows, rows of one shared generator, or
@@ -133,9 +137,10 @@ class Decoder:
     ``max_seq_len`` slots) as longer requests arrive.
     """
 
-    def __init__(self, model: Transformer, max_rows: int, max_len: int = 64) -> None:
+    def __init__(self, model: Transformer, max_rows: int, max_len: int = 64, keep_logps: bool = False) -> None:
         self.model = model
         self.max_rows = max_rows
+        self.keep_logps = keep_logps
         self.cache = model.new_cache(max_rows, min(max_len, model.cfg.max_seq_len))
         self.rows: list[Row] = []  # self.rows[i] lives in cache row i
         self._added: list[Row] = []  # queued, prefilled at the next step
@@ -182,7 +187,13 @@ class Decoder:
             self._added = []
         if not self.rows:
             return []
-        tokens = _sample_rows(torch.cat(logits), self.rows).tolist()
+        logits = torch.cat(logits)
+        sampled = _sample_rows(logits, self.rows)
+        tokens = sampled.tolist()
+        if self.keep_logps:
+            chosen = torch.log_softmax(logits.float(), dim=-1).gather(-1, sampled[:, None]).squeeze(-1)
+            for row, logp in zip(self.rows, chosen.tolist()):
+                row.logps.append(logp)
         for row, token in zip(self.rows, tokens):
             row.last_token = token
             row.generated += 1

@@ -9,9 +9,12 @@ Design choices:
   seeded generator (the item's seed, derived from the run seed, the rollout batch, the problem
   and the sample), so a sample depends only on its seed and the policy version: the same on any
   actor, in any chunk, after a resume or an actor replacement.
-* The behaviour log-probs (``old_logps``) are recomputed by one teacher-forced forward pass of the
-  same weights, in fp32, the way the learner computes its own; that pass and the learner's use one
-  row layout (:func:`pack_rows`).
+* The behaviour log-probs (``old_logps``) are read off the logits that sampled each token (fp32
+  log-softmax, untempered, as the learner computes its own): the same weights and positions as a
+  teacher-forced pass, equal to it within float rounding (tested to 1e-5), at no extra cost. A
+  second forward pass over the completions took 40% of a worker's time (0.19 of 0.47 s for 128
+  rows). The reference log-probs (with a KL penalty) still need one pass of the reference model,
+  in the learner's row layout (:func:`pack_rows`).
 * A sample is a plain dict of tensors and numbers, so in-flight rollouts can be stored in a
   trainer checkpoint (read back with ``weights_only=True``).
 * The worker's weights start as the initial policy (version 0); a newer version is fetched from
@@ -93,11 +96,13 @@ def sequence_rewards(reward_model: torch.nn.Module, prompts: Sequence[Sequence[i
 
 @torch.no_grad()
 def sample_completions(model: torch.nn.Module, items: Sequence[WorkItem], sampling: SamplingSpec,
-                       stop_ids: Sequence[int]) -> list[list[int]]:
-    """One completion per item (ending with its stop token when it finished), each from its own seed."""
+                       stop_ids: Sequence[int]) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """One completion per item (ending with its stop token when it finished), each from its own seed,
+    and the fp32 log-probability of each of its tokens under ``model``."""
     from llmray.model.generate import Decoder, SamplingConfig
 
-    decoder = Decoder(model, len(items), max(len(item.prompt) for item in items) + sampling.max_new_tokens)
+    decoder = Decoder(model, len(items), max(len(item.prompt) for item in items) + sampling.max_new_tokens,
+                      keep_logps=True)
     rows = [decoder.add(list(item.prompt),
                         SamplingConfig(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                                        top_p=sampling.top_p, stop_tokens=list(stop_ids), seed=item.seed))
@@ -106,7 +111,7 @@ def sample_completions(model: torch.nn.Module, items: Sequence[WorkItem], sampli
     while stepped := decoder.step():
         for row, token in stepped:
             tokens[row].append(token)
-    return [tokens[row] for row in rows]
+    return [tokens[row] for row in rows], [torch.tensor(row.logps, dtype=torch.float32) for row in rows]
 
 
 def to_wire(samples: list[dict]) -> list[dict]:
@@ -168,9 +173,8 @@ class RolloutWorker:
         return self.samples(items, dataclasses.replace(self.sampling, temperature=0.0))
 
     def samples(self, items: Sequence[WorkItem], sampling: SamplingSpec | None = None) -> list[dict]:
-        completions = sample_completions(self.policy, items, sampling or self.sampling, self.stop_ids)
+        completions, old = sample_completions(self.policy, items, sampling or self.sampling, self.stop_ids)
         prompts = [item.prompt for item in items]
-        old = completion_logps(self.policy, prompts, completions)
         ref = completion_logps(self.reference, prompts, completions) if self.reference is not None \
             else [torch.zeros(0)] * len(items)
         model_scores = sequence_rewards(self.reward_model, prompts, completions) if self.reward_model is not None \

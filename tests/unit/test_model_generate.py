@@ -200,3 +200,25 @@ def test_rows_join_and_leave_a_decoder_between_steps_and_each_gets_its_lone_answ
     for prompt, row_cfg, tokens in answers.values():
         assert tokens == generate(model, [prompt], row_cfg)[0]
         assert len(tokens) == row_cfg.max_new_tokens
+
+
+def test_kept_log_probs_are_the_untempered_teacher_forced_ones():
+    """RL reads its behaviour log-probs off the decoding logits: they must equal a teacher-forced
+    pass over prompt + completion (untempered and unfiltered, as the learner computes them), for
+    rows of different lengths decoded together, whatever the sampling temperature and nucleus."""
+    model = _model(sliding_window=8)
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4, 3], list(range(30, 42))]
+    decoder = Decoder(model, max_rows=3, max_len=32, keep_logps=True)
+    rows = [decoder.add(p, SamplingConfig(max_new_tokens=12, temperature=t, top_p=0.9, seed=s))
+            for p, t, s in zip(prompts, (0.7, 1.0, 1.6), (1, 2, 3))]
+    tokens: dict = {id(row): [] for row in rows}
+    while stepped := decoder.step():
+        for row, token in stepped:
+            tokens[id(row)].append(token)
+    for prompt, row in zip(prompts, rows):
+        sequence = prompt + tokens[id(row)]
+        with torch.no_grad():
+            logps = torch.log_softmax(model(torch.tensor([sequence[:-1]]))[0].float(), dim=-1)
+        expected = logps[len(prompt) - 1:].gather(-1, torch.tensor(tokens[id(row)])[:, None]).squeeze(-1)
+        assert len(row.logps) == 12
+        torch.testing.assert_close(torch.tensor(row.logps), expected, atol=1e-5, rtol=1e-5)

@@ -135,7 +135,7 @@ def test_behaviour_log_probs_are_the_policys_own(worker, shared_data):
     for s in samples:  # one at a time, no padding: the learner's view of the same sequence
         alone = completion_logps(worker.policy, [s["prompt"].tolist()], [s["completion"].tolist()])[0]
         torch.testing.assert_close(s["old_logps"], alone, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(s["ref_logps"], s["old_logps"])  # version 0: the reference is the policy
+        torch.testing.assert_close(s["ref_logps"], s["old_logps"], atol=1e-5, rtol=1e-5)  # version 0: the reference is the policy
         assert s["version"] == 0 and s["reward"] in (0.0, 0.1, 1.0, 1.1)
 
 
