@@ -3,7 +3,9 @@
 * :func:`peak_flops` is the denominator of MFU: a configured value, else the datasheet's dense
   bf16 peak for known GPUs (:data:`GPU_BF16_PEAKS`, the figure MFU is quoted against in the
   literature), else :func:`measure_peak_flops`, which times a square GEMM on the training device
-  and dtype (on CPU there is no datasheet to quote; ``bench/mfu.py`` prints both).
+  and dtype (on CPU there is no datasheet to quote; ``bench/mfu.py`` prints both). The measurement
+  is kept per process (:func:`measured_peak_flops`): each training start in one process (the
+  stages of an in-process pipeline, a test suite) would otherwise spend 0.5-0.7 s timing GEMMs.
 * MFU = model FLOPs per token (PaLM's 6N + 12·L·H·Q·T, from ``ModelConfig.flops_per_token``)
   × tokens per second / (peak per worker × workers).
 * :class:`MetricsWriter` appends one JSON line per logged step to ``metrics.jsonl`` (the run
@@ -55,7 +57,20 @@ def datasheet_peak_flops(device: torch.device, dtype: torch.dtype) -> float | No
 
 def peak_flops(device: torch.device, dtype: torch.dtype, configured: float | None = None) -> float:
     """MFU's denominator per worker: ``configured``, else the datasheet peak, else a measured GEMM."""
-    return configured or datasheet_peak_flops(device, dtype) or measure_peak_flops(device, dtype, seconds=0.5)
+    return configured or datasheet_peak_flops(device, dtype) or measured_peak_flops(device, dtype)
+
+
+_measured_peaks: dict[tuple, float] = {}  # (device, dtype, torch threads) -> FLOP/s, this process's
+
+
+def measured_peak_flops(device: torch.device, dtype: torch.dtype, again: bool = False) -> float:
+    """This process's measured GEMM peak on ``device`` in ``dtype`` at its torch thread count, timed on the
+    first call; ``again`` times it anew and keeps the higher figure (a first timing taken while
+    other work held the cores is too low)."""
+    key = (str(device), dtype, torch.get_num_threads())
+    if again or key not in _measured_peaks:
+        _measured_peaks[key] = max(_measured_peaks.get(key, 0.0), measure_peak_flops(device, dtype, seconds=0.5))
+    return _measured_peaks[key]
 
 
 def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

@@ -434,8 +434,8 @@ class Trainer:
         """MFU above 1 means the start-up peak was measured while other work held the cores: measure
         again, keep the higher peak, recompute. Per rank and without collectives (ranks time their
         steps separately, so they need not all get here; rank 0's figure is the one written)."""
-        self.peak_flops = max(self.peak_flops, metrics_lib.measure_peak_flops(
-            self.device, self.dtype or torch.float32, seconds=0.5))
+        self.peak_flops = max(self.peak_flops, metrics_lib.measured_peak_flops(
+            self.device, self.dtype or torch.float32, again=True))
         if self.rank == 0:
             log.warning("model FLOP/s exceeded the measured peak; re-measured the peak: %.1f GFLOP/s per worker "
                         "(the start-up measurement was taken under load)", self.peak_flops / 1e9)

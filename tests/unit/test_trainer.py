@@ -255,3 +255,18 @@ def test_initial_values_are_refused_for_a_model_that_is_already_materialized():
     model = tiny_model(0)
     with pytest.raises(ValueError, match="already materialized"):
         Trainer(TrainConfig(steps=1), model, CausalLM(), iter(()), init=param_init.seeded(0, model.init_rule))
+
+
+def test_the_gemm_peak_is_timed_once_per_process_and_again_only_when_asked(monkeypatch):
+    from llmray.train import metrics
+
+    timings = iter([5e9, 9e9, 7e9])
+    calls = []
+    monkeypatch.setattr(metrics, "_measured_peaks", {})
+    monkeypatch.setattr(metrics, "measure_peak_flops",
+                        lambda device, dtype, seconds: calls.append((device, dtype)) or next(timings))
+    cpu = torch.device("cpu")
+    assert metrics.peak_flops(cpu, torch.float32) == metrics.peak_flops(cpu, torch.float32) == 5e9
+    assert metrics.measured_peak_flops(cpu, torch.float32, again=True) == 9e9  # a higher timing replaces it
+    assert metrics.measured_peak_flops(cpu, torch.float32, again=True) == 9e9  # a lower one does not
+    assert metrics.peak_flops(cpu, torch.float32) == 9e9 and len(calls) == 3
