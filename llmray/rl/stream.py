@@ -200,7 +200,11 @@ class RolloutStream:
         self.last_stats: dict = {}
 
     def attach(self, trainer) -> None:
+        """Take the trainer; rank 0 starts the rollout actors now, so their start-up (a process, imports,
+        the policy's weights: about 2 s on CPU) overlaps the learner's own before its first step."""
         self.trainer = trainer
+        if self.rank == 0 and self.pool is None:
+            self.pool = RolloutPool(self.spec)
 
     def __iter__(self):
         return self
@@ -245,8 +249,6 @@ class RolloutStream:
             self.weights = [ray.put(state)]
 
     def _rank0_rows(self, version: int) -> list[dict]:
-        if self.pool is None:
-            self.pool = RolloutPool(self.spec)
         if self.pending and self.pending[0].version > version:  # a rollback: from weights now discarded
             self.pending.clear()
         if not self.pending:
