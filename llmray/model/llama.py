@@ -50,8 +50,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from llmray.model.config import ModelConfig, RopeScaling
 from llmray.model import param_init
@@ -356,7 +354,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # built on meta (see build), then filled by param_init; an explicit weight skips Embedding's own
+        # normal_ init, whose meta kernel alone imports torch's Python decompositions (0.5 s per process)
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(
+            cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim))
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | LayerNorm | None = block_norm(cfg)
         self.output: nn.Linear | None = Linear(cfg.dim, cfg.output_size, bias=False)
@@ -444,8 +445,11 @@ class Transformer(nn.Module):
         """Summed loss of the head on final hidden states ``h``, fused and chunked; a tensor-parallel
         head (a DTensor weight sharded on the vocabulary) computes it on its rows of the vocabulary."""
         weight = self.output.weight
-        if not isinstance(weight, DTensor):
+        if not param_init.is_dtensor(weight):
             return linear_cross_entropy(h, weight, targets, z_loss)
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
         mesh, placements = weight.device_mesh, weight.placements
         if mesh.ndim != 1 or placements != (Shard(0),):
             return cross_entropy_sum(self.output(h), targets, z_loss)  # a layout the head's own forward handles

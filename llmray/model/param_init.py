@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 ROWS_PER_BLOCK = 64
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
@@ -104,7 +104,7 @@ def initialize(module: nn.Module, source: Source) -> None:
 
 @torch.no_grad()
 def _fill(param: torch.Tensor, name: str, source: Source) -> None:
-    local = param.to_local() if isinstance(param, DTensor) else param
+    local = param.to_local() if is_dtensor(param) else param
     local.copy_(source(name, tuple(param.shape), _global_offset(param), tuple(local.shape)))
 
 
@@ -134,8 +134,16 @@ def _block_seed(seed: int, name: str, block: int) -> int:
     return int.from_bytes(digest, "little") & (2 ** 63 - 1)
 
 
+def is_dtensor(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a DTensor shard, without importing ``torch.distributed.tensor`` (0.6 s, paid
+    by every process that loads a model: rollout and eval actors, servers) where nothing else did:
+    a process that never imported it holds no DTensor."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(param, dtensor.DTensor)
+
+
 def _global_offset(param: torch.Tensor) -> tuple[int, ...]:
-    if not isinstance(param, DTensor):
+    if not is_dtensor(param):
         return (0,) * param.dim()
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 

@@ -218,3 +218,18 @@ def test_linear_few_row_inference_product_equals_the_plain_one(shape):
     trained = layer(x.requires_grad_())
     trained.sum().backward()
     assert x.grad is not None and layer.weight.grad is not None
+
+
+def test_building_a_model_leaves_torch_distributed_tensor_unimported():
+    """Importing ``torch.distributed.tensor`` costs a process ~0.6 s; rollout and eval actors, servers
+    and the generate CLI build single-process models, so the model code imports it only on the DTensor
+    paths (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from llmray.model import llama; from llmray.model.config import preset; "
+            "model = llama.build(preset('tiny', vocab_size=256)); "
+            "model(torch.zeros(1, 4, dtype=torch.long), targets=torch.zeros(1, 4, dtype=torch.long)).backward(); "
+            "print('torch.distributed.tensor' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
