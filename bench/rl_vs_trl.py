@@ -14,8 +14,9 @@ decay), a constant learning rate, gradient clipping at 1, one update per generat
 * llmray: the ``rl`` training job (:func:`llmray.rl.stage.rl_job`) with 2 rollout actors of one
   thread each and the learner in this process: the same 2 cores.
 
-Timed: each side's training call (generation, scoring, updates), completions per second =
-steps × prompts × group size / seconds. Then both trained models are scored by the same greedy
+Timed: each side from the starting model on disk to the trained model on disk (loading, set-up,
+generation, scoring, updates, saving; llmray's includes starting its rollout actors), completions
+per second = steps × prompts × group size / seconds. Then both trained models are scored by the same greedy
 held-out exact match (llmray's evaluator, so the comparison is of training only). Targets
 (issue): llmray's held-out reward >= TRL's − 2 points; completions/s >= 1.5x TRL's. Last line:
 JSON with ``llmray_reward``, ``trl_reward``, ``llmray_completions_per_s``,
@@ -84,6 +85,7 @@ def run_trl(cfg: RlConfig, train, root: Path) -> tuple[Path, float]:
         return [float(final_number(c[0]["content"]) == a) for c, a in zip(completions, answer)]
 
     torch.set_num_threads(2)
+    started = time.perf_counter()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
     data = Dataset.from_list([{"prompt": list(p.messages), "answer": p.answer} for p in train])
@@ -99,12 +101,10 @@ def run_trl(cfg: RlConfig, train, root: Path) -> tuple[Path, float]:
         log_completions=False)
     trainer = GRPOTrainer(model=model, reward_funcs=[exact_final_number], args=args, train_dataset=data,
                           processing_class=tokenizer)
-    started = time.perf_counter()
     trainer.train()
-    seconds = time.perf_counter() - started
     trainer.save_model(str(root / "trl-model"))
     tokenizer.save_pretrained(str(root / "trl-model"))
-    return root / "trl-model", seconds
+    return root / "trl-model", time.perf_counter() - started
 
 
 def main() -> None:
