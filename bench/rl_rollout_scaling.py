@@ -46,7 +46,7 @@ def spec_for(actors: int, model_dir: Path, tokenizer_dir: Path, args) -> Rollout
                        sampling=SamplingSpec(max_new_tokens=args.max_new_tokens), reward=RewardConfig(),
                        grpo=GrpoConfig(), pool=RolloutPoolConfig(actors=actors, actor_cpus=0.5, threads=1),
                        prompts_per_step=args.prompts, group_size=args.group_size, micro_batch_size=1,
-                       max_staleness=0, seed=0)
+                       max_staleness=0, seed=0, learner_row_tokens=512)
 
 
 def timed_batch(pool: RolloutPool, spec: RolloutSpec, index: int) -> tuple[float, list]:

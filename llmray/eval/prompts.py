@@ -154,30 +154,6 @@ def _generation_request(task: Task, example: Example, shots: list[Example], enco
     return GenerationRequest(tuple(prompt[-room:]), task.spec.max_new_tokens, tuple(task.spec.stop), stop_ids)
 
 
-def packed_length(context: tuple[int, ...], continuation_lengths: list[int]) -> int:
-    """Tokens of a row holding ``context`` once and each continuation but its last token."""
-    return len(context) + sum(n - 1 for n in continuation_lengths)
-
-
-def shared_context_rows(requests: list[LoglikelihoodRequest], max_row_tokens: int) -> list[list[int]]:
-    """Indices of ``requests`` grouped into packed rows, in order.
-
-    Consecutive requests with the same context share a row (the context is computed once) while
-    the row stays within ``max_row_tokens``; a request alone always fits (:func:`fit`).
-    """
-    rows: list[list[int]] = []
-    length = 0  # of the last row
-    for i, request in enumerate(requests):
-        tail = len(request.continuation) - 1
-        if rows and requests[rows[-1][0]].context == request.context and length + tail <= max_row_tokens:
-            rows[-1].append(i)
-            length += tail
-        else:
-            rows.append([i])
-            length = len(request.context) + tail
-    return rows
-
-
 def rolling_windows(start_id: int, ids: list[int], max_seq_len: int) -> list[LoglikelihoodRequest]:
     """Predict every token of ``ids`` once, in windows of at most ``max_seq_len`` tokens.
 

@@ -15,9 +15,9 @@ Design choices:
   once per choice and a one-token answer costs nothing beyond it. Chosen over running the
   context once and copying its KV cache for each choice: one forward per batch, no per-choice
   copies of every layer's keys and values, no second pass of short continuations.
-* The packed layout reaches the model through its forward's ``cache`` argument (how KV-cache
-  decoding hands it RoPE positions and a mask): :class:`PackedLayout` stores no keys or values,
-  so scoring runs the model's own forward rather than a copy of it.
+* The packed rows and their layout are :mod:`llmray.model.shared_context` (GRPO's learner packs a
+  prompt's completions the same way); the layout reaches the model through its forward's
+  ``cache`` argument and stores no keys or values, so scoring runs the model's own forward.
 * Rows are right-padded; the output head and the log-softmax normalizer (fp32) run only at
   predicting positions, once per position however many choices it predicts (the head is a large
   share of a small model's FLOPs), in chunks that bound the (positions × vocabulary) logits, and
@@ -31,95 +31,15 @@ Design choices:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from llmray import storage
-from llmray.eval.prompts import GenerationRequest, LoglikelihoodRequest, Request, fit, shared_context_rows
-from llmray.model import hf
+from llmray.eval.prompts import GenerationRequest, LoglikelihoodRequest, Request, fit
+from llmray.model import hf, shared_context
 from llmray.model.generate import FINISHED, SamplingConfig, stream
 from llmray.model.llama import Transformer
 
 HEAD_CHUNK_ELEMENTS = 1 << 24  # logits computed at once: 64 MiB in fp32
-
-
-@dataclass
-class PackedRows:
-    """Requests packed into right-padded rows, and where each continuation token is predicted."""
-
-    tokens: torch.Tensor  # (B, T) ids, 0 at padding
-    positions: torch.Tensor  # (B, T) RoPE positions
-    segments: torch.Tensor  # (B, T) 0 context, k >= 1 the row's k-th continuation, -1 padding
-    rows: torch.Tensor  # (N,) row of each predicting position
-    cols: torch.Tensor  # (N,) its column
-    targets: torch.Tensor  # (N,) the token it predicts
-    owners: torch.Tensor  # (N,) index of the request the token belongs to
-
-    def to(self, device: torch.device) -> "PackedRows":
-        return PackedRows(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
-
-
-class PackedLayout:
-    """:class:`PackedRows` as ``Transformer.forward``'s ``cache``: positions and mask, nothing stored."""
-
-    def __init__(self, packed: PackedRows):
-        self.packed = packed
-
-    def positions(self, new: int) -> torch.Tensor:
-        return self.packed.positions
-
-    def mask(self, new: int, window: int | None) -> torch.Tensor:
-        """(B, 1, T, T) bool: query i may attend key j of its row (prefix-sharing, causal, windowed)."""
-        positions, segments = self.packed.positions, self.packed.segments
-        q_pos, k_pos = positions[:, :, None], positions[:, None, :]
-        q_seg, k_seg = segments[:, :, None], segments[:, None, :]
-        allowed = (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg)) & (k_pos <= q_pos)
-        if window is not None:
-            allowed &= q_pos - k_pos < window
-        return allowed[:, None]  # padding queries see the context's first token: finite, unused
-
-    def advance(self, new: int) -> None:
-        pass
-
-    def layer(self, name: str) -> "PackedLayout":
-        return self  # every layer's "cache": nothing stored
-
-    @staticmethod
-    def update(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The new keys and values straight back: the packed rows are all there is to attend to."""
-        return k, v
-
-
-def pack(requests: list[LoglikelihoodRequest], max_row_tokens: int) -> PackedRows:
-    """Rows of :func:`~llmray.eval.prompts.shared_context_rows`, as tensors."""
-    tokens, positions, segments = [], [], []
-    rows, cols, targets, owners = [], [], [], []
-    for row, members in enumerate(shared_context_rows(requests, max_row_tokens)):
-        context = requests[members[0]].context
-        if not context:
-            raise ValueError("a log-likelihood request needs at least one context token")
-        ids, pos, seg = list(context), list(range(len(context))), [0] * len(context)
-        for k, i in enumerate(members, start=1):
-            continuation = requests[i].continuation
-            tail = len(continuation) - 1
-            cols += [len(context) - 1] + list(range(len(ids), len(ids) + tail))
-            ids += continuation[:-1]
-            pos += range(len(context), len(context) + tail)
-            seg += [k] * tail
-            rows += [row] * len(continuation)
-            targets += continuation
-            owners += [i] * len(continuation)
-        tokens.append(ids)
-        positions.append(pos)
-        segments.append(seg)
-    width = max(len(ids) for ids in tokens)
-
-    def padded(values: list[list[int]], fill: int) -> torch.Tensor:
-        return torch.tensor([v + [fill] * (width - len(v)) for v in values], dtype=torch.long)
-
-    return PackedRows(padded(tokens, 0), padded(positions, 0), padded(segments, -1),
-                      *(torch.tensor(v, dtype=torch.long) for v in (rows, cols, targets, owners)))
 
 
 @torch.no_grad()
@@ -130,8 +50,8 @@ def loglikelihoods(model: Transformer, requests: list[LoglikelihoodRequest]) -> 
     """
     max_len = model.cfg.max_seq_len
     device = next(model.parameters()).device
-    packed = pack([fit(r, max_len) for r in requests], max_len).to(device)
-    hidden = model(packed.tokens, cache=PackedLayout(packed), return_hidden=True)  # (B, T, dim)
+    packed = shared_context.pack([fit(r, max_len) for r in requests], max_len).to(device)
+    hidden = model(packed.tokens, cache=shared_context.SharedContextLayout(packed), return_hidden=True)  # (B, T, dim)
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (B·T, dim)
     # the choices of a row are all predicted first from the context's last position: run the head
     # once per distinct predicting position

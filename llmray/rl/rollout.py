@@ -14,7 +14,7 @@ Design choices:
   teacher-forced pass, equal to it within float rounding (tested to 1e-5), at no extra cost. A
   second forward pass over the completions took 40% of a worker's time (0.19 of 0.47 s for 128
   rows). The reference log-probs (with a KL penalty) still need one pass of the reference model,
-  in the learner's row layout (:func:`pack_rows`).
+  in rows that hold each prompt once, as the learner's (:func:`~llmray.rl.grpo.pack_sequences`).
 * A sample is a plain dict of tensors and numbers, so in-flight rollouts can be stored in a
   trainer checkpoint (read back with ``weights_only=True``).
 * The worker's weights start as the initial policy (version 0); a newer version is fetched from
@@ -33,7 +33,6 @@ import torch
 from llmray.config import param
 from llmray.rl.rewards import RewardConfig, Rewarder
 from llmray.rl.tasks import Problem
-from llmray.train.objectives import IGNORE_INDEX, token_cross_entropy
 
 
 @dataclass
@@ -54,29 +53,18 @@ class WorkItem:
     task: Problem
 
 
-def pack_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-              pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) (N, T) of prompt + completion rows, right-padded; targets are the completion
-    tokens at the positions that predict them, :data:`IGNORE_INDEX` elsewhere."""
-    length = max(len(p) + len(c) for p, c in zip(prompts, completions)) - 1
-    inputs = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-    targets = torch.full((len(prompts), length), IGNORE_INDEX, dtype=torch.long)
-    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
-        sequence = list(prompt) + list(completion)
-        inputs[row, :len(sequence) - 1] = torch.tensor(sequence[:-1])
-        targets[row, len(prompt) - 1:len(sequence) - 1] = torch.tensor(list(completion))
-    return inputs, targets
-
-
 @torch.no_grad()
 def completion_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
                      completions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-    """fp32 log-probability of every completion token under ``model``: one (len(completion),) each."""
-    inputs, targets = pack_rows(prompts, completions)
+    """fp32 log-probability of every completion token under ``model``: one (len(completion),) each, from
+    one forward over rows that hold each prompt once (as the learner's, :func:`~llmray.rl.grpo.grpo_batch`)."""
+    from llmray.model.shared_context import continuation_logps
+    from llmray.rl.grpo import pack_sequences
+
+    packed = pack_sequences(prompts, completions, model.cfg.max_seq_len)
     device = next(model.parameters()).device
-    logps = -token_cross_entropy(model(inputs.to(device)), targets.to(device)).float().cpu()
-    return [logps[row, len(p) - 1:len(p) - 1 + len(c)].clone()
-            for row, (p, c) in enumerate(zip(prompts, completions))]
+    logps = continuation_logps(model, packed.to(device)).cpu()
+    return list(logps.split([len(c) for c in completions]))
 
 
 @torch.no_grad()

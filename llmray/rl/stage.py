@@ -63,6 +63,9 @@ class RlConfig:
                             min=2)
     micro_batch_size: int = param(8, doc="sequences per micro-batch on each data-parallel worker; "
                                          "train.grad_accum is derived from it", min=1)
+    learner_row_tokens: int = param(512, doc="most tokens of a learner row, which holds one prompt once and as "
+                                             "many of its completions as fit (the prompt is computed once; a "
+                                             "row's attention grows with the square of its length)", min=1)
     max_staleness: int = param(0, doc="policy versions a rollout may lag the learner (0 = on-policy; k > 0 "
                                       "overlaps generation with k training steps)", min=0)
     sampling: SamplingSpec = param(default_factory=SamplingSpec, doc="rollout sampling")
@@ -160,7 +163,7 @@ def rl_job(cfg: RlConfig, problems: list[Problem], prompts: list[tuple[int, ...]
                        sampling=cfg.sampling, reward=cfg.reward, grpo=cfg.grpo, pool=cfg.rollout,
                        prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
                        micro_batch_size=cfg.micro_batch_size, max_staleness=cfg.max_staleness, seed=cfg.seed,
-                       pad_id=pad_id)
+                       learner_row_tokens=cfg.learner_row_tokens, pad_id=pad_id)
     return TrainJob(model=PretrainedModel(cfg.model), objective=GRPO(cfg.grpo, cfg.sampling.max_new_tokens),
                     train_data=spec, train=dataclasses.replace(cfg.train, grad_accum=cfg.grad_accum()),
                     parallel=cfg.parallel, execution=cfg.execution,

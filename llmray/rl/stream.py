@@ -37,9 +37,9 @@ import torch
 import torch.distributed as dist
 
 from llmray.config import param
-from llmray.rl.grpo import GrpoConfig, group_advantages
+from llmray.rl.grpo import GrpoConfig, grpo_batch, group_advantages
 from llmray.rl.rewards import RewardConfig
-from llmray.rl.rollout import RolloutWorker, SamplingSpec, WorkItem, from_wire, pack_rows
+from llmray.rl.rollout import RolloutWorker, SamplingSpec, WorkItem, from_wire
 from llmray.rl.tasks import Problem
 
 log = logging.getLogger("llmray.rl")
@@ -82,6 +82,7 @@ class RolloutSpec:
     micro_batch_size: int
     max_staleness: int
     seed: int
+    learner_row_tokens: int
     pad_id: int = 0
 
     def __call__(self, shard: int, shards: int) -> "RolloutStream":
@@ -293,20 +294,10 @@ class RolloutStream:
                 for s, a in zip(samples, advantages.tolist())]
 
     def _micro_batch(self, rows: list[dict]) -> dict:
-        inputs, targets = pack_rows([r["prompt"].tolist() for r in rows], [r["completion"].tolist() for r in rows],
-                                    self.spec.pad_id)
-        old = torch.zeros(targets.shape, dtype=torch.float32)
-        ref = torch.zeros(targets.shape, dtype=torch.float32)
-        for row, r in enumerate(rows):
-            start = len(r["prompt"]) - 1
-            old[row, start:start + len(r["completion"])] = r["old_logps"]
-            if self.spec.grpo.kl_coef:
-                ref[row, start:start + len(r["completion"])] = r["ref_logps"]
-        batch = {"inputs": inputs, "targets": targets, "old_logps": old,
-                 "advantages": torch.tensor([r["advantage"] for r in rows], dtype=torch.float32)}
-        if self.spec.grpo.kl_coef:
-            batch["ref_logps"] = ref
-        return batch
+        return grpo_batch([r["prompt"].tolist() for r in rows], [r["completion"].tolist() for r in rows],
+                          [r["old_logps"] for r in rows],
+                          [r["ref_logps"] for r in rows] if self.spec.grpo.kl_coef else None,
+                          [r["advantage"] for r in rows], self.spec.learner_row_tokens, self.spec.pad_id)
 
     # -- checkpoint state and shutdown ---------------------------------------------------------
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from llmray.eval import worker
-from llmray.eval.prompts import GenerationRequest, LoglikelihoodRequest, packed_length, shared_context_rows
+from llmray.eval.prompts import GenerationRequest, LoglikelihoodRequest
+from llmray.model.shared_context import pack, packed_length, shared_context_rows
 from llmray.eval.runner import RunnerConfig, WorkerPool, make_batches, plan_requests, worker_args
 from llmray.eval.tasks import TaskSpec, load_task
 from llmray.model import hf, llama
@@ -83,7 +84,7 @@ def test_shared_context_matches_one_request_per_choice_on_real_prompts(shared_da
     packed = {}
     for batch in batches:
         requests = [plan.requests[i] for i in batch]
-        assert len(worker.pack(requests, model.cfg.max_seq_len).tokens) < len(requests)  # contexts shared
+        assert len(pack(requests, model.cfg.max_seq_len).tokens) < len(requests)  # contexts shared
         packed.update(zip(batch, worker.loglikelihoods(model, requests)))
     errors = [abs(packed[i][0] - plain_loglikelihood(model, r)) for i, r in enumerate(plan.requests)]
     assert max(errors) < 1e-4
@@ -99,7 +100,7 @@ def test_prefix_sharing_mask_respects_a_sliding_window(one_thread):
     context = tuple(range(1, 15))
     requests = [LoglikelihoodRequest(context, tuple(range(20, 20 + n))) for n in (1, 4, 9)]
     packed = worker.loglikelihoods(model, requests)
-    assert len(worker.pack(requests, 64).tokens) == 1
+    assert len(pack(requests, 64).tokens) == 1
     for (ll, _), request in zip(packed, requests):
         assert ll == pytest.approx(plain_loglikelihood(model, request), abs=1e-4)
 

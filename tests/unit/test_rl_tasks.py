@@ -94,7 +94,7 @@ def _spec(shared_data, problems):
     return RolloutSpec(problems=problems, prompts=prompts, model_dir="", tokenizer_dir="",
                        sampling=SamplingSpec(max_new_tokens=12), reward=RewardConfig(), grpo=GrpoConfig(),
                        pool=RolloutPoolConfig(), prompts_per_step=3, group_size=4, micro_batch_size=4,
-                       max_staleness=0, seed=7)
+                       max_staleness=0, seed=7, learner_row_tokens=512)
 
 
 def test_rollouts_depend_only_on_seed_and_weights(worker, shared_data):
