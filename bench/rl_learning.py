@@ -52,7 +52,7 @@ def run(args) -> dict:
         "rollout": {"actors": 2, "actor_cpus": 0.5, "threads": 1},
         "train": {"steps": args.rl_steps, "log_every": 5, "optimizer": {"lr": args.rl_lr, "weight_decay": 0.0},
                   "schedule": {"warmup_steps": 3}},
-        "execution": {"threads_per_worker": 1}})
+        "execution": {"threads_per_worker": 2}})
     started = time.perf_counter()
     rl_result = stages.run_stage(stages.STAGES["rl"], rl, root / "runs")
     rl_seconds = time.perf_counter() - started
@@ -73,7 +73,7 @@ def run(args) -> dict:
 
 
 def main() -> None:
-    args = _rl_setup.arguments(__doc__.splitlines()[0], quick_rl_steps=100, full_rl_steps=300)
+    args = _rl_setup.arguments(__doc__.splitlines()[0], quick_rl_steps=100, full_rl_steps=900)
     load = LoadWatch(2)
     cluster.connect(cluster.RayConfig(num_cpus=2, object_store_memory_mb=512, dashboard=False))
     figures = run(args)
