@@ -62,7 +62,7 @@ def sft_model(root: Path, args) -> tuple[Path, Path]:
         "model": str(init), "tokenizer": str(tokenizer_dir), "val_fraction": 0.0,
         "sources": [{"kind": "messages", "path": str(data), "name": "arithmetic"}],
         "batch": {"seq_len": 95, "micro_batch_size": 32},
-        "train": {"steps": args.sft_steps, "log_every": 50, "optimizer": {"lr": 3e-3, "weight_decay": 0.0},
+        "train": {"steps": args.sft_steps, "log_every": 50, "optimizer": {"lr": args.sft_lr, "weight_decay": 0.0},
                   "schedule": {"warmup_steps": 20}},
         "samples": {"prompts": 0}, "execution": {"threads_per_worker": 2}})
     return tokenizer_dir, stages.run_stage(stages.STAGES["sft"], cfg, root / "runs").output / "model"
@@ -78,6 +78,7 @@ def arguments(description: str, quick_rl_steps: int, full_rl_steps: int):
     parser.add_argument("--problems", type=int, default=900, help="distinct problems drawn (level 2 has 900)")
     parser.add_argument("--sft-problems", type=int, default=150, help="training problems given as SFT demonstrations")
     parser.add_argument("--sft-steps", type=int, default=300)
+    parser.add_argument("--sft-lr", type=float, default=3e-3)
     parser.add_argument("--rl-steps", type=int, default=None, help=f"default {quick_rl_steps} (--quick), else "
                                                                   f"{full_rl_steps}")
     parser.add_argument("--rl-lr", type=float, default=3e-4)
