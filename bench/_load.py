@@ -23,6 +23,7 @@ from importlib import metadata
 SAMPLE_SECONDS = 5.0
 IDLE_FACTOR = 1.5
 OTHERS_CPU_LIMIT = 0.25  # cores
+SETTLED = 0.75  # LoadWatch.settle waits for the 1-minute load to fall to this share of the cores used
 VERSIONED = ("torch", "ray", "tokenizers", "pyarrow", "numpy")
 
 
@@ -102,6 +103,7 @@ class LoadWatch:
         self.cores_used = cores_used
         self.before = os.getloadavg()[0]
         self.highest = self.before
+        self.settled_s = 0.0
         self._started = time.monotonic()
         self._others = _OthersCpu()
         self._stop = threading.Event()
@@ -112,6 +114,19 @@ class LoadWatch:
         while not self._stop.wait(SAMPLE_SECONDS):
             self.highest = max(self.highest, os.getloadavg()[0])
             self._others.sample()
+
+    def settle(self, limit_s: float = 90.0) -> float:
+        """Wait until the 1-minute load is at most ``SETTLED`` × the cores used (or ``limit_s`` passed);
+        the seconds waited. Why: a bench that alternates peers would otherwise start each one while
+        the previous one's processes (Ray Train workers exiting, a bare loop's threads) still weigh
+        on the load, and their start-up on top of that leaves it above the idle bound although
+        nothing else ran; waiting lets each timed run start from a quiet machine."""
+        started = time.monotonic()
+        while os.getloadavg()[0] > SETTLED * self.cores_used and time.monotonic() - started < limit_s:
+            time.sleep(1.0)
+        waited = time.monotonic() - started
+        self.settled_s += waited
+        return waited
 
     def fields(self) -> dict:
         self._stop.set()
@@ -128,6 +143,7 @@ class LoadWatch:
             threads = None
         return {"loadavg_before": round(self.before, 2), "loadavg_after": round(after, 2),
                 "loadavg_max": round(self.highest, 2), "cores_used": self.cores_used,
+                **({"settled_s": round(self.settled_s, 1)} if self.settled_s else {}),
                 "others_cpu_cores": None if others is None else round(others, 3),
                 "idle": self.highest <= IDLE_FACTOR * self.cores_used and (others or 0.0) <= OTHERS_CPU_LIMIT,
                 "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": threads},

@@ -44,8 +44,13 @@ def worked(problem) -> str:
 
 def sft_model(root: Path, args) -> tuple[Path, Path]:
     """(tokenizer, SFT model): a random Llama SFT'd by the ``sft`` stage (in process) on worked answers
-    to the first ``args.sft_problems`` training-split problems of ``args.level``, for ``args.sft_steps``:
-    few demonstrations, so that RL on every training problem has something left to teach."""
+    to the first ``args.sft_problems`` training-split problems of ``args.level``, for ``args.sft_steps``.
+
+    The defaults (400 of level 2's 811 training problems, 300 steps at lr 1e-3) give a start that
+    partly generalizes (in a probe: greedy held-out 37%, pass@8 52%), which RL can sharpen. 150
+    demonstrations at lr 3e-3 were memorized (held-out 6-10%, pass@8 11%), and RL on them then
+    mostly memorized its training problems too (+4.5 and +6.7 held-out points in 900 and 300
+    steps)."""
     from llmray import config as config_lib
     from llmray import stages
     from llmray.align.records import split_of
@@ -76,9 +81,9 @@ def arguments(description: str, quick_rl_steps: int, full_rl_steps: int):
     parser.add_argument("--quick", action="store_true", help="fewer RL steps (under 5 minutes)")
     parser.add_argument("--level", type=int, default=2, help="arithmetic difficulty (llmray.rl.tasks)")
     parser.add_argument("--problems", type=int, default=900, help="distinct problems drawn (level 2 has 900)")
-    parser.add_argument("--sft-problems", type=int, default=150, help="training problems given as SFT demonstrations")
+    parser.add_argument("--sft-problems", type=int, default=400, help="training problems given as SFT demonstrations")
     parser.add_argument("--sft-steps", type=int, default=300)
-    parser.add_argument("--sft-lr", type=float, default=3e-3)
+    parser.add_argument("--sft-lr", type=float, default=1e-3)
     parser.add_argument("--rl-steps", type=int, default=None, help=f"default {quick_rl_steps} (--quick), else "
                                                                   f"{full_rl_steps}")
     parser.add_argument("--rl-lr", type=float, default=3e-4)

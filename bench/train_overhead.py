@@ -21,7 +21,9 @@ first Train run of a fresh Ray session competes with Ray starting Train's helper
 (``first_ray_train_run_tokens_per_s``) rather than mixed into the steady state.
 ``ratio_vs_bare_loop`` is the median over rounds of llmray 1 worker / bare in the same round (this
 machine's speed drifts by ±20% between minutes, so each ratio compares neighbouring runs);
-``ratio_of_medians`` is given too. ``dp2_scaling`` = DP=2 / 1 worker (both use all of the 2 cores,
+``ratio_of_medians`` is given too. Before each run the bench waits for the 1-minute load to settle
+(:meth:`LoadWatch.settle`; ``settled_s`` in the JSON), so no run starts while the previous one's
+processes still weigh on the machine. ``dp2_scaling`` = DP=2 / 1 worker (both use all of the 2 cores,
 so 1.0 is the ideal the cores allow; full runs only). Last line: one JSON object.
 """
 
@@ -116,8 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 steps, 3 rounds, no DP=2 (under 5 minutes)")
     parser.add_argument("--no-dp2", action="store_true",
-                        help="full run without the DP=2 peer: its two workers leave the 1-minute load above the "
-                             "idle bound during the next round's runs (the 1 worker / bare loop figure alone)")
+                        help="full run without the DP=2 peer (the 1 worker / bare loop figure alone)")
     args = parser.parse_args()
     load = LoadWatch(2)
     steps, warmup, rounds = (16, 3, 3) if args.quick else (31, 5, 5)
@@ -130,9 +131,12 @@ def main() -> None:
         shards = _byte_shards.write(work / "shards", max_bytes=4_000_000)
         first_run = llmray_run(shards, work, "first", steps, warmup, workers=1)
         for r in range(rounds):  # alternate the peers so load changes hit all of them
+            load.settle()
             results["bare"].append(bare_loop(shards, steps, warmup, threads=2))
+            load.settle()
             results["one"].append(llmray_run(shards, work, f"one-{r}", steps, warmup, workers=1))
             if "dp2" in results:
+                load.settle()
                 results["dp2"].append(llmray_run(shards, work, f"dp2-{r}", steps, warmup, workers=2))
             print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in results.items()) + " tokens/s", flush=True)
     medians = {k: statistics.median(v) for k, v in results.items()}
