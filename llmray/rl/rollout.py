@@ -18,7 +18,8 @@ Design choices:
 * A sample is a plain dict of tensors and numbers, so in-flight rollouts can be stored in a
   trainer checkpoint (read back with ``weights_only=True``).
 * The worker's weights start as the initial policy (version 0); a newer version is fetched from
-  the object store only when a request names it.
+  the object store only when a request names it, or received by broadcast beforehand
+  (:mod:`llmray.rl.weight_sync`).
 """
 
 from __future__ import annotations
@@ -128,13 +129,15 @@ class RolloutWorker:
 
         if threads:
             torch.set_num_threads(threads)
-        self.policy = hf.load(model_dir).model
-        self.reference = hf.load(model_dir).model if reference else None
+        # a GPU actor (rollout.actor_gpus > 0) sees the GPU Ray assigned it as cuda:0
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.policy = hf.load(model_dir, self.device).model
+        self.reference = hf.load(model_dir, self.device).model if reference else None
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.stop_ids = ChatTemplate(self.tokenizer).stop_ids
         self.sampling = sampling
         self.rewarder = Rewarder(reward)
-        self.reward_model = hf.load(reward.model).model if reward.kind == "reward_model" else None
+        self.reward_model = hf.load(reward.model, self.device).model if reward.kind == "reward_model" else None
         if self.reward_model is not None and self.reward_model.cfg.head != "score":
             raise ValueError(f"{reward.model} is a language model (head=lm), not a reward model: train one with "
                              "`llmray reward train`")
@@ -150,11 +153,27 @@ class RolloutWorker:
         are fetched only when the key changes; publications tell apart the weights of one version
         number before and after a rollback)."""
         if key != self.key:
+            if weights is None:
+                raise RuntimeError(f"rollout with weights {tuple(key)}, but this actor holds {self.key} and they were "
+                                   "not broadcast to it (llmray.rl.weight_sync)")
             import ray
 
             self.policy.load_state_dict(ray.get(weights[0]))
             self.key = tuple(key)
         return to_wire(self.samples(items))
+
+    def join_weight_group(self, address, rank: int) -> None:
+        """Become ``rank`` of the learner's weight broadcast group (:mod:`llmray.rl.weight_sync`)."""
+        from llmray.rl import weight_sync
+
+        self.weight_group = weight_sync.join(address, rank)
+
+    def receive_weights(self, key: tuple[int, int]) -> None:
+        """Receive the learner's weights ``key`` from the broadcast group into the policy."""
+        from llmray.rl import weight_sync
+
+        weight_sync.receive(self.weight_group, self.policy)
+        self.key = tuple(key)
 
     def greedy(self, items: Sequence[WorkItem]) -> list[dict]:
         """Samples of ``items`` decoded greedily (the held-out exact-match check)."""

@@ -5,10 +5,11 @@ rollout actors (:class:`~llmray.rl.rollout.RolloutWorker`); every rank reads the
 object, so the trainer needs nothing RL-specific (:class:`RolloutStream` is its ``data``).
 
 * **Weight sync.** At each step the stream publishes the learner's weights when the trainer's
-  step (the *policy version*) moved: gathered in full (a collective on every rank), put once in
-  the object store by rank 0, and fetched by an actor only when a request names a newer
-  publication. Version 0 is the initial weights, which the actors load from the model
-  directory themselves.
+  step (the *policy version*) moved: gathered in full (a collective on every rank), then put once
+  in the object store by rank 0 and fetched by an actor only when a request names a newer
+  publication, or (``rollout.weight_sync: broadcast``, the default for GPU actors) broadcast by
+  rank 0 to every actor through a process group of their own (:mod:`llmray.rl.weight_sync`).
+  Version 0 is the initial weights, which the actors load from the model directory themselves.
 * **Staleness.** With ``max_staleness`` k, k rollout batches are kept in flight: after taking the
   batch for step s, rank 0 submits batches for steps s+1 .. s+k with the weights of version s,
   so generation overlaps training and no sample is more than k versions old (checked on every
@@ -31,7 +32,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -63,6 +64,13 @@ class RolloutPoolConfig:
     threads: int = param(1, doc="torch threads per actor", min=1)
     max_replacements: int = param(3, doc="times a chunk is resubmitted to a fresh actor after its actor died",
                                   min=0)
+    weight_sync: Literal["auto", "object_store", "broadcast"] = param(
+        "auto", doc="how each policy version reaches the actors: object_store (put once by the learner, fetched "
+                    "by each actor), broadcast (a process group of the learner's rank 0 and the actors: NCCL "
+                    "between GPUs, gloo on CPU; llmray.rl.weight_sync); auto = broadcast when actors have GPUs")
+
+    def broadcasts(self) -> bool:
+        return self.weight_sync == "broadcast" or (self.weight_sync == "auto" and self.actor_gpus > 0)
 
 
 @dataclass
@@ -121,7 +129,14 @@ class Pending:
 
 
 class RolloutPool:
-    """Rollout actors; a dead actor is replaced and its chunk resubmitted."""
+    """Rollout actors; a dead actor is replaced and its chunk resubmitted.
+
+    Weights reach the actors through the object store (:meth:`publish` returns the reference that
+    requests carry) or, with ``weight_sync`` broadcast, through a process group that the pool forms
+    with its actors (:mod:`llmray.rl.weight_sync`). A replaced actor breaks that group: the pool
+    forms a new one and broadcasts the latest weights again, and the dead actor's chunk is
+    resubmitted with them (samples then carry that newer version, still within ``max_staleness``).
+    """
 
     def __init__(self, spec: RolloutSpec):
         import ray
@@ -131,11 +146,76 @@ class RolloutPool:
         self.actor_class = ray.remote(num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus)(RolloutWorker)
         self.actors = [self._new_actor() for _ in range(cfg.actors)]
         self.replaced = 0
+        self.group = None  # the broadcast group, formed at the first broadcast and after a replacement
+        self.generation = 0
+        self.latest: tuple[tuple[int, int], dict, torch.device] | None = None  # broadcast weights: key, state, device
 
     def _new_actor(self):
         s = self.spec
         return self.actor_class.options(scheduling_strategy="DEFAULT").remote(
             s.model_dir, s.tokenizer_dir, s.sampling, s.reward, s.grpo.kl_coef > 0, s.pool.threads)
+
+    def publish(self, key: tuple[int, int], state: dict[str, torch.Tensor], device: torch.device) -> list | None:
+        """Make the weights ``key`` the actors' next: ``[ObjectRef]`` for requests to carry, or None once
+        broadcast (``state``: the learner's full weights, sent from ``device``)."""
+        import ray
+
+        if not self.spec.pool.broadcasts():
+            return [ray.put(state)]
+        self.latest = (key, state, device)
+        self._broadcast()
+        return None
+
+    def _broadcast(self) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        from llmray.rl import weight_sync
+
+        key, state, device = self.latest
+        for attempt in range(self.spec.pool.max_replacements + 1):
+            if self.group is None:
+                self._form_group(device)
+            receiving = [actor.receive_weights.remote(key) for actor in self.actors]
+            try:
+                weight_sync.send(self.group, state, device)
+                ray.get(receiving)
+                return
+            except (RayActorError, RuntimeError) as exc:  # a member died: gloo/NCCL raise, Ray names the actor
+                if attempt == self.spec.pool.max_replacements or not self._replace_dead():
+                    raise RolloutFailed(f"broadcasting the weights {key} to the rollout actors failed: {exc}") from exc
+
+    def _form_group(self, device: torch.device) -> None:
+        import ray
+
+        from llmray.rl import weight_sync
+
+        self.generation += 1
+        world = len(self.actors) + 1
+        store = weight_sync.host_store(world)
+        address = weight_sync.GroupAddress(store.host, store.port, world,
+                                           "nccl" if device.type == "cuda" else "gloo", self.generation)
+        joining = [actor.join_weight_group.remote(address, rank) for rank, actor in enumerate(self.actors, 1)]
+        self.group = weight_sync.join(address, 0, store)
+        ray.get(joining)
+
+    def _replace_dead(self) -> bool:
+        """Replace every actor that no longer answers; whether any was."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        replaced = False
+        for slot, actor in enumerate(self.actors):
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=60)
+            except (RayActorError, ray.exceptions.GetTimeoutError):
+                log.warning("rollout actor %d died; replacing it", slot)
+                self.actors[slot] = self._new_actor()
+                self.replaced += 1
+                replaced = True
+        if replaced:
+            self.group = None
+        return replaced
 
     def submit(self, pending: Pending, items: list[WorkItem]) -> Pending:
         count = len(self.actors)
@@ -170,6 +250,10 @@ class RolloutPool:
                                 slot, type(exc).__name__, len(chunk))
                     self.actors[slot] = self._new_actor()
                     self.replaced += 1
+                    if self.latest is not None:  # broadcast weights: a new group, the latest weights again
+                        self.group = None
+                        self._broadcast()
+                        pending.key = self.latest[0]
                     future = self._call(slot, pending, chunk)
         pending.samples, pending.chunks = samples, []
         return samples
@@ -180,6 +264,7 @@ class RolloutPool:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+        self.group = None
 
 
 class RolloutStream:
@@ -243,11 +328,9 @@ class RolloutStream:
         self.published = version
         state = self.trainer.export_weights()  # full weights on CPU; a collective under FSDP2
         if self.rank == 0:
-            import ray
-
             self.publications += 1
             self.key = (version, self.publications)
-            self.weights = [ray.put(state)]
+            self.weights = self.pool.publish(self.key, state, self.trainer.device)
 
     def _rank0_rows(self, version: int) -> list[dict]:
         if self.pending and self.pending[0].version > version:  # a rollback: from weights now discarded

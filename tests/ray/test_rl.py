@@ -123,6 +123,45 @@ def test_a_rollout_actor_killed_mid_step_is_replaced_and_the_batch_completes(ray
     assert [s["completion"].tolist() for s in samples] == [s["completion"].tolist() for s in expected]
 
 
+def test_weights_broadcast_to_the_actors_train_exactly_as_through_the_object_store(ray_session, policy, shared_data,
+                                                                                     tmp_path):
+    problems, prompts = _problems(shared_data)
+    runs = {}
+    for sync in ("object_store", "broadcast"):
+        cfg = rl_config(policy, shared_data, max_staleness=1, **{"train.steps": 3, "rollout.weight_sync": sync})
+        runs[sync] = _losses_and_history(rl_job(cfg, problems, prompts, PAD_ID, tmp_path / sync))
+    (losses, history), (broadcast_losses, broadcast_history) = runs["object_store"], runs["broadcast"]
+    assert broadcast_losses == losses  # the same weights reached the actors, so the same samples and updates
+    assert any(loss != 0 for loss in losses.values())
+    drop_timing = lambda h: {k: v for k, v in h.items() if k != "rollout_wait_s"}  # noqa: E731
+    assert [drop_timing(h) for h in broadcast_history] == [drop_timing(h) for h in history]
+
+
+def test_an_actor_killed_after_a_broadcast_is_replaced_and_sent_the_weights_again(ray_session, policy, shared_data):
+    cfg = rl_config(policy, shared_data, **{"rollout.weight_sync": "broadcast"})
+    problems, prompts = _problems(shared_data)
+    spec = rl_job(cfg, problems, prompts, PAD_ID, "unused").train_data
+    torch.set_num_threads(1)
+    local = RolloutWorker(str(policy), cfg.tokenizer, cfg.sampling, cfg.reward, reference=False)
+    with torch.no_grad():
+        for parameter in local.policy.parameters():
+            parameter.mul_(1.5)  # version 1: weights that differ from the model directory's
+    local.key = (1, 1)
+    items = spec.work_items(0)
+    pool = RolloutPool(spec)
+    try:
+        assert pool.publish((1, 1), local.policy.state_dict(), torch.device("cpu")) is None  # broadcast, no reference
+        pending = pool.submit(Pending(0, 1, key=(1, 1)), items)
+        ray.kill(pool.actors[1], no_restart=True)
+        samples = pool.collect(pending)
+        assert pool.replaced == 1 and pool.generation == 2  # a new group for the new actor
+    finally:
+        pool.close()
+    expected = local.samples(items)
+    assert [s["version"] for s in samples] == [1] * len(items)
+    assert [s["completion"].tolist() for s in samples] == [s["completion"].tolist() for s in expected]
+
+
 def test_two_fsdp2_learners_on_ray_train_match_one_in_process(ray_session, policy, shared_data, tmp_path):
     problems, prompts = _problems(shared_data)
     one = rl_config(policy, shared_data, **{"train.steps": 3})
