@@ -86,7 +86,7 @@ class _Scored(NamedTuple):
     continuation: Sequence[int]
 
 
-PACKED_FIELDS = tuple(f.name for f in dataclasses.fields(shared_context.SharedContextRows))
+_PACKED_FIELDS = tuple(f.name for f in dataclasses.fields(shared_context.SharedContextRows))  # a batch carries them flat
 
 
 def pack_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], max_row_tokens: int,
@@ -102,7 +102,7 @@ def grpo_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[
     share a row (:mod:`llmray.model.shared_context`), the prompt computed once. Per completion token,
     in sequence order: ``old_logps`` (and ``ref_logps``); per sequence: ``advantages``."""
     packed = pack_sequences(prompts, completions, max_row_tokens, pad_id)
-    batch = {name: getattr(packed, name) for name in PACKED_FIELDS}
+    batch = {name: getattr(packed, name) for name in _PACKED_FIELDS}
     batch["old_logps"] = torch.cat(list(old_logps)).float()
     if ref_logps is not None:
         batch["ref_logps"] = torch.cat(list(ref_logps)).float()
@@ -126,7 +126,7 @@ class GRPO(Objective):
         return batch["tokens"].numel()
 
     def loss(self, model: nn.Module, batch: dict) -> LossOutput:
-        packed = shared_context.SharedContextRows(*(batch[name] for name in PACKED_FIELDS))
+        packed = shared_context.SharedContextRows(*(batch[name] for name in _PACKED_FIELDS))
         logps = shared_context.continuation_logps(model, packed)  # (N,)
         owners = packed.owners
         losses = policy_token_losses(logps, batch["old_logps"], batch.get("ref_logps"),
