@@ -210,12 +210,15 @@ class RolloutPool:
                 ray.get(actor.__ray_ready__.remote(), timeout=60)
             except (RayActorError, ray.exceptions.GetTimeoutError):
                 log.warning("rollout actor %d died; replacing it", slot)
-                self.actors[slot] = self._new_actor()
-                self.replaced += 1
+                self._replace(slot)
                 replaced = True
-        if replaced:
-            self.group = None
         return replaced
+
+    def _replace(self, slot: int) -> None:
+        """A new actor in ``slot``; the broadcast group, which held the old one, is formed anew when next used."""
+        self.actors[slot] = self._new_actor()
+        self.replaced += 1
+        self.group = None
 
     def submit(self, pending: Pending, items: list[WorkItem]) -> Pending:
         count = len(self.actors)
@@ -248,10 +251,8 @@ class RolloutPool:
                                             f"{attempt + 1} times; last error: {exc}") from exc
                     log.warning("rollout actor %d died (%s); replacing it and resubmitting %d items",
                                 slot, type(exc).__name__, len(chunk))
-                    self.actors[slot] = self._new_actor()
-                    self.replaced += 1
+                    self._replace(slot)
                     if self.latest is not None:  # broadcast weights: a new group, the latest weights again
-                        self.group = None
                         self._broadcast()
                         pending.key = self.latest[0]
                     future = self._call(slot, pending, chunk)
