@@ -35,10 +35,10 @@ from llmray import storage
 from llmray.config import param
 from llmray.eval import scoring
 from llmray.eval.prompts import Encoder, GenerationRequest, Request, example_requests
-from llmray.model.shared_context import packed_length, shared_context_rows
 from llmray.eval.tasks import Task
 from llmray.eval.worker import ModelWorker
 from llmray.model import hf
+from llmray.model.shared_context import packed_length, shared_context_rows
 from llmray.progress import Progress
 
 log = logging.getLogger("llmray.eval")
