@@ -66,7 +66,8 @@ class OptimizerConfig:
     weight_decay: float = param(0.1, doc="decoupled weight decay of the decayed group", min=0.0)
     no_decay: list[str] = param(default_factory=lambda: ["norm", "tok_embeddings", "bias"],
                                 doc="parameters whose name contains any of these get no weight decay")
-    fused: bool | None = param(None, doc="fused AdamW kernel; null = on GPU only (foreach on CPU); kind=adamw only")
+    fused: bool | None = param(None, doc="fused AdamW kernel; null = fused on CPU and CUDA (on CPU ~5x faster than "
+                                         "foreach: 4 vs 22 ms a step for cpu-small), foreach elsewhere; kind=adamw only")
     muon: muon_lib.MuonConfig = param(default_factory=muon_lib.MuonConfig, doc="Muon settings (kind=muon)")
 
 
@@ -165,7 +166,7 @@ def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
 
 
 def optimizer_factory(cfg: OptimizerConfig, device: torch.device) -> Callable[[nn.Module], torch.optim.Optimizer]:
-    fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
+    fused = cfg.fused if cfg.fused is not None else device.type in ("cpu", "cuda")
 
     def make(model: nn.Module) -> torch.optim.Optimizer:
         if cfg.kind == "muon":
