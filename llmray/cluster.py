@@ -61,8 +61,11 @@ def _resolve_address(cfg: RayConfig) -> str | None:
 
 def _set_embedded_environment() -> None:
     # Inherited by the local Ray processes, so it must be set before they start. Ray Train's
-    # controller polls every 2 s by default, which makes each report() block ~1.6 s.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    # controller polls every worker every 2 s by default, and a report() made before the previous
+    # one was polled blocks until it is: 0.5 s keeps that wait short at llmray's log intervals.
+    # Shorter is not free: at 0.1 s the polls took ~0.02 cores (controller + the worker's main
+    # thread): its training loop got 1.894 cores of 2 instead of 1.915 at 1 s (bench/RESULTS.md).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def connect(cfg: RayConfig | None = None) -> Connection:

@@ -23,6 +23,9 @@ s3_support.configure_environment()  # before any Ray starts: its workers inherit
 # the Ray workers they start, instead of the developer's ~/.cache/llmray.
 os.environ["LLMRAY_CACHE_DIR"] = tempfile.mkdtemp(prefix="llmray-test-cache-")
 atexit.register(shutil.rmtree, os.environ["LLMRAY_CACHE_DIR"], ignore_errors=True)
+# Tests report every few milliseconds and start ~100 Ray Train runs: a 0.1 s controller poll (the
+# embedded default is 0.5 s, llmray.cluster) keeps report() and the end of each run from waiting.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LLMRAY_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
