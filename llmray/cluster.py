@@ -23,6 +23,7 @@ from pathlib import Path
 from llmray.config import param
 
 LOCALHOST = "127.0.0.1"
+_WITHOUT_STATE_API = "LLMRAY_RAY_WITHOUT_STATE_API"
 
 
 @dataclass
@@ -59,13 +60,22 @@ def _resolve_address(cfg: RayConfig) -> str | None:
     return cfg.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def _set_embedded_environment() -> None:
+def _set_embedded_environment(dashboard_url: str | None) -> None:
     # Inherited by the local Ray processes, so it must be set before they start. Ray Train's
     # controller polls every worker every 2 s by default, and a report() made before the previous
     # one was polled blocks until it is: 0.5 s keeps that wait short at llmray's log intervals.
     # Shorter is not free: at 0.1 s the polls took ~0.02 cores (controller + the worker's main
     # thread): its training loop got 1.894 cores of 2 instead of 1.915 at 1 s (bench/RESULTS.md).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    if not dashboard_url:
+        os.environ[_WITHOUT_STATE_API] = "1"
+        return
+    os.environ.pop(_WITHOUT_STATE_API, None)
+    # Ray's State API (which Ray Train's placement-group cleaner asks every second whether its
+    # controller lives) otherwise finds its server through /tmp/ray/ray_current_cluster, the last
+    # `ray start` head: once that head is gone every query waits 40 s for a dead GCS, and every
+    # Ray Train run ended with a 12 s wait and a GetTimeoutError traceback.
+    os.environ["RAY_API_SERVER_ADDRESS"] = dashboard_url
 
 
 def connect(cfg: RayConfig | None = None) -> Connection:
@@ -90,9 +100,11 @@ def _connect(cfg: RayConfig) -> Connection:
                           dashboard_url=_dashboard_url_of_running())
     address = _resolve_address(cfg)
     if address:
+        os.environ.pop(_WITHOUT_STATE_API, None)
         info = ray.init(address=address)
         return Connection(address=address, embedded=False, dashboard_url=_url(info.dashboard_url))
-    _set_embedded_environment()
+    dashboard_port = _free_port_from(cfg.dashboard_port)
+    _set_embedded_environment(f"http://{LOCALHOST}:{dashboard_port}" if cfg.dashboard else None)
     kwargs = {}
     if cfg.object_store_memory_mb:
         kwargs["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
@@ -103,7 +115,7 @@ def _connect(cfg: RayConfig) -> Connection:
         num_cpus=cfg.num_cpus,
         include_dashboard=cfg.dashboard,
         dashboard_host=LOCALHOST,
-        dashboard_port=_free_port_from(cfg.dashboard_port),
+        dashboard_port=dashboard_port,
         **kwargs,
     )
     _restrict_token_file()
@@ -147,6 +159,13 @@ def _url(dashboard_url: str | None) -> str | None:
     if not dashboard_url:
         return None
     return dashboard_url if dashboard_url.startswith("http") else f"http://{dashboard_url}"
+
+
+def serves_state_api() -> bool:
+    """Whether the Ray this process runs in serves Ray's State API (the dashboard does). False only
+    in an embedded Ray started without a dashboard: it has none, though it records a dashboard
+    address in the GCS, so :func:`connect` says so in the environment its processes inherit."""
+    return os.environ.get(_WITHOUT_STATE_API) != "1"
 
 
 def _dashboard_url_of_running() -> str | None:

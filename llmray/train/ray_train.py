@@ -41,7 +41,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from llmray import storage
+from llmray import cluster, storage
 from llmray.train import checkpoint as ckpt
 
 if TYPE_CHECKING:
@@ -104,14 +104,13 @@ def fit(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], cfg: Execu
     the same ``storage_path/name`` (a local folder or a URI) resumes from its latest checkpoint."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     filesystem, path = storage.resolve(storage_path)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     resources = {"CPU": cfg.cpus_per_worker, **cfg.resources_per_worker}
     if use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         train_fn,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
@@ -128,6 +127,28 @@ def fit(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], cfg: Execu
         raise TrainingFailed(f"Ray Train run {name!r} failed after {cfg.max_failures} allowed worker "
                              f"failure(s) (execution.max_failures); checkpoints are in {storage.join(storage_path, name)}: "
                              f"{type(exc).__name__}: {exc}") from exc
+
+
+def _trainer_class() -> type:
+    """``TorchTrainer``, less its placement-group cleaner on a Ray without a dashboard.
+
+    The cleaner, a detached actor per run, asks Ray's State API every second whether the run's
+    controller still lives, to remove the run's placement group if it died. Without a dashboard
+    there is no State API: the cleaner could never see a death, logged a warning every second, and,
+    with a stale /tmp/ray/ray_current_cluster, held the end of every run for 12 s.
+    """
+    from ray.train.torch import TorchTrainer
+
+    if cluster.serves_state_api():
+        return TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class TorchTrainerWithoutStateApi(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            return [callback for callback in super()._create_default_callbacks()
+                    if not isinstance(callback, PlacementGroupCleanerCallback)]
+
+    return TorchTrainerWithoutStateApi
 
 
 def _worker_env() -> dict[str, str]:
