@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -70,13 +71,16 @@ def ray_head(tmp_path_factory):
     for inherited in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
         env.pop(inherited, None)
     log = open(directory / "head.log", "w")
+    # Its own temp dir (short: Ray's socket paths are length-limited) keeps this head's sessions,
+    # and the address `ray start` records for later `ray` commands, out of the machine's /tmp/ray.
+    temp_dir = tempfile.mkdtemp(prefix="llmray-e2e-", dir="/tmp")
     proc = subprocess.Popen(
         [_ray_cli(), "start", "--head", f"--port={_free_port()}", "--num-cpus=1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
          # the agent's default port (52365) is taken by any other Ray on this machine, and an agent
          # that cannot bind leaves the head without a job agent ("No available agent to submit job")
          f"--dashboard-agent-listen-port={_free_port()}",
-         "--disable-usage-stats", "--block"],
+         "--disable-usage-stats", f"--temp-dir={temp_dir}", "--block"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard_port}"
     try:
@@ -88,4 +92,6 @@ def ray_head(tmp_path_factory):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)  # workers that left the group
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
