@@ -93,7 +93,7 @@ def bare_loop(shards: Path, steps: int, warmup: int, threads: int) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        float(loss)
+        loss.item()  # the host sync the trainer makes at log steps, every step here
         if step == timed.stop:
             return BATCH * SEQ * len(timed) / (time.perf_counter() - start)
     raise ValueError(f"{steps} steps leave no timed step after warm-up {warmup}")
