@@ -73,8 +73,9 @@ def sft_model(root: Path, args) -> tuple[Path, Path]:
     return tokenizer_dir, stages.run_stage(stages.STAGES["sft"], cfg, root / "runs").output / "model"
 
 
-def arguments(description: str, quick_rl_steps: int, full_rl_steps: int):
-    """The options both RL benches take (task, SFT, RL, model); ``--quick`` only shortens RL."""
+def arguments(description: str, quick_rl_steps: int, full_rl_steps: int, add_options=None):
+    """The options both RL benches take (task, SFT, RL, model), plus a bench's own
+    (``add_options(parser)``); ``--quick`` shortens RL."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
@@ -93,6 +94,8 @@ def arguments(description: str, quick_rl_steps: int, full_rl_steps: int):
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
+    if add_options:
+        add_options(parser)
     args = parser.parse_args()
     args.rl_steps = args.rl_steps or (quick_rl_steps if args.quick else full_rl_steps)
     return args
