@@ -1,6 +1,6 @@
 """`llmray rl` vs TRL's GRPOTrainer: same SFT'd model, problems, reward, schedule, group size, steps, seeds and cores.
 
-    python bench/rl_vs_trl.py [--quick] [--seeds N]
+    python bench/rl_vs_trl.py [--quick] [--seeds N] [--first-seed S]
 
 The starting point is the model of ``bench/rl_learning.py`` (a small Llama SFT'd on arithmetic
 demonstrations, exported in Hugging Face layout), loaded by both sides. Both train GRPO on every
@@ -142,9 +142,12 @@ def one_seed(cfg: RlConfig, seed: int, train, held_out, template: ChatTemplate, 
 
 
 def main() -> None:
-    args = _rl_setup.arguments(__doc__.splitlines()[0], quick_rl_steps=12, full_rl_steps=100, add_options=lambda p: (
-        p.add_argument("--seeds", type=int, default=None, help="RL seeds per side (default 2 with --quick, else 5)")))
-    seeds = range(args.seeds or (2 if args.quick else 5))
+    def seed_options(parser):
+        parser.add_argument("--seeds", type=int, default=None, help="RL seeds per side (default 2 with --quick, else 5)")
+        parser.add_argument("--first-seed", type=int, default=0, help="seeds run from this one up")
+
+    args = _rl_setup.arguments(__doc__.splitlines()[0], quick_rl_steps=12, full_rl_steps=100, add_options=seed_options)
+    seeds = range(args.first_seed, args.first_seed + (args.seeds or (2 if args.quick else 5)))
     load = LoadWatch(2)
     cluster.connect(cluster.RayConfig(num_cpus=2, object_store_memory_mb=512, dashboard=False))
     with tempfile.TemporaryDirectory(prefix="llmray-rl-vs-trl-") as tmp:
