@@ -127,13 +127,13 @@ def run_trl(cfg: RlConfig, train, root: Path) -> tuple[Path, float]:
     return root / "trl-model", time.perf_counter() - started
 
 
-def one_seed(cfg: RlConfig, seed: int, train, held_out, template: ChatTemplate, pad_id: int, root: Path) -> dict:
+def one_seed(cfg: RlConfig, seed: int, train, train_prompts, held_out, held_out_prompts, pad_id: int,
+             root: Path) -> dict:
     """Both sides trained from the SFT model with RL seed ``seed``: held-out exact match and seconds."""
     cfg = dataclasses.replace(cfg, seed=seed)
     root.mkdir(parents=True)
-    llmray_model, llmray_seconds = run_llmray(cfg, train, render_prompts(template, train), pad_id, root)
+    llmray_model, llmray_seconds = run_llmray(cfg, train, train_prompts, pad_id, root)
     trl_model, trl_seconds = run_trl(cfg, train, root)
-    held_out_prompts = render_prompts(template, held_out)
     scored = {name: held_out_exact_match(directory, cfg, held_out, held_out_prompts)
               for name, directory in (("llmray", llmray_model), ("trl", trl_model))}
     return {"seed": seed, "llmray_reward": scored["llmray"]["exact_match"], "trl_reward": scored["trl"]["exact_match"],
@@ -143,7 +143,8 @@ def one_seed(cfg: RlConfig, seed: int, train, held_out, template: ChatTemplate, 
 
 def main() -> None:
     def seed_options(parser):
-        parser.add_argument("--seeds", type=int, default=None, help="RL seeds per side (default 2 with --quick, else 5)")
+        parser.add_argument("--seeds", type=int, default=None,
+                            help="RL seeds per side (default 2 with --quick, else 5)")
         parser.add_argument("--first-seed", type=int, default=0, help="seeds run from this one up")
 
     args = _rl_setup.arguments(__doc__.splitlines()[0], quick_rl_steps=12, full_rl_steps=100, add_options=seed_options)
@@ -160,10 +161,12 @@ def main() -> None:
         held_out = held_out[:args.eval_problems]
         tokenizer = load_tokenizer(tokenizer_dir)
         template, pad_id = ChatTemplate(tokenizer), tokenizer.token_to_id(PAD)
-        sft = held_out_exact_match(sft_model, cfg, held_out, render_prompts(template, held_out))
+        train_prompts, held_out_prompts = render_prompts(template, train), render_prompts(template, held_out)
+        sft = held_out_exact_match(sft_model, cfg, held_out, held_out_prompts)
         runs = []
         for seed in seeds:
-            runs.append(one_seed(cfg, seed, train, held_out, template, pad_id, root / f"seed-{seed}"))
+            runs.append(one_seed(cfg, seed, train, train_prompts, held_out, held_out_prompts, pad_id,
+                                 root / f"seed-{seed}"))
             print(f"seed {seed}: held-out exact match llmray {runs[-1]['llmray_reward']:.3f}, "
                   f"TRL {runs[-1]['trl_reward']:.3f} (SFT start {sft['exact_match']:.3f}); "
                   f"{runs[-1]['llmray_seconds']:.1f} s vs {runs[-1]['trl_seconds']:.1f} s", flush=True)
