@@ -85,7 +85,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad = grad.to(compute_dtype)
             if want_hidden:
                 grad_hidden[start:start + chunk_tokens] = _summed(grad @ w, group)
-            if want_weight:
+            if want_weight and grad.dtype == grad_weight.dtype:
+                grad_weight.addmm_(grad.T, h)  # no weight-sized temporary per chunk
+            elif want_weight:
                 grad_weight += (grad.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
@@ -93,11 +95,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
+        """Scales the saved gradients in place (they are this forward's alone, used once): a copy
+        would hold a second weight-sized gradient while the weight is gathered, the peak of a
+        ZeRO-3 rank."""
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+            grad_hidden = grad_hidden.mul_(grad_total.to(grad_hidden.dtype))
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+            grad_weight = grad_weight.mul_(grad_total).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 

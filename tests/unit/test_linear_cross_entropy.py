@@ -7,6 +7,10 @@ Tolerance 1e-6 relative (fp32; only the summation order differs), in the L2 norm
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -65,6 +69,30 @@ def test_the_model_forward_with_targets_equals_its_logits_loss_with_tied_embeddi
         fused, reference = float(fused.detach()), float(reference.detach())
         assert abs(fused - reference) / reference < RTOL
         assert all(close(a, b) for a, b in zip(fused_grads, ref_grads, strict=True))
+
+
+PEAK_OF_ONE_STEP = """
+import resource, torch
+from llmray.model import linear_cross_entropy as lce
+torch.set_num_threads(1)
+gen = torch.Generator().manual_seed(0)
+hidden = torch.randn(256, 1024, generator=gen).requires_grad_()
+weight = torch.randn(32000, 1024, generator=gen).mul_(0.03).requires_grad_()
+targets = torch.randint(0, 32000, (256,), generator=gen)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+(lce.linear_cross_entropy(hidden, weight, targets, chunk_tokens=64) * 0.5).backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 / (weight.numel() * 4))
+"""
+
+
+def test_forward_and_backward_hold_one_weight_sized_gradient():
+    """Peak memory of a step, in weights' worth, from a fresh process whose freed buffers go back to
+    the system at once: the head's gradient (1) plus a few chunks of logits (~0.2). A weight-sized
+    temporary per chunk, or a scaled copy in backward, would put it above 2."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    peak = float(subprocess.run([sys.executable, "-c", PEAK_OF_ONE_STEP], env=env, check=True, capture_output=True,
+                                text=True).stdout)
+    assert 1.0 <= peak < 1.5
 
 
 def test_no_grad_computes_only_the_loss():
