@@ -33,6 +33,7 @@ from _load import LoadWatch  # noqa: E402
 
 from llmray.model import llama  # noqa: E402
 from llmray.model.config import preset  # noqa: E402
+from llmray.parallel import fsdp  # noqa: E402
 from llmray.tokens.loader import TokenLoader  # noqa: E402
 from llmray.train import precision  # noqa: E402
 from llmray.train.objectives import CausalLM  # noqa: E402
@@ -52,7 +53,10 @@ def train(shards: Path, cfg, args: argparse.Namespace, precision_: str, steps: i
     train_cfg = TrainConfig(steps=steps, precision=precision_, optimizer=OptimizerConfig(lr=1e-3),
                             schedule=ScheduleConfig(warmup_steps=10), log_every=1000, eval_batches=8,
                             peak_flops=1e12)
-    result = Trainer(train_cfg, llama.build(cfg), CausalLM(), data, val_data=val).fit()
+    model = llama.build(cfg)
+    if args.compile:
+        fsdp.apply_compile(model)
+    result = Trainer(train_cfg, model, CausalLM(), data, val_data=val).fit()
     step_s = statistics.median(r.seconds for r in result.records[WARMUP:])
     last = [result.losses[s] for s in range(steps - LAST + 1, steps + 1)]
     return {"tokens_per_s": round(args.batch * args.seq_len / step_s, 1), "median_step_s": round(step_s, 4),
@@ -65,6 +69,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (both precisions)")
     args = parser.parse_args()
     load = LoadWatch(args.threads)
     torch.set_num_threads(args.threads)
