@@ -183,7 +183,7 @@ def pretrain_job(cfg: PretrainConfig, checkpoint_dir: str | Path, metrics_path: 
                     shuffle=False, verify=cfg.data.verify)
     memory = functools.partial(memory_plan.plan, model, cfg.parallel, cfg.execution.workers, seq_len=b.seq_len,
                                micro_batch_size=b.micro_batch_size, optimizer=cfg.train.optimizer.kind,
-                               muon_params=tuple(cfg.train.optimizer.muon.params))
+                               muon_params=tuple(cfg.train.optimizer.muon.params), grad_accum=cfg.train.grad_accum)
     return TrainJob(model=FreshModel(model), objective=CausalLM(z_loss=cfg.train.z_loss), train_data=train,
                     val_data=val, memory_plan=memory,
                     train=dataclasses.replace(cfg.train, steps=steps), parallel=cfg.parallel,

@@ -66,13 +66,19 @@ def test_the_accounting_follows_the_layout():
     total = single.params
     assert single.terms["parameters"] == single.terms["gradients"] == 4 * total
     assert single.terms["optimizer"] == 8 * total and single.terms["gathered"] == 0
+    # one micro-batch: gradients appear as backward frees activations; accumulated ones sit beside them
+    assert single.total == sum(single.terms.values()) - min(single.terms["gradients"], single.terms["activations"])
+    accumulating = plans(ParallelConfig(strategy="none"), 1, grad_accum=2)[0]
+    assert accumulating.terms == single.terms and accumulating.total == sum(single.terms.values())
     fsdp = plans(ParallelConfig(), 4)[0]
     assert fsdp.params == -(-total // 4) and fsdp.terms["optimizer"] == 8 * fsdp.params
     assert fsdp.terms["gathered"] > 0  # blocks all-gathered to run
     zero1 = plans(ParallelConfig(strategy="deepspeed", zero_stage=1), 4)[0]
     assert zero1.params == total and zero1.terms["optimizer"] == -(-8 * total // 4)
+    assert zero1.total == sum(zero1.terms.values())  # DeepSpeed's gradient buffers are allocated up front
     pp = plans(ParallelConfig(pp=2, pipeline=PipelineScheduleConfig(microbatches=2)), 2)
     assert sum(p.params for p in pp) == total and all(p.params < total for p in pp)
+    assert all(p.total == sum(p.terms.values()) for p in pp)  # gradients accumulate over micro-batches
     muon = plans(ParallelConfig(strategy="none"), 1, optimizer="muon")[0]
     assert single.terms["optimizer"] / 2 < muon.terms["optimizer"] < single.terms["optimizer"]
     checkpointed = plans(ParallelConfig(strategy="none", activation_checkpointing=True), 1)[0]
