@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _load import LoadWatch  # noqa: E402
 
+from llmray.process_memory import peak_resident_mb  # noqa: E402
+
 VOCAB = 128_256
 
 
@@ -60,7 +62,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         loss = lce.linear_cross_entropy(hidden, weight, targets)
     loss.backward()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_resident_mb()
     return {"peak_mb": round(peak - before, 1), "seconds": round(seconds, 2), "loss": float(loss.detach())}
 
 

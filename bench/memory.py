@@ -60,7 +60,9 @@ def resident_gb() -> float:
 
 
 def peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    from llmray.process_memory import peak_resident_mb
+
+    return peak_resident_mb() / 1024
 
 
 def rank_main(rank: int, world: int, port: int, shape: dict, parallel_kwargs: dict, out: str) -> None:

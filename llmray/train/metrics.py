@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import shutil
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from llmray import storage
+from llmray.process_memory import peak_resident_mb
 
 EVAL_PREFIX = "eval/"  # in-training evaluation results in metrics.jsonl: eval/<task>/<metric>, eval/core
 
@@ -101,7 +101,7 @@ def memory_mb(device: torch.device) -> float:
     """Peak memory of this worker: CUDA max allocated on GPU, max resident set size on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return peak_resident_mb()
 
 
 def mfu(flops_per_token: int, tokens_per_s: float, peak_flops_per_worker: float, world_size: int) -> float:

@@ -30,6 +30,7 @@ def read_source(source: dict, limits: dict | None = None, timeout: float = 300) 
 
 def _main(spec: dict) -> dict:
     from llmray.data.readers import sources
+    from llmray.process_memory import peak_resident_mb
 
     source = sources.SourceConfig(**spec["source"])
     limits = sources.ReadLimits(**spec["limits"])
@@ -37,17 +38,7 @@ def _main(spec: dict) -> dict:
     rows = [{"offset": row["offset"], "error": row["error"], "message": row["message"], "meta": row["meta"],
              "text": None if row["text"] is None else row["text"][:PREVIEW]}
             for unit in sources.plan([source]) for row in sources.read_unit(unit, source, limits)]
-    return {"rows": rows, "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory since it started its program. Not ``ru_maxrss``:
-    Linux carries that across exec from the forking parent (here pytest, which may hold the
-    test's own large inputs)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return {"rows": rows, "seconds": time.perf_counter() - started, "peak_rss_mb": peak_resident_mb()}
 
 
 if __name__ == "__main__":

@@ -74,19 +74,16 @@ def test_the_model_forward_with_targets_equals_its_logits_loss_with_tied_embeddi
 PEAK_OF_ONE_STEP = """
 import torch
 from llmray.model import linear_cross_entropy as lce
-
-def high_water_mark():  # this process's own peak; ru_maxrss would start from the parent's size at fork
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+from llmray.process_memory import peak_resident_mb
 
 torch.set_num_threads(1)
 gen = torch.Generator().manual_seed(0)
 hidden = torch.randn(256, 1024, generator=gen).requires_grad_()
 weight = torch.randn(32000, 1024, generator=gen).mul_(0.03).requires_grad_()
 targets = torch.randint(0, 32000, (256,), generator=gen)
-before = high_water_mark()
+before = peak_resident_mb()
 (lce.linear_cross_entropy(hidden, weight, targets, chunk_tokens=64) * 0.5).backward()
-print((high_water_mark() - before) / (weight.numel() * 4))
+print((peak_resident_mb() - before) * 2 ** 20 / (weight.numel() * 4))
 """
 
 

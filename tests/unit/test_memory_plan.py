@@ -7,7 +7,6 @@ The planner's parameter split is checked against what ranks really hold in
 
 from __future__ import annotations
 
-import resource
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from llmray import cli
 from llmray.model.config import preset
 from llmray.parallel import ParallelConfig
 from llmray.parallel.pipeline import PipelineScheduleConfig
+from llmray.process_memory import peak_resident_mb
 from llmray.train import memory_plan
 from llmray.train.launch import FreshModel, TrainJob, train_worker
 from llmray.train.objectives import CausalLM
@@ -25,13 +25,9 @@ from llmray.train.trainer import TrainConfig
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "train"
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 @pytest.mark.parametrize("model", ["llama3-8b", "llama3-70b"])
 def test_plan_prints_the_per_rank_table_of_a_big_preset_without_allocating_it(capsys, model):
-    before = peak_rss_mb()
+    before = peak_resident_mb()
     code = cli.main(["plan", "--config", str(CONFIGS / "llama3-8b.yaml"), "--model", model, "--gpu-memory", "80GB"])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -42,7 +38,7 @@ def test_plan_prints_the_per_rank_table_of_a_big_preset_without_allocating_it(ca
     params_per_rank = float(row.split()[2].rstrip("M").replace(",", "")) * 1e6
     assert abs(params_per_rank / expected - 1) < 0.01
     assert row.split()[-1] == "yes"
-    assert peak_rss_mb() - before < 500  # the 8B model alone is 32 GB in fp32
+    assert peak_resident_mb() - before < 500  # the 8B model alone is 32 GB in fp32
 
 
 def test_a_layout_that_cannot_fit_is_refused_naming_the_largest_term(capsys):
@@ -96,10 +92,10 @@ def test_pretraining_refuses_a_layout_that_cannot_fit_before_allocating(tmp_path
                    checkpoint_dir=str(tmp_path),
                    memory_plan=lambda **kw: memory_plan.plan(model, parallel, 1, seq_len=512, micro_batch_size=1,
                                                              **kw))
-    before = peak_rss_mb()
+    before = peak_resident_mb()
     with pytest.raises(memory_plan.LayoutDoesNotFit, match="largest term is optimizer"):
         train_worker(job, store=None)
-    assert peak_rss_mb() - before < 500
+    assert peak_resident_mb() - before < 500
 
 
 def test_sizes_parse_as_gpu_specs_write_them():
