@@ -9,8 +9,9 @@ this machine's docs; see :func:`write_corpus`: prose that mostly passes the filt
 copies so that dedup has work), written as JSONL files of ~16 MB. Each size
 runs ``llmray curate`` (normalize, heuristic filters, language ID, exact + MinHash dedup,
 parquet output) in a fresh driver process on a fresh local Ray of 2 CPUs; the driver reports its
-own peak resident set (``ru_maxrss`` of its process only: Ray's workers are other processes,
-which is the point) and the wall time of the stage.
+own peak resident set (``VmHWM`` of its process only: Ray's workers are other processes, which is
+the point; not ``ru_maxrss``, which Linux carries across exec from this bench's process, so the
+driver could never report less than the bench's own size) and the wall time of the stage.
 
 ``--whole-cpus``: curate's defaults ask for fractions of a CPU (two classifier actors at 0.5
 beside read and clean tasks at 0.25-0.5), so four processes share the 2 cores and the 1-minute
@@ -45,15 +46,16 @@ SENTENCE_END = re.compile(r"(?<=[a-z])\.\s+(?=[A-Z])")
 
 # The measured driver: one curate stage on a fresh local Ray, then its own peak RSS and time.
 DRIVER = """
-import json, resource, sys, time
+import json, sys, time
 from llmray import cluster, config as config_lib, stages
+from llmray.process_memory import peak_resident_mb
 raw, run_root = json.loads(sys.argv[1]), sys.argv[2]
 stage = stages.STAGES["curate"]
 start = time.perf_counter()
 result = stages.run_stage(stage, config_lib.from_dict(stage.config_cls, raw), run_root,
                           cluster.RayConfig(num_cpus=2, dashboard=False))
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_resident_mb(),
                   "summary": {k: result.manifest["summary"][k] for k in ("documents_in", "documents_out", "bytes_out")}}))
 """
 

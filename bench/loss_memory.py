@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -31,15 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _load import LoadWatch  # noqa: E402
 
-from llmray.process_memory import peak_resident_mb  # noqa: E402
+from llmray.process_memory import peak_resident_mb, resident_mb  # noqa: E402
 
 VOCAB = 128_256
-
-
-def resident_mb() -> float:
-    with open("/proc/self/statm", encoding="ascii") as statm:
-        pages = int(statm.read().split()[1])
-    return pages * resource.getpagesize() / 2 ** 20
 
 
 def run_variant(args: argparse.Namespace) -> dict:

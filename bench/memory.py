@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import sys
 import tempfile
@@ -39,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _load import LoadWatch  # noqa: E402
 from _random_tokens import RandomTokens  # noqa: E402
+
+from llmray import process_memory  # noqa: E402
 
 SEQ, GLOBAL_ROWS, STEPS = 256, 2, 3
 FULL = dict(vocab_size=32000, dim=1024, n_layers=32, n_heads=16, n_kv_heads=8, ffn_hidden_dim=2816,
@@ -55,14 +56,11 @@ LAYOUTS = {  # name: (ranks, ParallelConfig keyword arguments)
 
 
 def resident_gb() -> float:
-    with open("/proc/self/statm", encoding="ascii") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() / 2 ** 30
+    return process_memory.resident_mb() / 1024
 
 
 def peak_gb() -> float:
-    from llmray.process_memory import peak_resident_mb
-
-    return peak_resident_mb() / 1024
+    return process_memory.peak_resident_mb() / 1024
 
 
 def rank_main(rank: int, world: int, port: int, shape: dict, parallel_kwargs: dict, out: str) -> None:

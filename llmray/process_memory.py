@@ -1,4 +1,4 @@
-"""A process's own peak resident memory: for training logs, and for tests and benchmarks that bound memory.
+"""A process's resident memory and its own peak: for training logs, and for tests and benchmarks that bound memory.
 
 Why not ``ru_maxrss``: Linux carries it across ``exec`` from the forking parent, so a process
 started by a large one (pytest holding a test's inputs, a benchmark's driver) reports at least the
@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import resource
 import sys
+
+
+def resident_mb() -> float:
+    """Resident memory of this process now, MiB (Linux: ``/proc/self/statm``)."""
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2 ** 20
 
 
 def peak_resident_mb() -> float:
