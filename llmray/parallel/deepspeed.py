@@ -20,6 +20,9 @@ Choices (measured, see PITFALLS.md):
   rank's partition of its parameters, so no rank ever holds the whole model (one module's
   parameters at a time). With bf16 they are cast first, as ``deepspeed.initialize`` would
   cast a whole model.
+* ZeRO-3 holds its gradient partitions only from the first backward to the optimizer step, never
+  copies its fp32 partitions and never gathers a full parameter at initialization
+  (:mod:`llmray.parallel.zero3_memory`).
 * Checkpoints are DeepSpeed's own ZeRO files under ``<checkpoint>/deepspeed/`` (they cannot
   be resharded to another world size; FSDP2's DCP checkpoints can).
 """
@@ -32,6 +35,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from llmray.parallel import zero3_memory
 
 DEEPSPEED_DIR = "deepspeed"  # the ZeRO files' folder inside a checkpoint directory
 TAG = "state"
@@ -98,38 +103,11 @@ def partitioner(bf16: bool, hidden: int) -> Callable[[nn.Module], None]:
     return partition
 
 
-def build_master_partitions_without_copies() -> None:
-    """Let ZeRO-3 build its fp32 master partitions *as* the fp32 parameter partitions, not as copies.
-
-    Why: with fp32 parameters DeepSpeed means to skip the master copy, but its test compares a
-    tensor's ``torch.device`` with the device's *name* (``'cpu'``, ``'cuda:0'``), which is never
-    equal, so every rank cloned each partition, on CPU and GPU alike (0.23 GB per rank on a 125M
-    model at dp=2, resident from initialization on). The one method that builds them runs with the
-    optimizer's device as a ``torch.device``; the patch is installed once per process.
-    """
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
-
-    build = Stage3._create_fp32_partitions
-    if getattr(build, "compares_devices", False):
-        return
-
-    def create_fp32_partitions(self) -> None:
-        name = self.device
-        self.device = torch.device(name)
-        try:
-            build(self)
-        finally:
-            self.device = name
-
-    create_fp32_partitions.compares_devices = True
-    Stage3._create_fp32_partitions = create_fp32_partitions
-
-
 class DeepSpeedEngine:
     def __init__(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                  stage: int, *, world_size: int, bf16: bool, hidden: int, grad_clip: float = 0.0):
         deepspeed = load()
-        build_master_partitions_without_copies()
+        zero3_memory.install()
         self.base_optimizer = make_optimizer(model)
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.base_optimizer,
                                                                 config=engine_config(stage, bf16, hidden, grad_clip))
@@ -160,7 +138,7 @@ class DeepSpeedEngine:
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)
         if self.stage == 3:
-            opt.averaged_gradients = {}
+            zero3_memory.release_gradient_partitions(opt)
         else:
             if hasattr(opt, "_release_preflattened_grad_buffers"):
                 opt._release_preflattened_grad_buffers()

@@ -24,8 +24,10 @@ accounting of mixed-precision training, per rank:
 The total is the sum, except where gradients only exist during backward (one micro-batch per step,
 freed after it): backward allocates them as it frees the activations, so only the larger of the
 two counts (measured on a 443M model in one process: 6.67 GB against 8.00 summed and 6.60 with
-the larger). Accumulated gradients (``grad_accum`` > 1, pipeline micro-batches) and DeepSpeed's
-preallocated gradient buffers live beside a whole micro-batch's activations.
+the larger). ZeRO-3's gradient partitions are allocated the same way
+(:mod:`llmray.parallel.zero3_memory`). Accumulated gradients (``grad_accum`` > 1, pipeline
+micro-batches) and ZeRO-1/2's preallocated gradient buffers live beside a whole micro-batch's
+activations.
 
 A rank fits when the total is at most its device memory. ``bench/memory.py`` compares these
 figures with measured peaks.
@@ -96,7 +98,7 @@ def plan(model: ModelConfig, parallel: ParallelConfig, world_size: int, *, seq_l
                                 micro_batch_size, compute_bytes, optimizer, muon_params, gpu,
                                 ranks=_ranks_text(dims, pp_rank)))
     micro_batches = grad_accum * (parallel.pipeline.microbatches if dims.pp > 1 else 1)
-    fresh_gradients = micro_batches == 1 and parallel.strategy != "deepspeed"
+    fresh_gradients = micro_batches == 1 and (parallel.strategy != "deepspeed" or parallel.zero_stage == 3)
     return [dataclasses.replace(p, gradients_replace_activations=fresh_gradients) for p in plans]
 
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch.distributed as dist
 
-from llmray.parallel import ParallelConfig
+from llmray.parallel import ParallelConfig, zero3_memory
 from llmray.train.checkpoint import LocalCheckpointStore, step_dir_name
 from tests.train_support import make_trainer, spawn_gloo
 
@@ -99,7 +99,8 @@ def test_deepspeed_zero_1_2_3_match_single_process(shards, reference, tmp_path):
 def zero3_stop_resume_and_dump(shards, out, root):
     """ZeRO-3 stops after step 5 (checkpointed), a fresh engine resumes to step 10; the master
     partitions are the parameter partitions themselves (never copied, not even while the engine
-    is built) before and after the load."""
+    is built) before and after the load. Gradient partitions exist only from backward to the
+    optimizer step: none after the engine is built or after a step, all of them before each step."""
     parallel = ParallelConfig(strategy="deepspeed", zero_stage=3)
     first = make_trainer(shards, steps=STEPS, batch=1, accum=2, parallel=parallel, store=LocalCheckpointStore(root),
                          checkpoint_every=5, hooks=[stop_at(5)])
@@ -108,17 +109,35 @@ def zero3_stop_resume_and_dump(shards, out, root):
     except Stop:
         pass
     resumed = make_trainer(shards, steps=STEPS, batch=1, accum=2, parallel=parallel, store=LocalCheckpointStore(root))
-    shared_before_load = one_fp32_copy(resumed.engine.optimizer)
+    optimizer = resumed.engine.optimizer
+    shared_before_load = one_fp32_copy(optimizer)
+    gradients = {"built": gradient_elements(optimizer), "before_steps": []}
+    step = resumed.engine.step
+
+    def step_and_count():
+        gradients["before_steps"].append(gradient_elements(optimizer))
+        step()
+    resumed.engine.step = step_and_count
     resumed.fit()
+    gradients["after_fit"] = gradient_elements(optimizer)
+    gradients["partition"] = sum(p.ds_tensor.numel() for p in resumed.engine.model.module.parameters())
     if dist.get_rank() == 0:
         out.write_text(json.dumps({"first": {str(k): v for k, v in first.result.losses.items()},
                                    "resumed": {str(k): v for k, v in resumed.result.losses.items()},
-                                   "one_copy": [shared_before_load, one_fp32_copy(resumed.engine.optimizer)]}))
+                                   "one_copy": [shared_before_load, one_fp32_copy(optimizer)], "gradients": gradients}))
 
 
 def one_fp32_copy(optimizer) -> bool:
     return all(master is partition for master, partition
                in zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat))
+
+
+def gradient_elements(optimizer) -> int:
+    """Elements of the gradient partitions the ZeRO-3 optimizer holds (each storage once)."""
+    partitions = [optimizer.grad_partitions_flat_buffer, *getattr(optimizer, zero3_memory.PARTITION_MAP).values()]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() // t.element_size()
+                for t in partitions if t is not None}
+    return sum(storages.values())
 
 
 def test_zero3_resumes_exactly_with_one_fp32_copy_of_its_partitions(shards, reference, tmp_path):
@@ -128,3 +147,6 @@ def test_zero3_resumes_exactly_with_one_fp32_copy_of_its_partitions(shards, refe
     assert_same_losses({int(k): v for k, v in result["first"].items()}, reference, range(1, 6))
     assert_same_losses({int(k): v for k, v in result["resumed"].items()}, reference, range(6, STEPS + 1))
     assert result["one_copy"] == [True, True]
+    gradients = result["gradients"]
+    assert gradients["built"] == gradients["after_fit"] == 0
+    assert gradients["before_steps"] == [gradients["partition"]] * (STEPS - 5)

@@ -10,7 +10,9 @@ init blocks and FSDP/TP shards cut through blocks. Checked on every rank:
   the embedding, the head and the MLP matrices (as large or larger) are never allocated whole;
 * each rank's materialized parameter elements equal its shards' (FSDP2 / TP), and under pp=2 its
   stage's parameter count, the other stage's layers staying on ``meta``;
-* the gathered weights equal ``llama.build(cfg, seed=SEED)`` in one process, bitwise.
+* the gathered weights equal ``llama.build(cfg, seed=SEED)`` in one process, bitwise;
+* no all-gather runs while the Trainer is built: no rank assembles a whole parameter from shards
+  (DeepSpeed's ZeRO-3 gathered every parameter once to register its gradient hooks).
 
 Under ZeRO-3 each module is partitioned as soon as its parameters are filled: the most
 parameter elements ever whole on a rank at once are one module's (never the model's), and each
@@ -59,15 +61,18 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-class LargestTensor(TorchDispatchMode):
-    """The most elements of any non-meta tensor an operator returns while active (of a DTensor:
-    its local shard, what the rank allocates)."""
+class WatchTensors(TorchDispatchMode):
+    """While active: the most elements of any non-meta tensor an operator returns (of a DTensor:
+    its local shard, what the rank allocates), and how many all-gathers ran (each assembles a
+    whole tensor from the ranks' shards)."""
 
     def __init__(self):
         super().__init__()
         self.largest = 0
+        self.all_gathers = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.all_gathers += "allgather" in func.name()
         out = func(*args, **(kwargs or {}))
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
@@ -102,13 +107,14 @@ def ranks_main(_shards, out):
         param_init.materialize = watched
         model = llama.build(cfg, "meta")
         try:
-            with LargestTensor() as largest:
+            with WatchTensors() as watched_build:
                 trainer = Trainer(TrainConfig(steps=1, seed=SEED, precision="fp32"), model, CausalLM(), iter(()),
                                   parallel=parallel, device=torch.device("cpu"))
         finally:
             param_init.materialize = materialize
         on_device = [p for p in model.parameters() if p.device.type != "meta"]
-        results[name] = {"parts": parts_seen, "largest_created": largest.largest,
+        results[name] = {"parts": parts_seen, "largest_created": watched_build.largest,
+                         "all_gathers": watched_build.all_gathers,
                          "whole_at_once": max(whole_at_once, default=None),
                          "partition_elements": sum(p.ds_tensor.numel() for p in model.parameters()
                                                    if hasattr(p, "ds_tensor")),
@@ -212,6 +218,12 @@ def test_zero3_partitions_each_module_as_it_is_filled_and_never_holds_the_model_
         assert rank["whole_at_once"] == largest_module < total / 10
         # every parameter split in two, each half padded to an even count at most
         assert total / 2 <= rank["partition_elements"] <= total / 2 + len(single_process)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_no_rank_gathers_a_parameter_while_the_trainer_is_built(runs, layout):
+    _, results = runs
+    assert [rank[layout]["all_gathers"] for rank in results] == [0, 0]
 
 
 def test_pipeline_ranks_hold_only_their_stage(runs, single_process):

@@ -72,6 +72,8 @@ def test_the_accounting_follows_the_layout():
     zero1 = plans(ParallelConfig(strategy="deepspeed", zero_stage=1), 4)[0]
     assert zero1.params == total and zero1.terms["optimizer"] == -(-8 * total // 4)
     assert zero1.total == sum(zero1.terms.values())  # DeepSpeed's gradient buffers are allocated up front
+    zero3 = plans(ParallelConfig(strategy="deepspeed", zero_stage=3), 4)[0]  # llmray's are allocated in backward
+    assert zero3.total == sum(zero3.terms.values()) - min(zero3.terms["gradients"], zero3.terms["activations"])
     pp = plans(ParallelConfig(pp=2, pipeline=PipelineScheduleConfig(microbatches=2)), 2)
     assert sum(p.params for p in pp) == total and all(p.params < total for p in pp)
     assert all(p.total == sum(p.terms.values()) for p in pp)  # gradients accumulate over micro-batches
