@@ -136,7 +136,7 @@ def allocate_gradient_partitions_on_demand() -> None:
     def make_post_step(post_step):
         def after_step(self, timer_names) -> None:
             post_step(self, timer_names)
-            if self.gradient_buffer_deferred:
+            if getattr(self, "gradient_buffer_deferred", False):
                 release_gradient_partitions(self)
         return after_step
 
