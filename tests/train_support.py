@@ -17,6 +17,7 @@ from llmray import runs
 from llmray.model import llama
 from llmray.model.config import preset
 from llmray.tokens import shards as shards_lib
+from llmray.train.objectives import CausalLM
 
 BOS = 0
 
@@ -58,6 +59,20 @@ def tiny_model(seed: int = 0, device: str = "cpu", **overrides) -> torch.nn.Modu
 SEQ_LEN = 32
 
 
+class Faulty(CausalLM):
+    """Causal LM whose loss is multiplied by ``factor`` (nan, 20, ...) on the given 1-based calls."""
+
+    def __init__(self, calls: set[int], factor: float):
+        self.calls, self.factor, self.n = calls, factor, 0
+
+    def loss(self, model, batch):
+        out = super().loss(model, batch)
+        self.n += 1
+        if self.n in self.calls:
+            out.loss_sum = out.loss_sum * self.factor
+        return out
+
+
 def make_trainer(shards: Path, *, steps: int, batch: int = 4, accum: int = 1, seed: int = 0, store=None,
                  objective=None, hooks=(), guards=None, checkpoint_every: int = 0, writer=None,
                  init_seed: int = 0, parallel=None, lr: float = 3e-3, optimizer=None):
@@ -68,7 +83,6 @@ def make_trainer(shards: Path, *, steps: int, batch: int = 4, accum: int = 1, se
 
     from llmray.tokens.loader import TokenLoader
     from llmray.train.guards import GuardConfig
-    from llmray.train.objectives import CausalLM
     from llmray.train.schedule import ScheduleConfig
     from llmray.train.trainer import OptimizerConfig, TrainConfig, Trainer
 

@@ -15,26 +15,12 @@ from llmray.train.guards import GuardConfig, TrainingDiverged
 from llmray.train.metrics import MetricsWriter
 from llmray.train.objectives import CausalLM
 from llmray.train.trainer import OptimizerConfig, parameter_groups
-from tests.train_support import make_trainer, stdlib_texts, tiny_model, write_byte_shards
+from tests.train_support import Faulty, make_trainer, stdlib_texts, tiny_model, write_byte_shards
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return write_byte_shards(tmp_path_factory.mktemp("shards"), stdlib_texts(12))
-
-
-class Faulty(CausalLM):
-    """Causal LM whose loss is multiplied by ``factor`` (nan, 20, ...) on the given 1-based calls."""
-
-    def __init__(self, calls: set[int], factor: float):
-        self.calls, self.factor, self.n = calls, factor, 0
-
-    def loss(self, model, batch):
-        out = super().loss(model, batch)
-        self.n += 1
-        if self.n in self.calls:
-            out.loss_sum = out.loss_sum * self.factor
-        return out
 
 
 def snapshot(trainer):
