@@ -7,6 +7,7 @@ format, from real files of this machine (Python standard-library sources), token
 
 from __future__ import annotations
 
+import math
 import sysconfig
 from pathlib import Path
 
@@ -62,15 +63,26 @@ SEQ_LEN = 32
 class Faulty(CausalLM):
     """Causal LM whose loss is multiplied by ``factor`` (nan, 20, ...) on the given 1-based calls."""
 
-    def __init__(self, calls: set[int], factor: float):
+    def __init__(self, calls: set[int], factor: float = math.nan):
         self.calls, self.factor, self.n = calls, factor, 0
+
+    def corrupt(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        return loss_sum * self.factor
 
     def loss(self, model, batch):
         out = super().loss(model, batch)
         self.n += 1
         if self.n in self.calls:
-            out.loss_sum = out.loss_sum * self.factor
+            out.loss_sum = self.corrupt(out.loss_sum)
         return out
+
+
+class NaNGradients(Faulty):
+    """Causal LM whose loss stays right on the given calls but whose gradients are all NaN: the
+    loss gains 0·sqrt(0·loss), which is 0 forward and 0·∞ backward."""
+
+    def corrupt(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        return loss_sum + 0.0 * torch.sqrt(loss_sum * 0.0)
 
 
 def make_trainer(shards: Path, *, steps: int, batch: int = 4, accum: int = 1, seed: int = 0, store=None,

@@ -71,9 +71,10 @@ class GradientPartitions(dict):
     Backward produces gradients from the last block to the first while it frees activations in
     the same order, so a rank no longer holds a full gradient partition beside all activations.
     Each sub-group's partitions are views of one zero-filled flat tensor, as DeepSpeed's single
-    buffer was (the optimizer flattens them per sub-group either way). On a GPU the buffer is
-    allocated on DeepSpeed's reduce stream, which waits for the compute stream before every
-    reduction, so a freed buffer is never reused while the optimizer step still reads it.
+    buffer was (the optimizer flattens them per sub-group either way). DeepSpeed's accessors
+    that read a gradient (``safe_get_full_grad`` and the like) read zeros outside backward-to-step,
+    where they read the last step's before, and its ``offload_states`` expects the flat buffer;
+    llmray uses neither.
     """
 
     def __init__(self, sub_groups: list[list[torch.nn.Parameter]], dtype: torch.dtype, device: torch.device | str):
@@ -84,12 +85,29 @@ class GradientPartitions(dict):
 
     def __missing__(self, ds_id: int) -> torch.Tensor:
         group = self.sub_group_of[ds_id]
-        flat = torch.zeros(sum(param.partition_numel() for param in group), dtype=self.dtype, device=self.device)
+        flat = self._zeros(sum(param.partition_numel() for param in group))
         offset = 0
         for param in group:
             self[param.ds_id] = flat.narrow(0, offset, param.partition_numel())
             offset += param.partition_numel()
         return self[ds_id]
+
+    def _zeros(self, numel: int) -> torch.Tensor:
+        """A zero-filled buffer that, once freed, the next forward's activations can reuse.
+
+        On CUDA, backward asks for it on DeepSpeed's reduce stream, and the caching allocator
+        reuses a freed block only for allocations on the stream that made it; so it is made on
+        the default (compute) stream, the reduce stream waits for its zero-fill, and is recorded
+        as a user so the block is not handed out again while a reduction may still write it.
+        """
+        if torch.device(self.device).type != "cuda":
+            return torch.zeros(numel, dtype=self.dtype, device=self.device)
+        reducing, compute = torch.cuda.current_stream(), torch.cuda.default_stream()
+        with torch.cuda.stream(compute):
+            flat = torch.zeros(numel, dtype=self.dtype, device=self.device)
+        reducing.wait_stream(compute)
+        flat.record_stream(reducing)
+        return flat
 
 
 def release_gradient_partitions(optimizer) -> None:
@@ -107,8 +125,9 @@ def allocate_gradient_partitions_on_demand() -> None:
     DeepSpeed allocates that buffer on ``self.device`` right after initializing the optimizer
     states, inside ``_setup_for_real_optimizer``; for that one allocation the device is ``meta``,
     so nothing is allocated, and the map replaces the placeholder when the set-up returns.
-    Optimizer offload and fp16 (whose overflow check scans the flat buffer) keep DeepSpeed's
-    buffer; llmray's engine uses neither.
+    The partitions are released after each optimizer step and when DeepSpeed skips a step
+    whose gradient norm is not finite. Optimizer offload and fp16 (whose overflow check scans
+    the flat buffer) keep DeepSpeed's buffer; llmray's engine uses neither.
     """
     stage3 = _stage3()
 
@@ -133,16 +152,17 @@ def allocate_gradient_partitions_on_demand() -> None:
                                                                 device))
         return setup_for_real_optimizer
 
-    def make_post_step(post_step):
-        def after_step(self, timer_names) -> None:
-            post_step(self, timer_names)
+    def make_release_after(method):
+        def release_after(self, *args) -> None:
+            method(self, *args)
             if getattr(self, "gradient_buffer_deferred", False):
                 release_gradient_partitions(self)
-        return after_step
+        return release_after
 
     _patch_once(stage3, "initialize_optimizer_states", make_initialize)
     _patch_once(stage3, "_setup_for_real_optimizer", make_setup)
-    _patch_once(stage3, "_post_step", make_post_step)
+    _patch_once(stage3, "_post_step", make_release_after)
+    _patch_once(stage3, "_overflow_clean_up", make_release_after)
 
 
 def _nothing(*args, **kwargs) -> None:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from llmray.parallel import ParallelConfig, zero3_memory
 from llmray.train.checkpoint import LocalCheckpointStore, step_dir_name
 from llmray.train.guards import GuardConfig
-from tests.train_support import Faulty, make_trainer, spawn_gloo
+from tests.train_support import Faulty, NaNGradients, make_trainer, spawn_gloo
 
 STEPS = 10
 RTOL = 1e-5
@@ -78,49 +78,63 @@ def test_fsdp2_checkpoint_reshards_to_one_process(shards, reference, tmp_path):
     assert_same_losses(resumed.losses, reference, range(6, STEPS + 1))
 
 
-SPIKE_STEP = 8
+SKIPPED_STEP = 8
 SPIKE_GUARD = GuardConfig(min_history=5, spike_ratio=3.0)
 
 
-def spike() -> Faulty:
-    """A loss 20× too large on the first micro-batch of ``SPIKE_STEP`` (two micro-batches a step):
-    finite, so only the spike guard stops the step (DeepSpeed itself skips non-finite ones)."""
-    return Faulty({2 * SPIKE_STEP - 1}, 20.0)
+def skipped_runs() -> dict:
+    """Runs whose ``SKIPPED_STEP`` is skipped (its first micro-batch, two a step), by name: a loss
+    20× too large, which the spike guard stops; and a right loss with NaN gradients, which one
+    process's guard stops and DeepSpeed skips inside its own step."""
+    call = 2 * SKIPPED_STEP - 1
+    return {"spike": dict(objective=Faulty({call}, 20.0), guards=SPIKE_GUARD),
+            "nan_gradients": dict(objective=NaNGradients({call}))}
 
 
 @pytest.fixture(scope="module")
-def reference_with_a_skipped_step(shards):
-    """One process as in ``reference``, with a loss spike the guard skips at ``SPIKE_STEP``."""
-    trainer = make_trainer(shards, steps=STEPS, batch=2, accum=2, objective=spike(), guards=SPIKE_GUARD)
-    result = trainer.fit()
-    assert result.records[SPIKE_STEP - 1].verdict == "skip_spike"
-    return result.losses
+def skipped_references(shards):
+    """One process as in ``reference`` for each of :func:`skipped_runs`."""
+    losses = {}
+    for run, kwargs in skipped_runs().items():
+        result = make_trainer(shards, steps=STEPS, batch=2, accum=2, **kwargs).fit()
+        assert result.records[SKIPPED_STEP - 1].verdict.startswith("skip"), result.records[SKIPPED_STEP - 1]
+        losses[run] = result.losses
+    return losses
 
 
 def train_zero_stages_and_dump(shards, out, stages):
     """All ZeRO stages in the same two processes (DeepSpeed's import and comm set-up cost ~30 s
-    each): a plain run, and one whose ``SPIKE_STEP`` is skipped by the spike guard."""
-    losses = {}
+    each): a plain run and :func:`skipped_runs`; under ZeRO-3, the gradient elements held after
+    each step."""
+    losses, held = {}, {}
     for stage in stages:
-        for run, objective, guards in (("plain", None, None), ("skip", spike(), SPIKE_GUARD)):
-            trainer = make_trainer(shards, steps=STEPS, batch=1, accum=2, objective=objective, guards=guards,
-                                   parallel=ParallelConfig(strategy="deepspeed", zero_stage=stage))
+        for run, kwargs in {"plain": {}, **skipped_runs()}.items():
+            after_steps = held.setdefault(f"{stage}/{run}", [])
+            trainer = make_trainer(
+                shards, steps=STEPS, batch=1, accum=2, parallel=ParallelConfig(strategy="deepspeed", zero_stage=stage),
+                hooks=[lambda step, m: after_steps.append(gradient_elements(trainer.engine.optimizer))]
+                if stage == 3 else [], **kwargs)
             losses[f"{stage}/{run}"] = {str(k): v for k, v in trainer.fit().losses.items()}
     if dist.get_rank() == 0:
-        out.write_text(json.dumps(losses))
+        out.write_text(json.dumps({"losses": losses, "held": held}))
 
 
 def test_deepspeed_zero_1_2_3_match_single_process_also_across_a_skipped_step(
-        shards, reference, reference_with_a_skipped_step, tmp_path):
-    """A skipped step drops the partitioned gradients and changes nothing, as in one process.
+        shards, reference, skipped_references, tmp_path):
+    """A skipped step, by llmray's guard or inside DeepSpeed's step, drops the partitioned
+    gradients and changes nothing, as in one process; ZeRO-3 holds no gradients after any step.
     The first DeepSpeed init on a machine JIT-builds its CPU comm op (~65 s, cached after)."""
     out = tmp_path / "losses.json"
     spawn_gloo(2, train_zero_stages_and_dump, shards, out, [1, 2, 3])
-    runs = json.loads(out.read_text())
-    assert sorted(runs) == ["1/plain", "1/skip", "2/plain", "2/skip", "3/plain", "3/skip"]
-    for run, losses in runs.items():
-        expected = reference if run.endswith("plain") else reference_with_a_skipped_step
+    result = json.loads(out.read_text())
+    assert sorted(result["losses"]) == [f"{stage}/{run}" for stage in (1, 2, 3)
+                                        for run in ("nan_gradients", "plain", "spike")]
+    for name, losses in result["losses"].items():
+        run = name.split("/")[1]
+        expected = reference if run == "plain" else skipped_references[run]
         assert_same_losses({int(k): v for k, v in losses.items()}, expected, range(1, STEPS + 1))
+    for name, held in result["held"].items():
+        assert held == ([0] * STEPS if name.startswith("3/") else []), name
 
 
 def zero3_stop_resume_and_dump(shards, out, root):
